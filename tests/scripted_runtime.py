@@ -1,0 +1,135 @@
+"""A real HTTP/1.1 server on loopback playing the Agent Runtime with byte-exact, scripted answers.
+
+The demo runtime covers the happy paths; this one misbehaves on purpose (dies mid-stream, goes
+silent, answers 4xx/5xx, splits events at odd bytes) so the gateway's failure handling is
+tested against real sockets. A script is chosen by the ``content`` of the relayed message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import trio
+
+ALL_FIELDS = (
+    "type", "content", "token", "is_final", "call_id", "tool_name", "arguments",
+    "requires_approval", "error", "metadata",
+)
+
+
+def chunk(**fields: Any) -> dict[str, Any]:
+    """A stream chunk with every field present, nulls included, like today's runtime."""
+    base: dict[str, Any] = dict.fromkeys(ALL_FIELDS)
+    base["is_final"] = False
+    base.update(fields)
+    return base
+
+
+def sse(*chunks: dict[str, Any]) -> bytes:
+    """Events exactly as today's runtime writes them."""
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
+
+
+@dataclass
+class Script:
+    """What to answer: a status, then body pieces (bytes) or pauses (floats), then maybe a
+    clean end, an abrupt close, or silence until the client goes away."""
+
+    status: int = 200
+    body: list[bytes | float] = field(default_factory=list)
+    ending: str = "end"  # "end" | "die" | "hang"
+    content_type: str = "text/event-stream"
+
+
+class ScriptedRuntime:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.request_headers: list[dict[str, str]] = []
+        self.open_streams = 0
+        self.client_went_away = 0
+        self.port = 0
+        self._scope = trio.CancelScope()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        with self._scope:
+            task_status.started()
+            await trio.serve_listeners(self._handle, listeners)
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def _read_request(self, stream: trio.SocketStream) -> tuple[dict[str, str], bytes] | None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = await stream.receive_some(65536)
+            if not piece:
+                return None
+            data += piece
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            piece = await stream.receive_some(65536)
+            if not piece:
+                return None
+            rest += piece
+        headers[":request-line"] = lines[0]
+        return headers, rest[:length]
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            request = await self._read_request(stream)
+            if request is None:
+                return
+            headers, body = request
+            self.request_headers.append(headers)
+            payload = orjson.loads(body) if body else {}
+            self.requests.append(payload)
+            content = str((payload.get("message") or {}).get("content"))
+            script = self.scripts.get(content) or Script(
+                body=[sse(chunk(type="assistant_message", content="ok", token="ok", is_final=True))]
+            )
+            await self._answer(stream, script)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def _answer(self, stream: trio.SocketStream, script: Script) -> None:
+        reason = {200: "OK"}.get(script.status, "Error")
+        head = (
+            f"HTTP/1.1 {script.status} {reason}\r\n"
+            f"Content-Type: {script.content_type}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        await stream.send_all(head.encode())
+        self.open_streams += 1
+        try:
+            for piece in script.body:
+                if isinstance(piece, float):
+                    await trio.sleep(piece)
+                elif piece:
+                    await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if script.ending == "end":
+                await stream.send_all(b"0\r\n\r\n")
+            elif script.ending == "hang":
+                # Silent until the client closes the request (what cancellation must do).
+                while await stream.receive_some(65536):
+                    pass
+                self.client_went_away += 1
+            # "die": return without the terminating chunk; the caller closes the socket.
+        finally:
+            self.open_streams -= 1

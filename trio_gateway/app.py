@@ -1,0 +1,170 @@
+"""The app factory: one :class:`GatewayApp` per :class:`~trio_gateway.settings.Settings`.
+
+Everything mutable hangs off the app (``app.gateway``), so tests build as many independent
+gateways as they like. HTTP routes and the lifespan are quart-trio's; WebSocket scopes under
+``/api/v1/ws/`` go straight to the session engine (see ``transport.py`` for why).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import orjson
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from . import __version__
+from .protocol import valid_session_id
+from .runtime_client import RuntimeClient, make_http_client
+from .session import SessionManager
+from .settings import Settings
+from .transport import ConnectionClosed, WebSocketConnection
+
+logger = logging.getLogger("trio_gateway.app")
+
+WS_PREFIX = "/api/v1/ws/"
+
+
+class Gateway:
+    """The per-app state: settings, the shared HTTP client, the runtime client, the sessions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.http: httpx.AsyncClient | None = None
+        self.runtime: RuntimeClient | None = None
+        self.sessions: SessionManager | None = None
+        self._manager_scope: trio.CancelScope | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open the HTTP pool and start the session manager inside ``nursery``."""
+        self.http = make_http_client(self.settings)
+        self.runtime = RuntimeClient(self.settings, self.http)
+        self.sessions = SessionManager(self.settings, self.runtime)
+        self._manager_scope = trio.CancelScope()
+
+        async def run_manager(task_status: trio.TaskStatus[None]) -> None:
+            assert self.sessions is not None and self._manager_scope is not None
+            with self._manager_scope:
+                await self.sessions.run(task_status=task_status)
+
+        await nursery.start(run_manager)
+
+    async def stop(self) -> None:
+        """Cancel every session and close the HTTP pool."""
+        if self.sessions is not None:
+            self.sessions.stop()
+        if self._manager_scope is not None:
+            self._manager_scope.cancel()
+        if self.http is not None:
+            with trio.CancelScope(shield=True):
+                await self.http.aclose()
+
+    @property
+    def draining(self) -> bool:
+        """True once a drain has started."""
+        return self.sessions is not None and self.sessions.draining
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful drain: see :meth:`SessionManager.drain`."""
+        if self.sessions is not None:
+            await self.sessions.drain(timeout)
+
+
+def _json(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+class GatewayApp(QuartTrio):
+    """quart-trio app whose session WebSockets are served by the session engine."""
+
+    gateway: Gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"].startswith(WS_PREFIX):
+            await self._websocket_session(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _websocket_session(self, scope: Any, receive: Any, send: Any) -> None:
+        ws = WebSocketConnection(scope, receive, send)
+        try:
+            await ws.wait_connect()
+        except ConnectionClosed:
+            return
+        session_id = scope["path"][len(WS_PREFIX) :]
+        sessions = self.gateway.sessions
+        if not valid_session_id(session_id):
+            await _reject(ws, 400, "invalid_session_id", "Malformed session id")
+            return
+        if sessions is None:
+            await _reject(ws, 503, "unavailable", "Gateway is not ready")
+            return
+        refusal = sessions.refusal(session_id)
+        if refusal is not None:
+            status, reason = refusal
+            logger.warning("websocket refused: %s", reason)
+            await _reject(ws, status, "unavailable", reason, retry_after=True)
+            return
+        await sessions.serve_connection(ws, session_id)
+
+
+async def _reject(
+    ws: WebSocketConnection, status: int, error: str, description: str, retry_after: bool = False
+) -> None:
+    body = orjson.dumps({"error": error, "error_description": description})
+    headers = [(b"retry-after", b"5")] if retry_after else []
+    await ws.reject(status, body, headers)
+
+
+def create_app(settings: Settings) -> GatewayApp:
+    """Build a gateway app from ``settings``. Nothing is shared between two apps."""
+    app = GatewayApp(__name__)
+    app.config["RESPONSE_TIMEOUT"] = None  # streaming and proxy timeouts are ours
+    app.config["BODY_TIMEOUT"] = settings.request_timeout
+    gateway = Gateway(settings)
+    app.gateway = gateway
+
+    @app.before_serving
+    async def _start() -> None:
+        await gateway.start(app.nursery)
+
+    @app.after_serving
+    async def _stop() -> None:
+        await gateway.stop()
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: answers without touching the runtime."""
+        return _json({"status": "ok", "service": "trio-gateway", "version": __version__})
+
+    @app.get("/api/v1/health")
+    async def readiness() -> Response:
+        """Readiness: the runtime answers its health check and the gateway is not draining."""
+        checks: dict[str, Any] = {"draining": gateway.draining}
+        ready = not gateway.draining and gateway.http is not None
+        if gateway.http is not None:
+            try:
+                answer = await gateway.http.get(
+                    "/health", timeout=min(5.0, settings.request_timeout)
+                )
+                checks["runtime"] = (
+                    "ok" if answer.status_code == 200 else f"http {answer.status_code}"
+                )
+            except httpx.HTTPError as error:
+                checks["runtime"] = f"unreachable ({type(error).__name__})"
+            ready = ready and checks["runtime"] == "ok"
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "version": __version__,
+            "checks": checks,
+        }
+        return _json(body, 200 if ready else 503)
+
+    return app

@@ -1,0 +1,21 @@
+"""ASGI entry for ``hypercorn -k trio trio_gateway.main:app``, configured from the environment.
+
+Prefer ``trio-gateway serve``: plain hypercorn does not drain sessions on SIGTERM and needs its
+own flags for pings, read timeout and message size (see README).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .app import create_app
+from .observability import configure_logging
+from .settings import SettingsError, load_settings
+
+try:
+    _settings = load_settings()
+except SettingsError as error:  # pragma: no cover - exercised by the CLI tests
+    sys.exit(f"trio-gateway: {error}")
+
+configure_logging(_settings.log_level)
+app = create_app(_settings)

@@ -1,0 +1,142 @@
+"""Sans-IO outbound frame queue with token coalescing and byte accounting.
+
+The turn runner puts relayed runtime chunks in, the connection's single writer takes everything
+that is waiting. When the writer keeps up, each chunk is taken on its own and goes out at once
+(latency first). When the writer falls behind, consecutive non-final ``assistant_message``
+chunks are merged *as they arrive* (``token`` and ``content`` concatenated), so a slow link gets
+fewer, larger frames and the per-token cost stays a list append. Nothing is ever dropped: only
+chunks whose other fields are identical are merged.
+
+Two budgets: relayed runtime data is bounded in bytes (when full, the turn runner stops reading
+the runtime: backpressure), and gateway-made control frames (errors, pongs) are bounded in
+count (a client that provokes errors without reading them is cut off by the session).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+Frame = dict[str, Any]
+
+_TEXT_KEYS = ("token", "content")
+
+
+class _Entry:
+    __slots__ = ("control", "frame", "parts", "size")
+
+    def __init__(self, frame: Frame, size: int, control: bool) -> None:
+        self.frame = frame
+        self.size = size
+        self.control = control
+        # (tokens, contents) while this entry is an open merge target, else None
+        self.parts: tuple[list[str], list[str]] | None = None
+
+    def materialize(self) -> Frame:
+        if self.parts is not None:
+            tokens, contents = self.parts
+            self.frame["token"] = "".join(tokens)
+            self.frame["content"] = "".join(contents)
+            self.parts = None
+        return self.frame
+
+
+def is_mergeable(frame: Frame) -> bool:
+    """A streamed, explicitly non-final assistant token whose text fields are strings.
+
+    ``is_final`` must be present and false: the IDE treats a missing ``is_final`` as true.
+    """
+    return (
+        frame.get("type") == "assistant_message"
+        and frame.get("is_final") is False
+        and isinstance(frame.get("token", ""), str)
+        and isinstance(frame.get("content", ""), str)
+    )
+
+
+def _same_fields_except_text(a: Frame, b: Frame) -> bool:
+    if len(a) - sum(k in a for k in _TEXT_KEYS) != len(b) - sum(k in b for k in _TEXT_KEYS):
+        return False
+    return all(k in _TEXT_KEYS or (k in b and b[k] == v) for k, v in a.items())
+
+
+class OutboundQueue:
+    """FIFO of frames waiting for the socket. Not thread- or task-aware: callers coordinate."""
+
+    def __init__(self, max_bytes: int, max_control: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_control = max_control
+        self._entries: deque[_Entry] = deque()
+        self.pending_bytes = 0
+        self.pending_control = 0
+        self.merged_chunks = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def has_space(self) -> bool:
+        """True while relayed data stays under the byte budget."""
+        return self.pending_bytes < self.max_bytes
+
+    def control_overflow(self) -> bool:
+        """True when more control frames wait than a well-behaved client would leave unread."""
+        return self.pending_control > self.max_control
+
+    def put_chunk(self, frame: Frame, size: int) -> None:
+        """Queue a relayed runtime chunk of ``size`` bytes, merging it into the tail if possible.
+
+        The caller enforces the byte budget (it waits for :meth:`has_space` first), so one
+        chunk may overshoot the budget: that is what makes a chunk larger than the whole budget
+        still deliverable.
+        """
+        self.pending_bytes += size
+        if self._entries and is_mergeable(frame):
+            tail = self._entries[-1]
+            if (
+                not tail.control
+                and is_mergeable(tail.frame)
+                and _same_fields_except_text(tail.frame, frame)
+            ):
+                if tail.parts is None:
+                    tail.parts = (
+                        [tail.frame.get("token", "")],
+                        [tail.frame.get("content", "")],
+                    )
+                tail.parts[0].append(frame.get("token", ""))
+                tail.parts[1].append(frame.get("content", ""))
+                tail.size += size
+                self.merged_chunks += 1
+                return
+        self._entries.append(_Entry(frame, size, control=False))
+
+    def put_control(self, frame: Frame) -> None:
+        """Queue a gateway-made frame; never blocks, never merges."""
+        self.pending_control += 1
+        self._entries.append(_Entry(frame, 0, control=True))
+
+    def take_all(self) -> list[Frame]:
+        """Remove and return every waiting frame, merged text materialized, budgets released."""
+        entries = self._entries
+        self._entries = deque()
+        self.pending_bytes = 0
+        self.pending_control = 0
+        return [entry.materialize() for entry in entries]
+
+    def requeue_front(self, frames: list[Frame]) -> None:
+        """Put frames the writer took but could not send back at the head, in order.
+
+        They count against the data budget by an estimate of their text size; exactness does
+        not matter here, only that the budget cannot be bypassed.
+        """
+        for frame in reversed(frames):
+            size = 64 + sum(
+                len(v) for k, v in frame.items() if k in _TEXT_KEYS and isinstance(v, str)
+            )
+            self.pending_bytes += size
+            self._entries.appendleft(_Entry(frame, size, control=False))
+
+    def drop_all(self) -> int:
+        """Discard everything waiting (used when a session ends); returns how many frames."""
+        count = len(self._entries)
+        self.take_all()
+        return count

@@ -1,0 +1,179 @@
+"""Client of the Agent Runtime's streaming endpoint (HTTP + SSE), over the app's shared pool."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from .protocol import ErrorCode
+from .settings import Settings
+from .sse import SSEDecoder, SSEProtocolError
+
+logger = logging.getLogger("trio_gateway.runtime")
+
+STREAM_PATH = "/agent/message/stream"
+MAX_ERROR_BODY = 64 * 1024
+MAX_DETAIL_CHARS = 500
+
+# A batch of relayed chunks and the number of SSE payload bytes they came from.
+Deliver = Callable[[list[dict[str, Any]], int], Awaitable[None]]
+
+
+class RuntimeFailure(Exception):
+    """A turn that could not be relayed to the end; carries the error frame's code and text."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, *, status: int | None = None, detail: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.detail = detail
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The one pooled HTTP client of an app (keep-alive, limits and timeouts from settings)."""
+    return httpx.AsyncClient(
+        base_url=settings.agent_url,
+        limits=httpx.Limits(
+            max_connections=settings.runtime_max_connections,
+            max_keepalive_connections=min(settings.runtime_max_connections, 100),
+        ),
+        timeout=httpx.Timeout(settings.request_timeout),
+        headers={"X-Internal-Auth": settings.internal_api_key.get_secret_value()},
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def _drop_nulls(chunk: dict[str, Any]) -> dict[str, Any]:
+    # Today's runtime sends every field, nulls included; clients do not need them.
+    return {key: value for key, value in chunk.items() if value is not None}
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace")
+    else:
+        detail = parsed.get("detail") if isinstance(parsed, dict) else None
+        if isinstance(detail, str):
+            text = detail
+        elif detail is not None:
+            text = orjson.dumps(detail).decode()
+        else:
+            text = body.decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return text[:MAX_DETAIL_CHARS]
+
+
+class RuntimeClient:
+    """Streams turns from the runtime and turns every failure into a :class:`RuntimeFailure`."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+        self._http = http
+        # The read timeout is the stream *idle* timeout: httpx applies it to every network
+        # read, so a stream silent for longer fails, while a long but lively one never does.
+        self._stream_timeout = httpx.Timeout(
+            connect=settings.request_timeout,
+            write=settings.request_timeout,
+            pool=settings.request_timeout,
+            read=settings.stream_idle_timeout,
+        )
+        self._idle_timeout = settings.stream_idle_timeout
+
+    async def stream_turn(
+        self,
+        session_id: str,
+        message: dict[str, Any],
+        deliver: Deliver,
+        headers: dict[str, str] | None = None,
+    ) -> int:
+        """Relay one turn: POST the message, hand every batch of chunks to ``deliver``.
+
+        All events parsed from one network read are delivered as one batch (the per-token cost
+        must stay tiny; TRIO-NOTES). Returns the number of chunks relayed. Cancelling the
+        caller closes the HTTP response at once (httpx under trio).
+        """
+        body = orjson.dumps({"session_id": session_id, "message": message})
+        request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if headers:
+            request_headers.update(headers)
+        relayed = 0
+        try:
+            async with self._http.stream(
+                "POST",
+                STREAM_PATH,
+                content=body,
+                headers=request_headers,
+                timeout=self._stream_timeout,
+            ) as response:
+                if response.status_code != 200:
+                    raw = b""
+                    async for piece in response.aiter_bytes():
+                        raw += piece
+                        if len(raw) >= MAX_ERROR_BODY:
+                            break
+                    detail = _error_detail(raw[:MAX_ERROR_BODY])
+                    raise RuntimeFailure(
+                        ErrorCode.RUNTIME_ERROR,
+                        f"Agent runtime answered HTTP {response.status_code}: {detail}",
+                        status=response.status_code,
+                        detail=detail,
+                    )
+                decoder = SSEDecoder()
+                async for piece in response.aiter_bytes():
+                    events = decoder.feed(piece)
+                    if not events:
+                        continue
+                    batch: list[dict[str, Any]] = []
+                    size = 0
+                    for event in events:
+                        try:
+                            chunk = orjson.loads(event.data)
+                        except orjson.JSONDecodeError:
+                            logger.warning("runtime sent an SSE event that is not JSON; skipped")
+                            continue
+                        if not isinstance(chunk, dict):
+                            logger.warning("runtime sent an SSE event that is not an object")
+                            continue
+                        batch.append(_drop_nulls(chunk))
+                        size += len(event.data)
+                    if batch:
+                        relayed += len(batch)
+                        await deliver(batch, size)
+        except RuntimeFailure:
+            raise
+        except SSEProtocolError:
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime sent a malformed event stream"
+            ) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_UNAVAILABLE, "Agent runtime is unreachable"
+            ) from None
+        except httpx.PoolTimeout:
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_UNAVAILABLE, "Gateway has no free connection to the runtime"
+            ) from None
+        except httpx.ReadTimeout:
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_TIMEOUT,
+                f"Agent runtime sent nothing for {self._idle_timeout:g} s",
+            ) from None
+        except httpx.WriteTimeout:
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_TIMEOUT, "Timed out sending the message to the agent runtime"
+            ) from None
+        except httpx.TransportError as error:
+            logger.info("runtime stream broke: %s", type(error).__name__)
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime stream ended unexpectedly"
+            ) from None
+        return relayed

@@ -1,0 +1,77 @@
+"""``trio-gateway serve``: hypercorn's trio server around the app, with a graceful drain.
+
+We run ``hypercorn.trio.serve`` ourselves instead of the hypercorn CLI because the CLI's
+shutdown gives WebSocket clients 1006 (tasks are cancelled, no close frame) and never tells the
+app it is stopping. Here the shutdown trigger waits for SIGTERM/SIGINT, drains the sessions
+(new handshakes get 503, live sessions get 1012 when their turn ends or the drain times out),
+and only then lets hypercorn stop. One process per container; scale out with replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from .app import GatewayApp
+from .settings import Settings
+
+logger = logging.getLogger("trio_gateway.server")
+
+
+def build_hypercorn_config(
+    settings: Settings, host: str | None = None, port: int | None = None
+) -> Config:
+    """hypercorn settings derived from ours (heartbeat, dead-peer detection, message size)."""
+    config = Config()
+    bind_host = host if host is not None else settings.host
+    bind_port = settings.port if port is None else port
+    config.bind = [f"[{bind_host}]:{bind_port}" if ":" in bind_host else f"{bind_host}:{bind_port}"]
+    config.accesslog = None
+    # Protocol pings every interval; a peer that sends nothing (pongs count) for about two
+    # intervals trips the read timeout and is dropped (hypercorn has no pong timeout).
+    config.websocket_ping_interval = settings.ws_heartbeat_interval
+    config.read_timeout = settings.read_timeout  # type: ignore[assignment]
+    config.websocket_max_message_size = settings.ws_max_message_bytes
+    # Our drain already closed every session; this only bounds the very last step.
+    config.graceful_timeout = settings.ws_close_timeout + 1
+    # ASGI events hypercorn buffers per connection before it stops reading the socket: with
+    # the session reader consuming as it goes, this is the whole inbound buffer.
+    config.max_app_queue_size = 8
+    return config
+
+
+async def wait_for_signal() -> None:
+    """Return at the first SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("received %s; draining", signal.Signals(signum).name)
+            return
+
+
+async def serve(
+    app: GatewayApp,
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``shutdown_trigger`` returns (default: SIGTERM/SIGINT), then drain.
+
+    ``task_status`` receives the bound addresses (bind port 0 to let the OS choose).
+    """
+    config = build_hypercorn_config(settings, host, port)
+    trigger = shutdown_trigger or wait_for_signal
+
+    async def drain_then_stop() -> None:
+        await trigger()
+        await app.gateway.drain(settings.drain_timeout)
+        logger.info("drain complete; stopping")
+
+    await hypercorn_serve(app, config, shutdown_trigger=drain_then_stop, task_status=task_status)

@@ -1,0 +1,532 @@
+"""The session engine: one WebSocket session, its turns, its connection, and their lifetimes.
+
+Structure (each box is a nursery; cancelling a box tears down everything inside it)::
+
+    SessionManager nursery (app lifetime)
+      └─ Session nursery ........ turn runner, grace timer    (lives through reconnects)
+    ASGI connection task
+      └─ Connection nursery ..... reader, writer, heartbeat   (one per WebSocket)
+
+A session outlives its connection for ``session_grace_seconds`` so that a turn running when the
+client dropped can finish (the runtime persists the answer) and a client reconnecting within the
+grace period re-attaches to the live turn. Cancelling a session's nursery cancels its turn (the
+runtime HTTP request is closed) and closes its attached connection.
+
+Backpressure: the turn runner relays runtime chunks into the session's bounded
+:class:`~trio_gateway.outbound.OutboundQueue`; only the connection's writer task touches the
+socket. hypercorn sends inside a shielded scope, so a client that stops reading blocks the writer
+where no timeout can reach it: the heartbeat task watches ``send_started_at`` from outside and
+aborts the transport after ``ws_slow_client_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import orjson
+import trio
+
+from .outbound import Frame, OutboundQueue
+from .protocol import (
+    RUNTIME_BOUND_TYPES,
+    SUBPROTOCOL_V2,
+    CloseCode,
+    ErrorCode,
+    FrameError,
+    TurnStatus,
+    error_frame,
+    parse_client_frame,
+)
+from .runtime_client import RuntimeClient, RuntimeFailure
+from .settings import Settings
+from .transport import ConnectionClosed, WebSocketConnection
+from .turn_queue import TurnQueue
+
+logger = logging.getLogger("trio_gateway.session")
+
+
+class Connection:
+    """One attached WebSocket and its three tasks (reader, writer, heartbeat)."""
+
+    def __init__(self, ws: WebSocketConnection, v2: bool) -> None:
+        self.ws = ws
+        self.v2 = v2
+        self.scope = trio.CancelScope()
+        self.close_code: int = CloseCode.NORMAL
+        self.close_reason = ""
+        self.replaced = False
+
+    def shut(self, code: int, reason: str = "") -> None:
+        """Ask the connection to close with ``code``; the connection task does the closing.
+
+        The first reason wins: a session ending after a drain must not turn 1012 into 1001.
+        """
+        if self.scope.cancel_called:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        self.scope.cancel()
+
+
+class Session:
+    """State and turn runner of one ``session_id``; see the module docstring for lifetimes."""
+
+    def __init__(self, session_id: str, manager: SessionManager) -> None:
+        self.id = session_id
+        self.manager = manager
+        settings = manager.settings
+        self.settings = settings
+        self.queue = TurnQueue(settings.max_queued_messages)
+        self.outbound = OutboundQueue(
+            settings.outbound_queue_max_bytes, settings.max_pending_control_frames
+        )
+        self.seq = 0
+        self.turn_count = 0
+        self.connection: Connection | None = None
+        self.scope = trio.CancelScope()
+        self.turn_scope: trio.CancelScope | None = None
+        self.lost_frames = 0
+        self.close_after_turn: int | None = None
+        self.finished = trio.Event()
+        # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
+        self._frames_ready = trio.lowlevel.ParkingLot()
+        self._space_ready = trio.lowlevel.ParkingLot()
+        self._messages_ready = trio.lowlevel.ParkingLot()
+        self._attachment_changed = trio.lowlevel.ParkingLot()
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def turn_running(self) -> bool:
+        """Whether a turn is being relayed right now."""
+        return self.turn_scope is not None
+
+    @property
+    def busy(self) -> bool:
+        """A turn runs or messages wait."""
+        return self.turn_running or len(self.queue) > 0
+
+    def next_seq(self) -> int:
+        """Allocate the next per-session frame sequence number."""
+        self.seq += 1
+        return self.seq
+
+    # --- lifetime --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Body of the session's nursery; returns when the session ends."""
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._turn_runner)
+                    nursery.start_soon(self._grace_timer)
+        except* Exception:
+            # A bug in one session must not take the manager's nursery (every session) down.
+            logger.exception("session %s failed", self.id)
+            if self.connection is not None:
+                self.connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.outbound.drop_all()
+            dropped = self.queue.clear()
+            if dropped:
+                logger.info("session ended with %d queued message(s) dropped", dropped)
+            if self.connection is not None:
+                self.connection.shut(CloseCode.GOING_AWAY, "session ended")
+            self.manager._forget(self)
+            self.finished.set()
+            logger.debug("session %s ended", self.id)
+
+    def end(self) -> None:
+        """Cancel the session: its turn, its queue and its connection."""
+        self.scope.cancel()
+
+    async def _grace_timer(self) -> None:
+        # Ends the session once it has been without a connection for the grace period.
+        while True:
+            while self.connection is not None:
+                await self._attachment_changed.park()
+            if self.settings.session_grace_seconds <= 0 and not self.turn_running:
+                self.end()
+                return
+            with trio.move_on_after(self.settings.session_grace_seconds) as waited:
+                while self.connection is None:
+                    await self._attachment_changed.park()
+            if waited.cancelled_caught:
+                if self.turn_running:
+                    logger.info("grace period over; cancelling the detached turn")
+                self.end()
+                return
+
+    def attach(self, connection: Connection) -> None:
+        """Make ``connection`` the session's live socket, replacing any previous one."""
+        previous = self.connection
+        if previous is not None:
+            previous.replaced = True
+            previous.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
+        self.connection = connection
+        self._attachment_changed.unpark_all()
+        if self.lost_frames and connection.v2:
+            self.outbound.put_control(
+                {"type": "resync_required", "reason": "frames_dropped_while_detached"}
+            )
+            self.lost_frames = 0
+        self._frames_ready.unpark_all()
+
+    def detach(self, connection: Connection) -> None:
+        """Forget ``connection`` (if it is still the live one); queued messages are dropped."""
+        if self.connection is not connection:
+            return
+        self.connection = None
+        dropped = self.queue.clear()
+        if dropped:
+            logger.info("client gone; dropped %d queued message(s)", dropped)
+        self._attachment_changed.unpark_all()
+        self._space_ready.unpark_all()
+
+    # --- inbound ---------------------------------------------------------------------------
+
+    def send_control(self, frame: Frame) -> None:
+        """Queue a gateway-made frame for the client; never blocks."""
+        self.outbound.put_control(frame)
+        self._frames_ready.unpark_all()
+
+    def submit(self, message: dict[str, Any]) -> bool:
+        """Queue a runtime-bound message; False when the FIFO is full (caller answers busy)."""
+        if not self.queue.offer(message):
+            return False
+        self._messages_ready.unpark_all()
+        return True
+
+    def cancel_turn(self) -> tuple[bool, int]:
+        """Cancel the running turn (closing the runtime stream) and drop queued messages."""
+        dropped = self.queue.clear()
+        running = self.turn_scope is not None
+        if self.turn_scope is not None:
+            self.turn_scope.cancel()
+        return running, dropped
+
+    # --- turn runner -----------------------------------------------------------------------
+
+    async def _turn_runner(self) -> None:
+        runtime = self.manager.runtime
+        while True:
+            message = self.queue.pop()
+            while message is None:
+                await self._messages_ready.park()
+                message = self.queue.pop()
+            await self._run_turn(runtime, message)
+            if self.close_after_turn is not None:
+                self._close_for_drain()
+                return
+
+    async def _run_turn(self, runtime: RuntimeClient, message: dict[str, Any]) -> None:
+        self.turn_count += 1
+        turn_id = self.turn_count
+        self._send_v2({"type": "turn_started", "turn_id": turn_id, "message_type": message["type"]})
+        status = TurnStatus.COMPLETED
+        started = trio.current_time()
+        with trio.CancelScope() as turn_scope:
+            self.turn_scope = turn_scope
+            try:
+                await runtime.stream_turn(self.id, message, self._relay)
+            except RuntimeFailure as failure:
+                status = TurnStatus.FAILED
+                extra: dict[str, Any] = {}
+                if failure.status is not None:
+                    extra["status"] = failure.status
+                if failure.detail is not None:
+                    extra["detail"] = failure.detail
+                logger.warning("turn %d failed: %s", turn_id, failure.code.value)
+                self.send_control(
+                    error_frame(failure.code, failure.message, is_final=True, **extra)
+                )
+            except Exception:
+                status = TurnStatus.FAILED
+                logger.exception("turn %d failed inside the gateway", turn_id)
+                self.send_control(
+                    error_frame(ErrorCode.INTERNAL_ERROR, "Internal gateway error", is_final=True)
+                )
+            finally:
+                self.turn_scope = None
+        if turn_scope.cancelled_caught:
+            status = TurnStatus.CANCELLED
+            self.send_control(error_frame(ErrorCode.CANCELLED, "Turn cancelled", is_final=True))
+        duration = trio.current_time() - started
+        logger.info("turn %d %s in %.3f s", turn_id, status.value, duration)
+        self._send_v2({"type": "turn_finished", "turn_id": turn_id, "status": status.value})
+
+    async def _relay(self, chunks: list[dict[str, Any]], size: int) -> None:
+        # Backpressure: wait for room only while a client is attached. A detached turn keeps
+        # reading so the runtime can finish and persist the answer; what no longer fits is
+        # counted as lost (v2 clients are told to resync when they come back).
+        while not self.outbound.has_space() and self.connection is not None:
+            await self._space_ready.park()
+        if not self.outbound.has_space():
+            self.lost_frames += len(chunks)
+            return
+        per_chunk = size // len(chunks) + 1
+        for chunk in chunks:
+            self.outbound.put_chunk(chunk, per_chunk)
+        self._frames_ready.unpark_all()
+
+    def _send_v2(self, frame: Frame) -> None:
+        if self.connection is not None and self.connection.v2:
+            self.send_control(frame)
+
+    def _close_for_drain(self) -> None:
+        if self.connection is not None:
+            self.connection.shut(self.close_after_turn or CloseCode.SERVICE_RESTART, "draining")
+        self.end()
+
+    # --- writer side -----------------------------------------------------------------------
+
+    async def wait_frames(self) -> list[Frame]:
+        """Block until frames are waiting, take them all, and wake a blocked producer."""
+        while not len(self.outbound):
+            await self._frames_ready.park()
+        frames = self.outbound.take_all()
+        self._space_ready.unpark_all()
+        return frames
+
+
+class SessionManager:
+    """All sessions of one app, the connection entry point, limits and drain."""
+
+    def __init__(self, settings: Settings, runtime: RuntimeClient) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.sessions: dict[str, Session] = {}
+        self.connection_count = 0
+        self.draining = False
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.lowlevel.ParkingLot()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host every session's nursery; runs for the app's lifetime."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _forget(self, session: Session) -> None:
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        self._idle.unpark_all()
+
+    def _session_for(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            assert self._nursery is not None, "SessionManager.run() is not running"
+            session = Session(session_id, self)
+            self.sessions[session_id] = session
+            self._nursery.start_soon(session.run)
+        return session
+
+    def refusal(self, session_id: str) -> tuple[int, str] | None:
+        """Why a new connection to ``session_id`` must be refused, as (HTTP status, reason)."""
+        if self.draining or self._nursery is None:
+            return 503, "gateway is shutting down"
+        if self.connection_count >= self.settings.max_connections:
+            return 503, "too many open connections"
+        if session_id not in self.sessions and len(self.sessions) >= self.settings.max_sessions:
+            return 503, "too many live sessions"
+        return None
+
+    # --- one connection ----------------------------------------------------------------------
+
+    async def serve_connection(self, ws: WebSocketConnection, session_id: str) -> None:
+        """Run an accepted WebSocket until it closes; never raises for the session's errors."""
+        v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
+        session = self._session_for(session_id)
+        connection = Connection(ws, v2)
+        self.connection_count += 1
+        try:
+            await ws.accept(SUBPROTOCOL_V2 if v2 else None)
+            reattached = session.busy
+            session.attach(connection)
+            if v2:
+                session.send_control(
+                    {
+                        "type": "session_ready",
+                        "session_id": session_id,
+                        "protocol": SUBPROTOCOL_V2,
+                        "turn_running": session.turn_running,
+                        "reattached": reattached,
+                        "heartbeat_interval": self.settings.ws_heartbeat_interval,
+                        "max_message_bytes": self.settings.ws_max_message_bytes,
+                    }
+                )
+            logger.info("websocket connected (v2=%s, reattached=%s)", v2, reattached)
+            await self._run_connection(session, connection)
+        finally:
+            self.connection_count -= 1
+            session.detach(connection)
+            await self._finish_connection(connection)
+            self._idle.unpark_all()
+
+    async def _run_connection(self, session: Session, connection: Connection) -> None:
+        try:
+            with connection.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, session, connection, nursery.cancel_scope)
+                    nursery.start_soon(self._writer, session, connection)
+                    nursery.start_soon(self._heartbeat, session, connection)
+        except* ConnectionClosed:
+            pass
+        except* Exception:
+            # Anything else is a bug: log it with its traceback and close with 1011 rather than
+            # the normal 1000 Quart/hypercorn would send. Other sessions are unaffected.
+            logger.exception("session connection failed")
+            connection.close_code = CloseCode.INTERNAL_ERROR
+            connection.close_reason = "internal error"
+
+    async def _finish_connection(self, connection: Connection) -> None:
+        ws = connection.ws
+        logger.info(
+            "websocket closed (code=%s, peer=%s)",
+            connection.close_code if not ws.closed else ws.peer_closed_code,
+            ws.peer_closed_code,
+        )
+        # Shielded: this runs while the connection task may be cancelled (server shutdown),
+        # and the client must still get a proper close code. close_within bounds it.
+        with trio.CancelScope(shield=True):
+            await ws.close_within(
+                connection.close_code, self.settings.ws_close_timeout, connection.close_reason
+            )
+
+    async def _reader(
+        self, session: Session, connection: Connection, nursery_scope: trio.CancelScope
+    ) -> None:
+        ws = connection.ws
+        max_bytes = self.settings.ws_max_message_bytes
+        try:
+            while True:
+                data = await ws.receive()
+                if isinstance(data, bytes):
+                    session.send_control(
+                        error_frame(
+                            ErrorCode.BINARY_NOT_SUPPORTED,
+                            "Binary frames are not supported; send JSON text frames",
+                            is_final=False,
+                        )
+                    )
+                elif len(data) > max_bytes and len(data.encode()) > max_bytes:
+                    connection.shut(CloseCode.MESSAGE_TOO_BIG, "message too big")
+                    return
+                else:
+                    self._handle_text(session, connection, data)
+                if session.outbound.control_overflow():
+                    logger.warning("client leaves too many gateway frames unread; closing")
+                    connection.shut(CloseCode.POLICY_VIOLATION, "too many unread frames")
+                    return
+        except ConnectionClosed:
+            nursery_scope.cancel()
+
+    def _handle_text(self, session: Session, connection: Connection, text: str) -> None:
+        try:
+            message = parse_client_frame(text)
+        except FrameError as refused:
+            logger.info("refused a client frame: %s", refused.code.value)
+            session.send_control(error_frame(refused.code, refused.message, is_final=False))
+            return
+        kind = message["type"]
+        if kind in RUNTIME_BOUND_TYPES:
+            if not session.submit(message):
+                session.send_control(
+                    error_frame(
+                        ErrorCode.BUSY,
+                        f"Too many messages waiting ({self.settings.max_queued_messages}); "
+                        "wait for the current turn to finish",
+                        is_final=False,
+                    )
+                )
+        elif kind == "cancel":
+            running, dropped = session.cancel_turn()
+            logger.info("client cancel (turn running=%s, dropped=%d)", running, dropped)
+            if connection.v2:
+                session.send_control(
+                    {"type": "cancel_ack", "turn_cancelled": running, "dropped_messages": dropped}
+                )
+        elif kind == "ping" and connection.v2:
+            pong: Frame = {"type": "pong"}
+            if "id" in message:
+                pong["id"] = message["id"]
+            session.send_control(pong)
+
+    async def _writer(self, session: Session, connection: Connection) -> None:
+        ws = connection.ws
+        while True:
+            frames = await session.wait_frames()
+            for index, frame in enumerate(frames):
+                frame["seq"] = session.next_seq()
+                try:
+                    await ws.send_text(orjson.dumps(frame).decode())
+                except BaseException:
+                    # Not written (cancelled at the checkpoint or the peer is gone): give the
+                    # sequence number back and keep the frames for a re-attaching client.
+                    session.seq -= 1
+                    del frame["seq"]
+                    session.outbound.requeue_front(frames[index:])
+                    raise
+
+    async def _heartbeat(self, session: Session, connection: Connection) -> None:
+        # Watches the writer from outside (its sends are shielded) and, for v2 clients, sends
+        # an application heartbeat after a quiet interval. WebSocket protocol pings and
+        # dead-peer detection are hypercorn's (ping interval + read timeout, see server.py).
+        ws = connection.ws
+        settings = self.settings
+        tick = max(0.01, min(settings.ws_heartbeat_interval, settings.ws_slow_client_timeout) / 4)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            started = ws.send_started_at
+            if started is not None and now - started >= settings.ws_slow_client_timeout:
+                logger.warning("client stopped reading for %.1f s; closing", now - started)
+                running, _ = session.cancel_turn()
+                connection.close_code = CloseCode.POLICY_VIOLATION
+                if not ws.abort():
+                    logger.error("cannot abort this transport; the slow client stays attached")
+                connection.scope.cancel()
+                return
+            if connection.v2 and now - ws.last_send_at >= settings.ws_heartbeat_interval:
+                if started is None and not len(session.outbound):
+                    session.send_control({"type": "heartbeat"})
+
+    # --- drain -------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new sessions, close each live one with 1012 once its turn ends, and after
+        ``timeout`` cancel whatever is still running. Returns when no session is left."""
+        self.draining = True
+        logger.info("draining %d session(s), timeout %.1f s", len(self.sessions), timeout)
+        for session in list(self.sessions.values()):
+            session.close_after_turn = CloseCode.SERVICE_RESTART
+            session.queue.clear()
+            if not session.turn_running:
+                session._close_for_drain()
+        with trio.move_on_after(timeout):
+            while self.sessions or self.connection_count:
+                await self._idle.park()
+        for session in list(self.sessions.values()):
+            session._close_for_drain()
+        with trio.move_on_after(self.settings.ws_close_timeout + 1):
+            while self.sessions or self.connection_count:
+                await self._idle.park()
+        if self.sessions or self.connection_count:
+            logger.error(
+                "drain left %d session(s), %d connection(s)",
+                len(self.sessions),
+                self.connection_count,
+            )
+
+    def stop(self) -> None:
+        """Cancel every session at once (app shutdown after drain)."""
+        for session in list(self.sessions.values()):
+            session.end()
+
+
+def retry_after_seconds(value: float) -> str:
+    """Format a Retry-After header value."""
+    return str(max(1, math.ceil(value)))

@@ -1,0 +1,197 @@
+"""Gateway settings: every knob, read from ``GATEWAY__*`` environment variables and ``.env``.
+
+All settings are validated when :func:`load_settings` runs, so a bad value stops the process at
+startup with a message that names the variable, instead of surfacing as a strange failure later.
+``.env.example`` lists every field here with its default (a test keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "GATEWAY__"
+PLACEHOLDER_INTERNAL_KEY = "change-me-internal-key"
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """Raised with a human-readable, variable-by-variable message when settings are invalid."""
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration. Field ``foo_bar`` is read from ``GATEWAY__FOO_BAR``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        frozen=True,
+    )
+
+    # --- upstream Agent Runtime -------------------------------------------------------------
+    agent_url: str = Field(
+        "http://127.0.0.1:8001", description="Base URL of the Agent Runtime (HTTP + SSE)."
+    )
+    internal_api_key: SecretStr = Field(
+        SecretStr(PLACEHOLDER_INTERNAL_KEY),
+        description="Sent to the runtime as X-Internal-Auth. Never logged.",
+    )
+    request_timeout: float = Field(
+        30.0, gt=0, le=3600, description="Seconds to connect to the runtime and to send a request."
+    )
+    stream_idle_timeout: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description=(
+            "Seconds a turn's SSE stream may stay silent (comments count as activity) before the "
+            "turn fails with runtime_timeout. Well above the runtime's 360 s LLM timeout."
+        ),
+    )
+    runtime_max_connections: int = Field(
+        500, ge=1, le=100_000, description="Size of the shared HTTP connection pool to the runtime."
+    )
+    max_concurrent_requests: int = Field(
+        200, ge=1, le=100_000, description="REST requests proxied to the runtime at once."
+    )
+
+    # --- auth (JWT verification itself is a later issue; see README) --------------------------
+    use_jwt_auth: bool = Field(
+        False, description="Require JWTs from the Auth Service. Not implemented yet: must be false."
+    )
+    auth_service_url: str = Field(
+        "http://127.0.0.1:8002", description="Base URL of the Auth Service (JWKS)."
+    )
+
+    # --- logging -------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Root log level. DEBUG may log frame payloads: never in production."
+    )
+
+    # --- WebSocket sessions -------------------------------------------------------------------
+    ws_heartbeat_interval: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds between WebSocket protocol pings; a peer silent for about two intervals is "
+            "dropped. v2 clients also get an application heartbeat frame after this much quiet."
+        ),
+    )
+    ws_close_timeout: float = Field(
+        5.0, gt=0, le=600, description="Seconds the closing handshake may take before we abort."
+    )
+    ws_max_message_bytes: int = Field(
+        4 * MiB,
+        ge=1024,
+        le=256 * MiB,
+        description="Largest inbound WebSocket message (whole, reassembled); larger closes 1009.",
+    )
+    ws_slow_client_timeout: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds one outbound send may stay blocked on a client that does not read before "
+            "the connection is aborted and its turn cancelled."
+        ),
+    )
+    outbound_queue_max_bytes: int = Field(
+        1 * MiB,
+        ge=4096,
+        le=1024 * MiB,
+        description=(
+            "Per-session bound on relayed runtime data waiting for the socket; when full the "
+            "gateway stops reading the runtime stream (backpressure)."
+        ),
+    )
+    max_pending_control_frames: int = Field(
+        256,
+        ge=8,
+        le=100_000,
+        description=(
+            "Gateway-made frames (errors, pongs) a client may leave unread before it is closed "
+            "with 1008."
+        ),
+    )
+    max_queued_messages: int = Field(
+        16, ge=0, le=10_000, description="Runtime-bound messages waiting behind a running turn."
+    )
+    session_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        description=(
+            "After a disconnect, a running turn continues this long so the runtime can finish; a "
+            "reconnect within it re-attaches to the live turn."
+        ),
+    )
+    max_connections: int = Field(
+        10_000, ge=1, le=1_000_000, description="Open WebSockets per process; more get HTTP 503."
+    )
+    max_sessions: int = Field(
+        20_000,
+        ge=1,
+        le=1_000_000,
+        description="Live sessions per process (connected or in grace); more get HTTP 503.",
+    )
+
+    # --- server --------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address of trio-gateway serve.")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port of trio-gateway serve.")
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "On SIGTERM/SIGINT: seconds to let running turns finish before every session is "
+            "closed with 1012 and the process exits."
+        ),
+    )
+
+    @field_validator("agent_url", "auth_service_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.use_jwt_auth:
+            raise ValueError(
+                "GATEWAY__USE_JWT_AUTH=true is not supported by this build yet (JWT verification "
+                "is not implemented); set it to false"
+            )
+        if not self.internal_api_key.get_secret_value():
+            raise ValueError("GATEWAY__INTERNAL_API_KEY must not be empty")
+        return self
+
+    @property
+    def read_timeout(self) -> float:
+        """Seconds without any inbound byte (pongs count) after which a peer is considered dead."""
+        return self.ws_heartbeat_interval * 2 + 1
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn a pydantic error into one line per bad variable, naming the environment variable."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        name = f"{ENV_PREFIX}{where.upper()}" if where else "settings"
+        lines.append(f"{name}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and ``.env``), raising :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error)) from None

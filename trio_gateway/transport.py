@@ -1,0 +1,192 @@
+"""A thin ASGI WebSocket adapter for one connection, with a way to abort a stuck transport.
+
+Why the session engine speaks ASGI directly instead of through quart-trio's ``websocket``
+object: quart-trio's wrapper differs between 0.12 and 0.13 (0.13 buffers inbound frames without
+limit and raises ``ClientDisconnectedError``), its ``send`` is not a checkpoint once hypercorn
+has dropped the peer (a send loop then spins and freezes the worker), and it hides the ASGI
+``send`` callable that :func:`find_transport_aborter` needs. Reading ``receive()`` only when the
+reader is ready keeps inbound buffering bounded by hypercorn's app queue (TCP backpressure does
+the rest), and :meth:`WebSocketConnection.send_text` checkpoints before every send.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+logger = logging.getLogger("trio_gateway.transport")
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the WebSocket (or the server dropped it)."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"websocket closed (code={code})")
+        self.code = code
+
+
+def find_transport_aborter(send: ASGISend) -> Callable[[], None] | None:
+    """Return a function that closes the TCP stream under a hypercorn h11 WebSocket, or None.
+
+    hypercorn's trio transport writes inside a *shielded* cancel scope, so a client that stops
+    reading blocks the writing task forever and no timeout or cancellation reaches it. The one
+    thing that ends that send is closing the socket (trio then wakes the blocked send with
+    ``ClosedResourceError``, which hypercorn turns into a disconnect). ASGI offers no such call,
+    so we follow the bound methods hypercorn hands us: ``WSStream.app_send`` ->
+    ``H11Protocol.stream_send`` -> ``TCPServer.protocol_send`` -> ``TCPServer.stream``. Every
+    hop is checked; on any other server (or a future hypercorn) this returns None and the caller
+    falls back to ordinary closes. ``tests/test_slow_clients.py`` proves the path works.
+    """
+    try:
+        ws_stream = getattr(send, "__self__", None)
+        protocol = getattr(getattr(ws_stream, "send", None), "__self__", None)
+        tcp_server = getattr(getattr(protocol, "send", None), "__self__", None)
+        stream = getattr(tcp_server, "stream", None)
+    except Exception:  # pragma: no cover - defensive: attribute access on foreign objects
+        return None
+    socket = getattr(stream, "socket", None)
+    if not isinstance(stream, trio.abc.Stream) or socket is None:
+        return None
+
+    def abort() -> None:
+        # SocketStream.aclose() is just socket.close() plus a checkpoint; closing the trio
+        # socket synchronously notifies every task blocked on it (the shielded send included).
+        try:
+            socket.close()
+        except OSError:  # pragma: no cover - already closed
+            pass
+
+    return abort
+
+
+class WebSocketConnection:
+    """One ASGI WebSocket: handshake, receive, send, close, and abort.
+
+    Only the session's single writer task calls :meth:`send_text`; ``send_started_at`` lets a
+    watchdog outside that task see a send that has been blocked for too long.
+    """
+
+    def __init__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self._abort = find_transport_aborter(send)
+        self.accepted = False
+        self.closed = False
+        self.peer_closed_code: int | None = None
+        self.aborted = False
+        self.send_started_at: float | None = None
+        self.last_send_at = trio.current_time()
+
+    @property
+    def requested_subprotocols(self) -> list[str]:
+        """Subprotocols the client offered in ``Sec-WebSocket-Protocol``."""
+        return list(self.scope.get("subprotocols") or [])
+
+    @property
+    def can_abort(self) -> bool:
+        """Whether a blocked transport can be force-closed on this server."""
+        return self._abort is not None
+
+    async def wait_connect(self) -> None:
+        """Consume the initial ``websocket.connect`` event."""
+        event = await self._receive()
+        if event["type"] == "websocket.disconnect":
+            self.closed = True
+            raise ConnectionClosed(event.get("code"))
+
+    async def reject(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """Refuse the handshake with a real HTTP response (ASGI denial-response extension)."""
+        all_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ]
+        await self._send(
+            {"type": "websocket.http.response.start", "status": status, "headers": all_headers}
+        )
+        await self._send({"type": "websocket.http.response.body", "body": body})
+        self.closed = True
+
+    async def accept(self, subprotocol: str | None) -> None:
+        """Complete the handshake, echoing ``subprotocol`` when one was chosen."""
+        await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
+        self.accepted = True
+
+    async def receive(self) -> str | bytes:
+        """Next inbound message; raises :class:`ConnectionClosed` on disconnect."""
+        event = await self._receive()
+        kind = event["type"]
+        if kind == "websocket.receive":
+            text = event.get("text")
+            if text is not None:
+                return str(text)
+            return bytes(event.get("bytes") or b"")
+        if kind == "websocket.disconnect":
+            self.closed = True
+            self.peer_closed_code = event.get("code")
+            raise ConnectionClosed(self.peer_closed_code)
+        # Anything else is a server bug; treat it as a disconnect rather than spin.
+        self.closed = True
+        raise ConnectionClosed(None)
+
+    async def send_text(self, text: str) -> None:
+        """Send one text frame.
+
+        The explicit checkpoint matters: once hypercorn has dropped the peer its ``send``
+        returns without ever yielding, so a send loop would spin and freeze the worker. It is
+        also where cancellation reaches the writer *before* anything is written.
+        """
+        await trio.lowlevel.checkpoint()
+        if self.closed:
+            raise ConnectionClosed(self.peer_closed_code)
+        self.send_started_at = trio.current_time()
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        finally:
+            self.send_started_at = None
+            self.last_send_at = trio.current_time()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame with ``code`` (no-op when already closed)."""
+        if self.closed:
+            return
+        self.closed = True
+        await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+    def abort(self) -> bool:
+        """Close the underlying socket now, ending any blocked send. Returns False if unable."""
+        self.closed = True
+        if self._abort is None:
+            return False
+        self.aborted = True
+        self._abort()
+        return True
+
+    async def close_within(self, code: int, timeout: float, reason: str = "") -> None:
+        """Close with ``code``; if the close frame cannot be written within ``timeout``
+        (a client that stopped reading), abort the transport instead.
+
+        A ``move_on_after`` around the send would not fire (the send is shielded inside
+        hypercorn), hence the sibling timer that aborts from outside.
+        """
+        if self.closed:
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def abort_later() -> None:
+                await trio.sleep(timeout)
+                logger.warning("closing handshake timed out; aborting the connection")
+                self.abort()
+
+            nursery.start_soon(abort_later)
+            try:
+                await self.close(code, reason)
+            finally:
+                nursery.cancel_scope.cancel()
