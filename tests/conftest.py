@@ -96,7 +96,7 @@ def gateway_settings(agent_url: str, **overrides: Any) -> Settings:
         "ws_heartbeat_interval": 5.0,
         "session_grace_seconds": 2.0,
         "drain_timeout": 3.0,
-        "ws_close_timeout": 1.0,
+        "ws_close_timeout": 0.5,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

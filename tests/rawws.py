@@ -1,0 +1,77 @@
+"""A WebSocket client on a raw TCP socket (wsproto framing) that can misbehave on purpose:
+stop reading, never answer pings, send half a frame."""
+
+from __future__ import annotations
+
+import socket as stdlib_socket
+
+import orjson
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+
+class RawWebSocket:
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.close_code: int | None = None
+        self.eof = False
+
+    @classmethod
+    async def connect(
+        cls, port: int, path: str, *, receive_buffer: int | None = None
+    ) -> RawWebSocket:
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            # Before connect, so the advertised window stays small: the server's sends block
+            # as soon as its own send buffer is full.
+            sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host=f"127.0.0.1:{port}", target=path)))
+        client = cls(stream, ws)
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("closed during handshake")
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return client
+                if isinstance(event, RejectConnection):
+                    raise ConnectionError(f"rejected {event.status_code}")
+
+    async def send_json(self, frame: dict[str, object]) -> None:
+        await self.stream.send_all(self.ws.send(Message(data=orjson.dumps(frame).decode())))
+
+    async def read_until_closed(self, timeout: float) -> list[str]:
+        """Read (without answering pings) until the server closes; returns text messages."""
+        messages: list[str] = []
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    self.eof = True
+                    return messages
+                if not data:
+                    self.eof = True
+                    return messages
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, TextMessage):
+                        messages.append(event.data)
+                    elif isinstance(event, CloseConnection):
+                        self.close_code = event.code
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
