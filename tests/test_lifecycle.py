@@ -1,0 +1,146 @@
+"""Session lifetimes: grace after a disconnect, re-attach, replacement, teardown, crashes."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio_websocket
+
+from trio_gateway import session as session_module
+from trio_gateway.demo_runtime import DemoRuntime
+
+from .conftest import RunningGateway, gateway_settings, run_gateway
+
+
+def gateway_tasks() -> list[str]:
+    """Names of every live task running trio_gateway code."""
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if task.name.startswith("trio_gateway."):
+            names.append(task.name)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    walk(trio.lowlevel.current_root_task())
+    return names
+
+
+async def wait_for(predicate: object, timeout: float = 5) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # type: ignore[operator]
+            await trio.sleep(0.01)
+
+
+async def test_a_turn_continues_after_a_disconnect_and_finishes_at_the_runtime(
+    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, _ = demo_runtime
+    async with gateway.connect("grace") as client:
+        await client.send({"type": "user_message", "content": "bench 20 40"})
+        await client.recv()
+    # the client is gone; the turn goes on for up to the grace period (2 s) and completes
+    await wait_for(lambda: runtime.completed_streams == 1)
+    assert runtime.cancelled_streams == 0
+
+
+async def test_after_the_grace_period_the_detached_turn_is_cancelled(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=0.3)) as gw:
+        async with gw.connect("expire") as client:
+            await client.send({"type": "user_message", "content": "bench 100000 100"})
+            await client.recv()
+        await wait_for(lambda: runtime.cancelled_streams == 1)
+        assert runtime.active_streams == 0
+        await wait_for(lambda: not gw.app.gateway.sessions.sessions)  # type: ignore[union-attr]
+
+
+async def test_a_reconnect_within_the_grace_period_receives_the_rest_of_the_live_turn(
+    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, _ = demo_runtime
+    received: list[str] = []
+    async with gateway.connect("reattach") as client:
+        await client.send({"type": "user_message", "content": "bench 40 40"})
+        for _ in range(5):
+            received.append((await client.recv())["token"])
+    async with gateway.connect("reattach") as client:
+        rest = await client.turn()
+    received += [f["token"] for f in rest]
+    # no duplicates, in order, up to the end of the turn (frames in flight at the moment of the
+    # disconnect may be lost: lossless resume is protocol v2's job)
+    indexes = [int(t[1:]) for t in received if t]
+    assert indexes == sorted(set(indexes))
+    assert indexes[-1] == 39 and rest[-1]["is_final"] is True
+    assert runtime.completed_streams == 1 and runtime.cancelled_streams == 0
+
+
+async def test_a_second_connection_replaces_the_first_which_gets_4409(
+    gateway: RunningGateway,
+) -> None:
+    async with gateway.connect("dup") as first:
+        async with gateway.connect("dup") as second:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await first.recv()
+            assert closed.value.reason.code == 4409
+            await second.send({"type": "user_message", "content": "hi"})
+            assert (await second.turn())[-1]["is_final"] is True
+
+
+async def test_no_task_outlives_its_session(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    settings = gateway_settings(url, session_grace_seconds=0.2)
+    async with run_gateway(nursery, settings) as gw:
+        baseline = sorted(gateway_tasks())
+        async with gw.connect("leak-1") as a, gw.connect("leak-2") as b:
+            await a.send({"type": "user_message", "content": "bench 100000 500"})
+            await b.send({"type": "user_message", "content": "hi"})
+            await a.recv()
+            await b.turn()
+            assert len(gateway_tasks()) > len(baseline)
+        await wait_for(lambda: sorted(gateway_tasks()) == baseline)
+        assert runtime.active_streams == 0
+
+
+async def test_cancelling_a_session_tears_down_its_turn_and_connection(
+    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, _ = demo_runtime
+    async with gateway.connect("teardown") as client:
+        await client.send({"type": "user_message", "content": "bench 100000 500"})
+        await client.recv()
+        gateway.app.gateway.sessions.sessions["teardown"].end()  # type: ignore[union-attr]
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await client.recv()
+        assert closed.value.reason.code == 1001
+    await wait_for(lambda: runtime.active_streams == 0)
+    assert runtime.cancelled_streams == 1
+
+
+async def test_an_exception_in_a_session_closes_it_with_1011_and_spares_the_others(
+    gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    original = session_module.parse_client_frame
+
+    def buggy(text: str) -> dict[str, object]:
+        if "boom" in text:
+            raise RuntimeError("simulated bug")
+        return original(text)
+
+    monkeypatch.setattr(session_module, "parse_client_frame", buggy)
+    async with gateway.connect("healthy") as healthy:
+        await healthy.send({"type": "user_message", "content": "bench 30 100"})
+        async with gateway.connect("crashing") as crashing:
+            await crashing.send({"type": "user_message", "content": "boom"})
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await crashing.recv()
+            assert closed.value.reason.code == 1011
+        frames = await healthy.turn()
+        assert len(frames) == 31
+    assert "simulated bug" in caplog.text and "Traceback" in caplog.text
