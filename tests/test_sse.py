@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_gateway.sse import SSEDecoder, SSEProtocolError, ServerSentEvent
@@ -453,33 +453,46 @@ def run_decoder(chunks: list[bytes]) -> tuple[list[ServerSentEvent], str | None,
     return events, decoder.last_event_id, decoder.retry
 
 
-# Building blocks that hit the interesting cases: field names, separators, every line ending,
-# BOMs, NUL, digits, and UTF-8 sequences that are valid, truncated or invalid.
-TOKENS = [
-    b"data", b"data:", b"data: ", b"event:", b"event: ", b"id:", b"id: ", b"retry:", b"retry: ",
-    b":", b" ", b"x", b"12", b"\x00", b"\r", b"\n", b"\r\n", b"\n\n", BOM, b"\xef",
-    "é".encode(), "😀".encode(), b"\xe2\x82", b"\xac", b"\xf0\x9f", b"\xff",
+# Building blocks that hit the interesting cases: field names, separators, BOMs, NUL, ASCII and
+# non-ASCII digits, and UTF-8 sequences that are valid, truncated or invalid. Streams are drawn as
+# lines (mostly `name` + separator + value, some free-form), each with a random ending (which may
+# be none, or several), so that fields, blank lines and every kind of line end are all common.
+NAMES = [b"data", b"event", b"id", b"retry", b"", b"x", BOM + b"data"]
+SEPARATORS = [b"", b":", b": ", b":  "]
+VALUE_TOKENS = [
+    b"x", b" ", b":", b"12", b"0", b"\x00", BOM, b"\xef", "é".encode(), "😀".encode(),
+    "١".encode(), b"\xe2\x82", b"\xac", b"\xf0\x9f", b"\xff",
 ]  # fmt: skip
-byte_soup = st.lists(
-    st.one_of(st.sampled_from(TOKENS), st.binary(max_size=3)), max_size=60
-).map(b"".join)
+ENDINGS = [b"\n", b"\r\n", b"\r", b"", b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r"]
+value_bytes = st.lists(st.sampled_from(VALUE_TOKENS) | st.binary(max_size=2), max_size=4).map(
+    b"".join
+)
+field_line = st.tuples(st.sampled_from(NAMES), st.sampled_from(SEPARATORS), value_bytes).map(
+    b"".join
+)
+soup_line = field_line | value_bytes
+byte_soup = st.lists(st.tuples(soup_line, st.sampled_from(ENDINGS)), max_size=12).map(
+    lambda pairs: b"".join(line + ending for line, ending in pairs)
+)
 
 
-@st.composite
-def soup_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[int]]:
-    stream = draw(byte_soup)
-    cuts = draw(st.lists(st.integers(0, len(stream)), max_size=10))
-    return stream, cuts
+def cuts_for(stream: bytes, data: st.DataObject) -> list[int]:
+    """Random split points; half the time also one right after every CR, to split CRLF pairs."""
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    if data.draw(st.booleans()):
+        cuts += [i + 1 for i, byte in enumerate(stream) if byte == 0x0D]
+    return cuts
 
 
-@given(soup_and_cuts())
+@settings(max_examples=300)
+@given(byte_soup, st.data())
 def test_any_stream_split_anywhere_decodes_like_the_literal_reading_of_the_standard(
-    case: tuple[bytes, list[int]],
+    stream: bytes, data: st.DataObject
 ) -> None:
-    stream, cuts = case
-    assert run_decoder(split_at(stream, cuts)) == reference_decode(stream)
+    assert run_decoder(split_at(stream, cuts_for(stream, data))) == reference_decode(stream)
 
 
+@settings(max_examples=300)
 @given(byte_soup)
 def test_feeding_byte_by_byte_equals_feeding_all_at_once(stream: bytes) -> None:
     one_by_one = [stream[i : i + 1] for i in range(len(stream))]
@@ -543,8 +556,7 @@ def test_serialised_events_round_trip_through_any_split(
     case: tuple[bytes, list[ServerSentEvent]], data: st.DataObject
 ) -> None:
     stream, expected = case
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
     decoder = SSEDecoder()
-    assert decode_all(*split_at(stream, cuts), decoder=decoder) == expected
+    assert decode_all(*split_at(stream, cuts_for(stream, data)), decoder=decoder) == expected
     assert decoder.last_event_id == (expected[-1].id if expected else None)
     assert decoder.buffered_bytes == 0

@@ -218,4 +218,4 @@ def valid_session_id(session_id: str) -> bool:
     """Session ids: 1..256 characters, no control characters, no ``/``."""
     if not 0 < len(session_id) <= SESSION_ID_MAX_LENGTH or "/" in session_id:
         return False
-    return all(ch.isprintable() or ch == " " for ch in session_id) and session_id.isprintable()
+    return session_id.isprintable()

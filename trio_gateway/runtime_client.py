@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ import orjson
 
 from .protocol import ErrorCode
 from .settings import Settings
-from .sse import SSEDecoder, SSEProtocolError
+from .sse import ServerSentEvent, SSEDecoder, SSEProtocolError
 
 logger = logging.getLogger("trio_gateway.runtime")
 
@@ -73,6 +74,24 @@ def _error_detail(body: bytes) -> str:
     return text[:MAX_DETAIL_CHARS]
 
 
+def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], int]:
+    """JSON chunks (nulls dropped) of one network read's events, and their payload bytes."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for event in events:
+        try:
+            chunk = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            logger.warning("runtime sent an SSE event that is not JSON; skipped")
+            continue
+        if not isinstance(chunk, dict):
+            logger.warning("runtime sent an SSE event that is not a JSON object; skipped")
+            continue
+        batch.append(_drop_nulls(chunk))
+        size += len(event.data)
+    return batch, size
+
+
 class RuntimeClient:
     """Streams turns from the runtime and turns every failure into a :class:`RuntimeFailure`."""
 
@@ -116,10 +135,12 @@ class RuntimeClient:
             ) as response:
                 if response.status_code != 200:
                     raw = b""
-                    async for piece in response.aiter_bytes():
-                        raw += piece
-                        if len(raw) >= MAX_ERROR_BODY:
-                            break
+                    # aclosing: leaving the loop early must close the generator now, not at GC.
+                    async with aclosing(response.aiter_bytes()) as pieces:
+                        async for piece in pieces:
+                            raw += piece
+                            if len(raw) >= MAX_ERROR_BODY:
+                                break
                     detail = _error_detail(raw[:MAX_ERROR_BODY])
                     raise RuntimeFailure(
                         ErrorCode.RUNTIME_ERROR,
@@ -128,26 +149,14 @@ class RuntimeClient:
                         detail=detail,
                     )
                 decoder = SSEDecoder()
-                async for piece in response.aiter_bytes():
-                    events = decoder.feed(piece)
-                    if not events:
-                        continue
-                    batch: list[dict[str, Any]] = []
-                    size = 0
-                    for event in events:
-                        try:
-                            chunk = orjson.loads(event.data)
-                        except orjson.JSONDecodeError:
-                            logger.warning("runtime sent an SSE event that is not JSON; skipped")
-                            continue
-                        if not isinstance(chunk, dict):
-                            logger.warning("runtime sent an SSE event that is not an object")
-                            continue
-                        batch.append(_drop_nulls(chunk))
-                        size += len(event.data)
-                    if batch:
-                        relayed += len(batch)
-                        await deliver(batch, size)
+                async with aclosing(response.aiter_bytes()) as pieces:
+                    async for piece in pieces:
+                        events = decoder.feed(piece)
+                        if events:
+                            batch, size = _parse_events(events)
+                            if batch:
+                                relayed += len(batch)
+                                await deliver(batch, size)
         except RuntimeFailure:
             raise
         except SSEProtocolError:

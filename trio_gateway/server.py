@@ -37,8 +37,10 @@ def build_hypercorn_config(
     config.websocket_ping_interval = settings.ws_heartbeat_interval
     config.read_timeout = settings.read_timeout  # type: ignore[assignment]
     config.websocket_max_message_size = settings.ws_max_message_bytes
-    # Our drain already closed every session; this only bounds the very last step.
-    config.graceful_timeout = settings.ws_close_timeout + 1
+    # By the time hypercorn's own graceful stop starts, our drain has closed every session;
+    # what is left are hypercorn's per-connection ping tasks, which only notice a closed
+    # socket at their next tick (up to a heartbeat interval). Waiting for them gains nothing.
+    config.graceful_timeout = min(1.0, settings.ws_close_timeout)
     # ASGI events hypercorn buffers per connection before it stops reading the socket: with
     # the session reader consuming as it goes, this is the whole inbound buffer.
     config.max_app_queue_size = 8

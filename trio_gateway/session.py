@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -56,17 +57,30 @@ class Connection:
         self.scope = trio.CancelScope()
         self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
+        self.closing = False
+        self.flush_then_close = False
         self.replaced = False
+        self.shut_requested = trio.Event()
+        self.wake_writer: Callable[[], object] = lambda: None
 
-    def shut(self, code: int, reason: str = "") -> None:
+    def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the connection to close with ``code``; the connection task does the closing.
 
-        The first reason wins: a session ending after a drain must not turn 1012 into 1001.
+        ``flush=True`` lets the writer send every frame already queued first (a drain closes a
+        session *after* its turn's last frames). The first code wins: a session ending after a
+        drain must not turn 1012 into 1001; a later hard shut only stops the flush.
         """
-        if self.scope.cancel_called:
+        if not self.closing:
+            self.closing = True
+            self.close_code = code
+            self.close_reason = reason
+            if flush:
+                self.flush_then_close = True
+                self.wake_writer()
+                return
+        elif flush:
             return
-        self.close_code = code
-        self.close_reason = reason
+        self.shut_requested.set()
         self.scope.cancel()
 
 
@@ -166,6 +180,7 @@ class Session:
             previous.replaced = True
             previous.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
         self.connection = connection
+        connection.wake_writer = self._frames_ready.unpark_all
         self._attachment_changed.unpark_all()
         if self.lost_frames and connection.v2:
             self.outbound.put_control(
@@ -184,6 +199,8 @@ class Session:
             logger.info("client gone; dropped %d queued message(s)", dropped)
         self._attachment_changed.unpark_all()
         self._space_ready.unpark_all()
+        if self.close_after_turn is not None and not self.turn_running:
+            self.end()  # drained: nothing left to wait for
 
     # --- inbound ---------------------------------------------------------------------------
 
@@ -275,16 +292,27 @@ class Session:
         if self.connection is not None and self.connection.v2:
             self.send_control(frame)
 
-    def _close_for_drain(self) -> None:
+    def _close_for_drain(self, *, hard: bool = False) -> None:
+        # Soft: flush what is queued, then close with 1012; the session ends when the
+        # connection detaches. Hard (drain timeout): close now and end the session.
         if self.connection is not None:
-            self.connection.shut(self.close_after_turn or CloseCode.SERVICE_RESTART, "draining")
+            code = self.close_after_turn or CloseCode.SERVICE_RESTART
+            self.connection.shut(code, "server restarting", flush=not hard)
+            if not hard:
+                return
         self.end()
 
     # --- writer side -----------------------------------------------------------------------
 
-    async def wait_frames(self) -> list[Frame]:
-        """Block until frames are waiting, take them all, and wake a blocked producer."""
+    async def wait_frames(self, connection: Connection) -> list[Frame]:
+        """Block until frames are waiting, take them all, and wake a blocked producer.
+
+        Returns an empty list when ``connection`` was asked to close after a flush and
+        everything has been taken.
+        """
         while not len(self.outbound):
+            if connection.flush_then_close:
+                return []
             await self._frames_ready.park()
         frames = self.outbound.take_all()
         self._space_ready.unpark_all()
@@ -368,11 +396,18 @@ class SessionManager:
 
     async def _run_connection(self, session: Session, connection: Connection) -> None:
         try:
-            with connection.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader, session, connection, nursery.cancel_scope)
-                    nursery.start_soon(self._writer, session, connection)
-                    nursery.start_soon(self._heartbeat, session, connection)
+            async with trio.open_nursery() as guard_nursery:
+                guard_nursery.start_soon(self._abort_if_stuck, connection)
+                try:
+                    with connection.scope:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(
+                                self._reader, session, connection, nursery.cancel_scope
+                            )
+                            nursery.start_soon(self._writer, session, connection)
+                            nursery.start_soon(self._heartbeat, session, connection)
+                finally:
+                    guard_nursery.cancel_scope.cancel()
         except* ConnectionClosed:
             pass
         except* Exception:
@@ -381,6 +416,23 @@ class SessionManager:
             logger.exception("session connection failed")
             connection.close_code = CloseCode.INTERNAL_ERROR
             connection.close_reason = "internal error"
+
+    async def _abort_if_stuck(self, connection: Connection) -> None:
+        # Cancelling the connection's nursery cannot interrupt a writer blocked in hypercorn's
+        # shielded send, so the nursery would never exit. This guard sits outside it: once a
+        # close is requested (or the whole connection task is cancelled by the server), it
+        # gives the in-flight send ws_close_timeout to finish, then aborts the transport.
+        try:
+            await connection.shut_requested.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                ws = connection.ws
+                with trio.move_on_after(self.settings.ws_close_timeout):
+                    while ws.send_started_at is not None:
+                        await trio.sleep(0.05)
+                if ws.send_started_at is not None:
+                    logger.warning("send still blocked after close was requested; aborting")
+                    ws.abort()
 
     async def _finish_connection(self, connection: Connection) -> None:
         ws = connection.ws
@@ -458,7 +510,10 @@ class SessionManager:
     async def _writer(self, session: Session, connection: Connection) -> None:
         ws = connection.ws
         while True:
-            frames = await session.wait_frames()
+            frames = await session.wait_frames(connection)
+            if not frames:
+                connection.shut(connection.close_code)  # flushed: close now
+                return
             for index, frame in enumerate(frames):
                 frame["seq"] = session.next_seq()
                 try:
@@ -484,11 +539,10 @@ class SessionManager:
             started = ws.send_started_at
             if started is not None and now - started >= settings.ws_slow_client_timeout:
                 logger.warning("client stopped reading for %.1f s; closing", now - started)
-                running, _ = session.cancel_turn()
-                connection.close_code = CloseCode.POLICY_VIOLATION
+                session.cancel_turn()
                 if not ws.abort():
                     logger.error("cannot abort this transport; the slow client stays attached")
-                connection.scope.cancel()
+                connection.shut(CloseCode.POLICY_VIOLATION, "client too slow")
                 return
             if connection.v2 and now - ws.last_send_at >= settings.ws_heartbeat_interval:
                 if started is None and not len(session.outbound):
@@ -510,7 +564,7 @@ class SessionManager:
             while self.sessions or self.connection_count:
                 await self._idle.park()
         for session in list(self.sessions.values()):
-            session._close_for_drain()
+            session._close_for_drain(hard=True)
         with trio.move_on_after(self.settings.ws_close_timeout + 1):
             while self.sessions or self.connection_count:
                 await self._idle.park()

@@ -1,0 +1,113 @@
+"""Graceful drain: 503 for newcomers, running turns finish, every session closes with 1012."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from trio_gateway.demo_runtime import DemoRuntime
+
+from .conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
+
+
+async def wait_until_serving(base_url: str, timeout: float = 20) -> None:
+    """Poll the liveness route of a server started in another process."""
+    async with httpx.AsyncClient() as http:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    if (await http.get(f"{base_url}/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(0.1)
+
+
+async def read_until_close(client: WsClient) -> tuple[list[dict[str, object]], int]:
+    frames = []
+    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+        while True:
+            frames.append(await client.recv())
+    return frames, closed.value.reason.code
+
+
+async def test_a_running_turn_finishes_then_the_session_closes_with_1012(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url, drain_timeout=10)) as gw:
+        async with gw.connect("busy") as busy, gw.connect("idle") as idle:
+            await busy.send({"type": "user_message", "content": "bench 40 40"})
+            await busy.recv()
+            gw.stop.set()
+            _, idle_code = await read_until_close(idle)
+            assert idle_code == 1012
+            # newcomers are refused while the drain runs
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(gw.ws_url("late")):
+                    pass
+            assert rejected.value.status_code == 503
+            frames, code = await read_until_close(busy)
+            assert frames[-1]["is_final"] is True and len(frames) == 40
+            assert code == 1012
+        with trio.fail_after(5):
+            await gw.stopped.wait()
+    assert runtime.completed_streams == 1 and runtime.cancelled_streams == 0
+
+
+async def test_turns_still_running_at_the_drain_timeout_are_cancelled(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url, drain_timeout=0.5)) as gw:
+        async with gw.connect("long") as client:
+            await client.send({"type": "user_message", "content": "bench 100000 100"})
+            await client.recv()
+            started = trio.current_time()
+            gw.stop.set()
+            _, code = await read_until_close(client)
+            assert code == 1012
+            assert trio.current_time() - started < 3
+        with trio.fail_after(5):
+            await gw.stopped.wait()
+    assert runtime.active_streams == 0 and runtime.cancelled_streams == 1
+
+
+async def test_sigterm_drains_and_the_process_exits_0(
+    demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    env = {
+        **os.environ,
+        "GATEWAY__AGENT_URL": demo_runtime[1],
+        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
+        "GATEWAY__DRAIN_TIMEOUT": "5",
+    }
+    command = [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)]
+    process = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.PIPE)
+    try:
+        await wait_until_serving(f"http://127.0.0.1:{port}")
+        async with trio_websocket.open_websocket_url(
+            f"ws://127.0.0.1:{port}/api/v1/ws/sigterm"
+        ) as ws:
+            client = WsClient(ws)
+            await client.send({"type": "user_message", "content": "bench 20 40"})
+            await client.recv()
+            process.send_signal(signal.SIGTERM)
+            frames, code = await read_until_close(client)
+        assert code == 1012 and frames[-1]["is_final"] is True, (frames, await process.stderr.receive_some(100000))
+        with trio.fail_after(15):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
