@@ -744,12 +744,11 @@ class DemoRuntime:
             elif index:
                 yield _Pause(self.config.token_delay)
             piece = f"t{index} "
-            yield encode_chunk(
-                "assistant_message",
-                content=piece,
-                token=piece,
-                metadata={"emitted_ns": time.time_ns(), "index": index},
-            )
+            # Paced streams carry their emit time so a client can measure relay latency.
+            # Unpaced (throughput) streams carry none: chunks whose metadata differ can never
+            # be coalesced, and a real runtime's tokens carry no per-token metadata either.
+            metadata = {"emitted_ns": time.time_ns(), "index": index} if rate else None
+            yield encode_chunk("assistant_message", content=piece, token=piece, metadata=metadata)
         yield _Pause(0)
         yield self._final()
         self._add_message(session, "assistant", f"[bench: streamed {count} tokens]")
