@@ -377,6 +377,12 @@ def test_single_chunk_with_an_unterminated_line_past_the_limit_raises() -> None:
         SSEDecoder(max_line_bytes=100).feed(b"data: " + b"x" * 200)
 
 
+def test_unterminated_tail_past_the_limit_raises_after_the_events_before_it() -> None:
+    with pytest.raises(SSEProtocolError) as info:
+        SSEDecoder(max_line_bytes=100).feed(b"data: a\n\ndata: " + b"x" * 200)
+    assert info.value.events == [ServerSentEvent("a")]
+
+
 def test_complete_line_past_the_limit_raises_even_inside_one_chunk() -> None:
     with pytest.raises(SSEProtocolError):
         SSEDecoder(max_line_bytes=100).feed(b"data: " + b"x" * 200 + b"\n\n")
@@ -560,3 +566,24 @@ def test_serialised_events_round_trip_through_any_split(
     assert decode_all(*split_at(stream, cuts_for(stream, data)), decoder=decoder) == expected
     assert decoder.last_event_id == (expected[-1].id if expected else None)
     assert decoder.buffered_bytes == 0
+
+
+def run_limited(chunks: list[bytes], limit: int) -> tuple[list[ServerSentEvent], bool]:
+    """Decode with a line limit: (events obtained, whether the limit tripped)."""
+    decoder = SSEDecoder(max_line_bytes=limit)
+    events: list[ServerSentEvent] = []
+    try:
+        for chunk in chunks:
+            events.extend(decoder.feed(chunk))
+    except SSEProtocolError as error:
+        return events + error.events, True
+    return events + decoder.close(), False
+
+
+@given(byte_soup, st.integers(1, 12), st.data())
+def test_line_limit_trips_at_the_same_line_however_the_stream_is_split(
+    stream: bytes, limit: int, data: st.DataObject
+) -> None:
+    assert run_limited(split_at(stream, cuts_for(stream, data)), limit) == run_limited(
+        [stream], limit
+    )

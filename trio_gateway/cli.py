@@ -129,10 +129,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_run_demo_runtime, args.host, port if port is not None else 8001, args.instant)
     except KeyboardInterrupt:
         return 130
-    except OSError as error:
-        print(f"trio-gateway: {error}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as error:
+        # Startup failures such as a port in use arrive wrapped in nurseries' exception
+        # groups: report the OS error in one line; anything else is a bug and keeps its
+        # traceback.
+        os_error = _only_os_error(error)
+        if os_error is None:
+            raise
+        print(f"trio-gateway: {os_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _only_os_error(error: BaseException) -> OSError | None:
+    """The OSError an exception (group) consists of, or None if it holds anything else."""
+    while isinstance(error, BaseExceptionGroup):
+        if len(error.exceptions) != 1:
+            return None
+        error = error.exceptions[0]
+    return error if isinstance(error, OSError) else None
 
 
 if __name__ == "__main__":  # pragma: no cover

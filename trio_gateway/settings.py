@@ -154,6 +154,11 @@ class Settings(BaseSettings):
         ),
     )
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("agent_url", "auth_service_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

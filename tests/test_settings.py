@@ -1,0 +1,106 @@
+"""Settings: environment variables with the GATEWAY__ prefix, validated at startup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trio_gateway.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("GATEWAY__"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    settings = load_settings()
+    assert settings.log_level == "INFO"
+    assert settings.ws_heartbeat_interval == 20
+    assert settings.ws_max_message_bytes == 4 * 1024 * 1024
+    assert settings.max_queued_messages == 16
+    assert settings.session_grace_seconds == 30
+    assert settings.drain_timeout == 30
+    assert settings.stream_idle_timeout > 360, "well above the runtime's LLM timeout"
+
+
+def test_values_come_from_gateway_prefixed_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY__AGENT_URL", "http://runtime:8001/")
+    monkeypatch.setenv("GATEWAY__WS_HEARTBEAT_INTERVAL", "7.5")
+    monkeypatch.setenv("GATEWAY__LOG_LEVEL", "warning")
+    settings = load_settings()
+    assert settings.agent_url == "http://runtime:8001"
+    assert settings.ws_heartbeat_interval == 7.5
+    assert settings.log_level == "WARNING"
+
+
+def test_a_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("GATEWAY__MAX_QUEUED_MESSAGES=3\n")
+    assert load_settings().max_queued_messages == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("WS_HEARTBEAT_INTERVAL", "abc", "GATEWAY__WS_HEARTBEAT_INTERVAL"),
+        ("WS_HEARTBEAT_INTERVAL", "-1", "greater than 0"),
+        ("AGENT_URL", "ftp://x", "http:// or https://"),
+        ("LOG_LEVEL", "LOUD", "GATEWAY__LOG_LEVEL"),
+        ("MAX_QUEUED_MESSAGES", "1.5", "GATEWAY__MAX_QUEUED_MESSAGES"),
+        ("INTERNAL_API_KEY", "", "must not be empty"),
+        ("USE_JWT_AUTH", "true", "not supported by this build"),
+    ],
+)
+def test_a_bad_value_is_refused_with_a_message_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(f"GATEWAY__{name}", value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert fragment in str(error.value)
+
+
+def test_the_internal_key_is_never_shown_in_a_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY__INTERNAL_API_KEY", "s3cr3t-value")
+    assert "s3cr3t-value" not in repr(load_settings())
+
+
+def test_env_example_lists_every_setting_with_its_default() -> None:
+    documented: dict[str, str] = {}
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("GATEWAY__"):
+            name, _, value = line.partition("=")
+            documented[name] = value
+            assert lines[index - 1].startswith("# "), f"{name} has no explanation"
+    expected = {}
+    for field_name, field in Settings.model_fields.items():
+        default = field.default
+        if hasattr(default, "get_secret_value"):
+            default = default.get_secret_value()
+        expected[f"GATEWAY__{field_name.upper()}"] = (
+            str(default).lower() if isinstance(default, bool) else str(default)
+        )
+        assert field.description, f"{field_name} has no description"
+    assert documented == expected
+
+
+def test_the_cli_reports_a_bad_setting_and_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_gateway.cli", "serve"],
+        env={"GATEWAY__REQUEST_TIMEOUT": "soon", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "GATEWAY__REQUEST_TIMEOUT" in result.stderr
+    assert "Traceback" not in result.stderr
