@@ -14,8 +14,12 @@ import trio
 import trio_websocket
 
 from trio_gateway.app import GatewayApp, create_app
-from trio_gateway.demo_runtime import DemoRuntime, DemoRuntimeConfig, create_demo_runtime
-from trio_gateway.demo_runtime import serve_demo_runtime
+from trio_gateway.demo_runtime import (
+    DemoRuntime,
+    DemoRuntimeConfig,
+    create_demo_runtime,
+    serve_demo_runtime,
+)
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings
 
@@ -88,6 +92,12 @@ class WsClient:
         return await self.recv_until(lambda f: f.get("is_final") is True, timeout)
 
 
+def close_code(closed: trio_websocket.ConnectionClosed) -> int:
+    """The close code a client received."""
+    assert closed.reason is not None
+    return int(closed.reason.code)
+
+
 def gateway_settings(agent_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "agent_url": agent_url,
@@ -112,7 +122,11 @@ async def run_gateway(nursery: trio.Nursery, settings: Settings) -> AsyncIterato
     async def run(task_status: trio.TaskStatus[list[str]]) -> None:
         try:
             await serve(
-                app, settings, host="127.0.0.1", port=0, shutdown_trigger=stop.wait,
+                app,
+                settings,
+                host="127.0.0.1",
+                port=0,
+                shutdown_trigger=stop.wait,
                 task_status=task_status,
             )
         finally:

@@ -14,8 +14,16 @@ import orjson
 import trio
 
 ALL_FIELDS = (
-    "type", "content", "token", "is_final", "call_id", "tool_name", "arguments",
-    "requires_approval", "error", "metadata",
+    "type",
+    "content",
+    "token",
+    "is_final",
+    "call_id",
+    "tool_name",
+    "arguments",
+    "requires_approval",
+    "error",
+    "metadata",
 )
 
 

@@ -67,7 +67,10 @@ async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c() -> None:
 async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
     port = free_port()
     process = await start(
-        "demo-runtime", "--port", str(port), "--instant",
+        "demo-runtime",
+        "--port",
+        str(port),
+        "--instant",
         env={"GATEWAY__INTERNAL_API_KEY": "cli-test-key"},
     )
     try:
@@ -89,7 +92,8 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
     try:
         result = await trio.run_process(
             [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)],
-            capture_stderr=True, check=False,
+            capture_stderr=True,
+            check=False,
         )
     finally:
         await listener.aclose()
@@ -101,6 +105,8 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
 def test_hypercorn_can_import_the_asgi_app() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "from trio_gateway.main import app; print(type(app).__name__)"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"

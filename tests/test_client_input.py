@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import RunningGateway
+from .conftest import RunningGateway, close_code
 
 
 @pytest.mark.parametrize(
@@ -59,16 +59,14 @@ async def test_a_frame_over_the_size_limit_closes_with_1009(
             await client.send({"type": "user_message", "content": "x" * (65 * 1024)})
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await client.recv()
-            assert closed.value.reason.code == 1009
+            assert close_code(closed.value) == 1009
         # a frame just under the limit is fine
         async with gw.connect("big-ok") as client:
             await client.send({"type": "user_message", "content": "x" * (60 * 1024)})
             assert (await client.turn())[-1]["is_final"] is True
 
 
-@pytest.mark.parametrize(
-    "path_id", ["x" * 257, "a%2Fb", "tab%09here", "nul%00", "line%0Abreak"]
-)
+@pytest.mark.parametrize("path_id", ["x" * 257, "a%2Fb", "tab%09here", "nul%00", "line%0Abreak"])
 async def test_a_malformed_session_id_is_rejected_at_the_handshake_with_400(
     gateway: RunningGateway, path_id: str
 ) -> None:

@@ -8,8 +8,9 @@ import trio_websocket
 
 from trio_gateway import session as session_module
 from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.protocol import parse_client_frame
 
-from .conftest import RunningGateway, gateway_settings, run_gateway
+from .conftest import RunningGateway, close_code, gateway_settings, run_gateway
 
 
 def gateway_tasks() -> list[str]:
@@ -23,7 +24,9 @@ def gateway_tasks() -> list[str]:
             for child in nursery.child_tasks:
                 walk(child)
 
-    walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
     return names
 
 
@@ -85,7 +88,7 @@ async def test_a_second_connection_replaces_the_first_which_gets_4409(
         async with gateway.connect("dup") as second:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await first.recv()
-            assert closed.value.reason.code == 4409
+            assert close_code(closed.value) == 4409
             await second.send({"type": "user_message", "content": "hi"})
             assert (await second.turn())[-1]["is_final"] is True
 
@@ -119,7 +122,7 @@ async def test_cancelling_a_session_tears_down_its_turn_and_connection(
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             while True:
                 await client.recv()
-        assert closed.value.reason.code == 1001
+        assert close_code(closed.value) == 1001
     await wait_for(lambda: runtime.active_streams == 0)
     assert runtime.cancelled_streams == 1
 
@@ -127,21 +130,21 @@ async def test_cancelling_a_session_tears_down_its_turn_and_connection(
 async def test_an_exception_in_a_session_closes_it_with_1011_and_spares_the_others(
     gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    original = session_module.parse_client_frame
+    original = parse_client_frame
 
     def buggy(text: str) -> dict[str, object]:
         if "boom" in text:
             raise RuntimeError("simulated bug")
         return original(text)
 
-    monkeypatch.setattr(session_module, "parse_client_frame", buggy)
+    monkeypatch.setattr(session_module, "parse_client_frame", buggy)  # a bug on demand
     async with gateway.connect("healthy") as healthy:
         await healthy.send({"type": "user_message", "content": "bench 30 100"})
         async with gateway.connect("crashing") as crashing:
             await crashing.send({"type": "user_message", "content": "boom"})
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await crashing.recv()
-            assert closed.value.reason.code == 1011
+            assert close_code(closed.value) == 1011
         frames = await healthy.turn()
         assert len(frames) == 31
     assert "simulated bug" in caplog.text and "Traceback" in caplog.text

@@ -89,5 +89,7 @@ def test_requeued_frames_come_back_first_in_order_and_count_against_the_budget()
     queue.requeue_front([token("a"), {"type": "agent_switched", "is_final": False}])
     assert queue.pending_bytes > 1
     assert [f["type"] for f in queue.take_all()] == [
-        "assistant_message", "agent_switched", "assistant_message",
+        "assistant_message",
+        "agent_switched",
+        "assistant_message",
     ]

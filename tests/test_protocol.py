@@ -5,14 +5,30 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from trio_gateway.protocol import ErrorCode, FrameError, error_frame, parse_client_frame
-from trio_gateway.protocol import valid_session_id
+from trio_gateway.protocol import (
+    ErrorCode,
+    FrameError,
+    error_frame,
+    parse_client_frame,
+    valid_session_id,
+)
 
 IDE_FRAME = {
-    "type": "user_message", "content": "Create a widget", "role": "user", "is_final": None,
-    "call_id": None, "tool_name": None, "arguments": None, "requires_approval": None,
-    "result": None, "error": None, "agent_type": None, "from_agent": None, "to_agent": None,
-    "reason": None, "metadata": None,
+    "type": "user_message",
+    "content": "Create a widget",
+    "role": "user",
+    "is_final": None,
+    "call_id": None,
+    "tool_name": None,
+    "arguments": None,
+    "requires_approval": None,
+    "result": None,
+    "error": None,
+    "agent_type": None,
+    "from_agent": None,
+    "to_agent": None,
+    "reason": None,
+    "metadata": None,
 }
 
 
@@ -34,8 +50,13 @@ def test_the_ides_fifteen_keys_with_nulls_are_accepted_and_returned_unchanged() 
         {"type": "tool_result", "call_id": "call_1", "result": {"ok": True}},
         {"type": "tool_result", "call_id": "call_1", "error": "User rejected"},
         {"type": "switch_agent", "agent_type": "coder", "content": "Implement it"},
-        {"type": "hitl_decision", "call_id": "c", "decision": "edit",
-         "modified_arguments": {"a": 1}, "feedback": "f"},
+        {
+            "type": "hitl_decision",
+            "call_id": "c",
+            "decision": "edit",
+            "modified_arguments": {"a": 1},
+            "feedback": "f",
+        },
         {"type": "cancel"},
         {"type": "ping", "id": 7},
     ],
@@ -91,20 +112,37 @@ def test_schema_violations_are_explained_without_a_validation_dump(
 
 
 def test_secret_looking_content_is_never_echoed_in_a_refusal() -> None:
-    error = refusal(orjson.dumps({"type": "user_message", "content": 1, "role": "sk-SECRET"}).decode())
+    error = refusal(
+        orjson.dumps({"type": "user_message", "content": 1, "role": "sk-SECRET"}).decode()
+    )
     assert "sk-SECRET" not in error.message
 
 
 def test_error_frames_have_one_shape() -> None:
     frame = error_frame(ErrorCode.BUSY, "wait", is_final=False)
-    assert frame == {"type": "error", "code": "busy", "error": "wait", "content": "wait",
-                     "is_final": False}
+    assert frame == {
+        "type": "error",
+        "code": "busy",
+        "error": "wait",
+        "content": "wait",
+        "is_final": False,
+    }
 
 
 @pytest.mark.parametrize(
     ("session_id", "ok"),
-    [("abc", True), ("a b-c_d.e:f", True), ("x" * 256, True), ("", False), ("x" * 257, False),
-     ("a/b", False), ("a\x00b", False), ("a\nb", False), ("tab\t", False), ("ünï", True)],
+    [
+        ("abc", True),
+        ("a b-c_d.e:f", True),
+        ("x" * 256, True),
+        ("", False),
+        ("x" * 257, False),
+        ("a/b", False),
+        ("a\x00b", False),
+        ("a\nb", False),
+        ("tab\t", False),
+        ("ünï", True),
+    ],
 )
 def test_session_id_rules(session_id: str, ok: bool) -> None:
     assert valid_session_id(session_id) is ok

@@ -28,7 +28,9 @@ async def test_turns_are_framed_by_turn_started_and_turn_finished(gateway: Runni
         await client.send({"type": "user_message", "content": "bench 3"})
         frames = await client.recv_until(lambda f: f["type"] == "turn_finished")
     assert frames[0] == {
-        "type": "turn_started", "turn_id": 1, "message_type": "user_message",
+        "type": "turn_started",
+        "turn_id": 1,
+        "message_type": "user_message",
         "seq": frames[0]["seq"],
     }
     assert [f["type"] for f in frames[1:-1]] == ["assistant_message"] * 4

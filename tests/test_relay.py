@@ -10,10 +10,21 @@ from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gatewa
 from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 IDE_FRAME = {
-    "type": "user_message", "content": "what is trio?", "role": "user", "is_final": None,
-    "call_id": None, "tool_name": None, "arguments": None, "requires_approval": None,
-    "result": None, "error": None, "agent_type": None, "from_agent": None, "to_agent": None,
-    "reason": None, "metadata": None,
+    "type": "user_message",
+    "content": "what is trio?",
+    "role": "user",
+    "is_final": None,
+    "call_id": None,
+    "tool_name": None,
+    "arguments": None,
+    "requires_approval": None,
+    "result": None,
+    "error": None,
+    "agent_type": None,
+    "from_agent": None,
+    "to_agent": None,
+    "reason": None,
+    "metadata": None,
 }
 
 
@@ -122,10 +133,10 @@ async def test_sse_variants_named_events_ids_comments_crlf_and_odd_splits(
 ) -> None:
     body = (
         b": keep-alive\r\n\r\n"
-        b"event: token\r\nid: 1\r\ndata: {\"type\":\"assistant_message\",\r\n"
-        b"data: \"token\":\"a\",\"is_final\":false}\r\n\r\n"
-        b"data: {\"type\":\"assistant_message\",\"token\":\"\xc3\xa9\",\"is_final\":false}\n\n"
-        b"data: {\"type\":\"assistant_message\",\"token\":\"!\",\"is_final\":true}\r\r"
+        b'event: token\r\nid: 1\r\ndata: {"type":"assistant_message",\r\n'
+        b'data: "token":"a","is_final":false}\r\n\r\n'
+        b'data: {"type":"assistant_message","token":"\xc3\xa9","is_final":false}\n\n'
+        b'data: {"type":"assistant_message","token":"!","is_final":true}\r\r'
     )
     # split at every awkward place: inside CRLF, inside a multi-byte character, mid-field
     pieces: list[bytes | float] = []

@@ -20,7 +20,8 @@ async def test_http_error_before_the_stream_carries_status_and_detail(
     nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
 ) -> None:
     scripted_runtime.scripts["bad"] = Script(
-        status=400, content_type="application/json",
+        status=400,
+        content_type="application/json",
         body=[b'{"detail": "tool_result requires call_id"}'],
     )
     async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:

@@ -99,7 +99,10 @@ def test_the_cli_reports_a_bad_setting_and_exits_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "trio_gateway.cli", "serve"],
         env={"GATEWAY__REQUEST_TIMEOUT": "soon", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "GATEWAY__REQUEST_TIMEOUT" in result.stderr

@@ -25,7 +25,9 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_turn_cancelled(
 ) -> None:
     runtime, url = demo_runtime
     settings = gateway_settings(
-        url, outbound_queue_max_bytes=QUEUE_BYTES, ws_slow_client_timeout=1.0,
+        url,
+        outbound_queue_max_bytes=QUEUE_BYTES,
+        ws_slow_client_timeout=1.0,
         ws_heartbeat_interval=60.0,
     )
     async with run_gateway(nursery, settings) as gw:
@@ -61,8 +63,12 @@ async def test_a_stuck_client_does_not_hold_up_shutdown(
 ) -> None:
     runtime, url = demo_runtime
     settings = gateway_settings(
-        url, outbound_queue_max_bytes=QUEUE_BYTES, ws_slow_client_timeout=600.0,
-        drain_timeout=1.0, ws_close_timeout=0.5, ws_heartbeat_interval=60.0,
+        url,
+        outbound_queue_max_bytes=QUEUE_BYTES,
+        ws_slow_client_timeout=600.0,
+        drain_timeout=1.0,
+        ws_close_timeout=0.5,
+        ws_heartbeat_interval=60.0,
     )
     async with run_gateway(nursery, settings) as gw:
         raw = await RawWebSocket.connect(

@@ -21,7 +21,9 @@ async def test_messages_sent_during_a_turn_wait_and_run_in_order(
         first, second, third = (await client.turn(), await client.turn(), await client.turn())
     assert len(first) == 201 and len(second) == 4 and len(third) == 3
     assert [r["message"]["content"] for r in runtime.stream_requests[-3:]] == [
-        "bench 200 2000", "bench 3", "bench 2",
+        "bench 200 2000",
+        "bench 3",
+        "bench 2",
     ]
 
 

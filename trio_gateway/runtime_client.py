@@ -136,7 +136,7 @@ class RuntimeClient:
                 if response.status_code != 200:
                     raw = b""
                     # aclosing: leaving the loop early must close the generator now, not at GC.
-                    async with aclosing(response.aiter_bytes()) as pieces:
+                    async with aclosing(response.aiter_bytes()) as pieces:  # type: ignore[type-var]
                         async for piece in pieces:
                             raw += piece
                             if len(raw) >= MAX_ERROR_BODY:
@@ -149,7 +149,7 @@ class RuntimeClient:
                         detail=detail,
                     )
                 decoder = SSEDecoder()
-                async with aclosing(response.aiter_bytes()) as pieces:
+                async with aclosing(response.aiter_bytes()) as pieces:  # type: ignore[type-var]
                     async for piece in pieces:
                         events = decoder.feed(piece)
                         if events:

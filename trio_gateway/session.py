@@ -429,7 +429,7 @@ class SessionManager:
                 ws = connection.ws
                 with trio.move_on_after(self.settings.ws_close_timeout):
                     while ws.send_started_at is not None:
-                        await trio.sleep(0.05)
+                        await ws.wait_send_finished()
                 if ws.send_started_at is not None:
                     logger.warning("send still blocked after close was requested; aborting")
                     ws.abort()
@@ -544,9 +544,9 @@ class SessionManager:
                     logger.error("cannot abort this transport; the slow client stays attached")
                 connection.shut(CloseCode.POLICY_VIOLATION, "client too slow")
                 return
-            if connection.v2 and now - ws.last_send_at >= settings.ws_heartbeat_interval:
-                if started is None and not len(session.outbound):
-                    session.send_control({"type": "heartbeat"})
+            quiet = now - ws.last_send_at >= settings.ws_heartbeat_interval
+            if connection.v2 and quiet and started is None and not len(session.outbound):
+                session.send_control({"type": "heartbeat"})
 
     # --- drain -------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ Follows the "interpreting an event stream" rules of the WHATWG HTML standard
 network read, in any split, and it returns the events completed by that read::
 
     decoder = SSEDecoder()
-    async for chunk in response.aiter_raw():
+    async for chunk in response.aiter_bytes():
         for event in decoder.feed(chunk):
             relay(event)
     decoder.close()

@@ -11,6 +11,7 @@ the rest), and :meth:`WebSocketConnection.send_text` checkpoints before every se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -57,10 +58,8 @@ def find_transport_aborter(send: ASGISend) -> Callable[[], None] | None:
     def abort() -> None:
         # SocketStream.aclose() is just socket.close() plus a checkpoint; closing the trio
         # socket synchronously notifies every task blocked on it (the shielded send included).
-        try:
+        with contextlib.suppress(OSError):  # already closed
             socket.close()
-        except OSError:  # pragma: no cover - already closed
-            pass
 
     return abort
 
@@ -83,6 +82,7 @@ class WebSocketConnection:
         self.aborted = False
         self.send_started_at: float | None = None
         self.last_send_at = trio.current_time()
+        self._send_finished = trio.lowlevel.ParkingLot()
 
     @property
     def requested_subprotocols(self) -> list[str]:
@@ -152,6 +152,13 @@ class WebSocketConnection:
         finally:
             self.send_started_at = None
             self.last_send_at = trio.current_time()
+            if self._send_finished:
+                self._send_finished.unpark_all()
+
+    async def wait_send_finished(self) -> None:
+        """Wait until the send in flight (if any) returns."""
+        if self.send_started_at is not None:
+            await self._send_finished.park()
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send a close frame with ``code`` (no-op when already closed)."""
@@ -167,6 +174,7 @@ class WebSocketConnection:
             return False
         self.aborted = True
         self._abort()
+        self._send_finished.unpark_all()
         return True
 
     async def close_within(self, code: int, timeout: float, reason: str = "") -> None:
