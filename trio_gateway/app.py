@@ -17,6 +17,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from . import __version__
+from .observability import Metrics
 from .protocol import valid_session_id
 from .runtime_client import RuntimeClient, make_http_client
 from .session import SessionManager
@@ -33,6 +34,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.metrics = Metrics()
         self.http: httpx.AsyncClient | None = None
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
@@ -42,7 +44,7 @@ class Gateway:
         """Open the HTTP pool and start the session manager inside ``nursery``."""
         self.http = make_http_client(self.settings)
         self.runtime = RuntimeClient(self.settings, self.http)
-        self.sessions = SessionManager(self.settings, self.runtime)
+        self.sessions = SessionManager(self.settings, self.runtime, self.metrics)
         self._manager_scope = trio.CancelScope()
 
         async def run_manager(task_status: trio.TaskStatus[None]) -> None:
@@ -109,7 +111,10 @@ class GatewayApp(QuartTrio):
         refusal = sessions.refusal(session_id)
         if refusal is not None:
             status, reason = refusal
-            logger.warning("websocket refused: %s", reason)
+            self.gateway.metrics.handshakes_refused.labels(str(status)).inc()
+            logger.warning(
+                "websocket refused: %s", reason, extra={"event": "ws_refused", "reason": reason}
+            )
             await _reject(ws, status, "unavailable", reason, retry_after=True)
             return
         await sessions.serve_connection(ws, session_id)

@@ -17,5 +17,5 @@ try:
 except SettingsError as error:  # pragma: no cover - exercised by the CLI tests
     sys.exit(f"trio-gateway: {error}")
 
-configure_logging(_settings.log_level)
+configure_logging(_settings.log_level, _settings.log_format)
 app = create_app(_settings)

@@ -1,34 +1,245 @@
-"""Logging setup and the per-session/request context every log line carries."""
+"""Structured logs and Prometheus metrics.
+
+Logs: one JSON object per line (or one readable line for a terminal), with timestamp, level,
+logger, message, ``request_id``, ``session_id``, ``user`` and any ``extra=`` fields. The ids come
+from context variables: trio copies the calling task's context into every task it starts, so
+binding them before a session's nursery opens tags every line its child tasks log.
+
+Metrics: one :class:`Metrics` (its own ``CollectorRegistry``) per app, so tests can run many
+gateways in one process. Labels never carry session or user ids (cardinality).
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
 import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "session_id", default=None
 )
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
+user_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("user", default=None)
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "session_id", "request_id", "user", "taskName"}
+)
 
 
 class _ContextFilter(logging.Filter):
-    # trio copies contextvars into every task started from a context, so binding session_id
-    # before a session's nursery opens tags every line its child tasks log.
     def filter(self, record: logging.LogRecord) -> bool:
-        record.session_id = session_id_var.get() or "-"
+        record.session_id = session_id_var.get()
+        record.request_id = request_id_var.get()
+        record.user = user_var.get()
         return True
 
 
-def configure_logging(level: str) -> None:
-    """Send gateway and hypercorn logs to stderr, one line each, tagged with the session id."""
+def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
+    # hypercorn's access logger passes its "atoms" mapping as the record's args. We log the
+    # path without its query string: a query may carry a token.
+    atoms = record.args
+    if record.name != "hypercorn.access" or not isinstance(atoms, Mapping):
+        return None
+    request_line = str(atoms.get("r", ""))
+    parts = request_line.split(" ")
+    path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
+    fields: dict[str, Any] = {
+        "event": "http_access",
+        "method": parts[0] if parts else "",
+        "path": path,
+        "status": atoms.get("s"),
+        "duration_ms": _number(atoms.get("M")),
+        "client": atoms.get("h"),
+    }
+    request_id = atoms.get("{x-request-id}o")
+    if request_id and request_id != "-":
+        fields["request_id"] = request_id
+    return fields
+
+
+def _number(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        access = _access_fields(record)
+        entry: dict[str, Any] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": "request" if access is not None else record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+            "session_id": getattr(record, "session_id", None),
+            "user": getattr(record, "user", None),
+        }
+        if access is not None:
+            entry.update(access)
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """A readable line for a terminal, with the same context fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        access = _access_fields(record)
+        message = (
+            f"{access['method']} {access['path']} {access['status']} {access['duration_ms']}ms"
+            if access is not None
+            else record.getMessage()
+        )
+        context = " ".join(
+            f"{name}={value}"
+            for name in ("request_id", "session_id", "user")
+            if (value := getattr(record, name, None))
+        )
+        line = (
+            f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: "
+            f"{message}" + (f"  [{context}]" if context else "")
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str, fmt: Literal["auto", "json", "text"] = "auto") -> None:
+    """Route the gateway's and hypercorn's logs to stderr in one format."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [session=%(session_id)s] %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # httpx logs every request at INFO, with URLs: too chatty for the hot path.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("httpcore").setLevel(max(logging.WARNING, root.level))
+    for name in ("hypercorn.access", "hypercorn.error"):
+        hypercorn_logger = logging.getLogger(name)
+        hypercorn_logger.handlers[:] = []
+        hypercorn_logger.propagate = True
+    # httpx logs every request at INFO, with full URLs: too chatty for a proxy's hot path.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+KNOWN_FRAME_TYPES = frozenset(
+    {
+        "user_message", "tool_result", "switch_agent", "hitl_decision", "cancel", "ping",
+        "assistant_message", "tool_call", "agent_switched", "error", "done", "session_info",
+        "status", "session_ready", "turn_started", "turn_finished", "pong", "heartbeat",
+        "cancel_ack", "resync_required", "invalid", "binary",
+    }
+)  # fmt: skip
+
+
+def frame_type_label(frame_type: object) -> str:
+    """Bounded label for a frame type: unknown runtime types collapse into ``other``."""
+    return frame_type if isinstance(frame_type, str) and frame_type in KNOWN_FRAME_TYPES else "other"
+
+
+class Metrics:
+    """Every Prometheus metric of one app, in the app's own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.active_websockets = Gauge(
+            "gateway_active_websockets", "Open WebSocket connections.", registry=r
+        )
+        self.active_sessions = Gauge(
+            "gateway_active_sessions", "Live sessions (connected or in grace).", registry=r
+        )
+        self.connections_opened = Counter(
+            "gateway_websocket_connections_opened", "WebSocket connections accepted.", registry=r
+        )
+        self.connections_closed = Counter(
+            "gateway_websocket_connections_closed",
+            "WebSocket connections closed, by close code.",
+            ["code"],
+            registry=r,
+        )
+        self.handshakes_refused = Counter(
+            "gateway_websocket_handshakes_refused",
+            "WebSocket handshakes refused, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.frames_in = Counter(
+            "gateway_frames_in", "Client frames received, by type.", ["type"], registry=r
+        )
+        self.frames_out = Counter(
+            "gateway_frames_out", "Frames sent to clients, by type.", ["type"], registry=r
+        )
+        self.chunks_relayed = Counter(
+            "gateway_runtime_chunks_relayed", "Runtime stream chunks relayed.", registry=r
+        )
+        self.turns = Counter(
+            "gateway_turns", "Turns finished, by outcome.", ["outcome"], registry=r
+        )
+        self.turn_duration = Histogram(
+            "gateway_turn_duration_seconds",
+            "Duration of turns.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "gateway_time_to_first_chunk_seconds",
+            "Time from a turn's start to its first relayed chunk.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.runtime_stream_errors = Counter(
+            "gateway_runtime_stream_errors",
+            "Turns that failed at the runtime, by error code.",
+            ["kind"],
+            registry=r,
+        )
+        self.rest_requests = Counter(
+            "gateway_rest_requests",
+            "Proxied REST requests, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.rest_latency = Histogram(
+            "gateway_rest_request_duration_seconds",
+            "Latency of proxied REST requests, by route template.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.limit_hits = Counter(
+            "gateway_limit_hits",
+            "Limits and caps hit, by limit.",
+            ["limit"],
+            registry=r,
+        )
+        self.outbound_queue_bytes = Gauge(
+            "gateway_outbound_queue_bytes",
+            "Relayed bytes waiting for client sockets, all sessions.",
+            registry=r,
+        )
+        self.coalesced_chunks = Counter(
+            "gateway_coalesced_chunks",
+            "Runtime chunks merged into a preceding frame for a client that fell behind.",
+            registry=r,
+        )

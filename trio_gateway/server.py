@@ -31,7 +31,11 @@ def build_hypercorn_config(
     bind_host = host if host is not None else settings.host
     bind_port = settings.port if port is None else port
     config.bind = [f"[{bind_host}]:{bind_port}" if ":" in bind_host else f"{bind_host}:{bind_port}"]
-    config.accesslog = None
+    # Our loggers (configured by observability.configure_logging), so hypercorn's lines come
+    # out in the same format as ours.
+    config.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.access_log_format = "%(h)s %(r)s %(s)s %(M)s"
     # Protocol pings every interval; a peer that sends nothing (pongs count) for about two
     # intervals trips the read timeout and is dropped (hypercorn has no pong timeout).
     config.websocket_ping_interval = settings.ws_heartbeat_interval

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 import trio
 
+from .observability import Metrics, frame_type_label, session_id_var
 from .outbound import Frame, OutboundQueue
 from .protocol import (
     RUNTIME_BOUND_TYPES,
@@ -103,6 +104,8 @@ class Session:
         self.turn_scope: trio.CancelScope | None = None
         self.lost_frames = 0
         self.close_after_turn: int | None = None
+        self._turn_started_at = 0.0
+        self._first_chunk_seen = False
         self.finished = trio.Event()
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
         self._frames_ready = trio.lowlevel.ParkingLot()
@@ -244,6 +247,9 @@ class Session:
         self._send_v2({"type": "turn_started", "turn_id": turn_id, "message_type": message["type"]})
         status = TurnStatus.COMPLETED
         started = trio.current_time()
+        self._turn_started_at = started
+        self._first_chunk_seen = False
+        metrics = self.manager.metrics
         with trio.CancelScope() as turn_scope:
             self.turn_scope = turn_scope
             try:
@@ -255,7 +261,13 @@ class Session:
                     extra["status"] = failure.status
                 if failure.detail is not None:
                     extra["detail"] = failure.detail
-                logger.warning("turn %d failed: %s", turn_id, failure.code.value)
+                logger.warning(
+                    "turn %d failed: %s",
+                    turn_id,
+                    failure.code.value,
+                    extra={"event": "turn_failed", "code": failure.code.value},
+                )
+                metrics.runtime_stream_errors.labels(failure.code.value).inc()
                 self.send_control(
                     error_frame(failure.code, failure.message, is_final=True, **extra)
                 )
@@ -271,7 +283,15 @@ class Session:
             status = TurnStatus.CANCELLED
             self.send_control(error_frame(ErrorCode.CANCELLED, "Turn cancelled", is_final=True))
         duration = trio.current_time() - started
-        logger.info("turn %d %s in %.3f s", turn_id, status.value, duration)
+        metrics.turns.labels(status.value).inc()
+        metrics.turn_duration.observe(duration)
+        logger.info(
+            "turn %d %s in %.3f s",
+            turn_id,
+            status.value,
+            duration,
+            extra={"event": "turn_finished", "status": status.value, "duration_s": duration},
+        )
         self._send_v2({"type": "turn_finished", "turn_id": turn_id, "status": status.value})
 
     async def _relay(self, chunks: list[dict[str, Any]], size: int) -> None:
@@ -283,9 +303,20 @@ class Session:
         if not self.outbound.has_space():
             self.lost_frames += len(chunks)
             return
+        if not self._first_chunk_seen:
+            self._first_chunk_seen = True
+            self.manager.metrics.time_to_first_token.observe(
+                trio.current_time() - self._turn_started_at
+            )
         per_chunk = size // len(chunks) + 1
+        outbound = self.outbound
+        merged_before = outbound.merged_chunks
         for chunk in chunks:
-            self.outbound.put_chunk(chunk, per_chunk)
+            outbound.put_chunk(chunk, per_chunk)
+        metrics = self.manager.metrics
+        metrics.chunks_relayed.inc(len(chunks))
+        if outbound.merged_chunks != merged_before:
+            metrics.coalesced_chunks.inc(outbound.merged_chunks - merged_before)
         self._frames_ready.unpark_all()
 
     def _send_v2(self, frame: Frame) -> None:
@@ -322,14 +353,40 @@ class Session:
 class SessionManager:
     """All sessions of one app, the connection entry point, limits and drain."""
 
-    def __init__(self, settings: Settings, runtime: RuntimeClient) -> None:
+    def __init__(self, settings: Settings, runtime: RuntimeClient, metrics: Metrics) -> None:
         self.settings = settings
         self.runtime = runtime
+        self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.connection_count = 0
         self.draining = False
         self._nursery: trio.Nursery | None = None
         self._idle = trio.lowlevel.ParkingLot()
+        # Gauges read at scrape time: nothing to maintain on the hot path.
+        metrics.active_websockets.set_function(lambda: self.connection_count)
+        metrics.active_sessions.set_function(lambda: len(self.sessions))
+        metrics.outbound_queue_bytes.set_function(
+            lambda: sum(s.outbound.pending_bytes for s in self.sessions.values())
+        )
+        # Pre-bound label children: a labels() lookup per frame would cost a lock and a dict.
+        self._frames_out: dict[str, Any] = {}
+        self._frames_in: dict[str, Any] = {}
+
+    def count_frame_out(self, frame_type: object) -> None:
+        """Count one frame sent to a client."""
+        label = frame_type_label(frame_type)
+        child = self._frames_out.get(label)
+        if child is None:
+            child = self._frames_out[label] = self.metrics.frames_out.labels(label)
+        child.inc()
+
+    def count_frame_in(self, frame_type: object) -> None:
+        """Count one frame received from a client."""
+        label = frame_type_label(frame_type)
+        child = self._frames_in.get(label)
+        if child is None:
+            child = self._frames_in[label] = self.metrics.frames_in.labels(label)
+        child.inc()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host every session's nursery; runs for the app's lifetime."""
@@ -367,6 +424,8 @@ class SessionManager:
     async def serve_connection(self, ws: WebSocketConnection, session_id: str) -> None:
         """Run an accepted WebSocket until it closes; never raises for the session's errors."""
         v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
+        # Bound before the session's and the connection's tasks start: they inherit it.
+        session_id_var.set(session_id)
         session = self._session_for(session_id)
         connection = Connection(ws, v2)
         self.connection_count += 1
@@ -386,7 +445,13 @@ class SessionManager:
                         "max_message_bytes": self.settings.ws_max_message_bytes,
                     }
                 )
-            logger.info("websocket connected (v2=%s, reattached=%s)", v2, reattached)
+            self.metrics.connections_opened.inc()
+            logger.info(
+                "websocket connected (v2=%s, reattached=%s)",
+                v2,
+                reattached,
+                extra={"event": "ws_connected", "protocol": "v2" if v2 else "v1"},
+            )
             await self._run_connection(session, connection)
         finally:
             self.connection_count -= 1
@@ -436,17 +501,26 @@ class SessionManager:
 
     async def _finish_connection(self, connection: Connection) -> None:
         ws = connection.ws
-        logger.info(
-            "websocket closed (code=%s, peer=%s)",
-            connection.close_code if not ws.closed else ws.peer_closed_code,
-            ws.peer_closed_code,
-        )
+        peer_closed = ws.closed and not ws.aborted
         # Shielded: this runs while the connection task may be cancelled (server shutdown),
         # and the client must still get a proper close code. close_within bounds it.
         with trio.CancelScope(shield=True):
             await ws.close_within(
                 connection.close_code, self.settings.ws_close_timeout, connection.close_reason
             )
+        if ws.aborted:
+            code = "aborted"
+        elif peer_closed:
+            code = str(ws.peer_closed_code or 1005)
+        else:
+            code = str(int(connection.close_code))
+        self.metrics.connections_closed.labels(code).inc()
+        logger.info(
+            "websocket closed (%s by %s)",
+            code,
+            "client" if peer_closed else "gateway",
+            extra={"event": "ws_closed", "close_code": code, "by": "client" if peer_closed else "gateway"},
+        )
 
     async def _reader(
         self, session: Session, connection: Connection, nursery_scope: trio.CancelScope
@@ -457,6 +531,7 @@ class SessionManager:
             while True:
                 data = await ws.receive()
                 if isinstance(data, bytes):
+                    self.count_frame_in("binary")
                     session.send_control(
                         error_frame(
                             ErrorCode.BINARY_NOT_SUPPORTED,
@@ -465,12 +540,17 @@ class SessionManager:
                         )
                     )
                 elif len(data) > max_bytes and len(data.encode()) > max_bytes:
+                    self.metrics.limit_hits.labels("message_size").inc()
                     connection.shut(CloseCode.MESSAGE_TOO_BIG, "message too big")
                     return
                 else:
                     self._handle_text(session, connection, data)
                 if session.outbound.control_overflow():
-                    logger.warning("client leaves too many gateway frames unread; closing")
+                    self.metrics.limit_hits.labels("unread_control_frames").inc()
+                    logger.warning(
+                        "client leaves too many gateway frames unread; closing",
+                        extra={"event": "limit_hit", "limit": "unread_control_frames"},
+                    )
                     connection.shut(CloseCode.POLICY_VIOLATION, "too many unread frames")
                     return
         except ConnectionClosed:
@@ -480,12 +560,19 @@ class SessionManager:
         try:
             message = parse_client_frame(text)
         except FrameError as refused:
-            logger.info("refused a client frame: %s", refused.code.value)
+            self.count_frame_in("invalid")
+            logger.info(
+                "refused a client frame: %s",
+                refused.code.value,
+                extra={"event": "frame_refused", "code": refused.code.value},
+            )
             session.send_control(error_frame(refused.code, refused.message, is_final=False))
             return
         kind = message["type"]
+        self.count_frame_in(kind)
         if kind in RUNTIME_BOUND_TYPES:
             if not session.submit(message):
+                self.metrics.limit_hits.labels("queued_messages").inc()
                 session.send_control(
                     error_frame(
                         ErrorCode.BUSY,
@@ -518,6 +605,7 @@ class SessionManager:
                 frame["seq"] = session.next_seq()
                 try:
                     await ws.send_text(orjson.dumps(frame).decode())
+                    self.count_frame_out(frame.get("type"))
                 except BaseException:
                     # Not written (cancelled at the checkpoint or the peer is gone): give the
                     # sequence number back and keep the frames for a re-attaching client.
@@ -538,7 +626,12 @@ class SessionManager:
             now = trio.current_time()
             started = ws.send_started_at
             if started is not None and now - started >= settings.ws_slow_client_timeout:
-                logger.warning("client stopped reading for %.1f s; closing", now - started)
+                self.metrics.limit_hits.labels("slow_client").inc()
+                logger.warning(
+                    "client stopped reading for %.1f s; closing",
+                    now - started,
+                    extra={"event": "limit_hit", "limit": "slow_client"},
+                )
                 session.cancel_turn()
                 if not ws.abort():
                     logger.error("cannot abort this transport; the slow client stays attached")

@@ -7,6 +7,7 @@ startup with a message that names the variable, instead of surfacing as a strang
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -57,7 +58,25 @@ class Settings(BaseSettings):
         500, ge=1, le=100_000, description="Size of the shared HTTP connection pool to the runtime."
     )
     max_concurrent_requests: int = Field(
-        200, ge=1, le=100_000, description="REST requests proxied to the runtime at once."
+        200,
+        ge=1,
+        le=100_000,
+        description="REST requests proxied to the runtime at once; more wait briefly, then 503.",
+    )
+    saturation_wait: float = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description=(
+            "Seconds a REST request may wait for a free slot when MAX_CONCURRENT_REQUESTS are "
+            "in flight before it gets 503 with Retry-After."
+        ),
+    )
+    max_request_body_bytes: int = Field(
+        1 * MiB,
+        ge=1024,
+        le=1024 * MiB,
+        description="Largest REST request body; larger gets 413 before anything is sent upstream.",
     )
 
     # --- auth (JWT verification itself is a later issue; see README) --------------------------
@@ -71,6 +90,18 @@ class Settings(BaseSettings):
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Root log level. DEBUG may log frame payloads: never in production."
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="json: one JSON object per line; text: readable lines; auto: text on a TTY.",
+    )
+    access_log: bool = Field(True, description="Log one line per HTTP request and handshake.")
+    metrics_allow: str = Field(
+        "127.0.0.1/32,::1/128",
+        description=(
+            "Comma-separated client networks allowed to read /metrics (the internal key in "
+            "X-Internal-Auth is accepted too). Empty: key only."
+        ),
     )
 
     # --- WebSocket sessions -------------------------------------------------------------------
@@ -154,10 +185,32 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("log_level", mode="before")
+    @field_validator("metrics_allow")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"'{item}' is not an IP network") from None
+        return value
+
+    @property
+    def metrics_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Parsed ``metrics_allow``."""
+        return [
+            ipaddress.ip_network(item, strict=False)
+            for item in (part.strip() for part in self.metrics_allow.split(","))
+            if item
+        ]
+
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _upper_level(cls, value: object) -> object:
-        return value.strip().upper() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        return value.lower() if value.lower() in ("auto", "json", "text") else value.upper()
 
     @field_validator("agent_url", "auth_service_url")
     @classmethod
@@ -200,3 +253,24 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error)) from None
+
+
+def render_env_example() -> str:
+    """The text of ``.env.example``: every setting, its default and its explanation.
+
+    Regenerate the file with
+    ``python -c "from trio_gateway.settings import render_env_example as r; print(r(), end='')"
+    > .env.example``; a test fails when the two drift apart.
+    """
+    lines = [
+        "# trio-gateway settings. Every variable is optional; the value shown is the default.",
+        "# Copy to .env (read from the working directory) or set them in the environment.",
+        "# A bad value stops the gateway at startup with a message naming the variable.",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        text = str(default).lower() if isinstance(default, bool) else str(default)
+        lines += ["", f"# {field.description}", f"{ENV_PREFIX}{name.upper()}={text}"]
+    return "\n".join(lines) + "\n"
