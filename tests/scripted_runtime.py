@@ -49,11 +49,14 @@ class Script:
     body: list[bytes | float] = field(default_factory=list)
     ending: str = "end"  # "end" | "die" | "hang"
     content_type: str = "text/event-stream"
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ScriptedRuntime:
     def __init__(self) -> None:
-        self.scripts: dict[str, Script] = {}
+        self.scripts: dict[str, Script] = {}  # streaming turns, by message content
+        self.rest_scripts: dict[str, Script] = {}  # other requests, by "METHOD /path"
+        self.rest_requests: list[tuple[str, dict[str, str], bytes]] = []
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
         self.open_streams = 0
@@ -103,6 +106,15 @@ class ScriptedRuntime:
             if request is None:
                 return
             headers, body = request
+            method, target = headers[":request-line"].split(" ")[:2]
+            if target.split("?", 1)[0] != "/agent/message/stream":
+                self.rest_requests.append((headers[":request-line"], headers, body))
+                path = target.split("?", 1)[0]
+                script = self.rest_scripts.get(f"{method} {path}") or Script(
+                    content_type="application/json", body=[b'{"ok": true}']
+                )
+                await self._answer(stream, script)
+                return
             self.request_headers.append(headers)
             payload = orjson.loads(body) if body else {}
             self.requests.append(payload)
@@ -118,11 +130,16 @@ class ScriptedRuntime:
 
     async def _answer(self, stream: trio.SocketStream, script: Script) -> None:
         reason = {200: "OK"}.get(script.status, "Error")
+        extra = "".join(f"{name}: {value}\r\n" for name, value in script.headers.items())
         head = (
             f"HTTP/1.1 {script.status} {reason}\r\n"
-            f"Content-Type: {script.content_type}\r\n"
+            f"Content-Type: {script.content_type}\r\n{extra}"
             "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
         )
+        if script.status in (204, 304):  # no body allowed
+            head = f"HTTP/1.1 {script.status} {reason}\r\n{extra}Connection: close\r\n\r\n"
+            await stream.send_all(head.encode())
+            return
         await stream.send_all(head.encode())
         self.open_streams += 1
         try:

@@ -7,18 +7,30 @@ gateways as they like. HTTP routes and the lifespan are quart-trio's; WebSocket 
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 from typing import Any
 
 import httpx
 import orjson
 import trio
-from quart import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request
 from quart_trio import QuartTrio
 
 from . import __version__
-from .observability import Metrics
+from .observability import Metrics, request_id_var
+from .openapi import build_openapi, render_docs_html
 from .protocol import valid_session_id
+from .rest_proxy import (
+    REQUEST_ID_HEADER,
+    ROUTES,
+    RestProxy,
+    error_response,
+    incoming_request_id,
+    route_handler,
+)
 from .runtime_client import RuntimeClient, make_http_client
 from .session import SessionManager
 from .settings import Settings
@@ -35,6 +47,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.proxy = RestProxy(settings, self.metrics)
         self.http: httpx.AsyncClient | None = None
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
@@ -43,6 +56,7 @@ class Gateway:
     async def start(self, nursery: trio.Nursery) -> None:
         """Open the HTTP pool and start the session manager inside ``nursery``."""
         self.http = make_http_client(self.settings)
+        self.proxy.http = self.http
         self.runtime = RuntimeClient(self.settings, self.http)
         self.sessions = SessionManager(self.settings, self.runtime, self.metrics)
         self._manager_scope = trio.CancelScope()
@@ -133,8 +147,14 @@ def create_app(settings: Settings) -> GatewayApp:
     app = GatewayApp(__name__)
     app.config["RESPONSE_TIMEOUT"] = None  # streaming and proxy timeouts are ours
     app.config["BODY_TIMEOUT"] = settings.request_timeout
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body_bytes
     gateway = Gateway(settings)
     app.gateway = gateway
+    metrics_networks = settings.metrics_networks
+    internal_key = settings.internal_api_key.get_secret_value().encode()
+    openapi_document = build_openapi()
+    openapi_json = orjson.dumps(openapi_document)
+    docs_html = render_docs_html(openapi_document)
 
     @app.before_serving
     async def _start() -> None:
@@ -143,6 +163,33 @@ def create_app(settings: Settings) -> GatewayApp:
     @app.after_serving
     async def _stop() -> None:
         await gateway.stop()
+
+    @app.before_request
+    async def _bind_request_id() -> None:
+        # Quart runs hooks and the view in one task: the id is visible to both and to logs.
+        request_id_var.set(incoming_request_id())
+
+    @app.after_request
+    async def _return_request_id(response: Response) -> Response:
+        request_id = request_id_var.get()
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    for status, code, text in (
+        (404, "not_found", "No such route"),
+        (405, "method_not_allowed", "Method not allowed on this route"),
+        (413, "request_too_large", f"Request body exceeds {settings.max_request_body_bytes} bytes"),
+    ):
+        app.register_error_handler(status, _error_handler(status, code, text))
+
+    for route in ROUTES:
+        app.add_url_rule(
+            route.quart_rule,
+            endpoint=f"{route.method} {route.path}",
+            view_func=route_handler(gateway.proxy, route),
+            methods=[route.method],
+        )
 
     @app.get("/health")
     async def health() -> Response:
@@ -172,4 +219,43 @@ def create_app(settings: Settings) -> GatewayApp:
         }
         return _json(body, 200 if ready else 503)
 
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        """The OpenAPI document of the REST surface."""
+        return Response(openapi_json, content_type="application/json")
+
+    @app.get("/docs")
+    async def docs() -> Response:
+        """Human-readable API documentation."""
+        return Response(docs_html, content_type="text/html; charset=utf-8")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics, for allowed networks or callers with the internal key."""
+        supplied = request.headers.get("X-Internal-Auth", "").encode()
+        remote = request.remote_addr or ""
+        allowed = hmac.compare_digest(supplied, internal_key) or _address_in(
+            remote, metrics_networks
+        )
+        if not allowed:
+            return error_response(403, "forbidden", "Metrics are restricted")
+        return Response(generate_latest(gateway.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
     return app
+
+
+def _error_handler(status: int, code: str, text: str) -> Any:
+    async def handle(_error: Exception) -> Response:
+        return error_response(status, code, text)
+
+    return handle
+
+
+def _address_in(
+    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -123,11 +123,14 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str, fmt: Literal["auto", "json", "text"] = "auto") -> None:
-    """Route the gateway's and hypercorn's logs to stderr in one format."""
+def configure_logging(
+    level: str, fmt: Literal["auto", "json", "text"] = "auto", stream: IO[str] | None = None
+) -> logging.Handler:
+    """Route the gateway's and hypercorn's logs to ``stream`` (stderr) in one format."""
+    stream = stream if stream is not None else sys.stderr
     if fmt == "auto":
-        fmt = "text" if sys.stderr.isatty() else "json"
-    handler = logging.StreamHandler(sys.stderr)
+        fmt = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -140,6 +143,7 @@ def configure_logging(level: str, fmt: Literal["auto", "json", "text"] = "auto")
     # httpx logs every request at INFO, with full URLs: too chatty for a proxy's hot path.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    return handler
 
 
 KNOWN_FRAME_TYPES = frozenset(
@@ -154,7 +158,9 @@ KNOWN_FRAME_TYPES = frozenset(
 
 def frame_type_label(frame_type: object) -> str:
     """Bounded label for a frame type: unknown runtime types collapse into ``other``."""
-    return frame_type if isinstance(frame_type, str) and frame_type in KNOWN_FRAME_TYPES else "other"
+    return (
+        frame_type if isinstance(frame_type, str) and frame_type in KNOWN_FRAME_TYPES else "other"
+    )
 
 
 class Metrics:

@@ -519,7 +519,11 @@ class SessionManager:
             "websocket closed (%s by %s)",
             code,
             "client" if peer_closed else "gateway",
-            extra={"event": "ws_closed", "close_code": code, "by": "client" if peer_closed else "gateway"},
+            extra={
+                "event": "ws_closed",
+                "close_code": code,
+                "by": "client" if peer_closed else "gateway",
+            },
         )
 
     async def _reader(

@@ -1,0 +1,128 @@
+"""Structured logs and Prometheus metrics, checked after real sessions."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.observability import configure_logging
+
+from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_move_after_a_scripted_session(gateway: RunningGateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+        before = samples((await http.get("/metrics")).text)
+        async with gateway.connect("metrics") as client:
+            await client.send({"type": "user_message", "content": "bench 5"})
+            await client.turn()
+            await client.send("{bad json")
+            await client.recv()
+            await client.send({"type": "tool_result", "call_id": "call_nope", "result": 1})
+            await client.recv()
+        await http.get("/api/v1/agents")
+        await trio.sleep(0.2)
+        after = samples((await http.get("/metrics")).text)
+    assert value(after, "gateway_websocket_connections_opened_total") == 1 + value(
+        before, "gateway_websocket_connections_opened_total"
+    )
+    assert value(after, "gateway_frames_in_total", type="user_message") == 1
+    assert value(after, "gateway_frames_in_total", type="invalid") == 1
+    assert value(after, "gateway_frames_out_total", type="assistant_message") >= 2
+    assert value(after, "gateway_turns_total", outcome="completed") == 1
+    assert value(after, "gateway_turns_total", outcome="failed") == 1
+    assert value(after, "gateway_runtime_stream_errors_total", kind="runtime_error") == 1
+    assert value(after, "gateway_turn_duration_seconds_count") == 2
+    assert value(after, "gateway_time_to_first_chunk_seconds_count") == 1
+    assert value(after, "gateway_runtime_chunks_relayed_total") == 6
+    assert (
+        value(
+            after, "gateway_rest_requests_total", route="/api/v1/agents", method="GET", status="200"
+        )
+        == 1
+    )
+    assert value(after, "gateway_rest_request_duration_seconds_count", route="/api/v1/agents") == 1
+    assert (
+        sum(
+            v
+            for (name, _), v in after.items()
+            if name == "gateway_websocket_connections_closed_total"
+        )
+        == 1
+    )
+    assert value(after, "gateway_active_websockets") == 0
+    # cardinality: no label ever carries a session id
+    assert "metrics" not in str([labels for (_, labels) in after])
+
+
+async def test_metrics_are_restricted_to_allowed_networks_or_the_internal_key(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    settings = gateway_settings(demo_runtime[1], metrics_allow="10.0.0.0/8")
+    async with run_gateway(nursery, settings) as gw:
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            refused = await http.get("/metrics")
+            granted = await http.get("/metrics", headers={"X-Internal-Auth": INTERNAL_KEY})
+            wrong = await http.get("/metrics", headers={"X-Internal-Auth": "guess"})
+    assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+    assert wrong.status_code == 403
+    assert granted.status_code == 200 and "gateway_turns_total" in granted.text
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    configure_logging("INFO", "json", stream)
+    yield stream
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+async def test_every_log_line_of_a_session_is_json_with_the_expected_keys(
+    json_logs: io.StringIO, nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    settings = gateway_settings(demo_runtime[1], log_level="INFO")
+    async with run_gateway(nursery, settings) as gw:
+        async with gw.connect("logged") as client:
+            await client.send({"type": "user_message", "content": "secret words here"})
+            await client.turn()
+            await client.send("{bad")
+            await client.recv()
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            await http.get("/api/v1/agents", headers={"X-Request-ID": "req-42"})
+    lines = [line for line in json_logs.getvalue().splitlines() if line]
+    assert lines
+    entries = [orjson.loads(line) for line in lines]  # every line parses
+    for entry in entries:
+        assert {"timestamp", "level", "logger", "message", "request_id", "session_id",
+                "user"} <= entry.keys()  # fmt: skip
+    session_events = {e.get("event") for e in entries if e["session_id"] == "logged"}
+    assert {"ws_connected", "turn_finished", "frame_refused", "ws_closed"} <= session_events
+    access = [e for e in entries if e.get("event") == "http_access"]
+    assert any(e["path"] == "/api/v1/agents" and e["request_id"] == "req-42" for e in access)
+    # frame payloads never reach the logs at INFO
+    assert "secret words here" not in json_logs.getvalue()

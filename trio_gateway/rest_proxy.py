@@ -1,0 +1,264 @@
+"""A faithful REST proxy to the Agent Runtime, declared as one route table.
+
+Faithful means: method, path (path parameters re-encoded), query string, body and its content
+type go to the runtime; status, body and content type come back unchanged (201 stays 201, the
+runtime's ``{"detail": ...}`` reaches the client). Hop-by-hop and credential headers are not
+forwarded; ``X-Internal-Auth`` (on the shared client) and ``X-Request-ID`` are added.
+
+Failures the gateway itself produces use one JSON shape, ``{"error", "error_description"}``:
+runtime unreachable 502, runtime timeout 504, gateway saturated 503 with ``Retry-After``,
+request body too large 413. A runtime 429 is passed through with its headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+import trio
+from quart import Response, request
+
+from .observability import Metrics, request_id_var
+from .settings import Settings
+
+logger = logging.getLogger("trio_gateway.rest")
+
+API_PREFIX = "/api/v1"
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+# Never forwarded upstream: hop-by-hop headers (RFC 9110 7.6.1), what httpx sets itself, and
+# the caller's credentials (the runtime trusts X-Internal-Auth, which the gateway sets).
+_DROP_REQUEST_HEADERS = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "host", "content-length", "authorization", "cookie", "x-internal-auth",
+        "proxy-authorization", "x-request-id", "x-user-id", "x-user-scopes", "accept-encoding",
+    }
+)  # fmt: skip
+# Passed back to the client besides the body and its content type.
+_PASS_RESPONSE_HEADERS = ("retry-after", "location", "etag", "last-modified", "cache-control")
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """One proxied route: ``{name}`` placeholders are path parameters."""
+
+    method: str
+    path: str  # gateway path, under /api/v1
+    runtime_path: str
+    summary: str
+    timeout: float | None = None  # None: GATEWAY__REQUEST_TIMEOUT
+    per_session: bool = False  # the route addresses one session (ownership checks apply)
+    request_body: str | None = None  # name of the request model in the OpenAPI document
+    success_status: int = 200
+    query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
+
+    @property
+    def quart_rule(self) -> str:
+        """The path in Quart's routing syntax."""
+        return re.sub(r"\{(\w+)\}", r"<\1>", self.path)
+
+    @property
+    def template(self) -> str:
+        """The path template, used as a metrics label (bounded cardinality)."""
+        return self.path
+
+
+ROUTES: tuple[ProxyRoute, ...] = (
+    ProxyRoute("GET", "/api/v1/agents", "/agents", "List the available agents."),
+    ProxyRoute(
+        "GET", "/api/v1/agents/{session_id}/current", "/agents/{session_id}/current",
+        "Current agent of a session.", per_session=True,
+        query=(("include_history", "boolean", "Include the agent switch history."),),
+    ),
+    ProxyRoute(
+        "POST", "/api/v1/agents/{session_id}/switch", "/agents/{session_id}/switch",
+        "Switch a session's agent.", per_session=True, request_body="SwitchAgentRequest",
+    ),
+    ProxyRoute(
+        "GET", "/api/v1/sessions", "/sessions", "List sessions.",
+        query=(
+            ("limit", "integer", "Page size."),
+            ("offset", "integer", "Page start."),
+            ("active_only", "boolean", "Only active sessions."),
+        ),
+    ),
+    ProxyRoute(
+        "POST", "/api/v1/sessions", "/sessions", "Create a session.",
+        request_body="CreateSessionRequest", success_status=201,
+    ),
+    ProxyRoute(
+        "GET", "/api/v1/sessions/{session_id}", "/sessions/{session_id}", "One session.",
+        per_session=True,
+        query=(("include_messages", "boolean", "Include the messages."),),
+    ),
+    ProxyRoute(
+        "PATCH", "/api/v1/sessions/{session_id}", "/sessions/{session_id}",
+        "Update a session.", per_session=True, request_body="UpdateSessionRequest",
+    ),
+    ProxyRoute(
+        "DELETE", "/api/v1/sessions/{session_id}", "/sessions/{session_id}",
+        "Delete a session.", per_session=True, success_status=204,
+    ),
+    ProxyRoute(
+        "GET", "/api/v1/sessions/{session_id}/history", "/sessions/{session_id}/history",
+        "Message history of a session.", per_session=True,
+    ),
+    ProxyRoute(
+        "GET", "/api/v1/sessions/{session_id}/pending-approvals",
+        "/sessions/{session_id}/pending-approvals",
+        "Tool calls of a session waiting for approval.", per_session=True,
+    ),
+    ProxyRoute("GET", "/api/v1/events/metrics", "/events/metrics", "Runtime metrics."),
+    ProxyRoute(
+        "GET", "/api/v1/events/metrics/sessions", "/events/metrics/sessions",
+        "Per-session metrics summary.",
+    ),
+    ProxyRoute(
+        "GET", "/api/v1/events/metrics/session/{session_id}",
+        "/events/metrics/session/{session_id}", "Metrics of one session.", per_session=True,
+    ),
+    ProxyRoute(
+        "GET", "/api/v1/events/audit-log", "/events/audit-log", "Audit log.",
+        query=(
+            ("session_id", "string", "Only this session."),
+            ("event_type", "string", "Only this event type."),
+            ("limit", "integer", "Most recent N events."),
+        ),
+    ),
+    ProxyRoute("GET", "/api/v1/events/stats", "/events/stats", "Event statistics."),
+)  # fmt: skip
+
+
+def error_response(
+    status: int, error: str, description: str, headers: dict[str, str] | None = None
+) -> Response:
+    """The JSON error shape of every failure the gateway itself produces."""
+    body = orjson.dumps({"error": error, "error_description": description})
+    return Response(body, status=status, content_type="application/json", headers=headers)
+
+
+def incoming_request_id() -> str:
+    """The client's X-Request-ID when it is sane (short, no odd characters), else a new one."""
+    supplied = request.headers.get(REQUEST_ID_HEADER, "")
+    return supplied if _SANE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+
+
+class RestProxy:
+    """Forwards the routes of :data:`ROUTES` over the app's pooled HTTP client."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.http: httpx.AsyncClient | None = None
+        self._slots = trio.CapacityLimiter(settings.max_concurrent_requests)
+        self._default_timeout = httpx.Timeout(settings.request_timeout)
+
+    async def forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
+        """Proxy the current request along ``route``."""
+        started = trio.current_time()
+        response = await self._forward(route, path_params)
+        self.metrics.rest_requests.labels(
+            route.template, route.method, str(response.status_code)
+        ).inc()
+        self.metrics.rest_latency.labels(route.template).observe(trio.current_time() - started)
+        return response
+
+    async def _forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
+        assert self.http is not None, "the app's HTTP client is not open"
+        length = request.content_length
+        if length is not None and length > self.settings.max_request_body_bytes:
+            return self._too_large()
+        body = await request.get_data(cache=False)
+        assert isinstance(body, bytes)
+        if len(body) > self.settings.max_request_body_bytes:
+            return self._too_large()
+        path = route.runtime_path.format(
+            **{name: quote(value, safe="") for name, value in path_params.items()}
+        )
+        headers = {
+            name: value
+            for name, value in request.headers.items()
+            if name.lower() not in _DROP_REQUEST_HEADERS
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+        url = httpx.URL(path, query=request.query_string or b"")
+        timeout = httpx.Timeout(route.timeout) if route.timeout else self._default_timeout
+
+        with trio.move_on_after(self.settings.saturation_wait) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            self.metrics.limit_hits.labels("concurrent_requests").inc()
+            logger.warning(
+                "REST proxy saturated",
+                extra={"event": "limit_hit", "limit": "concurrent_requests"},
+            )
+            return error_response(
+                503,
+                "saturated",
+                "The gateway is handling too many requests; retry shortly",
+                {"Retry-After": "1"},
+            )
+        try:
+            upstream = await self.http.request(
+                route.method, url, content=body, headers=headers, timeout=timeout
+            )
+        except httpx.TimeoutException:
+            logger.warning("runtime timed out", extra={"event": "runtime_timeout"})
+            return error_response(
+                504, "runtime_timeout", "The agent runtime did not answer in time"
+            )
+        except httpx.TransportError as error:
+            logger.warning(
+                "runtime unreachable: %s",
+                type(error).__name__,
+                extra={"event": "runtime_unreachable"},
+            )
+            return error_response(502, "runtime_unavailable", "The agent runtime is unreachable")
+        finally:
+            self._slots.release()
+        return self._relay_response(upstream)
+
+    def _relay_response(self, upstream: httpx.Response) -> Response:
+        headers = {
+            name: upstream.headers[name]
+            for name in _PASS_RESPONSE_HEADERS
+            if name in upstream.headers
+        }
+        response = Response(
+            upstream.content,
+            status=upstream.status_code,
+            headers=headers,
+            content_type=upstream.headers.get("content-type"),
+        )
+        if not upstream.content and upstream.status_code in (204, 304):
+            response.headers.pop("Content-Type", None)
+        return response
+
+    def _too_large(self) -> Response:
+        self.metrics.limit_hits.labels("request_body").inc()
+        return error_response(
+            413,
+            "request_too_large",
+            f"Request body exceeds {self.settings.max_request_body_bytes} bytes",
+        )
+
+
+def route_handler(proxy: RestProxy, route: ProxyRoute) -> Any:
+    """A Quart view function for ``route``."""
+
+    async def view(**path_params: str) -> Response:
+        return await proxy.forward(route, path_params)
+
+    view.__name__ = f"proxy_{route.method.lower()}_{route.path}"
+    view.__doc__ = route.summary
+    return view
