@@ -1,28 +1,38 @@
 """Relay benchmark: what the gateway costs compared with reading the Agent Runtime directly.
 
-Run ``python bench/relay_bench.py`` (default sizes, about two minutes) or ``--quick`` (seconds),
-optionally ``--json FILE`` to keep the figures. The script starts the demo runtime
-(``trio-gateway demo-runtime --instant``) and the gateway (``trio-gateway serve``) as two child
-processes on free loopback ports, drives them from this process under trio, prints one table and
-stops both children whatever happens. Only ``127.0.0.1`` is ever bound or dialled.
+Run ``python bench/relay_bench.py`` (default sizes, about two minutes) or ``--quick`` (a smoke
+run of a few seconds); ``--json FILE`` also writes the figures, ``--profile DIR`` records the
+gateway with py-spy during the load phases (that run's figures are then perturbed). The script
+starts the demo runtime (``trio-gateway demo-runtime --instant``) and the gateway
+(``trio-gateway serve``) as child processes on free loopback ports, drives them from this process
+under trio, prints one table and stops every child whatever happens. Only ``127.0.0.1`` is ever
+bound or dialled, every wait is bounded, and the script ends by itself.
 
 Methodology
 -----------
-Every figure is a *ratio or a difference between two paths measured in the same run*: "direct"
-(a careful plain client reading the runtime's SSE stream with httpx) and "gateway" (trio-websocket
-clients reading the same turns through the gateway). The machines this runs on have two shared,
-noisy cores, so absolute tokens/s or milliseconds change from run to run and from machine to
-machine; what the two paths have in common (the runtime, the load, the client's interpreter, the
-noise of the moment) cancels out in the ratio. Compare ratios, never absolute numbers across runs.
+Every figure that matters is a *ratio or a difference between two paths measured in the same
+run*: "direct" (a careful plain client reading the runtime's SSE stream with httpx) and "gateway"
+(trio-websocket clients reading the same turns through the gateway). The machines this runs on
+have two shared, noisy cores, so absolute tokens/s or milliseconds change from run to run and
+from machine to machine; what the two paths have in common (the runtime, the load, the client's
+interpreter, the noise of the moment) cancels out in the ratio. Compare ratios, never absolute
+numbers across runs. The runtime, the gateway and this client share those two cores: a path's
+throughput is bounded by the CPU all three need per token, which the report shows per process.
+
+Each phase gets a freshly started gateway (the runtime stays up): a closed WebSocket leaves work
+behind in the gateway for a while (its session waits out the reconnect grace period, hypercorn's
+ping task wakes up once more), and a process that has served load holds freed heap that new
+sessions reuse. Neither may leak into the next phase's figures.
 
 1. **Throughput.** ``S`` concurrent sessions each stream ``bench T`` (unpaced). Tokens/s is
    ``S*T`` divided by the wall time from the first send to the last final chunk. Both clients do
    the same per-token work (parse the JSON, keep the token) and check the same thing at the end:
    the concatenated text is exactly ``t0 t1 ... t{T-1}``. Connection set-up is outside the timed
-   window for both: the httpx pool is warmed, the WebSockets are opened before the clock starts.
-   Rounds alternate direct / gateway so slow drifts of the machine hit both alike; the medians are
-   compared. The gateway coalesces consecutive tokens into one frame when its client falls behind,
-   so tokens are counted by their text, never by frames; the frames/token figure shows how much
+   window for both: the httpx pool is warmed, the WebSockets are opened before the clock starts,
+   and one small untimed round per path warms both the gateway's own pool and the interpreters.
+   Rounds alternate direct / gateway so slow drifts of the machine hit both alike; the medians
+   are compared. The gateway coalesces consecutive tokens into one frame when its client falls
+   behind, so tokens are counted by their text, never by frames; tokens per frame shows how much
    it coalesced. CPU seconds of each process (``/proc/<pid>/stat``) over the timed windows show
    where the time went.
 2. **Latency.** ``C`` sessions each stream ``bench R*D R``: ``R`` tokens/s for ``D`` seconds on
@@ -31,26 +41,30 @@ noise of the moment) cancels out in the ratio. Compare ratios, never absolute nu
    the client got the frame (or, direct, the network read carrying the event) minus
    ``emitted_ns``. The session starts are spread evenly over one token interval so the load is
    smooth instead of ``C`` tokens in lock-step. The same load is read directly, then through the
-   gateway; the gateway's *added* latency is the difference of the two distributions' percentiles.
-   A coalesced frame only carries its first token's stamp; at this pace frames should not
-   coalesce, and the count of those that did is reported.
+   gateway (each session first runs one untimed ``bench 1`` turn, which warms the gateway's
+   connection pool as the direct client's is warmed); the gateway's *added* latency is the
+   difference of the two distributions' percentiles. A coalesced frame only carries its first
+   token's stamp; at this pace frames should not coalesce, and the count of those that did is
+   reported.
 3. **Memory per idle WebSocket session.** Gateway RSS (``VmRSS``) after a warm-up of 50 sessions
    opened and closed, then with ``M`` more sessions connected and idle (distinct ids, opened 100
-   at a time), after ~2 s of settling. Per session = RSS delta / ``M``. This phase runs *first*,
-   on a fresh gateway: after the load phases the heap holds freed blocks that new sessions would
-   reuse, which would make sessions look cheaper than they are on a long-running process.
+   at a time), after ~2 s of settling. Per session = RSS delta / ``M``.
 
 Exit status: 0 when the measurement completed (whether or not the targets are met), 1 when the
-benchmark itself failed (wrong text, an error frame, a timeout, a child that died).
+benchmark itself failed (wrong text, an error frame, a timeout, a child that died), 130 when
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import math
 import os
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -58,11 +72,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -80,14 +95,18 @@ TARGET_IDLE_SESSION_KIB = 64.0  # RSS per idle WebSocket session
 
 STARTUP_TIMEOUT = 30.0  # seconds for a child to answer /health
 ROUND_TIMEOUT = 300.0  # seconds for one throughput round (connect, stream, close)
+PACED_TIMEOUT_MARGIN = 120.0  # seconds a paced phase may take beyond its nominal duration
 CONNECT_TIMEOUT = 30.0  # seconds for one WebSocket handshake
 CLOSE_TIMEOUT = 10.0  # seconds for one WebSocket close
 MEMORY_PHASE_TIMEOUT = 300.0
 WARMUP_SESSIONS = 50
-OPEN_CONCURRENCY = 100  # WebSocket handshakes in flight at once
+OPEN_CONCURRENCY = 100  # WebSocket handshakes (and closes) in flight at once
 SETTLE_SECONDS = 2.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a fully coalesced turn must never trip the client's limit
 CHILD_STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+PROFILE_RATE = 100  # py-spy samples per second
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -105,7 +124,7 @@ class BenchConfig:
 
     sessions: int  # S: concurrent sessions in the throughput phase
     tokens: int  # T: tokens per throughput turn
-    rounds: int  # rounds per path (alternating direct / gateway)
+    rounds: int  # timed rounds per path (alternating direct / gateway)
     paced_sessions: int  # C: concurrent sessions in the latency phase
     rate: int  # R: tokens/s per paced session
     duration: float  # D: seconds per paced turn
@@ -149,7 +168,7 @@ def expected_text(tokens: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# Child processes
+# Processes: children, CPU, memory
 # ------------------------------------------------------------------------------------------------
 
 
@@ -165,8 +184,7 @@ def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); return the new soft."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
-        # An unlimited hard limit cannot be the soft limit on Linux (nr_open caps it).
-        hard = 1 << 20
+        hard = 1 << 20  # an unlimited hard limit cannot be the soft limit on Linux (nr_open)
     if soft != resource.RLIM_INFINITY and soft < hard:
         with suppress(ValueError, OSError):  # keep what we have; main() checks it is enough
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -198,15 +216,16 @@ def rss_kib(pid: int) -> int:
 
 @dataclass
 class Child:
-    """One child process and the file its output goes to."""
+    """One child process (a Python interpreter running ``trio-gateway``) and its log file."""
 
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    url: str
 
     @property
     def pid(self) -> int:
-        """The child's process id (the Python interpreter running trio-gateway)."""
+        """The child's process id."""
         return self.process.pid
 
     def log_tail(self, lines: int = 20) -> str:
@@ -223,6 +242,23 @@ class Child:
         if code is not None:
             raise BenchError(f"{self.name} exited with status {code}:\n{self.log_tail()}")
 
+    async def wait_healthy(self) -> None:
+        """Poll ``GET /health`` until it answers 200 (bounded by ``STARTUP_TIMEOUT``)."""
+        async with httpx.AsyncClient(trust_env=False) as client:
+            try:
+                with trio.fail_after(STARTUP_TIMEOUT):
+                    while True:
+                        self.check_alive()
+                        with suppress(httpx.TransportError):
+                            response = await client.get(self.url + "/health", timeout=2.0)
+                            if response.status_code == 200:
+                                return
+                        await trio.sleep(0.05)
+            except trio.TooSlowError:
+                raise BenchError(
+                    f"{self.name} not healthy after {STARTUP_TIMEOUT:g} s:\n{self.log_tail()}"
+                ) from None
+
     def stop(self) -> None:
         """SIGTERM (the gateway drains), then SIGKILL after a grace period. Never raises."""
         if self.process.poll() is None:
@@ -234,28 +270,31 @@ class Child:
                 self.process.wait(CHILD_STOP_TIMEOUT)
 
 
-@dataclass(frozen=True)
-class Services:
-    """The running runtime and gateway: their addresses, pids and the shared internal key."""
+@contextmanager
+def spawned(name: str, args: list[str], env: dict[str, str], workdir: Path) -> Iterator[Child]:
+    """Run ``trio-gateway ARGS`` (with ``--port`` chosen here) as a child; stop it on exit."""
+    port = free_port()
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trio_gateway.cli", *args, "--host", HOST, "--port", str(port)],
+            env=env,
+            cwd=workdir,  # no stray .env from the caller's directory
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop the children
+        )
+    child = Child(name, process, log_path, f"http://{HOST}:{port}")
+    try:
+        yield child
+    finally:
+        child.stop()
 
-    runtime: Child
-    gateway: Child
-    runtime_url: str
-    gateway_url: str
-    internal_key: str
 
-    def ws_url(self, session_id: str) -> str:
-        """The gateway's WebSocket URL for ``session_id``."""
-        return self.gateway_url.replace("http://", "ws://", 1) + WS_PATH + session_id
-
-    def check_alive(self) -> None:
-        """Raise if either child has died."""
-        self.runtime.check_alive()
-        self.gateway.check_alive()
-
-
-def _child_env(internal_key: str, **settings: str) -> dict[str, str]:
-    # Inherited GATEWAY__* variables would silently change what is measured: start from none.
+def child_env(internal_key: str, **settings: str) -> dict[str, str]:
+    """This process's environment without any ``GATEWAY__*`` (they would silently change what
+    is measured), plus the internal key, WARNING logs and ``settings`` as ``GATEWAY__NAME``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY__")}
     env["GATEWAY__INTERNAL_API_KEY"] = internal_key
     env["GATEWAY__LOG_LEVEL"] = "WARNING"
@@ -263,77 +302,135 @@ def _child_env(internal_key: str, **settings: str) -> dict[str, str]:
     return env
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str], workdir: Path) -> Child:
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trio_gateway.cli", *args],
-            env=env,
-            cwd=workdir,  # no stray .env from the caller's directory
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us; we stop the children
+@dataclass(frozen=True)
+class Services:
+    """A running runtime and gateway, and the internal key they share."""
+
+    runtime: Child
+    gateway: Child
+    internal_key: str
+
+    def ws_url(self, session_id: str) -> str:
+        """The gateway's WebSocket URL for ``session_id``."""
+        return self.gateway.url.replace("http://", "ws://", 1) + WS_PATH + session_id
+
+    def check_alive(self) -> None:
+        """Raise if either child has died."""
+        self.runtime.check_alive()
+        self.gateway.check_alive()
+
+
+class CpuMeter:
+    """CPU seconds of the gateway, the runtime and this client over one timed window."""
+
+    def __init__(self, services: Services) -> None:
+        """Read the starting values now."""
+        self._services = services
+        self._start = self._read()
+        self._wall_start = time.perf_counter()
+
+    def _read(self) -> tuple[float, float, float]:
+        return (
+            cpu_seconds(self._services.gateway.pid),
+            cpu_seconds(self._services.runtime.pid),
+            self_cpu_seconds(),
         )
-    return Child(name, process, log_path)
+
+    def elapsed(self) -> CpuUse:
+        """CPU seconds of each process and wall seconds since construction."""
+        end = self._read()
+        return CpuUse(
+            gateway_s=end[0] - self._start[0],
+            runtime_s=end[1] - self._start[1],
+            client_s=end[2] - self._start[2],
+            wall_s=time.perf_counter() - self._wall_start,
+        )
 
 
-async def _wait_healthy(child: Child, url: str) -> None:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        with trio.fail_after(STARTUP_TIMEOUT):
-            while True:
-                child.check_alive()
-                try:
-                    response = await client.get(url + "/health", timeout=2.0)
-                    if response.status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.05)
+@dataclass
+class CpuUse:
+    """CPU seconds per process over a window of ``wall_s`` seconds."""
+
+    gateway_s: float
+    runtime_s: float
+    client_s: float
+    wall_s: float
+
+    def __add__(self, other: CpuUse) -> CpuUse:
+        return CpuUse(
+            self.gateway_s + other.gateway_s,
+            self.runtime_s + other.runtime_s,
+            self.client_s + other.client_s,
+            self.wall_s + other.wall_s,
+        )
+
+    def cores(self) -> str:
+        """Average cores busy per process, e.g. ``gateway 0.97, runtime 0.51, client 0.40``."""
+        wall = self.wall_s or math.nan
+        return (
+            f"gateway {self.gateway_s / wall:.2f}, runtime {self.runtime_s / wall:.2f}, "
+            f"client {self.client_s / wall:.2f}"
+        )
 
 
-@contextmanager
-def running_services(workdir: Path) -> Iterator[Services]:
-    """Start the runtime and the gateway, wait for ``/health``; stop both on exit, always."""
-    key = secrets.token_urlsafe(24)
-    runtime_port, gateway_port = free_port(), free_port()
-    runtime_url = f"http://{HOST}:{runtime_port}"
-    gateway_url = f"http://{HOST}:{gateway_port}"
-    children: list[Child] = []
+# ------------------------------------------------------------------------------------------------
+# Profiling (optional): py-spy on the gateway, summarised as its hottest functions
+# ------------------------------------------------------------------------------------------------
+
+
+def find_py_spy() -> str | None:
+    """py-spy next to this interpreter or on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+@asynccontextmanager
+async def profiled(pid: int, output: Path | None) -> AsyncIterator[None]:
+    """Record ``pid`` with py-spy (collapsed stacks) into ``output`` while the block runs."""
+    py_spy = find_py_spy() if output is not None else None
+    if output is None or py_spy is None:
+        yield
+        return
+    command = [py_spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE)]
+    command += ["--format", "raw", "--nolineno", "--nonblocking", "--output", str(output)]
+    recorder = await trio.lowlevel.open_process(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
-        children.append(
-            _spawn(
-                "runtime",
-                ["demo-runtime", "--host", HOST, "--port", str(runtime_port), "--instant"],
-                _child_env(key),
-                workdir,
-            )
-        )
-        children.append(
-            _spawn(
-                "gateway",
-                ["serve", "--host", HOST, "--port", str(gateway_port)],
-                _child_env(key, agent_url=runtime_url),
-                workdir,
-            )
-        )
-        services = Services(children[0], children[1], runtime_url, gateway_url, key)
-
-        async def wait_both() -> None:
-            await _wait_healthy(services.runtime, runtime_url)
-            await _wait_healthy(services.gateway, gateway_url)
-
-        try:
-            trio.run(wait_both)
-        except trio.TooSlowError:
-            raise BenchError(
-                f"children not healthy after {STARTUP_TIMEOUT:g} s:\n"
-                + "\n".join(f"[{c.name}]\n{c.log_tail()}" for c in children)
-            ) from None
-        yield services
+        yield
     finally:
-        for child in reversed(children):
-            child.stop()
+        recorder.send_signal(signal.SIGINT)  # py-spy writes the file and exits
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(30):
+                await recorder.wait()
+            if recorder.returncode is None:
+                recorder.kill()
+                await recorder.wait()
+
+
+def hottest_functions(collapsed: Path, top: int = 12) -> list[str]:
+    """The functions with the most samples (inclusive and self) in a py-spy raw profile."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    if not total:
+        return ["(no samples)"]
+    # Frames on (nearly) every stack are the interpreter and trio's run loop: not informative.
+    ranked = [(f, n) for f, n in inclusive.most_common() if n < 0.6 * total][:top]
+    lines = [f"{total} samples; inclusive:"]
+    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in ranked]
+    lines.append("self:")
+    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,15 +478,22 @@ class TurnResult:
             raise BenchError(f"{where}: the turn ended without a final chunk")
         text = "".join(self.parts)
         if text != expected:
-            mismatch = next(
+            at = next(
                 (i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b),
                 min(len(text), len(expected)),
             )
             raise BenchError(
                 f"{where}: wrong text ({len(text)} chars, expected {len(expected)}); first "
-                f"difference at {mismatch}: got {text[mismatch : mismatch + 40]!r}, expected "
-                f"{expected[mismatch : mismatch + 40]!r}"
+                f"difference at {at}: got {text[at : at + 40]!r}, expected "
+                f"{expected[at : at + 40]!r}"
             )
+
+
+def verify_all(results: Sequence[TurnResult], tokens: int, where: str) -> None:
+    """Every turn ended and carried exactly ``bench tokens``'s text."""
+    expected = expected_text(tokens)
+    for index, result in enumerate(results):
+        result.verify(expected, f"{where} session {index}")
 
 
 def _short(value: Any, limit: int = 300) -> str:
@@ -454,14 +558,14 @@ async def gateway_turn(
 
 
 # ------------------------------------------------------------------------------------------------
-# Clients and connection pools
+# Clients and connections
 # ------------------------------------------------------------------------------------------------
 
 
 def direct_client(services: Services, connections: int) -> httpx.AsyncClient:
     """An httpx client for the runtime with room for ``connections`` concurrent streams."""
     return httpx.AsyncClient(
-        base_url=services.runtime_url,
+        base_url=services.runtime.url,
         headers={"X-Internal-Auth": services.internal_key, "Content-Type": "application/json"},
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         timeout=httpx.Timeout(60.0),
@@ -471,16 +575,12 @@ def direct_client(services: Services, connections: int) -> httpx.AsyncClient:
 
 async def warm_direct_pool(client: httpx.AsyncClient, connections: int, prefix: str) -> None:
     """Open ``connections`` keep-alive connections (one tiny concurrent turn each), so the timed
-    rounds measure streaming, not TCP set-up, exactly as the gateway's warm pool does."""
-
-    async def one(index: int) -> None:
-        result = TurnResult()
-        await direct_turn(client, f"{prefix}-{index}", "bench 1", result)
-        result.verify(expected_text(1), "direct warm-up")
-
+    streams measure streaming, not TCP set-up, as they do through the gateway's warm pool."""
+    results = [TurnResult() for _ in range(connections)]
     async with trio.open_nursery() as nursery:
-        for index in range(connections):
-            nursery.start_soon(one, index)
+        for index, result in enumerate(results):
+            nursery.start_soon(direct_turn, client, f"{prefix}-{index}", "bench 1", result)
+    verify_all(results, 1, "direct warm-up")
 
 
 class SocketGroup:
@@ -536,7 +636,7 @@ class SocketGroup:
                 async with self._limiter:
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await ws.aclose()
-                nursery.cancel_scope.cancel()  # a reader stuck after a failed close
+                nursery.cancel_scope.cancel()  # a reader left behind by a close that timed out
         except* LocalProtocolError as group:
             if not closing:
                 raise BenchError(f"WebSocket protocol error: {group.exceptions[0]}") from None
@@ -571,9 +671,7 @@ class RoundResult:
     wall_s: float
     frames: int
     multi_token_frames: int
-    gateway_cpu_s: float
-    runtime_cpu_s: float
-    client_cpu_s: float
+    cpu: CpuUse
 
 
 @dataclass
@@ -582,61 +680,37 @@ class ThroughputResult:
 
     sessions: int
     tokens: int
-    direct_rounds: list[float]
-    gateway_rounds: list[float]
+    rounds: list[RoundResult]
     direct_median: float
     gateway_median: float
     ratio: float
-    gateway_cpu_s: float  # over the gateway rounds' timed windows
+    direct_cpu: CpuUse  # summed over the direct rounds' timed windows
+    gateway_cpu: CpuUse  # summed over the gateway rounds' timed windows
     gateway_cpu_us_per_token: float
-    runtime_cpu_s_direct: float
-    runtime_cpu_s_gateway: float
-    client_cpu_s_direct: float
-    client_cpu_s_gateway: float
     gateway_frames: int
     gateway_tokens: int
-    coalescing_factor: float  # tokens per frame through the gateway
+    tokens_per_frame: float  # through the gateway: the coalescing factor
+    profile: list[str] | None = None
 
-
-class CpuMeter:
-    """CPU seconds of the gateway, the runtime and this client over one timed window."""
-
-    def __init__(self, services: Services) -> None:
-        """Read the starting values now."""
-        self._services = services
-        self._start = self._read()
-
-    def _read(self) -> tuple[float, float, float]:
-        return (
-            cpu_seconds(self._services.gateway.pid),
-            cpu_seconds(self._services.runtime.pid),
-            self_cpu_seconds(),
-        )
-
-    def elapsed(self) -> tuple[float, float, float]:
-        """(gateway, runtime, client) CPU seconds since construction."""
-        end = self._read()
-        return end[0] - self._start[0], end[1] - self._start[1], end[2] - self._start[2]
+    def path_rounds(self, path: str) -> list[float]:
+        """Tokens/s of each round of ``path``, in order."""
+        return [r.tokens_per_s for r in self.rounds if r.path == path]
 
 
 def _round_result(
     path: str, results: Sequence[TurnResult], started: float, meter: CpuMeter, cfg: BenchConfig
 ) -> RoundResult:
-    expected = expected_text(cfg.tokens)
-    for index, result in enumerate(results):
-        result.verify(expected, f"{path} session {index}")
+    cpu = meter.elapsed()
+    verify_all(results, cfg.tokens, path)
     finished = max(r.finished_at for r in results if r.finished_at is not None)
     wall = finished - started
-    gateway_cpu, runtime_cpu, client_cpu = meter.elapsed()
     return RoundResult(
         path=path,
         tokens_per_s=cfg.sessions * cfg.tokens / wall,
         wall_s=wall,
         frames=sum(r.frames for r in results),
         multi_token_frames=sum(r.multi_token_frames for r in results),
-        gateway_cpu_s=gateway_cpu,
-        runtime_cpu_s=runtime_cpu,
-        client_cpu_s=client_cpu,
+        cpu=cpu,
     )
 
 
@@ -676,54 +750,67 @@ async def gateway_round(services: Services, cfg: BenchConfig, tag: str) -> Round
 
 
 async def throughput_phase(
-    services: Services, cfg: BenchConfig, log: Callable[[str], None]
+    services: Services, cfg: BenchConfig, profile_dir: Path | None
 ) -> ThroughputResult:
     """Warm both paths, then alternate direct and gateway rounds; compare the medians."""
     rounds: list[RoundResult] = []
+    profile_path = profile_dir / "throughput.collapsed" if profile_dir else None
     async with direct_client(services, cfg.sessions) as client:
-        await warm_direct_pool(client, cfg.sessions, "warm-direct")
-        warm = BenchConfig(**{**asdict(cfg), "tokens": min(cfg.tokens, 100)})
-        await direct_round(client, services, warm, "warm-direct-round")
-        await gateway_round(services, warm, "warm-gateway-round")
-        for number in range(1, cfg.rounds + 1):
-            for path in ("direct", "gateway"):
-                tag = f"tp{number}-{path}-{secrets.token_hex(3)}"
-                if path == "direct":
-                    outcome = await direct_round(client, services, cfg, tag)
-                else:
-                    outcome = await gateway_round(services, cfg, tag)
-                services.check_alive()
-                rounds.append(outcome)
-                log(
-                    f"  round {number} {path:<7} {outcome.tokens_per_s:>10,.0f} tok/s "
-                    f"({outcome.wall_s:.2f} s; CPU s gateway {outcome.gateway_cpu_s:.2f}, "
-                    f"runtime {outcome.runtime_cpu_s:.2f}, client {outcome.client_cpu_s:.2f})"
-                )
+        await warm_direct_pool(client, cfg.sessions, f"warm-{secrets.token_hex(3)}")
+        warm = replace(cfg, tokens=min(cfg.tokens, 100))
+        await direct_round(client, services, warm, f"warm-direct-{secrets.token_hex(3)}")
+        await gateway_round(services, warm, f"warm-gateway-{secrets.token_hex(3)}")
+        async with profiled(services.gateway.pid, profile_path):
+            for number in range(1, cfg.rounds + 1):
+                for path in ("direct", "gateway"):
+                    tag = f"tp{number}-{path}-{secrets.token_hex(3)}"
+                    if path == "direct":
+                        outcome = await direct_round(client, services, cfg, tag)
+                    else:
+                        outcome = await gateway_round(services, cfg, tag)
+                    services.check_alive()
+                    rounds.append(outcome)
+                    _log(
+                        f"  round {number} {path:<7} {outcome.tokens_per_s:>9,.0f} tok/s in "
+                        f"{outcome.wall_s:.2f} s; cores busy: {outcome.cpu.cores()}"
+                    )
     direct = [r for r in rounds if r.path == "direct"]
     gateway = [r for r in rounds if r.path == "gateway"]
     direct_median = statistics.median(r.tokens_per_s for r in direct)
     gateway_median = statistics.median(r.tokens_per_s for r in gateway)
-    gateway_cpu = sum(r.gateway_cpu_s for r in gateway)
+    gateway_cpu = _sum_cpu(r.cpu for r in gateway)
     gateway_frames = sum(r.frames for r in gateway)
     gateway_tokens = cfg.sessions * cfg.tokens * len(gateway)
     return ThroughputResult(
         sessions=cfg.sessions,
         tokens=cfg.tokens,
-        direct_rounds=[r.tokens_per_s for r in direct],
-        gateway_rounds=[r.tokens_per_s for r in gateway],
+        rounds=rounds,
         direct_median=direct_median,
         gateway_median=gateway_median,
         ratio=gateway_median / direct_median,
-        gateway_cpu_s=gateway_cpu,
-        gateway_cpu_us_per_token=gateway_cpu / gateway_tokens * 1e6,
-        runtime_cpu_s_direct=sum(r.runtime_cpu_s for r in direct),
-        runtime_cpu_s_gateway=sum(r.runtime_cpu_s for r in gateway),
-        client_cpu_s_direct=sum(r.client_cpu_s for r in direct),
-        client_cpu_s_gateway=sum(r.client_cpu_s for r in gateway),
+        direct_cpu=_sum_cpu(r.cpu for r in direct),
+        gateway_cpu=gateway_cpu,
+        gateway_cpu_us_per_token=gateway_cpu.gateway_s / gateway_tokens * 1e6,
         gateway_frames=gateway_frames,
         gateway_tokens=gateway_tokens,
-        coalescing_factor=gateway_tokens / gateway_frames if gateway_frames else math.nan,
+        tokens_per_frame=gateway_tokens / gateway_frames if gateway_frames else math.nan,
+        profile=_profile_summary(profile_path),
     )
+
+
+def _sum_cpu(uses: Iterable[CpuUse]) -> CpuUse:
+    total = CpuUse(0.0, 0.0, 0.0, 0.0)
+    for use in uses:
+        total = total + use
+    return total
+
+
+def _profile_summary(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    if not path.exists():
+        return ["(no profile: py-spy not found or it failed)"]
+    return hottest_functions(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,7 +820,7 @@ async def throughput_phase(
 
 @dataclass
 class LatencyStats:
-    """Latency distribution of one path, in milliseconds."""
+    """Latency distribution of one path, in milliseconds, and the CPU it took."""
 
     samples: int
     p50_ms: float
@@ -741,9 +828,10 @@ class LatencyStats:
     max_ms: float
     frames: int
     multi_token_frames: int
+    cpu: CpuUse
 
     @classmethod
-    def of(cls, results: Sequence[TurnResult]) -> LatencyStats:
+    def of(cls, results: Sequence[TurnResult], cpu: CpuUse) -> LatencyStats:
         """Pool every session's samples."""
         samples = sorted(ns for r in results for ns in r.latencies_ns)
         if not samples:
@@ -755,6 +843,7 @@ class LatencyStats:
             max_ms=samples[-1] / 1e6,
             frames=sum(r.frames for r in results),
             multi_token_frames=sum(r.multi_token_frames for r in results),
+            cpu=cpu,
         )
 
 
@@ -769,6 +858,7 @@ class LatencyResult:
     gateway: LatencyStats
     added_p50_ms: float
     added_p99_ms: float
+    profile: list[str] | None = None
 
 
 def percentile(sorted_values: Sequence[int], pct: float) -> float:
@@ -783,6 +873,10 @@ async def _staggered(index: int, cfg: BenchConfig) -> None:
     await trio.sleep(index / (cfg.paced_sessions * cfg.rate))
 
 
+def _paced_timeout(cfg: BenchConfig) -> float:
+    return cfg.duration + PACED_TIMEOUT_MARGIN
+
+
 async def paced_direct(services: Services, cfg: BenchConfig) -> LatencyStats:
     """C paced turns read straight from the runtime."""
     content = f"bench {cfg.paced_tokens} {cfg.rate}"
@@ -793,51 +887,61 @@ async def paced_direct(services: Services, cfg: BenchConfig) -> LatencyStats:
         await _staggered(index, cfg)
         await direct_turn(client, f"{tag}-{index}", content, results[index])
 
-    async with direct_client(services, cfg.paced_sessions) as client:
-        await warm_direct_pool(client, cfg.paced_sessions, f"{tag}-warm")
-        with trio.fail_after(cfg.duration + ROUND_TIMEOUT):
+    with trio.fail_after(_paced_timeout(cfg)):
+        async with direct_client(services, cfg.paced_sessions) as client:
+            await warm_direct_pool(client, cfg.paced_sessions, f"{tag}-warm")
+            meter = CpuMeter(services)
             async with trio.open_nursery() as nursery:
                 for index in range(cfg.paced_sessions):
                     nursery.start_soon(one, index)
-    expected = expected_text(cfg.paced_tokens)
-    for index, result in enumerate(results):
-        result.verify(expected, f"paced direct session {index}")
-    return LatencyStats.of(results)
+            cpu = meter.elapsed()
+    verify_all(results, cfg.paced_tokens, "paced direct")
+    return LatencyStats.of(results, cpu)
 
 
 async def paced_gateway(services: Services, cfg: BenchConfig) -> LatencyStats:
-    """C paced turns through the gateway, on WebSockets opened beforehand."""
+    """C paced turns through the gateway, on WebSockets opened (and warmed) beforehand."""
     content = f"bench {cfg.paced_tokens} {cfg.rate}"
     results = [TurnResult(measure_latency=True) for _ in range(cfg.paced_sessions)]
+    warm_results = [TurnResult() for _ in range(cfg.paced_sessions)]
     tag = f"lat-gateway-{secrets.token_hex(3)}"
 
     async def one(index: int, ws: trio_websocket.WebSocketConnection) -> None:
         await _staggered(index, cfg)
         await gateway_turn(ws, content, results[index])
 
-    with trio.fail_after(cfg.duration + ROUND_TIMEOUT):
+    with trio.fail_after(_paced_timeout(cfg)):
         async with trio.open_nursery() as connections:
             group = SocketGroup(connections, services)
             try:
-                ids = [f"{tag}-{index}" for index in range(cfg.paced_sessions)]
-                sockets = await group.open(ids)
+                sockets = await group.open([f"{tag}-{i}" for i in range(cfg.paced_sessions)])
+                async with trio.open_nursery() as nursery:
+                    for ws, warm in zip(sockets, warm_results, strict=True):
+                        nursery.start_soon(gateway_turn, ws, "bench 1", warm)
+                verify_all(warm_results, 1, "paced gateway warm-up")
+                meter = CpuMeter(services)
                 async with trio.open_nursery() as nursery:
                     for index, ws in enumerate(sockets):
                         nursery.start_soon(one, index, ws)
+                cpu = meter.elapsed()
             finally:
                 group.close_all()
-    expected = expected_text(cfg.paced_tokens)
-    for index, result in enumerate(results):
-        result.verify(expected, f"paced gateway session {index}")
-    return LatencyStats.of(results)
+    verify_all(results, cfg.paced_tokens, "paced gateway")
+    return LatencyStats.of(results, cpu)
 
 
-async def latency_phase(services: Services, cfg: BenchConfig) -> LatencyResult:
+async def latency_phase(
+    services: Services, cfg: BenchConfig, profile_dir: Path | None
+) -> LatencyResult:
     """The same paced load read directly, then through the gateway."""
     direct = await paced_direct(services, cfg)
     services.check_alive()
-    gateway = await paced_gateway(services, cfg)
+    _log(f"  direct  p50 {direct.p50_ms:.2f} ms, p99 {direct.p99_ms:.2f} ms")
+    profile_path = profile_dir / "latency.collapsed" if profile_dir else None
+    async with profiled(services.gateway.pid, profile_path):
+        gateway = await paced_gateway(services, cfg)
     services.check_alive()
+    _log(f"  gateway p50 {gateway.p50_ms:.2f} ms, p99 {gateway.p99_ms:.2f} ms")
     return LatencyResult(
         sessions=cfg.paced_sessions,
         rate=cfg.rate,
@@ -846,6 +950,7 @@ async def latency_phase(services: Services, cfg: BenchConfig) -> LatencyResult:
         gateway=gateway,
         added_p50_ms=gateway.p50_ms - direct.p50_ms,
         added_p99_ms=gateway.p99_ms - direct.p99_ms,
+        profile=_profile_summary(profile_path),
     )
 
 
@@ -864,8 +969,11 @@ class MemoryResult:
     per_session_kib: float
 
 
-async def memory_phase(services: Services, cfg: BenchConfig) -> MemoryResult:
-    """RSS delta of the gateway for M idle WebSocket sessions, after a small warm-up."""
+async def memory_phase(
+    services: Services, cfg: BenchConfig, profile_dir: Path | None
+) -> MemoryResult:
+    """RSS delta of a fresh gateway for M idle WebSocket sessions, after a small warm-up."""
+    del profile_dir  # nothing to profile: the sessions are idle
     pid = services.gateway.pid
     tag = f"idle-{secrets.token_hex(3)}"
     with trio.fail_after(MEMORY_PHASE_TIMEOUT):
@@ -885,7 +993,7 @@ async def memory_phase(services: Services, cfg: BenchConfig) -> MemoryResult:
                 services.check_alive()
                 with_sessions = rss_kib(pid)
                 if any(ws.closed for ws in sockets):
-                    raise BenchError("an idle WebSocket was closed by the gateway")
+                    raise BenchError("the gateway closed an idle WebSocket")
             finally:
                 group.close_all()
     return MemoryResult(
@@ -924,27 +1032,18 @@ class Report:
     mode: str
     config: BenchConfig
     environment: dict[str, Any]
-    memory: MemoryResult
     throughput: ThroughputResult
     latency: LatencyResult
+    memory: MemoryResult
 
     def targets(self) -> list[Target]:
         """The three targets with this run's values."""
+        tp, lat, mem = self.throughput, self.latency, self.memory
         return [
+            Target("throughput gateway/direct", ">=", TARGET_THROUGHPUT_RATIO, tp.ratio, "x"),
+            Target("added p99 latency", "<=", TARGET_ADDED_P99_MS, lat.added_p99_ms, "ms"),
             Target(
-                "throughput gateway/direct",
-                ">=",
-                TARGET_THROUGHPUT_RATIO,
-                self.throughput.ratio,
-                "x",
-            ),
-            Target("added p99 latency", "<=", TARGET_ADDED_P99_MS, self.latency.added_p99_ms, "ms"),
-            Target(
-                "memory per idle session",
-                "<=",
-                TARGET_IDLE_SESSION_KIB,
-                self.memory.per_session_kib,
-                "KiB",
+                "memory per idle session", "<=", TARGET_IDLE_SESSION_KIB, mem.per_session_kib, "KiB"
             ),
         ]
 
@@ -956,73 +1055,114 @@ class Report:
 
     def render(self) -> str:
         """The human-readable table."""
-        tp, lat, mem, cfg = self.throughput, self.latency, self.memory, self.config
         env = self.environment
-        fmt_rounds = ", ".join
         lines = [
-            "",
-            f"trio-gateway relay benchmark ({self.mode})  python {env['python']}, "
-            f"{env['cpus']} CPUs, load average at start {env['loadavg']}",
-            "All comparisons are between two paths measured in this run; absolute figures "
-            "vary with the machine.",
-            "",
-            f"1. Throughput: {tp.sessions} sessions x {tp.tokens} tokens, "
-            f"{cfg.rounds} alternating round(s) per path",
-            f"   {'path':<9}{'median tok/s':>14}   rounds",
-            f"   {'direct':<9}{tp.direct_median:>14,.0f}   "
-            + fmt_rounds(f"{v:,.0f}" for v in tp.direct_rounds),
-            f"   {'gateway':<9}{tp.gateway_median:>14,.0f}   "
-            + fmt_rounds(f"{v:,.0f}" for v in tp.gateway_rounds),
-            f"   ratio gateway/direct: {tp.ratio:.2f}",
-            f"   gateway CPU during gateway rounds: {tp.gateway_cpu_s:.2f} s "
-            f"({tp.gateway_cpu_us_per_token:.1f} us/token)",
-            f"   runtime CPU: {tp.runtime_cpu_s_direct:.2f} s in direct rounds, "
-            f"{tp.runtime_cpu_s_gateway:.2f} s in gateway rounds; client CPU: "
-            f"{tp.client_cpu_s_direct:.2f} s direct, {tp.client_cpu_s_gateway:.2f} s gateway",
-            f"   gateway frames received: {tp.gateway_frames:,} for {tp.gateway_tokens:,} tokens "
-            f"(coalescing factor {tp.coalescing_factor:.1f} tokens/frame)",
-            "",
-            f"2. Latency: {lat.sessions} sessions x {lat.rate} tok/s x {lat.duration_s:g} s "
-            "(emit in runtime -> receipt in client)",
-            f"   {'path':<9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'samples':>9}"
-            f"{'coalesced frames':>18}",
+            f"trio-gateway relay benchmark ({self.mode}): python {env['python']}, "
+            f"{env['cpus']} CPUs, load average {env['loadavg_start']} at start, "
+            f"{env['loadavg_end']} at end",
+            f"gateway sources sha256 {env['gateway_sources_sha256'][:12]}"
+            + ("" if env["sources_unchanged"] else "  (WARNING: they changed during the run)"),
+            "Compare the ratios and differences; absolute figures vary with the machine's load.",
         ]
-        for name, stats in (("direct", lat.direct), ("gateway", lat.gateway)):
+        if env["profiled"]:
             lines.append(
-                f"   {name:<9}{stats.p50_ms:>9.2f}{stats.p99_ms:>9.2f}{stats.max_ms:>9.2f}"
-                f"{stats.samples:>9}{stats.multi_token_frames:>18}"
+                "PROFILED RUN (py-spy attached): figures perturbed, use for hot spots only"
             )
-        lines += [
-            f"   {'added':<9}{lat.added_p50_ms:>9.2f}{lat.added_p99_ms:>9.2f}",
-            "",
-            f"3. Memory: {mem.idle_sessions} idle WebSocket sessions (measured first, on a "
-            "fresh gateway)",
-            f"   gateway RSS after warm-up {mem.rss_before_kib / 1024:.1f} MiB, with the sessions "
-            f"{mem.rss_with_sessions_kib / 1024:.1f} MiB: {mem.per_session_kib:.1f} KiB/session",
-            "",
-            "Targets",
-        ]
+        lines += ["", *self._throughput_lines(), "", *self._latency_lines(), ""]
+        lines += [*self._memory_lines(), "", "Targets"]
         for target in self.targets():
             verdict = "PASS" if target.met else "MISS"
             lines.append(
-                f"   {target.name:<27}{target.comparison} {target.limit:<6g}{target.unit:<4}"
-                f"measured {target.value:>8.2f} {target.unit:<4} {verdict}"
+                f"  {target.name:<27}{target.comparison} {target.limit:<5g}{target.unit:<4}"
+                f"measured {target.value:>9.2f} {target.unit:<4} {verdict}"
             )
+        for title, profile in (
+            ("throughput", self.throughput.profile),
+            ("latency", self.latency.profile),
+        ):
+            if profile:
+                lines += ["", f"Gateway profile, {title} phase (py-spy):", *profile]
         return "\n".join(lines)
 
+    def _throughput_lines(self) -> list[str]:
+        tp, cfg = self.throughput, self.config
+        direct_tokens = tp.sessions * tp.tokens * len(tp.path_rounds("direct"))
+        direct_us = _us_per_token(tp.direct_cpu, direct_tokens)
+        gateway_us = _us_per_token(tp.gateway_cpu, tp.gateway_tokens)
+        return [
+            f"1. Throughput: {tp.sessions} sessions x {tp.tokens} tokens, "
+            f"{cfg.rounds} timed round(s) per path, alternating",
+            f"  {'path':<9}{'median tok/s':>13}  {'rounds':<26}{'CPU us/token: gateway':>22}"
+            f"{'runtime':>9}{'client':>8}",
+            f"  {'direct':<9}{tp.direct_median:>13,.0f}  "
+            f"{', '.join(f'{v:,.0f}' for v in tp.path_rounds('direct')):<26}"
+            f"{'-':>22}{direct_us.runtime_s:>9.0f}{direct_us.client_s:>8.0f}",
+            f"  {'gateway':<9}{tp.gateway_median:>13,.0f}  "
+            f"{', '.join(f'{v:,.0f}' for v in tp.path_rounds('gateway')):<26}"
+            f"{gateway_us.gateway_s:>22.0f}{gateway_us.runtime_s:>9.0f}{gateway_us.client_s:>8.0f}",
+            f"  ratio gateway/direct (medians): {tp.ratio:.2f}",
+            f"  gateway CPU in the gateway rounds: {tp.gateway_cpu.gateway_s:.2f} s; cores busy "
+            f"on average: {tp.gateway_cpu.cores()} (direct rounds: {tp.direct_cpu.cores()})",
+            f"  frames through the gateway: {tp.gateway_frames:,} for {tp.gateway_tokens:,} "
+            f"tokens ({tp.tokens_per_frame:.1f} tokens/frame coalesced)",
+        ]
 
-def environment() -> dict[str, Any]:
-    """Facts about this machine that help read the figures."""
+    def _latency_lines(self) -> list[str]:
+        lat = self.latency
+        lines = [
+            f"2. Latency: {lat.sessions} sessions x {lat.rate} tok/s x {lat.duration_s:g} s "
+            f"(runtime emit -> client receipt)",
+            f"  {'path':<9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'samples':>9}"
+            f"{'coalesced':>11}   cores busy",
+        ]
+        for name, stats in (("direct", lat.direct), ("gateway", lat.gateway)):
+            lines.append(
+                f"  {name:<9}{stats.p50_ms:>9.2f}{stats.p99_ms:>9.2f}{stats.max_ms:>9.2f}"
+                f"{stats.samples:>9}{stats.multi_token_frames:>11}   {stats.cpu.cores()}"
+            )
+        gateway_us = lat.gateway.cpu.gateway_s / max(lat.gateway.samples, 1) * 1e6
+        lines += [
+            f"  {'added':<9}{lat.added_p50_ms:>9.2f}{lat.added_p99_ms:>9.2f}",
+            f"  gateway CPU per paced token: {gateway_us:.0f} us (one SSE read and one frame "
+            "each: nothing to amortise)",
+        ]
+        return lines
+
+    def _memory_lines(self) -> list[str]:
+        mem = self.memory
+        return [
+            f"3. Memory: {mem.idle_sessions} idle WebSocket sessions on a fresh gateway",
+            f"  gateway RSS after warm-up {mem.rss_before_kib / 1024:.1f} MiB, with the sessions "
+            f"{mem.rss_with_sessions_kib / 1024:.1f} MiB: {mem.per_session_kib:.1f} KiB/session",
+        ]
+
+
+def _us_per_token(cpu: CpuUse, tokens: int) -> CpuUse:
+    """``cpu`` divided by ``tokens``, in microseconds (``wall_s`` likewise)."""
+    scale = 1e6 / tokens if tokens else math.nan
+    return CpuUse(
+        cpu.gateway_s * scale, cpu.runtime_s * scale, cpu.client_s * scale, cpu.wall_s * scale
+    )
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as the kernel prints them."""
     try:
-        loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
-        loadavg = "?"
-    return {
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "loadavg": loadavg,
-        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-    }
+        return "?"
+
+
+def gateway_sources_digest() -> str:
+    """SHA-256 over the gateway package's ``.py`` files, to tie the figures to a code version
+    (the package is installed editable; this script does not run git)."""
+    spec = importlib.util.find_spec("trio_gateway")
+    if spec is None or not spec.submodule_search_locations:
+        return "unknown"
+    digest = hashlib.sha256()
+    for path in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1034,27 +1174,64 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-async def run_phases(services: Services, cfg: BenchConfig, mode: str) -> Report:
-    """Memory (on a fresh gateway), throughput, latency; then the report."""
-    env = environment()
-    _log(f"runtime pid {services.runtime.pid} at {services.runtime_url}")
-    _log(f"gateway pid {services.gateway.pid} at {services.gateway_url}")
-    _log(f"memory: {cfg.idle_sessions} idle sessions ...")
-    memory = await memory_phase(services, cfg)
-    _log(f"throughput: {cfg.sessions} x {cfg.tokens} tokens, {cfg.rounds} round(s) per path ...")
-    throughput = await throughput_phase(services, cfg, _log)
-    _log(f"latency: {cfg.paced_sessions} x {cfg.rate} tok/s x {cfg.duration:g} s, each path ...")
-    latency = await latency_phase(services, cfg)
-    return Report(mode, cfg, env, memory, throughput, latency)
+Phase = Callable[[Services, BenchConfig, Path | None], Awaitable[T]]
 
 
-def _failure_text(error: BaseException) -> str:
-    """Flatten exception groups into one line per leaf."""
-    if isinstance(error, BaseExceptionGroup):
-        return "\n".join(_failure_text(inner) for inner in error.exceptions)
-    if isinstance(error, trio.TooSlowError):
-        return "timed out (trio.fail_after)"
-    return f"{type(error).__name__}: {error}"
+def run_phase(
+    name: str,
+    phase: Phase[T],
+    runtime: Child,
+    key: str,
+    workdir: Path,
+    cfg: BenchConfig,
+    profile_dir: Path | None,
+) -> T:
+    """Start a fresh gateway, run ``phase`` against it under trio, stop the gateway."""
+    env = child_env(key, agent_url=runtime.url)
+    with spawned(f"gateway-{name}", ["serve"], env, workdir) as gateway:
+        services = Services(runtime, gateway, key)
+
+        async def body() -> T:
+            await runtime.wait_healthy()
+            await gateway.wait_healthy()
+            _log(f"{name}: gateway pid {gateway.pid}, runtime pid {runtime.pid}")
+            return await phase(services, cfg, profile_dir)
+
+        try:
+            return trio.run(body)
+        except BaseException as error:
+            if not _interrupted(error):  # the children's last words help explain a failure
+                for child in (runtime, gateway):
+                    _log(f"--- {child.name} log tail ---\n{child.log_tail()}")
+            raise
+
+
+def run(cfg: BenchConfig, mode: str, profile_dir: Path | None) -> Report:
+    """All three phases, each on a fresh gateway, against one runtime."""
+    digest = gateway_sources_digest()
+    environment: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "loadavg_start": loadavg(),
+        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "gateway_sources_sha256": digest,
+        "profiled": profile_dir is not None,
+    }
+    key = secrets.token_urlsafe(24)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        workdir = Path(tmp)
+        with spawned("runtime", ["demo-runtime", "--instant"], child_env(key), workdir) as runtime:
+            _log(f"throughput: {cfg.sessions} x {cfg.tokens} tokens, {cfg.rounds} round(s)/path")
+            throughput = run_phase(
+                "throughput", throughput_phase, runtime, key, workdir, cfg, profile_dir
+            )
+            _log(f"latency: {cfg.paced_sessions} x {cfg.rate} tok/s x {cfg.duration:g} s")
+            latency = run_phase("latency", latency_phase, runtime, key, workdir, cfg, profile_dir)
+            _log(f"memory: {cfg.idle_sessions} idle sessions")
+            memory = run_phase("memory", memory_phase, runtime, key, workdir, cfg, profile_dir)
+    environment["loadavg_end"] = loadavg()
+    environment["sources_unchanged"] = gateway_sources_digest() == digest
+    return Report(mode, cfg, environment, throughput, latency, memory)
 
 
 def _leaves(error: BaseException) -> Iterator[BaseException]:
@@ -1065,39 +1242,49 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
         yield error
 
 
+def _interrupted(error: BaseException) -> bool:
+    return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(error))
+
+
+def _describe(leaf: BaseException) -> str:
+    if isinstance(leaf, trio.TooSlowError):
+        return "timed out (a trio.fail_after bound expired)"
+    return f"{type(leaf).__name__}: {leaf}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print the table; 0 unless the benchmark failed."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the gateway with py-spy during the load phases (perturbs the figures)",
+    )
     args = parser.parse_args(argv)
     cfg = BenchConfig.quick() if args.quick else BenchConfig.full()
-    mode = "quick" if args.quick else "full"
+    if args.profile is not None:
+        if find_py_spy() is None:
+            parser.error("--profile needs py-spy (pip install py-spy)")
+        args.profile.mkdir(parents=True, exist_ok=True)
 
     fd_limit = raise_fd_limit()
-    needed = cfg.idle_sessions + 256
+    needed = cfg.idle_sessions + 512
     if fd_limit < needed:
-        print(f"relay_bench: RLIMIT_NOFILE {fd_limit} < {needed} needed", file=sys.stderr)
+        print(f"relay_bench: RLIMIT_NOFILE is {fd_limit}, {needed} needed", file=sys.stderr)
         return 1
     try:
-        with tempfile.TemporaryDirectory(prefix="relay-bench-") as workdir:
-            with running_services(Path(workdir)) as services:
-                try:
-                    report = trio.run(run_phases, services, cfg, mode)
-                except BaseException as error:
-                    # Attach the children's last words to whatever went wrong.
-                    if not any(isinstance(e, KeyboardInterrupt) for e in _leaves(error)):
-                        for child in (services.runtime, services.gateway):
-                            _log(f"--- {child.name} log tail ---\n{child.log_tail()}")
-                    raise
-    except KeyboardInterrupt:
-        print("relay_bench: interrupted", file=sys.stderr)
-        return 130
-    except BaseException as error:  # a failed benchmark: report every leaf, exit 1
-        if any(isinstance(e, KeyboardInterrupt) for e in _leaves(error)):
+        report = run(cfg, "quick" if args.quick else "full", args.profile)
+    except BaseException as error:
+        if _interrupted(error):
             print("relay_bench: interrupted", file=sys.stderr)
             return 130
-        print(f"relay_bench: FAILED\n{_failure_text(error)}", file=sys.stderr)
+        if isinstance(error, SystemExit):
+            raise
+        failures = "\n".join(f"  {_describe(leaf)}" for leaf in _leaves(error))
+        print(f"relay_bench: FAILED\n{failures}", file=sys.stderr)
         return 1
     print(report.render(), flush=True)
     if args.json is not None:

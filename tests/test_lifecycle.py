@@ -148,3 +148,42 @@ async def test_an_exception_in_a_session_closes_it_with_1011_and_spares_the_othe
         frames = await healthy.turn()
         assert len(frames) == 31
     assert "simulated bug" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_a_v2_client_is_told_to_resync_when_a_detached_turn_overflowed_the_buffer(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    settings = gateway_settings(url, outbound_queue_max_bytes=4096, session_grace_seconds=10)
+    async with run_gateway(nursery, settings) as gw:
+        async with gw.connect("overflow", v2=True) as client:
+            await client.recv()  # session_ready
+            await client.send({"type": "user_message", "content": "bench 3000"})
+            await client.recv()  # turn_started: the turn runs, then we vanish
+        await wait_for(lambda: runtime.completed_streams == 1)  # it finished while detached
+        async with gw.connect("overflow", v2=True) as client:
+            ready = await client.recv()
+            resync = await client.recv()
+            rest = await client.recv_until(lambda f: f["type"] == "turn_finished")
+    assert ready["type"] == "session_ready" and ready["reattached"] is False
+    assert resync == {
+        "type": "resync_required",
+        "reason": "frames_dropped_while_detached",
+        "seq": resync["seq"],
+    }
+    assert rest[-1]["status"] == "completed"
+
+
+async def test_a_v2_client_reattaching_to_a_live_turn_gets_session_ready_first(
+    gateway: RunningGateway,
+) -> None:
+    async with gateway.connect("live-v2", v2=True) as client:
+        await client.recv()
+        await client.send({"type": "user_message", "content": "bench 40 40"})
+        await client.recv_until(lambda f: f["type"] == "assistant_message")
+    async with gateway.connect("live-v2", v2=True) as client:
+        ready = await client.recv()
+        rest = await client.recv_until(lambda f: f["type"] == "turn_finished")
+    assert ready["type"] == "session_ready"
+    assert ready["turn_running"] is True and ready["reattached"] is True
+    assert rest[-1]["status"] == "completed"

@@ -114,6 +114,11 @@ class OutboundQueue:
         self.pending_control += 1
         self._entries.append(_Entry(frame, 0, control=True))
 
+    def put_control_front(self, frame: Frame) -> None:
+        """Queue a gateway-made frame ahead of everything waiting (greetings on attach)."""
+        self.pending_control += 1
+        self._entries.appendleft(_Entry(frame, 0, control=True))
+
     def take_all(self) -> list[Frame]:
         """Remove and return every waiting frame, merged text materialized, budgets released."""
         entries = self._entries

@@ -16,6 +16,13 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SUBPROTOCOL_V2 = "codelab.v2"
+# Frame types only protocol v2 clients receive (today's IDE renders unknown types as chat text).
+V2_ONLY_TYPES: frozenset[str] = frozenset(
+    {
+        "session_ready", "turn_started", "turn_finished", "cancel_ack", "pong", "heartbeat",
+        "resync_required",
+    }
+)  # fmt: skip
 SESSION_ID_MAX_LENGTH = 256
 
 

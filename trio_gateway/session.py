@@ -34,6 +34,7 @@ from .outbound import Frame, OutboundQueue
 from .protocol import (
     RUNTIME_BOUND_TYPES,
     SUBPROTOCOL_V2,
+    V2_ONLY_TYPES,
     CloseCode,
     ErrorCode,
     FrameError,
@@ -176,8 +177,11 @@ class Session:
                 self.end()
                 return
 
-    def attach(self, connection: Connection) -> None:
-        """Make ``connection`` the session's live socket, replacing any previous one."""
+    def attach(self, connection: Connection, greeting: Frame | None = None) -> None:
+        """Make ``connection`` the session's live socket, replacing any previous one.
+
+        ``greeting`` (v2 ``session_ready``) goes out before anything already queued.
+        """
         previous = self.connection
         if previous is not None:
             previous.replaced = True
@@ -185,11 +189,17 @@ class Session:
         self.connection = connection
         connection.wake_writer = self._frames_ready.unpark_all
         self._attachment_changed.unpark_all()
-        if self.lost_frames and connection.v2:
-            self.outbound.put_control(
-                {"type": "resync_required", "reason": "frames_dropped_while_detached"}
+        if self.lost_frames:
+            logger.warning(
+                "%d frame(s) of a detached turn did not fit the buffer", self.lost_frames
             )
+            if connection.v2:  # v1 clients reload history on reconnect anyway
+                self.outbound.put_control_front(
+                    {"type": "resync_required", "reason": "frames_dropped_while_detached"}
+                )
             self.lost_frames = 0
+        if greeting is not None:
+            self.outbound.put_control_front(greeting)
         self._frames_ready.unpark_all()
 
     def detach(self, connection: Connection) -> None:
@@ -320,7 +330,9 @@ class Session:
         self._frames_ready.unpark_all()
 
     def _send_v2(self, frame: Frame) -> None:
-        if self.connection is not None and self.connection.v2:
+        # Queued while detached too: a v2 client that re-attaches learns how the turn ended.
+        # The writer drops v2-only frames for v1 connections.
+        if self.connection is None or self.connection.v2:
             self.send_control(frame)
 
     def _close_for_drain(self, *, hard: bool = False) -> None:
@@ -432,19 +444,18 @@ class SessionManager:
         try:
             await ws.accept(SUBPROTOCOL_V2 if v2 else None)
             reattached = session.busy
-            session.attach(connection)
+            greeting = None
             if v2:
-                session.send_control(
-                    {
-                        "type": "session_ready",
-                        "session_id": session_id,
-                        "protocol": SUBPROTOCOL_V2,
-                        "turn_running": session.turn_running,
-                        "reattached": reattached,
-                        "heartbeat_interval": self.settings.ws_heartbeat_interval,
-                        "max_message_bytes": self.settings.ws_max_message_bytes,
-                    }
-                )
+                greeting = {
+                    "type": "session_ready",
+                    "session_id": session_id,
+                    "protocol": SUBPROTOCOL_V2,
+                    "turn_running": session.turn_running,
+                    "reattached": reattached,
+                    "heartbeat_interval": self.settings.ws_heartbeat_interval,
+                    "max_message_bytes": self.settings.ws_max_message_bytes,
+                }
+            session.attach(connection, greeting)
             self.metrics.connections_opened.inc()
             logger.info(
                 "websocket connected (v2=%s, reattached=%s)",
@@ -605,6 +616,8 @@ class SessionManager:
             if not frames:
                 connection.shut(connection.close_code)  # flushed: close now
                 return
+            if not connection.v2:
+                frames = [f for f in frames if f.get("type") not in V2_ONLY_TYPES]
             for index, frame in enumerate(frames):
                 frame["seq"] = session.next_seq()
                 try:
