@@ -1,7 +1,7 @@
 """Relay benchmark: what the gateway costs compared with reading the Agent Runtime directly.
 
-Run ``python bench/relay_bench.py`` (default sizes, about two minutes) or ``--quick`` (a smoke
-run of a few seconds); ``--json FILE`` also writes the figures, ``--profile DIR`` records the
+Run ``python bench/relay_bench.py`` (default sizes, about 90 s) or ``--quick`` (a smoke run of
+about 20 s); ``--json FILE`` also writes the figures, ``--profile DIR`` records the
 gateway with py-spy during the load phases (that run's figures are then perturbed). The script
 starts the demo runtime (``trio-gateway demo-runtime --instant``) and the gateway
 (``trio-gateway serve``) as child processes on free loopback ports, drives them from this process
@@ -34,7 +34,10 @@ sessions reuse. Neither may leak into the next phase's figures.
    are compared. The gateway coalesces consecutive tokens into one frame when its client falls
    behind, so tokens are counted by their text, never by frames; tokens per frame shows how much
    it coalesced. CPU seconds of each process (``/proc/<pid>/stat``) over the timed windows show
-   where the time went.
+   where the time went. With the demo runtime saturating one core in both paths, the tokens/s
+   ratio also depends on how the kernel splits the two cores between three busy processes (and
+   whatever else runs on the machine), so the report adds the round-by-round ratios (the spread
+   within the run) and the CPU per token of the whole pipeline, which depends much less on it.
 2. **Latency.** ``C`` sessions each stream ``bench R*D R``: ``R`` tokens/s for ``D`` seconds on
    the runtime's absolute schedule, every chunk stamped with ``metadata.emitted_ns``
    (``time.time_ns()`` in the runtime; same host, same clock). Latency = ``time.time_ns()`` when
@@ -58,6 +61,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import importlib.util
 import math
@@ -270,6 +274,22 @@ class Child:
                 self.process.wait(CHILD_STOP_TIMEOUT)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies (even by
+    SIGKILL), so a killed benchmark leaves no servers behind; None where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
 @contextmanager
 def spawned(name: str, args: list[str], env: dict[str, str], workdir: Path) -> Iterator[Child]:
     """Run ``trio-gateway ARGS`` (with ``--port`` chosen here) as a child; stop it on exit."""
@@ -284,6 +304,7 @@ def spawned(name: str, args: list[str], env: dict[str, str], workdir: Path) -> I
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop the children
+            preexec_fn=_die_with_parent(),
         )
     child = Child(name, process, log_path, f"http://{HOST}:{port}")
     try:
@@ -408,26 +429,41 @@ async def profiled(pid: int, output: Path | None) -> AsyncIterator[None]:
                 await recorder.wait()
 
 
-def hottest_functions(collapsed: Path, top: int = 12) -> list[str]:
-    """The functions with the most samples (inclusive and self) in a py-spy raw profile."""
+def _package_of(frame: str) -> str:
+    """``"f (httpcore/_async/http11.py)"`` -> ``"httpcore"``; stdlib modules keep their name."""
+    _, _, where = frame.rpartition(" (")
+    return where.rstrip(")").split("/")[0].removesuffix(".py") or "?"
+
+
+def hottest_functions(collapsed: Path, top: int = 10) -> list[str]:
+    """The functions with the most samples (inclusive and self) in a py-spy raw profile.
+
+    Inclusive counts start below trio's run loop: the frames above it (the interpreter, the CLI,
+    ``trio.run``) are on every stack and say nothing.
+    """
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
+        loop = max((i for i, f in enumerate(frames) if f.startswith("unrolled_run ")), default=-1)
         total += int(count)
         own[frames[-1]] += int(count)
-        for frame in set(frames):
+        packages[_package_of(frames[-1])] += int(count)
+        for frame in set(frames[loop + 1 :]):
             inclusive[frame] += int(count)
     if not total:
         return ["(no samples)"]
-    # Frames on (nearly) every stack are the interpreter and trio's run loop: not informative.
-    ranked = [(f, n) for f, n in inclusive.most_common() if n < 0.6 * total][:top]
-    lines = [f"{total} samples; inclusive:"]
-    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in ranked]
+    lines = [
+        f"{total} samples; self time by package: "
+        + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in packages.most_common(8)),
+        "inclusive (below trio's run loop):",
+    ]
+    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(top)]
     lines.append("self:")
     lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
     return lines
@@ -690,6 +726,9 @@ class ThroughputResult:
     gateway_frames: int
     gateway_tokens: int
     tokens_per_frame: float  # through the gateway: the coalescing factor
+    pair_ratios: list[float]  # gateway round i / direct round i: the spread within this run
+    pipeline_us_per_token_direct: float  # CPU of runtime + gateway + client per token
+    pipeline_us_per_token_gateway: float
     profile: list[str] | None = None
 
     def path_rounds(self, path: str) -> list[float]:
@@ -794,8 +833,18 @@ async def throughput_phase(
         gateway_frames=gateway_frames,
         gateway_tokens=gateway_tokens,
         tokens_per_frame=gateway_tokens / gateway_frames if gateway_frames else math.nan,
+        pair_ratios=[g.tokens_per_s / d.tokens_per_s for d, g in zip(direct, gateway, strict=True)],
+        pipeline_us_per_token_direct=_pipeline_us(direct, cfg),
+        pipeline_us_per_token_gateway=_pipeline_us(gateway, cfg),
         profile=_profile_summary(profile_path),
     )
+
+
+def _pipeline_us(rounds: Sequence[RoundResult], cfg: BenchConfig) -> float:
+    """CPU microseconds per token of all three processes together over ``rounds``."""
+    cpu = _sum_cpu(r.cpu for r in rounds)
+    tokens = cfg.sessions * cfg.tokens * len(rounds)
+    return (cpu.gateway_s + cpu.runtime_s + cpu.client_s) / tokens * 1e6
 
 
 def _sum_cpu(uses: Iterable[CpuUse]) -> CpuUse:
@@ -1063,6 +1112,7 @@ class Report:
             f"gateway sources sha256 {env['gateway_sources_sha256'][:12]}"
             + ("" if env["sources_unchanged"] else "  (WARNING: they changed during the run)"),
             "Compare the ratios and differences; absolute figures vary with the machine's load.",
+            "Each process is single-threaded: one at ~1.00 core busy is the bottleneck.",
         ]
         if env["profiled"]:
             lines.append(
@@ -1100,7 +1150,11 @@ class Report:
             f"  {'gateway':<9}{tp.gateway_median:>13,.0f}  "
             f"{', '.join(f'{v:,.0f}' for v in tp.path_rounds('gateway')):<26}"
             f"{gateway_us.gateway_s:>22.0f}{gateway_us.runtime_s:>9.0f}{gateway_us.client_s:>8.0f}",
-            f"  ratio gateway/direct (medians): {tp.ratio:.2f}",
+            f"  ratio gateway/direct (medians): {tp.ratio:.2f}; round by round: "
+            + ", ".join(f"{r:.2f}" for r in tp.pair_ratios),
+            f"  CPU per token of the whole pipeline (all three processes): direct "
+            f"{tp.pipeline_us_per_token_direct:.0f} us, gateway "
+            f"{tp.pipeline_us_per_token_gateway:.0f} us",
             f"  gateway CPU in the gateway rounds: {tp.gateway_cpu.gateway_s:.2f} s; cores busy "
             f"on average: {tp.gateway_cpu.cores()} (direct rounds: {tp.direct_cpu.cores()})",
             f"  frames through the gateway: {tp.gateway_frames:,} for {tp.gateway_tokens:,} "
@@ -1123,8 +1177,8 @@ class Report:
         gateway_us = lat.gateway.cpu.gateway_s / max(lat.gateway.samples, 1) * 1e6
         lines += [
             f"  {'added':<9}{lat.added_p50_ms:>9.2f}{lat.added_p99_ms:>9.2f}",
-            f"  gateway CPU per paced token: {gateway_us:.0f} us (one SSE read and one frame "
-            "each: nothing to amortise)",
+            f"  gateway CPU per paced token: {gateway_us:.0f} us (paced chunks carry their own "
+            "metadata, so the gateway cannot coalesce them even when it falls behind)",
         ]
         return lines
 
@@ -1270,6 +1324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--profile needs py-spy (pip install py-spy)")
         args.profile.mkdir(parents=True, exist_ok=True)
 
+    # SIGTERM unwinds exactly like Ctrl-C (trio delivers SIGINT at a safe point), so the
+    # children are stopped by the same finally blocks.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
     fd_limit = raise_fd_limit()
     needed = cfg.idle_sessions + 512
     if fd_limit < needed:

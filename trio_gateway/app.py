@@ -57,7 +57,7 @@ class Gateway:
         """Open the HTTP pool and start the session manager inside ``nursery``."""
         self.http = make_http_client(self.settings)
         self.proxy.http = self.http
-        self.runtime = RuntimeClient(self.settings, self.http)
+        self.runtime = RuntimeClient(self.settings)
         self.sessions = SessionManager(self.settings, self.runtime, self.metrics)
         self._manager_scope = trio.CancelScope()
 

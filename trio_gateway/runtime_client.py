@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
+from .http_stream import StreamBroken, StreamConnectError, StreamingClient, StreamTimeout
 from .protocol import ErrorCode
 from .settings import Settings
 from .sse import ServerSentEvent, SSEDecoder, SSEProtocolError
@@ -95,15 +96,19 @@ def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], 
 class RuntimeClient:
     """Streams turns from the runtime and turns every failure into a :class:`RuntimeFailure`."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
-        self._http = http
-        # The read timeout is the stream *idle* timeout: httpx applies it to every network
-        # read, so a stream silent for longer fails, while a long but lively one never does.
-        self._stream_timeout = httpx.Timeout(
-            connect=settings.request_timeout,
-            write=settings.request_timeout,
-            pool=settings.request_timeout,
-            read=settings.stream_idle_timeout,
+    def __init__(self, settings: Settings) -> None:
+        self._client = StreamingClient(
+            settings.agent_url,
+            default_headers={
+                "X-Internal-Auth": settings.internal_api_key.get_secret_value(),
+                "Content-Type": "application/json",
+                "Accept": "text/event-stream",
+            },
+            connect_timeout=settings.request_timeout,
+            write_timeout=settings.request_timeout,
+            # The stream *idle* timeout applies to every network read: a stream silent for
+            # longer fails, while a long but lively one never does.
+            idle_timeout=settings.stream_idle_timeout,
         )
         self._idle_timeout = settings.stream_idle_timeout
 
@@ -118,30 +123,14 @@ class RuntimeClient:
 
         All events parsed from one network read are delivered as one batch (the per-token cost
         must stay tiny; TRIO-NOTES). Returns the number of chunks relayed. Cancelling the
-        caller closes the HTTP response at once (httpx under trio).
+        caller closes the runtime connection at once.
         """
         body = orjson.dumps({"session_id": session_id, "message": message})
-        request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if headers:
-            request_headers.update(headers)
         relayed = 0
         try:
-            async with self._http.stream(
-                "POST",
-                STREAM_PATH,
-                content=body,
-                headers=request_headers,
-                timeout=self._stream_timeout,
-            ) as response:
+            async with self._client.post(STREAM_PATH, body, headers or {}) as response:
                 if response.status_code != 200:
-                    raw = b""
-                    # aclosing: leaving the loop early must close the generator now, not at GC.
-                    async with aclosing(response.aiter_bytes()) as pieces:  # type: ignore[type-var]
-                        async for piece in pieces:
-                            raw += piece
-                            if len(raw) >= MAX_ERROR_BODY:
-                                break
-                    detail = _error_detail(raw[:MAX_ERROR_BODY])
+                    detail = _error_detail(await response.read_limited(MAX_ERROR_BODY))
                     raise RuntimeFailure(
                         ErrorCode.RUNTIME_ERROR,
                         f"Agent runtime answered HTTP {response.status_code}: {detail}",
@@ -149,39 +138,30 @@ class RuntimeClient:
                         detail=detail,
                     )
                 decoder = SSEDecoder()
-                async with aclosing(response.aiter_bytes()) as pieces:  # type: ignore[type-var]
-                    async for piece in pieces:
+                async with aclosing(response.iter_chunks()) as chunks:
+                    async for piece in chunks:
                         events = decoder.feed(piece)
                         if events:
                             batch, size = _parse_events(events)
                             if batch:
                                 relayed += len(batch)
                                 await deliver(batch, size)
-        except RuntimeFailure:
-            raise
         except SSEProtocolError:
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime sent a malformed event stream"
             ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+        except StreamConnectError as error:
+            logger.info("runtime unreachable: %s", error)
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_UNAVAILABLE, "Agent runtime is unreachable"
             ) from None
-        except httpx.PoolTimeout:
-            raise RuntimeFailure(
-                ErrorCode.RUNTIME_UNAVAILABLE, "Gateway has no free connection to the runtime"
-            ) from None
-        except httpx.ReadTimeout:
+        except StreamTimeout:
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_TIMEOUT,
                 f"Agent runtime sent nothing for {self._idle_timeout:g} s",
             ) from None
-        except httpx.WriteTimeout:
-            raise RuntimeFailure(
-                ErrorCode.RUNTIME_TIMEOUT, "Timed out sending the message to the agent runtime"
-            ) from None
-        except httpx.TransportError as error:
-            logger.info("runtime stream broke: %s", type(error).__name__)
+        except StreamBroken as error:
+            logger.info("runtime stream broke: %s", error)
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime stream ended unexpectedly"
             ) from None
