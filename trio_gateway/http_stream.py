@@ -42,13 +42,15 @@ async def _receive_into(
     stream: trio.abc.Stream, connection: h11.Connection, idle_timeout: float
 ) -> None:
     """One network read, fed to h11; every failure mapped to this module's exceptions."""
+    # A bare CancelScope rather than fail_after: this runs once per token, and fail_after's
+    # generator-based context manager costs several times more.
     try:
-        with trio.fail_after(idle_timeout):
+        with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as scope:
             data = await stream.receive_some(MAX_READ)
-    except trio.TooSlowError:
-        raise StreamTimeout("no data within the idle timeout") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
         raise StreamBroken(str(error)) from None
+    if scope.cancelled_caught:
+        raise StreamTimeout("no data within the idle timeout")
     try:
         connection.receive_data(bytes(data))
     except h11.RemoteProtocolError as error:
