@@ -13,23 +13,12 @@ from typing import Any
 import orjson
 import trio
 
-ALL_FIELDS = (
-    "type",
-    "content",
-    "token",
-    "is_final",
-    "call_id",
-    "tool_name",
-    "arguments",
-    "requires_approval",
-    "error",
-    "metadata",
-)
+from .frames import CHUNK_FIELDS
 
 
 def chunk(**fields: Any) -> dict[str, Any]:
     """A stream chunk with every field present, nulls included, like today's runtime."""
-    base: dict[str, Any] = dict.fromkeys(ALL_FIELDS)
+    base: dict[str, Any] = dict.fromkeys(CHUNK_FIELDS)
     base["is_final"] = False
     base.update(fields)
     return base

@@ -16,6 +16,7 @@ import orjson
 import pytest
 import trio
 
+from tests.frames import CHUNK_FIELDS, ide_frame
 from trio_gateway import demo_runtime as demo_runtime_module
 from trio_gateway.demo_runtime import (
     DemoRuntime,
@@ -28,18 +29,6 @@ KEY = "test-internal-key"
 AUTH = "X-Internal-Auth"
 STREAM = "/agent/message/stream"
 FAST = DemoRuntimeConfig(internal_api_key=KEY, token_delay=0, think_delay=0)
-CHUNK_FIELDS = {
-    "type",
-    "content",
-    "token",
-    "is_final",
-    "call_id",
-    "tool_name",
-    "arguments",
-    "requires_approval",
-    "error",
-    "metadata",
-}
 AGENT_TYPES = ["orchestrator", "coder", "architect", "debug", "ask", "universal"]
 
 
@@ -94,7 +83,7 @@ def parse_sse(body: bytes) -> list[dict[str, Any]]:
         assert event.startswith(b"data: ")
         assert b"\n" not in event
         chunk = orjson.loads(event[len(b"data: ") :])
-        assert set(chunk) == CHUNK_FIELDS  # every field, nulls included
+        assert set(chunk) == set(CHUNK_FIELDS)  # every field, nulls included
         chunks.append(chunk)
     return chunks
 
@@ -230,24 +219,8 @@ async def test_plain_question_streams_words_then_an_empty_final_message(
     client: httpx.AsyncClient, runtime: DemoRuntime
 ) -> None:
     # The IDE sends all 15 fields of its model, nulls included: they must be accepted.
-    ide_frame = {
-        "type": "user_message",
-        "content": "What is a monad?",
-        "role": "user",
-        "is_final": None,
-        "call_id": None,
-        "tool_name": None,
-        "arguments": None,
-        "requires_approval": None,
-        "result": None,
-        "error": None,
-        "agent_type": None,
-        "from_agent": None,
-        "to_agent": None,
-        "reason": None,
-        "metadata": None,
-    }
-    *words, final = await turn(client, "s1", ide_frame)
+    frame = ide_frame("What is a monad?")
+    *words, final = await turn(client, "s1", frame)
 
     assert_words(words)
     assert "What is a monad?" in text_of(words)
@@ -255,7 +228,7 @@ async def test_plain_question_streams_words_then_an_empty_final_message(
     assert runtime.completed_streams == 1 and runtime.active_streams == 0
 
     # The runtime records exactly what it received, for the gateway's tests.
-    assert runtime.stream_requests == [{"session_id": "s1", "message": ide_frame}]
+    assert runtime.stream_requests == [{"session_id": "s1", "message": frame}]
     assert runtime.stream_headers[0][AUTH.lower()] == KEY
     assert runtime.stream_headers[0]["content-type"] == "application/json"
 

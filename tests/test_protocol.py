@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from tests.frames import ide_frame
 from trio_gateway.protocol import (
     ErrorCode,
     FrameError,
@@ -13,23 +14,7 @@ from trio_gateway.protocol import (
     valid_session_id,
 )
 
-IDE_FRAME = {
-    "type": "user_message",
-    "content": "Create a widget",
-    "role": "user",
-    "is_final": None,
-    "call_id": None,
-    "tool_name": None,
-    "arguments": None,
-    "requires_approval": None,
-    "result": None,
-    "error": None,
-    "agent_type": None,
-    "from_agent": None,
-    "to_agent": None,
-    "reason": None,
-    "metadata": None,
-}
+IDE_FRAME = ide_frame("Create a widget")
 
 
 def refusal(text: str) -> FrameError:

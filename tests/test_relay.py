@@ -7,25 +7,10 @@ import trio
 from trio_gateway.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from .frames import ide_frame
 from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
-IDE_FRAME = {
-    "type": "user_message",
-    "content": "what is trio?",
-    "role": "user",
-    "is_final": None,
-    "call_id": None,
-    "tool_name": None,
-    "arguments": None,
-    "requires_approval": None,
-    "result": None,
-    "error": None,
-    "agent_type": None,
-    "from_agent": None,
-    "to_agent": None,
-    "reason": None,
-    "metadata": None,
-}
+IDE_FRAME = ide_frame("what is trio?")
 
 
 async def test_an_answer_streams_token_by_token_in_order(gateway: RunningGateway) -> None:
