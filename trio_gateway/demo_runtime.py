@@ -1148,4 +1148,7 @@ async def serve_demo_runtime(
     # IPv6 literals need brackets in a bind string.
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
+    # The logger object itself: a "-" target would install hypercorn's own stderr handler on
+    # the shared "hypercorn.error" logger, doubling every line in the demo process.
+    config.errorlog = logging.getLogger("hypercorn.error")
     await serve(runtime.app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)

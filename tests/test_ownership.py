@@ -1,0 +1,199 @@
+"""Session ownership: the first user to touch a session owns it; the store stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_gateway.ownership import MemoryOwnershipStore, OwnershipStore, check_access
+
+# --- check_access ------------------------------------------------------------------------------
+
+
+def test_an_unowned_session_is_open_to_anyone_who_will_then_claim_it() -> None:
+    assert check_access(None, "alice")
+
+
+def test_only_the_owner_has_access() -> None:
+    assert check_access("alice", "alice")
+    assert not check_access("alice", "bob")
+    assert not check_access("alice", "Alice")  # user ids are compared exactly
+    assert not check_access("alice", "")
+
+
+# --- MemoryOwnershipStore ----------------------------------------------------------------------
+
+
+def test_memory_store_implements_the_protocol() -> None:
+    store: OwnershipStore = MemoryOwnershipStore()
+    assert isinstance(store, OwnershipStore)
+
+
+async def test_first_claim_wins_and_later_claims_report_the_owner() -> None:
+    store = MemoryOwnershipStore()
+    assert await store.owner("s1") is None
+    assert await store.claim("s1", "alice") == "alice"
+    assert await store.claim("s1", "bob") == "alice"
+    assert await store.claim("s1", "alice") == "alice"
+    assert await store.owner("s1") == "alice"
+    assert len(store) == 1
+
+
+async def test_the_intended_flow_is_check_access_then_claim() -> None:
+    store = MemoryOwnershipStore()
+
+    async def admit(user: str) -> bool:
+        if not check_access(await store.owner("s1"), user):
+            return False
+        return await store.claim("s1", user) == user  # re-check: another may have won a race
+
+    assert await admit("alice")
+    assert not await admit("bob")
+    assert await admit("alice")
+
+
+async def test_sessions_of_lists_a_users_sessions() -> None:
+    store = MemoryOwnershipStore()
+    await store.claim("s1", "alice")
+    await store.claim("s2", "alice")
+    await store.claim("s3", "bob")
+    await store.claim("s3", "alice")  # already bob's: alice gains nothing
+    assert await store.sessions_of("alice") == frozenset({"s1", "s2"})
+    assert await store.sessions_of("bob") == frozenset({"s3"})
+    assert await store.sessions_of("carol") == frozenset()
+
+
+async def test_sessions_of_returns_a_snapshot() -> None:
+    store = MemoryOwnershipStore()
+    await store.claim("s1", "alice")
+    snapshot = await store.sessions_of("alice")
+    await store.claim("s2", "alice")
+    assert snapshot == frozenset({"s1"})
+
+
+async def test_forget_releases_the_session_for_a_new_claim() -> None:
+    store = MemoryOwnershipStore()
+    await store.claim("s1", "alice")
+    await store.claim("s2", "alice")
+    await store.forget("s1")
+    assert await store.owner("s1") is None
+    assert await store.sessions_of("alice") == frozenset({"s2"})
+    assert await store.claim("s1", "bob") == "bob"
+    assert len(store) == 2
+
+
+async def test_forget_of_an_unknown_session_is_a_no_op() -> None:
+    store = MemoryOwnershipStore()
+    await store.forget("nope")
+    assert len(store) == 0
+
+
+async def test_a_user_with_no_sessions_left_is_dropped_entirely() -> None:
+    store = MemoryOwnershipStore()
+    await store.claim("s1", "alice")
+    await store.forget("s1")
+    assert store._by_user == {}
+
+
+async def test_empty_ids_cannot_claim() -> None:
+    store = MemoryOwnershipStore()
+    with pytest.raises(ValueError, match="user"):
+        await store.claim("s1", "")
+    with pytest.raises(ValueError, match="session_id"):
+        await store.claim("", "alice")
+    assert len(store) == 0
+
+
+def test_max_sessions_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        MemoryOwnershipStore(max_sessions=0)
+
+
+async def test_beyond_max_sessions_the_oldest_claim_is_evicted_and_reclaimable() -> None:
+    store = MemoryOwnershipStore(max_sessions=2)
+    await store.claim("s1", "alice")
+    await store.claim("s2", "alice")
+    await store.claim("s3", "bob")
+    assert len(store) == 2
+    assert await store.owner("s1") is None
+    assert await store.sessions_of("alice") == frozenset({"s2"})
+    # The documented consequence: whoever touches an evicted session next now owns it.
+    assert await store.claim("s1", "mallory") == "mallory"
+    assert await store.owner("s2") is None  # s2 was then the oldest
+
+
+async def test_claiming_again_keeps_a_session_young() -> None:
+    store = MemoryOwnershipStore(max_sessions=2)
+    await store.claim("s1", "alice")
+    await store.claim("s2", "bob")
+    await store.claim("s1", "alice")  # s1 is in use: s2 is now the oldest claim
+    await store.claim("s3", "carol")
+    assert await store.owner("s1") == "alice"
+    assert await store.owner("s2") is None
+    assert await store.sessions_of("bob") == frozenset()
+
+
+async def test_memory_stays_bounded_under_many_sessions() -> None:
+    store = MemoryOwnershipStore(max_sessions=1000)
+    for i in range(100_000):
+        await store.claim(f"s{i}", f"user-{i % 7919}")
+    assert len(store) == 1000
+    assert len(store._by_user) <= 1000
+    assert await store.owner("s99999") == "user-" + str(99999 % 7919)
+    assert await store.owner("s0") is None
+
+
+async def test_concurrent_claims_have_exactly_one_winner() -> None:
+    store = MemoryOwnershipStore()
+    results: list[tuple[str, str]] = []
+
+    async def contender(user: str) -> None:
+        await trio.lowlevel.checkpoint()
+        results.append((user, await store.claim("s1", user)))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(contender, f"user-{n}")
+    owners = {owner for _, owner in results}
+    assert len(owners) == 1
+    (winner,) = owners
+    assert [user for user, owner in results if user == owner] == [winner]
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["claim", "forget"]),
+        st.sampled_from([f"s{i}" for i in range(8)]),
+        st.sampled_from(["alice", "bob", "carol"]),
+    ),
+    max_size=80,
+)
+
+
+@given(ops=ops, max_sessions=st.integers(1, 10))
+def test_store_matches_a_model(ops: list[tuple[str, str, str]], max_sessions: int) -> None:
+    async def run() -> None:
+        store = MemoryOwnershipStore(max_sessions=max_sessions)
+        model: dict[str, str] = {}  # insertion order = claim order, oldest first
+        for op, session, user in ops:
+            if op == "claim":
+                if session in model:
+                    model[session] = model.pop(session)
+                else:
+                    model[session] = user
+                    if len(model) > max_sessions:
+                        del model[next(iter(model))]
+                assert await store.claim(session, user) == model[session]
+            else:
+                model.pop(session, None)
+                await store.forget(session)
+            assert len(store) == len(model) <= max_sessions
+            for s in (f"s{i}" for i in range(8)):
+                assert await store.owner(s) == model.get(s)
+            for u in ("alice", "bob", "carol"):
+                expected = frozenset(s for s, o in model.items() if o == u)
+                assert await store.sessions_of(u) == expected
+
+    trio.run(run)
