@@ -47,7 +47,24 @@ async def test_a_500_with_a_non_json_body(
             await client.send({"type": "user_message", "content": "boom"})
             error = await client.recv()
             assert (error["code"], error["status"]) == ("runtime_error", 500)
-            assert error["detail"] == "Internal Server Error"
+            # a raw 500 body may expose runtime internals: it never reaches the client
+            assert "detail" not in error and "Internal Server Error" not in error["content"]
+
+
+async def test_a_validation_dump_is_summarised_never_echoed(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> None:
+    scripted_runtime.scripts["dump"] = Script(
+        status=422,
+        content_type="application/json",
+        body=[b'{"detail": [{"loc": ["body"], "msg": "bad", "input": "PRIVATE-TEXT"}]}'],
+    )
+    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
+        async with gw.connect("s") as client:
+            await client.send({"type": "user_message", "content": "dump"})
+            error = await client.recv()
+    assert error["status"] == 422 and "PRIVATE-TEXT" not in str(error)
+    assert error["detail"] == "request validation failed (1 error(s))"
 
 
 async def test_unreachable_runtime(nursery: trio.Nursery) -> None:

@@ -29,9 +29,10 @@ from .rest_proxy import (
     RestProxy,
     error_response,
     incoming_request_id,
+    make_http_client,
     route_handler,
 )
-from .runtime_client import RuntimeClient, make_http_client
+from .runtime_client import RuntimeClient
 from .session import SessionManager
 from .settings import Settings
 from .transport import ConnectionClosed, WebSocketConnection

@@ -20,6 +20,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
+import trio
+
 __all__ = [
     "ConnectionCounter",
     "ConnectionRefusal",
@@ -474,3 +476,20 @@ def parse_origin_list(text: str) -> list[str]:
             ) from None
         entries.append("*" if origin is None else str(origin))
     return entries
+
+
+async def acquire_within(limiter: trio.CapacityLimiter, wait: float) -> bool:
+    """Take a slot of ``limiter``, waiting at most ``wait`` seconds.
+
+    A free slot is taken even when ``wait`` is 0 (``move_on_after(0)`` alone would cancel
+    the acquire before it could succeed).
+    """
+    try:
+        limiter.acquire_nowait()
+        return True
+    except trio.WouldBlock:
+        pass
+    with trio.move_on_after(wait):
+        await limiter.acquire()
+        return True
+    return False

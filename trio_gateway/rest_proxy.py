@@ -24,6 +24,7 @@ import orjson
 import trio
 from quart import Response, request
 
+from .limits import acquire_within
 from .observability import Metrics, request_id_var
 from .settings import Settings
 
@@ -137,6 +138,21 @@ ROUTES: tuple[ProxyRoute, ...] = (
 )  # fmt: skip
 
 
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The one pooled HTTP client of an app (keep-alive, limits and timeouts from settings)."""
+    return httpx.AsyncClient(
+        base_url=settings.agent_url,
+        limits=httpx.Limits(
+            max_connections=settings.runtime_max_connections,
+            max_keepalive_connections=min(settings.runtime_max_connections, 100),
+        ),
+        timeout=httpx.Timeout(settings.request_timeout),
+        headers={"X-Internal-Auth": settings.internal_api_key.get_secret_value()},
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
 def error_response(
     status: int, error: str, description: str, headers: dict[str, str] | None = None
 ) -> Response:
@@ -194,9 +210,7 @@ class RestProxy:
         url = httpx.URL(path, query=request.query_string or b"")
         timeout = httpx.Timeout(route.timeout) if route.timeout else self._default_timeout
 
-        with trio.move_on_after(self.settings.saturation_wait) as waited:
-            await self._slots.acquire()
-        if waited.cancelled_caught:
+        if not await acquire_within(self._slots, self.settings.saturation_wait):
             self.metrics.limit_hits.labels("concurrent_requests").inc()
             logger.warning(
                 "REST proxy saturated",

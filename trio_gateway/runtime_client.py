@@ -7,10 +7,11 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
-import httpx
 import orjson
+import trio
 
 from .http_stream import StreamBroken, StreamConnectError, StreamingClient, StreamTimeout
+from .limits import acquire_within
 from .protocol import ErrorCode
 from .settings import Settings
 from .sse import ServerSentEvent, SSEDecoder, SSEProtocolError
@@ -38,41 +39,28 @@ class RuntimeFailure(Exception):
         self.detail = detail
 
 
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one pooled HTTP client of an app (keep-alive, limits and timeouts from settings)."""
-    return httpx.AsyncClient(
-        base_url=settings.agent_url,
-        limits=httpx.Limits(
-            max_connections=settings.runtime_max_connections,
-            max_keepalive_connections=min(settings.runtime_max_connections, 100),
-        ),
-        timeout=httpx.Timeout(settings.request_timeout),
-        headers={"X-Internal-Auth": settings.internal_api_key.get_secret_value()},
-        follow_redirects=False,
-        trust_env=False,
-    )
-
-
 def _drop_nulls(chunk: dict[str, Any]) -> dict[str, Any]:
     # Today's runtime sends every field, nulls included; clients do not need them.
     return {key: value for key, value in chunk.items() if value is not None}
 
 
-def _error_detail(body: bytes) -> str:
+def _error_detail(body: bytes) -> str | None:
+    """The runtime's client-facing message: a JSON ``{"detail": "<text>"}``, shortened.
+
+    Anything else stays out of client frames: a validation ``detail`` list echoes the client's
+    input back (summarised instead), and a raw body (an HTML 500 page, a traceback) may expose
+    runtime internals.
+    """
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        text = body.decode("utf-8", "replace")
-    else:
-        detail = parsed.get("detail") if isinstance(parsed, dict) else None
-        if isinstance(detail, str):
-            text = detail
-        elif detail is not None:
-            text = orjson.dumps(detail).decode()
-        else:
-            text = body.decode("utf-8", "replace")
-    text = " ".join(text.split())
-    return text[:MAX_DETAIL_CHARS]
+        return None
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    if isinstance(detail, list):
+        return f"request validation failed ({len(detail)} error(s))"
+    if not isinstance(detail, str):
+        return None
+    return " ".join(detail.split())[:MAX_DETAIL_CHARS]
 
 
 def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], int]:
@@ -111,6 +99,9 @@ class RuntimeClient:
             idle_timeout=settings.stream_idle_timeout,
         )
         self._idle_timeout = settings.stream_idle_timeout
+        self._wait_for_slot = settings.request_timeout
+        # Every turn holds one runtime connection for its whole length: cap them.
+        self._slots = trio.CapacityLimiter(settings.runtime_max_connections)
 
     async def stream_turn(
         self,
@@ -127,20 +118,34 @@ class RuntimeClient:
         """
         body = orjson.dumps({"session_id": session_id, "message": message})
         relayed = 0
+        if not await acquire_within(self._slots, self._wait_for_slot):
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_UNAVAILABLE,
+                "Gateway has no free connection to the runtime; try again shortly",
+            )
         try:
             async with self._client.post(STREAM_PATH, body, headers or {}) as response:
                 if response.status_code != 200:
+                    status = response.status_code
                     detail = _error_detail(await response.read_limited(MAX_ERROR_BODY))
+                    text = f"Agent runtime answered HTTP {status}"
+                    if detail is not None and status < 500:
+                        text += f": {detail}"  # the runtime's message for the client
                     raise RuntimeFailure(
-                        ErrorCode.RUNTIME_ERROR,
-                        f"Agent runtime answered HTTP {response.status_code}: {detail}",
-                        status=response.status_code,
-                        detail=detail,
+                        ErrorCode.RUNTIME_ERROR, text, status=status, detail=detail
                     )
                 decoder = SSEDecoder()
                 async with aclosing(response.iter_chunks()) as chunks:
                     async for piece in chunks:
-                        events = decoder.feed(piece)
+                        try:
+                            events = decoder.feed(piece)
+                        except SSEProtocolError as error:
+                            # Relay what was complete before the runaway line, then fail.
+                            if error.events:
+                                batch, size = _parse_events(error.events)
+                                if batch:
+                                    await deliver(batch, size)
+                            raise
                         if events:
                             batch, size = _parse_events(events)
                             if batch:
@@ -165,4 +170,6 @@ class RuntimeClient:
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime stream ended unexpectedly"
             ) from None
+        finally:
+            self._slots.release()
         return relayed

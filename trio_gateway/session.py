@@ -64,6 +64,10 @@ class Connection:
         self.replaced = False
         self.shut_requested = trio.Event()
         self.wake_writer: Callable[[], object] = lambda: None
+        # Writers take turns: a replacement's writer starts only once the previous writer of
+        # the session has stopped, so frames and seq numbers never interleave between them.
+        self.writer_done = trio.Event()
+        self.previous_writer_done: trio.Event | None = None
 
     def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the connection to close with ``code``; the connection task does the closing.
@@ -104,6 +108,7 @@ class Session:
         self.scope = trio.CancelScope()
         self.turn_scope: trio.CancelScope | None = None
         self.lost_frames = 0
+        self.pending_attach = 0  # connections accepted but not attached yet
         self.close_after_turn: int | None = None
         self._turn_started_at = 0.0
         self._first_chunk_seen = False
@@ -161,21 +166,30 @@ class Session:
         self.scope.cancel()
 
     async def _grace_timer(self) -> None:
-        # Ends the session once it has been without a connection for the grace period.
+        # Ends the session once it has been without a connection for the grace period. A
+        # connection between accept and attach counts as present (no race at the deadline).
+        def unattended() -> bool:
+            return self.connection is None and not self.pending_attach
+
         while True:
-            while self.connection is not None:
+            while not unattended():
                 await self._attachment_changed.park()
-            if self.settings.session_grace_seconds <= 0 and not self.turn_running:
+            if self.settings.session_grace_seconds <= 0:
                 self.end()
                 return
             with trio.move_on_after(self.settings.session_grace_seconds) as waited:
-                while self.connection is None:
+                while unattended():
                     await self._attachment_changed.park()
             if waited.cancelled_caught:
                 if self.turn_running:
                     logger.info("grace period over; cancelling the detached turn")
                 self.end()
                 return
+
+    def release_pending(self) -> None:
+        """A connection counted in ``pending_attach`` attached or gave up."""
+        self.pending_attach -= 1
+        self._attachment_changed.unpark_all()
 
     def attach(self, connection: Connection, greeting: Frame | None = None) -> None:
         """Make ``connection`` the session's live socket, replacing any previous one.
@@ -186,6 +200,7 @@ class Session:
         if previous is not None:
             previous.replaced = True
             previous.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
+            connection.previous_writer_done = previous.writer_done
         self.connection = connection
         connection.wake_writer = self._frames_ready.unpark_all
         self._attachment_changed.unpark_all()
@@ -223,8 +238,9 @@ class Session:
         self._frames_ready.unpark_all()
 
     def submit(self, message: dict[str, Any]) -> bool:
-        """Queue a runtime-bound message; False when the FIFO is full (caller answers busy)."""
-        if not self.queue.offer(message):
+        """Queue a runtime-bound message; False when the FIFO is full (caller answers busy)
+        or the session is closing for a drain (no new turn may start)."""
+        if self.close_after_turn is not None or not self.queue.offer(message):
             return False
         self._messages_ready.unpark_all()
         return True
@@ -311,8 +327,12 @@ class Session:
         while not self.outbound.has_space() and self.connection is not None:
             await self._space_ready.park()
         if not self.outbound.has_space():
-            self.lost_frames += len(chunks)
-            return
+            # Keep what ends the turn (small, and a client that never sees it spins forever).
+            finals = [chunk for chunk in chunks if chunk.get("is_final") is not False]
+            self.lost_frames += len(chunks) - len(finals)
+            if not finals:
+                return
+            chunks = finals
         if not self._first_chunk_seen:
             self._first_chunk_seen = True
             self.manager.metrics.time_to_first_token.observe(
@@ -442,7 +462,20 @@ class SessionManager:
         connection = Connection(ws, v2)
         self.connection_count += 1
         try:
-            await ws.accept(SUBPROTOCOL_V2 if v2 else None)
+            # accept() yields to other tasks: the session must not end by grace meanwhile.
+            session.pending_attach += 1
+            try:
+                await ws.accept(SUBPROTOCOL_V2 if v2 else None)
+            finally:
+                session.release_pending()
+            if session.scope.cancel_called or self.sessions.get(session_id) is not session:
+                # It ended anyway (drain, operator): never attach to a session without a
+                # turn runner. No await between here and attach.
+                if self.draining:
+                    connection.close_code = CloseCode.SERVICE_RESTART
+                    connection.close_reason = "server restarting"
+                    return
+                session = self._session_for(session_id)
             reattached = session.busy
             greeting = None
             if v2:
@@ -465,6 +498,7 @@ class SessionManager:
             )
             await self._run_connection(session, connection)
         finally:
+            connection.writer_done.set()
             self.connection_count -= 1
             session.detach(connection)
             await self._finish_connection(connection)
@@ -519,6 +553,7 @@ class SessionManager:
             await ws.close_within(
                 connection.close_code, self.settings.ws_close_timeout, connection.close_reason
             )
+            await ws.drain_until_disconnect(self.settings.ws_close_timeout)
         if ws.aborted:
             code = "aborted"
         elif peer_closed:
@@ -569,6 +604,9 @@ class SessionManager:
                     connection.shut(CloseCode.POLICY_VIOLATION, "too many unread frames")
                     return
         except ConnectionClosed:
+            # shut() rather than a bare cancel: it also arms the guard, which aborts a writer
+            # still blocked in a shielded send to this (half-)closed peer.
+            connection.shut(connection.close_code)
             nursery_scope.cancel()
 
     def _handle_text(self, session: Session, connection: Connection, text: str) -> None:
@@ -587,15 +625,15 @@ class SessionManager:
         self.count_frame_in(kind)
         if kind in RUNTIME_BOUND_TYPES:
             if not session.submit(message):
-                self.metrics.limit_hits.labels("queued_messages").inc()
-                session.send_control(
-                    error_frame(
-                        ErrorCode.BUSY,
+                if session.close_after_turn is not None:
+                    text = "The gateway is restarting; reconnect and send the message again"
+                else:
+                    self.metrics.limit_hits.labels("queued_messages").inc()
+                    text = (
                         f"Too many messages waiting ({self.settings.max_queued_messages}); "
-                        "wait for the current turn to finish",
-                        is_final=False,
+                        "wait for the current turn to finish"
                     )
-                )
+                session.send_control(error_frame(ErrorCode.BUSY, text, is_final=False))
         elif kind == "cancel":
             running, dropped = session.cancel_turn()
             logger.info("client cancel (turn running=%s, dropped=%d)", running, dropped)
@@ -611,6 +649,10 @@ class SessionManager:
 
     async def _writer(self, session: Session, connection: Connection) -> None:
         ws = connection.ws
+        if connection.previous_writer_done is not None:
+            # Bounded: the replaced connection's guard aborts a stuck send within
+            # ws_close_timeout, after which its writer ends.
+            await connection.previous_writer_done.wait()
         while True:
             frames = await session.wait_frames(connection)
             if not frames:
@@ -629,6 +671,7 @@ class SessionManager:
                     session.seq -= 1
                     del frame["seq"]
                     session.outbound.requeue_front(frames[index:])
+                    session._frames_ready.unpark_all()
                     raise
 
     async def _heartbeat(self, session: Session, connection: Connection) -> None:

@@ -79,6 +79,7 @@ class WebSocketConnection:
         self.accepted = False
         self.closed = False
         self.peer_closed_code: int | None = None
+        self.disconnected = False  # hypercorn delivered websocket.disconnect
         self.aborted = False
         self.send_started_at: float | None = None
         self.last_send_at = trio.current_time()
@@ -99,6 +100,7 @@ class WebSocketConnection:
         event = await self._receive()
         if event["type"] == "websocket.disconnect":
             self.closed = True
+            self.disconnected = True
             raise ConnectionClosed(event.get("code"))
 
     async def reject(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -130,10 +132,12 @@ class WebSocketConnection:
             return bytes(event.get("bytes") or b"")
         if kind == "websocket.disconnect":
             self.closed = True
+            self.disconnected = True
             self.peer_closed_code = event.get("code")
             raise ConnectionClosed(self.peer_closed_code)
         # Anything else is a server bug; treat it as a disconnect rather than spin.
         self.closed = True
+        self.disconnected = True
         raise ConnectionClosed(None)
 
     async def send_text(self, text: str) -> None:
@@ -176,6 +180,27 @@ class WebSocketConnection:
         self._abort()
         self._send_finished.unpark_all()
         return True
+
+    async def drain_until_disconnect(self, timeout: float) -> None:
+        """Consume inbound events until hypercorn reports the disconnect.
+
+        Required before the app returns: hypercorn posts the final disconnect into its bounded
+        per-connection queue, and if that queue is full of frames nobody reads, hypercorn's
+        connection task blocks forever (a leaked task and file descriptor per connection).
+        If the peer does not complete the close within ``timeout``, the transport is aborted,
+        which makes hypercorn post the disconnect, and we keep draining until it arrives.
+        """
+        if self.disconnected:
+            return
+        for attempt in range(2):
+            with trio.move_on_after(timeout):
+                try:
+                    while True:
+                        await self.receive()
+                except ConnectionClosed:
+                    return
+            if attempt == 0 and not self.abort():
+                return  # cannot abort on this server: nothing more we can do
 
     async def close_within(self, code: int, timeout: float, reason: str = "") -> None:
         """Close with ``code``; if the close frame cannot be written within ``timeout``
