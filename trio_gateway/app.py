@@ -30,6 +30,7 @@ from .rest_proxy import (
     error_response,
     incoming_request_id,
     make_http_client,
+    make_transport,
     route_handler,
 )
 from .runtime_client import RuntimeClient
@@ -56,8 +57,9 @@ class Gateway:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Open the HTTP pool and start the session manager inside ``nursery``."""
-        self.http = make_http_client(self.settings)
-        self.proxy.http = self.http
+        transport = make_transport(self.settings)
+        self.http = make_http_client(self.settings, transport)
+        self.proxy.transport = transport
         self.runtime = RuntimeClient(self.settings)
         self.sessions = SessionManager(self.settings, self.runtime, self.metrics)
         self._manager_scope = trio.CancelScope()
