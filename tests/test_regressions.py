@@ -47,8 +47,11 @@ async def test_a_half_close_while_the_writer_is_blocked_frees_the_connection(
     nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
 ) -> None:
     settings = gateway_settings(
-        demo_runtime[1], outbound_queue_max_bytes=16 * 1024, ws_slow_client_timeout=600.0,
-        ws_heartbeat_interval=60.0, session_grace_seconds=0.5,
+        demo_runtime[1],
+        outbound_queue_max_bytes=16 * 1024,
+        ws_slow_client_timeout=600.0,
+        ws_heartbeat_interval=60.0,
+        session_grace_seconds=0.5,
     )
     async with run_gateway(nursery, settings) as gw:
         raw = await RawWebSocket.connect(
@@ -87,7 +90,9 @@ async def test_a_replacement_gets_contiguous_seq_and_ordered_tokens(
     nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
 ) -> None:
     settings = gateway_settings(
-        demo_runtime[1], outbound_queue_max_bytes=16 * 1024, ws_heartbeat_interval=60.0,
+        demo_runtime[1],
+        outbound_queue_max_bytes=16 * 1024,
+        ws_heartbeat_interval=60.0,
         ws_close_timeout=0.5,
     )
     async with run_gateway(nursery, settings) as gw:

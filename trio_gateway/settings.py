@@ -55,7 +55,14 @@ class Settings(BaseSettings):
         ),
     )
     runtime_max_connections: int = Field(
-        500, ge=1, le=100_000, description="Size of the shared HTTP connection pool to the runtime."
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Cap on turns streaming at once (each holds its own runtime connection; more wait up "
+            "to REQUEST_TIMEOUT, then fail with runtime_unavailable) and on pooled REST "
+            "connections."
+        ),
     )
     max_concurrent_requests: int = Field(
         200,
