@@ -12,7 +12,7 @@ from trio_gateway.demo_runtime import DemoRuntime
 
 from .conftest import close_code, gateway_settings, run_gateway
 from .rawws import RawWebSocket
-from .scripted_runtime import Script, ScriptedRuntime
+from .scripted_runtime import ScriptedRuntime
 
 
 def port_of(base_url: str) -> int:
