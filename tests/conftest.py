@@ -107,6 +107,8 @@ def gateway_settings(agent_url: str, **overrides: Any) -> Settings:
         "session_grace_seconds": 2.0,
         "drain_timeout": 3.0,
         "ws_close_timeout": 0.5,
+        # Authentication has its own suite (test_security.py); elsewhere it is off.
+        "use_jwt_auth": False,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -91,6 +91,7 @@ async def test_sigterm_drains_and_the_process_exits_0(
         "GATEWAY__AGENT_URL": demo_runtime[1],
         "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
         "GATEWAY__DRAIN_TIMEOUT": "5",
+        "GATEWAY__USE_JWT_AUTH": "false",
     }
     command = [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)]
     process = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.DEVNULL)

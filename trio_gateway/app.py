@@ -22,7 +22,6 @@ from quart_trio import QuartTrio
 from . import __version__
 from .observability import Metrics, request_id_var
 from .openapi import build_openapi, render_docs_html
-from .protocol import valid_session_id
 from .rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
@@ -34,9 +33,11 @@ from .rest_proxy import (
     route_handler,
 )
 from .runtime_client import RuntimeClient
+from .security import Security
 from .session import SessionManager
 from .settings import Settings
-from .transport import ConnectionClosed, WebSocketConnection
+from .transport import WebSocketConnection
+from .ws_handshake import open_session_socket
 
 logger = logging.getLogger("trio_gateway.app")
 
@@ -49,7 +50,8 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.proxy = RestProxy(settings, self.metrics)
+        self.security = Security(settings, self.metrics)
+        self.proxy = RestProxy(settings, self.metrics, self.security)
         self.http: httpx.AsyncClient | None = None
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
@@ -60,8 +62,9 @@ class Gateway:
         transport = make_transport(self.settings)
         self.http = make_http_client(self.settings, transport)
         self.proxy.transport = transport
+        self.security.start(self.http)
         self.runtime = RuntimeClient(self.settings)
-        self.sessions = SessionManager(self.settings, self.runtime, self.metrics)
+        self.sessions = SessionManager(self.settings, self.runtime, self.metrics, self.security)
         self._manager_scope = trio.CancelScope()
 
         async def run_manager(task_status: trio.TaskStatus[None]) -> None:
@@ -107,42 +110,9 @@ class GatewayApp(QuartTrio):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and scope["path"].startswith(WS_PREFIX):
-            await self._websocket_session(scope, receive, send)
+            await open_session_socket(self.gateway, WebSocketConnection(scope, receive, send))
         else:
             await super().__call__(scope, receive, send)
-
-    async def _websocket_session(self, scope: Any, receive: Any, send: Any) -> None:
-        ws = WebSocketConnection(scope, receive, send)
-        try:
-            await ws.wait_connect()
-        except ConnectionClosed:
-            return
-        session_id = scope["path"][len(WS_PREFIX) :]
-        sessions = self.gateway.sessions
-        if not valid_session_id(session_id):
-            await _reject(ws, 400, "invalid_session_id", "Malformed session id")
-            return
-        if sessions is None:
-            await _reject(ws, 503, "unavailable", "Gateway is not ready")
-            return
-        refusal = sessions.refusal(session_id)
-        if refusal is not None:
-            status, reason = refusal
-            self.gateway.metrics.handshakes_refused.labels(str(status)).inc()
-            logger.warning(
-                "websocket refused: %s", reason, extra={"event": "ws_refused", "reason": reason}
-            )
-            await _reject(ws, status, "unavailable", reason, retry_after=True)
-            return
-        await sessions.serve_connection(ws, session_id)
-
-
-async def _reject(
-    ws: WebSocketConnection, status: int, error: str, description: str, retry_after: bool = False
-) -> None:
-    body = orjson.dumps({"error": error, "error_description": description})
-    headers = [(b"retry-after", b"5")] if retry_after else []
-    await ws.reject(status, body, headers)
 
 
 def create_app(settings: Settings) -> GatewayApp:
@@ -215,6 +185,9 @@ def create_app(settings: Settings) -> GatewayApp:
             except httpx.HTTPError as error:
                 checks["runtime"] = f"unreachable ({type(error).__name__})"
             ready = ready and checks["runtime"] == "ok"
+        if gateway.security.enabled:
+            checks["jwks"] = "ok" if await gateway.security.keys_available() else "unavailable"
+            ready = ready and checks["jwks"] == "ok"
         body = {
             "status": "ready" if ready else "not_ready",
             "version": __version__,

@@ -151,7 +151,7 @@ KNOWN_FRAME_TYPES = frozenset(
         "user_message", "tool_result", "switch_agent", "hitl_decision", "cancel", "ping",
         "assistant_message", "tool_call", "agent_switched", "error", "done", "session_info",
         "status", "session_ready", "turn_started", "turn_finished", "pong", "heartbeat",
-        "cancel_ack", "resync_required", "invalid", "binary",
+        "cancel_ack", "resync_required", "invalid", "binary", "auth", "auth_ok",
     }
 )  # fmt: skip
 
@@ -243,6 +243,18 @@ class Metrics:
             "gateway_outbound_queue_bytes",
             "Relayed bytes waiting for client sockets, all sessions.",
             registry=r,
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures",
+            "Refused authentications and authorizations, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.jwks_fetches = Gauge(
+            "gateway_jwks_fetches", "JWKS fetches attempted since start.", registry=r
+        )
+        self.jwks_fetch_failures = Gauge(
+            "gateway_jwks_fetch_failures", "JWKS fetches that failed since start.", registry=r
         )
         self.coalesced_chunks = Counter(
             "gateway_coalesced_chunks",

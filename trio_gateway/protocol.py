@@ -20,7 +20,7 @@ SUBPROTOCOL_V2 = "codelab.v2"
 V2_ONLY_TYPES: frozenset[str] = frozenset(
     {
         "session_ready", "turn_started", "turn_finished", "cancel_ack", "pong", "heartbeat",
-        "resync_required",
+        "resync_required", "auth_ok",
     }
 )  # fmt: skip
 SESSION_ID_MAX_LENGTH = 256
@@ -40,6 +40,8 @@ class ErrorCode(StrEnum):
     RUNTIME_STREAM_BROKEN = "runtime_stream_broken"
     CANCELLED = "cancelled"
     INTERNAL_ERROR = "internal_error"
+    RATE_LIMITED = "rate_limited"
+    INVALID_TOKEN = "invalid_token"
 
 
 class CloseCode(IntEnum):
@@ -52,7 +54,10 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
     SESSION_REPLACED = 4409
+    RATE_LIMITED = 4429
 
 
 class TurnStatus(StrEnum):
@@ -109,6 +114,11 @@ class Ping(_ClientFrame):
     type: Literal["ping"]
 
 
+class Auth(_ClientFrame):
+    type: Literal["auth"]
+    token: str = Field(min_length=1, max_length=16 * 1024)
+
+
 RUNTIME_BOUND_TYPES: frozenset[str] = frozenset(
     {"user_message", "tool_result", "switch_agent", "hitl_decision"}
 )
@@ -119,6 +129,7 @@ _MODELS: dict[str, TypeAdapter[Any]] = {
     "hitl_decision": TypeAdapter(HitlDecision),
     "cancel": TypeAdapter(Cancel),
     "ping": TypeAdapter(Ping),
+    "auth": TypeAdapter(Auth),
 }
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_MODELS)
 

@@ -24,8 +24,10 @@ import orjson
 import trio
 from quart import Response, request
 
+from .auth import Identity
 from .limits import acquire_within
-from .observability import Metrics, request_id_var
+from .observability import Metrics, request_id_var, user_var
+from .security import INTERNAL, Refusal, Security, user_headers
 from .settings import Settings
 
 logger = logging.getLogger("trio_gateway.rest")
@@ -60,6 +62,10 @@ class ProxyRoute:
     request_body: str | None = None  # name of the request model in the OpenAPI document
     success_status: int = 200
     query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
+    # Cross-session data: only services (internal key) may read it, unless the request names
+    # one session the caller owns in this query parameter.
+    internal_only: bool = False
+    session_query: str | None = None
 
     @property
     def quart_rule(self) -> str:
@@ -120,14 +126,16 @@ ROUTES: tuple[ProxyRoute, ...] = (
     ProxyRoute("GET", "/api/v1/events/metrics", "/events/metrics", "Runtime metrics."),
     ProxyRoute(
         "GET", "/api/v1/events/metrics/sessions", "/events/metrics/sessions",
-        "Per-session metrics summary.",
+        "Per-session metrics summary (services only: it spans every user).", internal_only=True,
     ),
     ProxyRoute(
         "GET", "/api/v1/events/metrics/session/{session_id}",
         "/events/metrics/session/{session_id}", "Metrics of one session.", per_session=True,
     ),
     ProxyRoute(
-        "GET", "/api/v1/events/audit-log", "/events/audit-log", "Audit log.",
+        "GET", "/api/v1/events/audit-log", "/events/audit-log",
+        "Audit log of one of your sessions (session_id required; services may omit it).",
+        internal_only=True, session_query="session_id",
         query=(
             ("session_id", "string", "Only this session."),
             ("event_type", "string", "Only this event type."),
@@ -162,6 +170,14 @@ def make_http_client(settings: Settings, transport: httpx.AsyncHTTPTransport) ->
     )
 
 
+def _json_object(content: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def error_response(
     status: int, error: str, description: str, headers: dict[str, str] | None = None
 ) -> Response:
@@ -179,9 +195,10 @@ def incoming_request_id() -> str:
 class RestProxy:
     """Forwards the routes of :data:`ROUTES` over the app's pooled HTTP client."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, security: Security) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.security = security
         self.transport: httpx.AsyncHTTPTransport | None = None
         self._slots = trio.CapacityLimiter(settings.max_concurrent_requests)
         self._default_timeout = httpx.Timeout(settings.request_timeout)
@@ -198,7 +215,35 @@ class RestProxy:
         self.metrics.rest_latency.labels(route.template).observe(trio.current_time() - started)
         return response
 
+    async def _authorize(self, route: ProxyRoute, path_params: dict[str, str]) -> Identity:
+        """Who is calling and whether they may use ``route``; raises :class:`Refusal`."""
+        security = self.security
+        internal = security.internal_caller(request.headers.get("X-Internal-Auth"))
+        if internal:
+            identity = INTERNAL
+        else:
+            identity = await security.identify_header(request.headers.get("Authorization"))
+        user_var.set(identity.sub)
+        scope = self.settings.read_scope if route.method == "GET" else self.settings.write_scope
+        security.require_scope(identity, scope)
+        if internal or not security.enabled:
+            return identity
+        security.check_rest_rate(identity)
+        if route.per_session:
+            await security.claim_session(path_params["session_id"], identity)
+        if route.session_query is not None and request.args.get(route.session_query):
+            await security.claim_session(request.args[route.session_query], identity)
+        elif route.internal_only:
+            raise Refusal(403, "forbidden", "This route is reserved to services")
+        return identity
+
     async def _forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
+        try:
+            identity = await self._authorize(route, path_params)
+        except Refusal as refused:
+            return error_response(
+                refused.status, refused.error, refused.description, refused.headers()
+            )
         length = request.content_length
         if length is not None and length > self.settings.max_request_body_bytes:
             return self._too_large()
@@ -217,6 +262,11 @@ class RestProxy:
         request_id = request_id_var.get()
         if request_id:
             headers[REQUEST_ID_HEADER] = request_id
+        headers.update(user_headers(identity))
+        if route.method == "POST" and route.path == "/api/v1/sessions" and body:
+            foreign = await self._refuse_foreign_session_id(body, identity)
+            if foreign is not None:
+                return foreign
         url = httpx.URL(self._base_url + path, query=request.query_string or b"")
         timeout = httpx.Timeout(route.timeout) if route.timeout else self._default_timeout
 
@@ -248,7 +298,55 @@ class RestProxy:
             return error_response(502, "runtime_unavailable", "The agent runtime is unreachable")
         finally:
             self._slots.release()
-        return self._relay_response(upstream)
+        response = self._relay_response(upstream)
+        if self.security.enabled and identity is not INTERNAL:
+            await self._record_ownership(route, path_params, upstream, response, identity)
+        return response
+
+    async def _refuse_foreign_session_id(self, body: bytes, identity: Identity) -> Response | None:
+        # POST /sessions may name its id: refuse one that another user owns.
+        try:
+            wanted = orjson.loads(body).get("session_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None  # the runtime answers bad bodies itself
+        if isinstance(wanted, str) and self.security.enabled:
+            owner = await self.security.ownership.owner(wanted)
+            if owner is not None and owner != identity.sub:
+                return error_response(403, "forbidden", "This session belongs to another user")
+        return None
+
+    async def _record_ownership(
+        self,
+        route: ProxyRoute,
+        path_params: dict[str, str],
+        upstream: httpx.Response,
+        response: Response,
+        identity: Identity,
+    ) -> None:
+        ownership = self.security.ownership
+        if route.path == "/api/v1/sessions" and route.method == "POST":
+            if upstream.status_code == 201:
+                created = _json_object(upstream.content)
+                if isinstance(created.get("id"), str):
+                    await ownership.claim(created["id"], identity.sub)
+        elif route.path == "/api/v1/sessions" and route.method == "GET":
+            if upstream.status_code == 200:
+                await self._only_own_sessions(upstream.content, response, identity)
+        elif route.method == "DELETE" and route.per_session and upstream.status_code == 204:
+            await ownership.forget(path_params["session_id"])
+
+    async def _only_own_sessions(
+        self, content: bytes, response: Response, identity: Identity
+    ) -> None:
+        # The runtime knows no users: the gateway filters its list to the caller's sessions.
+        listing = _json_object(content)
+        sessions = listing.get("sessions")
+        if not isinstance(sessions, list):
+            return
+        mine = await self.security.ownership.sessions_of(identity.sub)
+        listing["sessions"] = [s for s in sessions if isinstance(s, dict) and s.get("id") in mine]
+        listing["total"] = len(listing["sessions"])
+        response.set_data(orjson.dumps(listing))
 
     async def _send(
         self,

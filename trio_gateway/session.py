@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 import trio
 
-from .observability import Metrics, frame_type_label, session_id_var
+from .auth import Identity
+from .observability import Metrics, frame_type_label, session_id_var, user_var
 from .outbound import Frame, OutboundQueue
 from .protocol import (
     RUNTIME_BOUND_TYPES,
@@ -43,6 +45,7 @@ from .protocol import (
     parse_client_frame,
 )
 from .runtime_client import RuntimeClient, RuntimeFailure
+from .security import Refusal, Security
 from .settings import Settings
 from .transport import ConnectionClosed, WebSocketConnection
 from .turn_queue import TurnQueue
@@ -53,9 +56,11 @@ logger = logging.getLogger("trio_gateway.session")
 class Connection:
     """One attached WebSocket and its three tasks (reader, writer, heartbeat)."""
 
-    def __init__(self, ws: WebSocketConnection, v2: bool) -> None:
+    def __init__(self, ws: WebSocketConnection, v2: bool, identity: Identity) -> None:
         self.ws = ws
         self.v2 = v2
+        self.identity = identity
+        self.rate_refusals = 0  # consecutive messages refused by the rate limit
         self.scope = trio.CancelScope()
         self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
@@ -349,6 +354,11 @@ class Session:
             metrics.coalesced_chunks.inc(outbound.merged_chunks - merged_before)
         self._frames_ready.unpark_all()
 
+    def _send_to(self, connection: Connection, frame: Frame) -> None:
+        """Queue a v2-only frame if ``connection`` speaks v2."""
+        if connection.v2:
+            self.send_control(frame)
+
     def _send_v2(self, frame: Frame) -> None:
         # Queued while detached too: a v2 client that re-attaches learns how the turn ended.
         # The writer drops v2-only frames for v1 connections.
@@ -385,10 +395,13 @@ class Session:
 class SessionManager:
     """All sessions of one app, the connection entry point, limits and drain."""
 
-    def __init__(self, settings: Settings, runtime: RuntimeClient, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, runtime: RuntimeClient, metrics: Metrics, security: Security
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.metrics = metrics
+        self.security = security
         self.sessions: dict[str, Session] = {}
         self.connection_count = 0
         self.draining = False
@@ -453,19 +466,29 @@ class SessionManager:
 
     # --- one connection ----------------------------------------------------------------------
 
-    async def serve_connection(self, ws: WebSocketConnection, session_id: str) -> None:
-        """Run an accepted WebSocket until it closes; never raises for the session's errors."""
+    async def serve_connection(
+        self,
+        ws: WebSocketConnection,
+        session_id: str,
+        identity: Identity,
+        *,
+        accepted: bool = False,
+    ) -> None:
+        """Run a WebSocket of an authorized ``identity`` until it closes (accepting it first
+        unless ``accepted``); never raises for the session's errors."""
         v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
+        user_var.set(identity.sub)
         # Bound before the session's and the connection's tasks start: they inherit it.
         session_id_var.set(session_id)
         session = self._session_for(session_id)
-        connection = Connection(ws, v2)
+        connection = Connection(ws, v2, identity)
         self.connection_count += 1
         try:
             # accept() yields to other tasks: the session must not end by grace meanwhile.
             session.pending_attach += 1
             try:
-                await ws.accept(SUBPROTOCOL_V2 if v2 else None)
+                if not accepted:
+                    await ws.accept(SUBPROTOCOL_V2 if v2 else None)
             finally:
                 session.release_pending()
             if session.scope.cancel_called or self.sessions.get(session_id) is not session:
@@ -580,6 +603,10 @@ class SessionManager:
         try:
             while True:
                 data = await ws.receive()
+                if not self._within_rate(session, connection):
+                    if connection.closing:
+                        return
+                    continue
                 if isinstance(data, bytes):
                     self.count_frame_in("binary")
                     session.send_control(
@@ -594,7 +621,7 @@ class SessionManager:
                     connection.shut(CloseCode.MESSAGE_TOO_BIG, "message too big")
                     return
                 else:
-                    self._handle_text(session, connection, data)
+                    await self._handle_text(session, connection, data)
                 if session.outbound.control_overflow():
                     self.metrics.limit_hits.labels("unread_control_frames").inc()
                     logger.warning(
@@ -609,7 +636,53 @@ class SessionManager:
             connection.shut(connection.close_code)
             nursery_scope.cancel()
 
-    def _handle_text(self, session: Session, connection: Connection, text: str) -> None:
+    def _within_rate(self, session: Session, connection: Connection) -> bool:
+        # Per-user token bucket on inbound messages: a refused message gets a rate_limited
+        # frame; a client that keeps going past a burst's worth of refusals is closed (4429).
+        if self.security.check_message_rate(connection.identity):
+            connection.rate_refusals = 0
+            return True
+        connection.rate_refusals += 1
+        if connection.rate_refusals > self.settings.ws_message_burst:
+            logger.warning(
+                "client ignores the message rate limit; closing",
+                extra={"event": "limit_hit", "limit": "ws_message_rate"},
+            )
+            connection.shut(CloseCode.RATE_LIMITED, "rate limit exceeded")
+            return False
+        session.send_control(
+            error_frame(
+                ErrorCode.RATE_LIMITED,
+                "Too many messages; this one was dropped, slow down",
+                is_final=False,
+            )
+        )
+        return False
+
+    async def _refresh_identity(self, session: Session, connection: Connection, token: str) -> None:
+        # In-band token refresh: a fresh token of the same user extends the socket's life.
+        try:
+            identity = await self.security.identify_token(token)
+        except Refusal as refused:
+            session.send_control(
+                error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
+            )
+            return
+        if identity.sub != connection.identity.sub:
+            session.send_control(
+                error_frame(
+                    ErrorCode.INVALID_TOKEN,
+                    "The new token belongs to another user",
+                    is_final=False,
+                )
+            )
+            connection.shut(CloseCode.UNAUTHORIZED, "token of another user")
+            return
+        connection.identity = identity
+        logger.info("token refreshed in band", extra={"event": "auth_refreshed"})
+        session._send_to(connection, {"type": "auth_ok", "expires_at": identity.expires_at})
+
+    async def _handle_text(self, session: Session, connection: Connection, text: str) -> None:
         try:
             message = parse_client_frame(text)
         except FrameError as refused:
@@ -641,6 +714,8 @@ class SessionManager:
                 session.send_control(
                     {"type": "cancel_ack", "turn_cancelled": running, "dropped_messages": dropped}
                 )
+        elif kind == "auth":
+            await self._refresh_identity(session, connection, message["token"])
         elif kind == "ping" and connection.v2:
             pong: Frame = {"type": "pong"}
             if "id" in message:
@@ -681,8 +756,19 @@ class SessionManager:
         ws = connection.ws
         settings = self.settings
         tick = max(0.01, min(settings.ws_heartbeat_interval, settings.ws_slow_client_timeout) / 4)
+        check_expiry = self.security.enabled
         while True:
-            await trio.sleep(tick)
+            wait = tick
+            if check_expiry:
+                # Tokens expire on live sockets too (plus the leeway); an in-band refresh
+                # moves expires_at, which this loop re-reads every round.
+                remaining = connection.identity.expires_at + settings.jwt_leeway - time.time()
+                if remaining <= 0:
+                    logger.info("token expired on a live socket", extra={"event": "auth_expired"})
+                    connection.shut(CloseCode.UNAUTHORIZED, "token expired")
+                    return
+                wait = min(wait, remaining)
+            await trio.sleep(wait)
             now = trio.current_time()
             started = ws.send_started_at
             if started is not None and now - started >= settings.ws_slow_client_timeout:

@@ -86,12 +86,86 @@ class Settings(BaseSettings):
         description="Largest REST request body; larger gets 413 before anything is sent upstream.",
     )
 
-    # --- auth (JWT verification itself is a later issue; see README) --------------------------
+    # --- authentication and authorization ---------------------------------------------------
     use_jwt_auth: bool = Field(
-        False, description="Require JWTs from the Auth Service. Not implemented yet: must be false."
+        True, description="Require a valid access token (JWT from the Auth Service) everywhere."
     )
     auth_service_url: str = Field(
-        "http://127.0.0.1:8002", description="Base URL of the Auth Service (JWKS)."
+        "http://127.0.0.1:8002", description="Base URL of the Auth Service."
+    )
+    jwks_url: str = Field(
+        "", description="JWKS location; empty: AUTH_SERVICE_URL + /.well-known/jwks.json."
+    )
+    jwt_issuer: str = Field("https://auth.codelab.local", min_length=1, description="Required iss.")
+    jwt_audience: str = Field("codelab-api", min_length=1, description="Required aud.")
+    jwt_leeway: float = Field(
+        30.0, ge=0, le=600, description="Clock skew tolerated on exp, nbf and iat (seconds)."
+    )
+    jwt_max_lifetime: float = Field(
+        86400.0, gt=0, le=31 * 86400, description="Tokens whose exp - iat exceeds this are refused."
+    )
+    jwks_refetch_cooldown: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Minimum seconds between JWKS refetches caused by an unknown kid or a bad signature."
+        ),
+    )
+    jwks_stale_seconds: float = Field(
+        3600.0,
+        ge=0,
+        le=7 * 86400,
+        description=(
+            "How long the last good keys keep working past expiry while the Auth Service is down."
+        ),
+    )
+    read_scope: str = Field("api:read", description="Scope required for GET routes.")
+    write_scope: str = Field(
+        "api:write", description="Scope required for other routes and for the WebSocket."
+    )
+    allow_internal_auth: bool = Field(
+        False,
+        description=(
+            "Accept X-Internal-Auth: <INTERNAL_API_KEY> instead of a token on REST (services)."
+        ),
+    )
+    allow_query_token: bool = Field(
+        False, description="Accept ?access_token= on the WebSocket handshake (never logged)."
+    )
+    ws_auth_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a handshake without a token has to send its auth frame.",
+    )
+    insecure_dev: bool = Field(
+        False,
+        description="Development only: allow the placeholder or an empty INTERNAL_API_KEY.",
+    )
+
+    # --- limits per user and per origin --------------------------------------------------------
+    allowed_origins: str = Field(
+        "",
+        description=(
+            "Comma-separated browser origins allowed to open WebSockets (https://app.example, "
+            "https://*.example). Requests without Origin (native clients) are always allowed."
+        ),
+    )
+    max_connections_per_user: int = Field(
+        20, ge=1, le=100_000, description="Open WebSockets per user; more get HTTP 429."
+    )
+    ws_messages_per_second: float = Field(
+        5.0, gt=0, le=10_000, description="Sustained inbound WebSocket messages per user."
+    )
+    ws_message_burst: int = Field(
+        30, ge=1, le=100_000, description="Inbound WebSocket messages a user may send at once."
+    )
+    rest_requests_per_second: float = Field(
+        20.0, gt=0, le=100_000, description="Sustained REST requests per user; more get 429."
+    )
+    rest_request_burst: int = Field(
+        60, ge=1, le=1_000_000, description="REST requests a user may send at once."
     )
 
     # --- logging -------------------------------------------------------------------------------
@@ -219,6 +293,22 @@ class Settings(BaseSettings):
         value = value.strip()
         return value.lower() if value.lower() in ("auto", "json", "text") else value.upper()
 
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        from .limits import parse_origin_list
+
+        parse_origin_list(value)  # raises ValueError with the bad entry named
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _optional_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     @field_validator("agent_url", "auth_service_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -229,14 +319,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
-        if self.use_jwt_auth:
+        key = self.internal_api_key.get_secret_value()
+        if not self.insecure_dev and key in ("", PLACEHOLDER_INTERNAL_KEY):
             raise ValueError(
-                "GATEWAY__USE_JWT_AUTH=true is not supported by this build yet (JWT verification "
-                "is not implemented); set it to false"
+                "GATEWAY__INTERNAL_API_KEY is empty or the placeholder "
+                f"'{PLACEHOLDER_INTERNAL_KEY}': set the runtime's real key "
+                "(or GATEWAY__INSECURE_DEV=true for local development)"
             )
-        if not self.internal_api_key.get_secret_value():
-            raise ValueError("GATEWAY__INTERNAL_API_KEY must not be empty")
         return self
+
+    @property
+    def effective_jwks_url(self) -> str:
+        """``jwks_url``, or the Auth Service's well-known location."""
+        return self.jwks_url or f"{self.auth_service_url}/.well-known/jwks.json"
 
     @property
     def read_timeout(self) -> float:

@@ -1,0 +1,207 @@
+"""Who is calling, what they may do, and how much: the security layer of one app.
+
+Pulls the sans-IO pieces together (``auth`` for tokens, ``limits`` for rates, caps and origins,
+``ownership`` for sessions) behind the few calls the REST and WebSocket doors make. Every
+refusal is a :class:`Refusal` carrying the HTTP status, a machine code and a safe human text.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from .auth import (
+    AuthError,
+    Identity,
+    JWKSCache,
+    JWKSUnavailable,
+    TokenPolicy,
+    bearer_token,
+    httpx_jwks_fetcher,
+    www_authenticate,
+)
+from .limits import ConnectionCounter, OriginPolicy, RateLimiter, parse_origin_list
+from .observability import Metrics
+from .ownership import MemoryOwnershipStore, OwnershipStore
+from .settings import Settings
+
+logger = logging.getLogger("trio_gateway.security")
+
+# Used when GATEWAY__USE_JWT_AUTH=false: everyone is this one user, with every scope.
+ANONYMOUS = Identity(sub="anonymous", scopes=frozenset({"*"}), expires_at=float("inf"))
+INTERNAL = Identity(sub="internal-service", scopes=frozenset({"*"}), expires_at=float("inf"))
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """A request or handshake the gateway refuses."""
+
+    status: int
+    error: str
+    description: str
+    www_authenticate: str | None = None
+    retry_after: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with the refusal."""
+        headers: dict[str, str] = {}
+        if self.www_authenticate:
+            headers["WWW-Authenticate"] = self.www_authenticate
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
+        return headers
+
+
+class Security:
+    """Authentication, scopes, ownership and per-user limits of one app."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.enabled = settings.use_jwt_auth
+        self.policy = TokenPolicy(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway=settings.jwt_leeway,
+            max_lifetime=settings.jwt_max_lifetime,
+        )
+        self.jwks: JWKSCache | None = None
+        self.ownership: OwnershipStore = MemoryOwnershipStore()
+        self.origins = OriginPolicy(parse_origin_list(settings.allowed_origins))
+        self.connections = ConnectionCounter(
+            settings.max_connections_per_user, settings.max_connections
+        )
+        self.ws_rate = RateLimiter(settings.ws_messages_per_second, settings.ws_message_burst)
+        self.rest_rate = RateLimiter(settings.rest_requests_per_second, settings.rest_request_burst)
+        self._internal_key = settings.internal_api_key.get_secret_value().encode()
+
+    def start(self, http: httpx.AsyncClient) -> None:
+        """Create the JWKS cache over the app's shared HTTP client."""
+        fetch = httpx_jwks_fetcher(
+            http, self.settings.effective_jwks_url, min(10.0, self.settings.request_timeout)
+        )
+        self.jwks = JWKSCache(
+            fetch,
+            refetch_cooldown=self.settings.jwks_refetch_cooldown,
+            stale_for=self.settings.jwks_stale_seconds,
+        )
+        jwks = self.jwks
+        self.metrics.jwks_fetches.set_function(lambda: jwks.fetches)
+        self.metrics.jwks_fetch_failures.set_function(lambda: jwks.fetch_failures)
+
+    @property
+    def ready(self) -> bool:
+        """Keys are loaded (or authentication is off)."""
+        return not self.enabled or (self.jwks is not None and self.jwks.loaded)
+
+    async def keys_available(self) -> bool:
+        """Signing keys are (or can now be) loaded; fetches them if needed (readiness)."""
+        if not self.enabled:
+            return True
+        assert self.jwks is not None
+        try:
+            await self.jwks.keys()
+        except JWKSUnavailable:
+            return False
+        return True
+
+    # --- identities ----------------------------------------------------------------------
+
+    async def identify_token(self, token: str) -> Identity:
+        """Verify ``token``; raises :class:`Refusal` (401, or 503 without keys)."""
+        if not self.enabled:
+            return ANONYMOUS
+        assert self.jwks is not None, "Security.start() was not called"
+        try:
+            return await self.jwks.verify(token, self.policy)
+        except AuthError as error:
+            self.metrics.auth_failures.labels(error.reason).inc()
+            logger.info(
+                "token refused: %s",
+                error.reason,
+                extra={"event": "auth_failed", "reason": error.reason},
+            )
+            raise Refusal(
+                401, "invalid_token", error.description, www_authenticate(error)
+            ) from None
+        except JWKSUnavailable:
+            self.metrics.auth_failures.labels("jwks_unavailable").inc()
+            logger.warning(
+                "no signing keys available", extra={"event": "auth_failed", "reason": "jwks"}
+            )
+            raise Refusal(
+                503,
+                "temporarily_unavailable",
+                "The authentication service is unavailable; retry shortly",
+                retry_after=5,
+            ) from None
+
+    async def identify_header(self, authorization: str | None) -> Identity:
+        """The caller behind an ``Authorization`` header; raises :class:`Refusal`."""
+        if not self.enabled:
+            return ANONYMOUS
+        try:
+            token = bearer_token(authorization)
+        except AuthError as error:
+            self.metrics.auth_failures.labels(error.reason).inc()
+            raise Refusal(401, "unauthorized", error.description, www_authenticate(error)) from None
+        return await self.identify_token(token)
+
+    def internal_caller(self, supplied: str | None) -> bool:
+        """``X-Internal-Auth`` matches the internal key and service auth is allowed."""
+        if not self.settings.allow_internal_auth or not supplied:
+            return False
+        return hmac.compare_digest(supplied.encode(), self._internal_key)
+
+    def require_scope(self, identity: Identity, scope: str) -> None:
+        """Raise 403 ``insufficient_scope`` unless ``identity`` holds ``scope``."""
+        if "*" in identity.scopes or scope in identity.scopes:
+            return
+        self.metrics.auth_failures.labels("insufficient_scope").inc()
+        raise Refusal(
+            403,
+            "insufficient_scope",
+            f"This requires the scope '{scope}'",
+            f'Bearer error="insufficient_scope", scope="{scope}"',
+        )
+
+    # --- sessions --------------------------------------------------------------------------
+
+    async def claim_session(self, session_id: str, identity: Identity) -> None:
+        """Record ``identity`` as the owner of an unowned session; 403 if someone else owns it."""
+        owner = await self.ownership.claim(session_id, identity.sub)
+        if owner != identity.sub:
+            self.metrics.auth_failures.labels("not_owner").inc()
+            logger.warning(
+                "access to another user's session refused",
+                extra={"event": "forbidden", "reason": "not_owner"},
+            )
+            raise Refusal(403, "forbidden", "This session belongs to another user")
+
+    # --- rates -----------------------------------------------------------------------------
+
+    def check_rest_rate(self, identity: Identity) -> None:
+        """429 with Retry-After when the caller exceeds its REST rate."""
+        allowed, retry_after = self.rest_rate.check(identity.sub, time.monotonic())
+        if not allowed:
+            self.metrics.limit_hits.labels("rest_rate").inc()
+            raise Refusal(
+                429, "rate_limited", "Too many requests; slow down", retry_after=retry_after
+            )
+
+    def check_message_rate(self, identity: Identity) -> bool:
+        """Whether one more inbound WebSocket message is within the caller's rate."""
+        allowed, _ = self.ws_rate.check(identity.sub, time.monotonic())
+        if not allowed:
+            self.metrics.limit_hits.labels("ws_message_rate").inc()
+        return allowed
+
+
+def user_headers(identity: Identity) -> dict[str, str]:
+    """The verified identity, forwarded to the runtime."""
+    scopes = " ".join(sorted(s for s in identity.scopes if s != "*"))
+    return {"X-User-ID": identity.sub, "X-User-Scopes": scopes}
