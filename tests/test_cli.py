@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 
 import httpx
+import jwt
+import pytest
 import trio
 import trio_websocket
 
-from .conftest import WsClient
+from trio_gateway.auth import DevIssuer, KeySet, TokenPolicy, verify_token
+from trio_gateway.dev_auth import (
+    DEV_ISSUER_FILE_ENV,
+    dev_issuer_file,
+    load_dev_issuer,
+    save_dev_issuer,
+    serve_dev_jwks,
+)
+
+from .conftest import WsClient, close_code
 from .test_drain import wait_until_serving
+
+# Commands whose settings are loaded need a real runtime key (the placeholder is refused).
+KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key"}
+CODING_TURN = {"type": "user_message", "content": "write a hello world in python", "role": "user"}
 
 
 def free_port() -> int:
@@ -23,13 +46,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def private_issuer_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every child (and this process) uses an issuer file under tmp_path, never the user's."""
+    path = tmp_path / "default-issuer" / "demo-issuer.json"
+    monkeypatch.setenv(DEV_ISSUER_FILE_ENV, str(path))
+    return path
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(env or {})}
+
+
 async def start(*args: str, env: dict[str, str] | None = None) -> trio.Process:
     return await trio.lowlevel.open_process(
         [sys.executable, "-m", "trio_gateway.cli", *args],
-        env={**os.environ, **(env or {})},
+        env=cli_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [sys.executable, "-m", "trio_gateway.cli", *args],
+            env=cli_env(env),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
 
 
 async def stop(process: trio.Process, sig: int = signal.SIGINT) -> int:
@@ -39,29 +87,232 @@ async def stop(process: trio.Process, sig: int = signal.SIGINT) -> int:
         return await process.wait()
 
 
-async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c() -> None:
+@asynccontextmanager
+async def running_demo(issuer_file: Path) -> AsyncIterator[tuple[trio.Process, int, str]]:
+    """A ``trio-gateway demo`` child, its port and its complete ready banner."""
     port = free_port()
-    process = await start("demo", "--port", str(port))
+    process = await start("demo", "--port", str(port), env={DEV_ISSUER_FILE_ENV: str(issuer_file)})
     try:
+        banner = await read_banner(process)
         await wait_until_serving(f"http://127.0.0.1:{port}")
-        async with trio_websocket.open_websocket_url(
-            f"ws://127.0.0.1:{port}/api/v1/ws/demo-check"
-        ) as ws:
-            client = WsClient(ws)
-            await client.send(
-                {"type": "user_message", "content": "write a hello world in python", "role": "user"}
-            )
-            frames = await client.turn(timeout=20)
-        types = [f["type"] for f in frames]
-        assert "agent_switched" in types and types[-1] == "tool_call"
-        assert await stop(process) == 0
-        assert process.stdout is not None
-        printed = (await process.stdout.receive_some(65536)).decode()
-        assert f"ws://127.0.0.1:{port}/api/v1/ws/" in printed
+        yield process, port, banner
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def read_banner(process: trio.Process, timeout: float = 30) -> str:
+    """Stdout up to the end of the ready banner (printed once, flushed)."""
+    assert process.stdout is not None
+    printed = b""
+    with trio.fail_after(timeout):
+        while b"Ctrl-C to stop." not in printed:
+            chunk = await process.stdout.receive_some(65536)
+            assert chunk, f"the demo ended before its banner: {printed!r}"
+            printed += chunk
+    return printed.decode()
+
+
+def banner_token(banner: str) -> str:
+    match = re.search(r"access token : (\S+)", banner)
+    assert match, banner
+    return match.group(1)
+
+
+async def coding_turn(client: WsClient) -> None:
+    await client.send(CODING_TURN)
+    frames = await client.turn(timeout=20)
+    types = [f["type"] for f in frames]
+    assert "agent_switched" in types and types[-1] == "tool_call"
+
+
+async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    issuer_file = tmp_path / "state" / "demo-issuer.json"
+    async with running_demo(issuer_file) as (process, port, banner):
+        assert f"ws://127.0.0.1:{port}/api/v1/ws/" in banner
+        token = banner_token(banner)
+        assert f'{{"type":"auth","token":"{token}"}}' in banner
+        assert "Authorization: Bearer" in banner
+        url = f"ws://127.0.0.1:{port}/api/v1/ws/demo-check"
+        async with trio_websocket.open_websocket_url(
+            url, extra_headers=[(b"Authorization", f"Bearer {token}".encode())]
+        ) as ws:
+            await coding_turn(WsClient(ws))
+        # The issuer the demo saved is private to the user.
+        assert stat.S_IMODE(issuer_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(issuer_file.parent.stat().st_mode) & 0o077 == 0
+        assert await stop(process) == 0
+
+
+async def test_the_demo_refuses_a_websocket_without_a_token(tmp_path: Path) -> None:
+    async with running_demo(tmp_path / "issuer.json") as (process, port, _):
+        url = f"ws://127.0.0.1:{port}/api/v1/ws/no-token"
+        async with trio_websocket.open_websocket_url(url) as ws:
+            client = WsClient(ws)
+            await client.send(CODING_TURN)  # not an auth frame
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(20):
+                    while True:
+                        await client.recv(timeout=20)
+        assert close_code(closed.value) == 4401
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/api/v1/agents")).status_code == 401
+        assert await stop(process) == 0
+
+
+async def test_the_demo_accepts_the_token_as_the_first_frame(tmp_path: Path) -> None:
+    # What `python -m websockets` users do (it cannot set headers): the banner's first frame.
+    async with running_demo(tmp_path / "issuer.json") as (process, port, banner):
+        token = banner_token(banner)
+        url = f"ws://127.0.0.1:{port}/api/v1/ws/first-frame"
+        async with trio_websocket.open_websocket_url(url) as ws:
+            client = WsClient(ws)
+            await client.send({"type": "auth", "token": token})
+            await coding_turn(client)
+        assert await stop(process) == 0
+
+
+async def test_token_prints_a_token_the_running_demo_accepts(tmp_path: Path) -> None:
+    issuer_file = tmp_path / "issuer.json"
+    async with running_demo(issuer_file) as (process, port, _):
+        result = await run_cli(
+            "token",
+            "--sub",
+            "alice",
+            "--scope",
+            "api:read api:write",
+            "--lifetime",
+            "600",
+            env={DEV_ISSUER_FILE_ENV: str(issuer_file)},
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == b""
+        lines = result.stdout.decode().splitlines()
+        assert len(lines) == 1  # the token and nothing else
+        token = lines[0]
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["sub"] == "alice"
+        assert claims["scope"] == "api:read api:write"
+        assert claims["exp"] - claims["iat"] == 600
+
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/api/v1/agents", headers=headers)).status_code == 200
+        url = f"ws://127.0.0.1:{port}/api/v1/ws/token-check"
+        async with trio_websocket.open_websocket_url(
+            url, extra_headers=[(b"Authorization", f"Bearer {token}".encode())]
+        ) as ws:
+            await coding_turn(WsClient(ws))
+        assert await stop(process) == 0
+
+
+async def test_token_without_a_demo_issuer_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "never-written" / "issuer.json"
+    result = await run_cli("token", env={DEV_ISSUER_FILE_ENV: str(missing)})
+    assert result.returncode == 2
+    assert result.stdout == b""
+    message = result.stderr.decode()
+    assert message.count("\n") == 1 and "Traceback" not in message
+    assert str(missing) in message and "trio-gateway demo" in message
+    assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("lifetime", ["0", "-5"])
+async def test_token_refuses_a_lifetime_that_is_not_positive(tmp_path: Path, lifetime: str) -> None:
+    issuer_file = tmp_path / "issuer.json"
+    save_dev_issuer(DevIssuer(), issuer_file)
+    result = await run_cli(
+        "token", "--lifetime", lifetime, env={DEV_ISSUER_FILE_ENV: str(issuer_file)}
+    )
+    assert result.returncode == 2 and result.stdout == b""
+    message = result.stderr.decode()
+    assert message.count("\n") == 1 and "--lifetime" in message and "Traceback" not in message
+
+
+def test_token_help_says_it_is_for_the_demo_only() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_gateway.cli", "token", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+    assert result.returncode == 0
+    assert "Only a gateway started by `trio-gateway demo`" in " ".join(result.stdout.split())
+
+
+def test_a_saved_issuer_loads_with_its_key(tmp_path: Path) -> None:
+    issuer = DevIssuer(algorithm="ES256", issuer="https://issuer.test", audience="aud-test")
+    path = save_dev_issuer(issuer, tmp_path / "new-dir" / "issuer.json")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
+    document = json.loads(path.read_text())
+    assert set(document) == {"kid", "algorithm", "issuer", "audience", "private_key_pem"}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+    loaded = load_dev_issuer(path)
+    assert (loaded.kid, loaded.algorithm, loaded.issuer, loaded.audience) == (
+        issuer.kid,
+        "ES256",
+        "https://issuer.test",
+        "aud-test",
+    )
+    assert loaded.jwks() == issuer.jwks()  # the same key, not a new one
+    policy = TokenPolicy(issuer="https://issuer.test", audience="aud-test")
+    identity = verify_token(
+        loaded.mint("bob", scopes=["api:read"]),
+        KeySet.from_jwks(issuer.jwks()),
+        policy,
+        time.time(),
+    )
+    assert identity.sub == "bob" and identity.scopes == {"api:read"}
+
+
+def test_a_damaged_issuer_file_is_a_value_error(tmp_path: Path) -> None:
+    path = tmp_path / "issuer.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_dev_issuer(path)
+    path.write_text(json.dumps({"kid": "k"}))
+    with pytest.raises(ValueError, match="not a demo issuer file"):
+        load_dev_issuer(path)
+    document = {
+        "kid": "k",
+        "algorithm": "RS256",
+        "issuer": "i",
+        "audience": "a",
+        "private_key_pem": DevIssuer(algorithm="EdDSA").private_pem().decode(),
+    }
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="unusable private key"):
+        load_dev_issuer(path)
+
+
+def test_the_issuer_file_location(monkeypatch: pytest.MonkeyPatch) -> None:
+    home = Path.home()
+    assert dev_issuer_file({}) == home / ".local/state/trio-gateway/demo-issuer.json"
+    assert dev_issuer_file({"XDG_STATE_HOME": "relative"}) == dev_issuer_file({})
+    assert dev_issuer_file({"XDG_STATE_HOME": "/xdg"}) == Path("/xdg/trio-gateway/demo-issuer.json")
+    assert dev_issuer_file({"XDG_STATE_HOME": "/xdg", DEV_ISSUER_FILE_ENV: "/x/i.json"}) == Path(
+        "/x/i.json"
+    )
+    monkeypatch.setenv(DEV_ISSUER_FILE_ENV, "/from/env.json")
+    assert dev_issuer_file() == Path("/from/env.json")
+
+
+async def test_the_dev_jwks_is_served_with_a_cache_lifetime() -> None:
+    issuer = DevIssuer(algorithm="EdDSA")
+    stop_jwks = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_dev_jwks, issuer, shutdown_trigger=stop_jwks.wait))
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/.well-known/jwks.json")
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(url)
+        assert answer.status_code == 200
+        assert answer.headers["cache-control"] == "public, max-age=3600"
+        assert answer.json() == issuer.jwks()
+        stop_jwks.set()
 
 
 async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
@@ -71,7 +322,7 @@ async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
         "--port",
         str(port),
         "--instant",
-        env={"GATEWAY__INTERNAL_API_KEY": "cli-test-key"},
+        env=KEY_ENV,
     )
     try:
         await wait_until_serving(f"http://127.0.0.1:{port}")
@@ -92,6 +343,7 @@ async def test_a_port_in_use_is_a_clear_error() -> None:
     try:
         result = await trio.run_process(
             [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)],
+            env=cli_env(KEY_ENV),
             capture_stderr=True,
             check=False,
         )
@@ -108,5 +360,6 @@ def test_hypercorn_can_import_the_asgi_app() -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        env=cli_env(KEY_ENV),
     )
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"

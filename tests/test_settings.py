@@ -50,9 +50,7 @@ def test_values_come_from_gateway_prefixed_variables(monkeypatch: pytest.MonkeyP
 
 
 def test_a_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text(
-        "GATEWAY__MAX_QUEUED_MESSAGES=3\nGATEWAY__INTERNAL_API_KEY=k\n"
-    )
+    (tmp_path / ".env").write_text("GATEWAY__MAX_QUEUED_MESSAGES=3\nGATEWAY__INTERNAL_API_KEY=k\n")
     assert load_settings().max_queued_messages == 3
 
 

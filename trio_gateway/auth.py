@@ -733,6 +733,62 @@ class DevIssuer:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    def private_pem(self) -> bytes:
+        """The private key as unencrypted PEM (PKCS#8). Whoever holds it can mint tokens."""
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def from_private_pem(
+        cls,
+        pem: bytes,
+        *,
+        kid: str,
+        algorithm: DevAlgorithm = "RS256",
+        issuer: str = DEFAULT_ISSUER,
+        audience: str = DEFAULT_AUDIENCE,
+        client_id: str = "codelab-dev",
+    ) -> DevIssuer:
+        """An issuer around an existing private key (from :meth:`private_pem`).
+
+        No key is generated. Raises :class:`ValueError` when the PEM cannot be loaded, is
+        encrypted, or holds a key that does not fit ``algorithm`` (RS256: RSA of at least 2048
+        bits; ES256: P-256; EdDSA: Ed25519), or when ``kid`` is empty.
+        """
+        if not kid:
+            raise ValueError("kid must not be empty")
+        from cryptography.exceptions import UnsupportedAlgorithm
+
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size < _MIN_RSA_BITS:
+            raise ValueError(f"an RSA key of {key.key_size} bits is too short")
+        fits = {
+            "RS256": isinstance(key, rsa.RSAPrivateKey),
+            "ES256": isinstance(key, ec.EllipticCurvePrivateKey)
+            and isinstance(key.curve, ec.SECP256R1),
+            "EdDSA": isinstance(key, ed25519.Ed25519PrivateKey),
+        }
+        if not fits.get(algorithm) or not isinstance(
+            key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        ):
+            raise ValueError(f"the key does not fit algorithm {algorithm!r}")
+        # __init__ would run __post_init__ and generate a fresh key: set every field here
+        # instead (a field added to the class must be added here too).
+        instance = cls.__new__(cls)
+        instance.kid = kid
+        instance.algorithm = algorithm
+        instance.issuer = issuer
+        instance.audience = audience
+        instance.client_id = client_id
+        instance._private_key = key
+        return instance
+
     def mint(
         self,
         sub: str,

@@ -1,4 +1,4 @@
-"""The ``trio-gateway`` command: serve, demo, demo-runtime."""
+"""The ``trio-gateway`` command: serve, demo, demo-runtime, token."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ from .settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("trio_gateway.cli")
 
+DEMO_SUB = "demo-user"
+DEMO_SCOPES = ("api:read", "api:write")
+DEMO_TOKEN_LIFETIME = 3600
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -32,7 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="bind port (default GATEWAY__PORT)")
 
     demo_cmd = commands.add_parser(
-        "demo", help="run the gateway and the embedded demo runtime in one process"
+        "demo",
+        help="run the gateway, the demo runtime and a dev token issuer in one process",
+        description=(
+            "Run the gateway with JWT authentication against a throwaway issuer whose key set "
+            "is served on loopback, plus the embedded demo Agent Runtime. A ready token is "
+            "printed; the issuer is saved (private key included, mode 0600) to "
+            "$TRIO_GATEWAY_DEV_ISSUER_FILE or $XDG_STATE_HOME/trio-gateway/demo-issuer.json "
+            "so that `trio-gateway token` can mint more. Each run makes a new key."
+        ),
     )
     demo_cmd.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     demo_cmd.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
@@ -42,6 +54,38 @@ def _parser() -> argparse.ArgumentParser:
     runtime_cmd.add_argument("--port", type=int, default=8001, help="port (default 8001)")
     runtime_cmd.add_argument(
         "--instant", action="store_true", help="no pacing between tokens (benchmarks)"
+    )
+
+    token_cmd = commands.add_parser(
+        "token",
+        help="print a fresh access token for `trio-gateway demo` (demo only)",
+        description=(
+            "Print one access token on stdout, signed with the key of the most recent "
+            "`trio-gateway demo` (read from $TRIO_GATEWAY_DEV_ISSUER_FILE, default "
+            "$XDG_STATE_HOME/trio-gateway/demo-issuer.json). Only a gateway started by "
+            "`trio-gateway demo` accepts these tokens; a real deployment gets its tokens from "
+            "the Auth Service. Example: "
+            'curl -H "Authorization: Bearer $(trio-gateway token)" '
+            "http://127.0.0.1:8000/api/v1/agents"
+        ),
+    )
+    token_cmd.add_argument(
+        "--sub", default=DEMO_SUB, help=f"the user the token speaks for (default {DEMO_SUB})"
+    )
+    token_cmd.add_argument(
+        "--scope",
+        default=" ".join(DEMO_SCOPES),
+        help=f'space-separated scopes (default "{" ".join(DEMO_SCOPES)}")',
+    )
+    token_cmd.add_argument(
+        "--lifetime",
+        type=int,
+        default=DEMO_TOKEN_LIFETIME,
+        metavar="SECONDS",
+        help=(
+            f"seconds the token is valid (default {DEMO_TOKEN_LIFETIME}; the gateway refuses "
+            "more than GATEWAY__JWT_MAX_LIFETIME, 86400 by default)"
+        ),
     )
     return parser
 
@@ -64,38 +108,78 @@ async def _run_serve(settings: Settings, host: str | None, port: int | None) -> 
 
 
 async def _run_demo(settings: Settings, host: str, port: int) -> None:
+    from .auth import DevIssuer
     from .demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
+    from .dev_auth import save_dev_issuer, serve_dev_jwks
 
     key = secrets.token_urlsafe(24)
     runtime = create_demo_runtime(DemoRuntimeConfig(internal_api_key=key))
-    stop_runtime = trio.Event()
+    # Key generation and the file write are blocking: keep them off the event loop.
+    issuer = await trio.to_thread.run_sync(DevIssuer)
+    issuer_file = await trio.to_thread.run_sync(save_dev_issuer, issuer)
+    stop_helpers = trio.Event()
     async with trio.open_nursery() as nursery:
         runtime_binds = await nursery.start(
-            partial(serve_demo_runtime, runtime, "127.0.0.1", 0, shutdown_trigger=stop_runtime.wait)
+            partial(serve_demo_runtime, runtime, "127.0.0.1", 0, shutdown_trigger=stop_helpers.wait)
+        )
+        jwks_url = await nursery.start(
+            partial(serve_dev_jwks, issuer, "127.0.0.1", 0, shutdown_trigger=stop_helpers.wait)
         )
         demo_settings = settings.model_copy(
-            update={"agent_url": runtime_binds[0], "internal_api_key": SecretStr(key)}
+            update={
+                "agent_url": runtime_binds[0],
+                "internal_api_key": SecretStr(key),
+                "use_jwt_auth": True,
+                "jwks_url": jwks_url,
+                "jwt_issuer": issuer.issuer,
+                "jwt_audience": issuer.audience,
+            }
         )
         app = create_app(demo_settings)
 
-        async def gateway_then_runtime_stop(task_status: trio.TaskStatus[list[str]]) -> None:
+        async def gateway_then_helpers_stop(task_status: trio.TaskStatus[list[str]]) -> None:
             try:
                 await serve(app, demo_settings, host=host, port=port, task_status=task_status)
             finally:
-                stop_runtime.set()  # the gateway has drained: stop the runtime too
+                stop_helpers.set()  # the gateway has drained: stop the runtime and JWKS too
 
-        binds = await nursery.start(gateway_then_runtime_stop)
-        base = binds[0].replace("http://", "ws://", 1)
+        binds = await nursery.start(gateway_then_helpers_stop)
+        token = issuer.mint(DEMO_SUB, scopes=DEMO_SCOPES, lifetime=DEMO_TOKEN_LIFETIME)
         print(
-            "\ntrio-gateway demo is ready.\n"
-            f"  demo runtime : {runtime_binds[0]}\n"
-            f"  gateway      : {binds[0]}\n"
-            f"  connect to   : {base}/api/v1/ws/<any-session-id>\n"
-            '  then send    : {"type":"user_message","content":"write a hello world in python",'
-            '"role":"user"}\n'
-            "  Ctrl-C to stop.\n",
+            _demo_banner(
+                runtime=runtime_binds[0],
+                gateway=binds[0],
+                jwks_url=jwks_url,
+                issuer_file=str(issuer_file),
+                token=token,
+            ),
             flush=True,
         )
+
+
+def _demo_banner(*, runtime: str, gateway: str, jwks_url: str, issuer_file: str, token: str) -> str:
+    base = gateway.replace("http://", "ws://", 1)
+    user_message = '{"type":"user_message","content":"write a hello world in python","role":"user"}'
+    return (
+        "\ntrio-gateway demo is ready.\n"
+        f"  demo runtime : {runtime}\n"
+        f"  gateway      : {gateway}\n"
+        f"  dev JWKS     : {jwks_url} (issuer saved to {issuer_file})\n"
+        f"  connect to   : {base}/api/v1/ws/<any-session-id>\n"
+        f"  then send    : {user_message}\n"
+        f"  access token : {token}\n"
+        f"                 (sub {DEMO_SUB}, scopes {' '.join(DEMO_SCOPES)}, valid "
+        f"{DEMO_TOKEN_LIFETIME // 60} min; `trio-gateway token` prints a fresh one)\n"
+        "  authenticate : header       Authorization: Bearer <access token>\n"
+        "                 subprotocol  bearer.<access token>\n"
+        '                 first frame  {"type":"auth","token":"<access token>"}\n'
+        f"  try it       : python -m websockets {base}/api/v1/ws/demo\n"
+        f'    first send : {{"type":"auth","token":"{token}"}}\n'
+        f"    then send  : {user_message}\n"
+        '  REST         : curl -H "Authorization: Bearer $(trio-gateway token)" '
+        f"{gateway}/api/v1/agents\n"
+        "  Ctrl-C to stop.\n"
+    )
 
 
 async def _run_demo_runtime(host: str, port: int, instant: bool) -> None:
@@ -110,11 +194,51 @@ async def _run_demo_runtime(host: str, port: int, instant: bool) -> None:
         print(f"demo runtime serving on {', '.join(binds)}", flush=True)
 
 
+def _run_token(sub: str, scope: str, lifetime: int) -> int:
+    """``trio-gateway token``: one token on stdout, or one line on stderr and exit 2."""
+    from .dev_auth import load_dev_issuer
+
+    def fail(message: str, status: int = 2) -> int:
+        print(f"trio-gateway token: {' '.join(message.split())}", file=sys.stderr)
+        return status
+
+    if lifetime <= 0:
+        return fail(f"--lifetime must be a positive number of seconds, got {lifetime}")
+    if not sub.strip():
+        return fail("--sub must not be empty")
+    try:
+        issuer = load_dev_issuer()
+    except (FileNotFoundError, ValueError) as error:
+        return fail(str(error))
+    except OSError as error:
+        return fail(f"cannot read the demo issuer: {error}", 1)
+    max_lifetime = Settings.model_fields["jwt_max_lifetime"].default
+    if lifetime > max_lifetime:
+        print(
+            f"trio-gateway token: warning: a gateway with the default GATEWAY__JWT_MAX_LIFETIME "
+            f"({max_lifetime:g} s) refuses this token",
+            file=sys.stderr,
+        )
+    print(issuer.mint(sub, scopes=scope.split(), lifetime=lifetime), flush=True)
+    return 0
+
+
+def _load_settings_for(command: str) -> Settings:
+    if command == "demo":
+        # The demo runs its own runtime with its own key (set in _run_demo): an unset
+        # GATEWAY__INTERNAL_API_KEY must not stop it. This value is never used.
+        return load_settings(internal_api_key=SecretStr(secrets.token_urlsafe(24)))
+    return load_settings()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trio-gateway`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        # No settings and no logging: stdout is the token and nothing else.
+        return _run_token(args.sub, args.scope, args.lifetime)
     try:
-        settings = load_settings()
+        settings = _load_settings_for(args.command)
         port = _port(args.port)
     except SettingsError as error:
         print(f"trio-gateway: {error}", file=sys.stderr)

@@ -648,7 +648,7 @@ class SessionManager:
                 "client ignores the message rate limit; closing",
                 extra={"event": "limit_hit", "limit": "ws_message_rate"},
             )
-            connection.shut(CloseCode.RATE_LIMITED, "rate limit exceeded")
+            connection.shut(CloseCode.RATE_LIMITED, "rate limit exceeded", flush=True)
             return False
         session.send_control(
             error_frame(
@@ -676,7 +676,7 @@ class SessionManager:
                     is_final=False,
                 )
             )
-            connection.shut(CloseCode.UNAUTHORIZED, "token of another user")
+            connection.shut(CloseCode.UNAUTHORIZED, "token of another user", flush=True)
             return
         connection.identity = identity
         logger.info("token refreshed in band", extra={"event": "auth_refreshed"})
@@ -765,9 +765,10 @@ class SessionManager:
                 remaining = connection.identity.expires_at + settings.jwt_leeway - time.time()
                 if remaining <= 0:
                     logger.info("token expired on a live socket", extra={"event": "auth_expired"})
-                    connection.shut(CloseCode.UNAUTHORIZED, "token expired")
-                    return
-                wait = min(wait, remaining)
+                    connection.shut(CloseCode.UNAUTHORIZED, "token expired", flush=True)
+                    check_expiry = False  # keep watching the writer while it flushes
+                else:
+                    wait = min(wait, remaining)
             await trio.sleep(wait)
             now = trio.current_time()
             started = ws.send_started_at

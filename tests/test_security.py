@@ -1,0 +1,570 @@
+"""The security suite: JWT on every door, sessions that belong to users, limits on everything.
+
+Real servers on loopback: a gateway with JWT on, a JWKS server playing the Auth Service, the
+demo runtime. The last test greps every log line this module produced for token material.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from trio_gateway.auth import DevIssuer
+from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.observability import JsonFormatter, _ContextFilter
+
+from .conftest import (
+    INTERNAL_KEY,
+    RunningGateway,
+    WsClient,
+    close_code,
+    gateway_settings,
+    run_gateway,
+)
+from .jwks_server import JWKSServer
+
+MINTED: set[str] = set()  # every token this module minted, for the log grep at the end
+LOG = io.StringIO()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def capture_all_logs() -> Iterator[None]:
+    handler = logging.StreamHandler(LOG)
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter())
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield
+    root.removeHandler(handler)
+
+
+@dataclass
+class Secure:
+    gateway: RunningGateway
+    issuer: DevIssuer
+    jwks: JWKSServer
+    runtime: DemoRuntime
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def token(self, sub: str = "alice", **kwargs: object) -> str:
+        token = self.issuer.mint(sub, **kwargs)  # type: ignore[arg-type]
+        MINTED.add(token)
+        return token
+
+    def headers(self, token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.gateway.base_url)
+
+    def ws(self, session_id: str, token: str | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
+        headers = bearer(token) if token else None
+        return trio_websocket.open_websocket_url(
+            self.gateway.ws_url(session_id),
+            extra_headers=headers,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+async def jwks_server(nursery: trio.Nursery) -> AsyncIterator[tuple[JWKSServer, DevIssuer]]:
+    issuer = DevIssuer()
+    server = JWKSServer(issuer.jwks())
+    await nursery.start(server.serve)
+    yield server, issuer
+    server.stop()
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"Authorization", f"Bearer {token}".encode())]
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def secure_settings(runtime_url: str, jwks_url: str, **overrides: object):  # type: ignore[no-untyped-def]
+    values: dict[str, object] = {
+        "use_jwt_auth": True,
+        "jwks_url": jwks_url,
+        "jwks_refetch_cooldown": 0.5,
+        "ws_auth_timeout": 1.0,
+        "log_level": "DEBUG",
+    }
+    values.update(overrides)
+    return gateway_settings(runtime_url, **values)
+
+
+@pytest.fixture
+async def secure(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> AsyncIterator[Secure]:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url)
+    async with run_gateway(nursery, settings) as gw:
+        yield Secure(gw, issuer, server, demo_runtime[0])
+
+
+async def chat(client: WsClient) -> list[dict[str, object]]:
+    await client.send({"type": "user_message", "content": "bench 2"})
+    return await client.turn()
+
+
+# --- the WebSocket door -------------------------------------------------------------------
+
+
+async def test_a_valid_token_in_the_authorization_header_opens_a_session(secure: Secure) -> None:
+    async with secure.ws("s-header", secure.token()) as ws:
+        assert len(await chat(WsClient(ws))) == 3
+
+
+async def test_the_bearer_scheme_is_case_insensitive(secure: Secure) -> None:
+    token = secure.token()
+    async with trio_websocket.open_websocket_url(
+        secure.gateway.ws_url("s-case"),
+        extra_headers=[(b"Authorization", f"bEaReR {token}".encode())],
+    ) as ws:
+        assert len(await chat(WsClient(ws))) == 3
+
+
+async def test_a_bearer_subprotocol_works_and_the_token_is_never_echoed(secure: Secure) -> None:
+    token = secure.token()
+    async with trio_websocket.open_websocket_url(
+        secure.gateway.ws_url("s-subproto"), subprotocols=["codelab.v2", f"bearer.{token}"]
+    ) as ws:
+        assert ws.subprotocol == "codelab.v2"
+        client = WsClient(ws)
+        assert (await client.recv())["type"] == "session_ready"
+
+
+async def test_a_first_auth_frame_works_for_clients_without_headers(secure: Secure) -> None:
+    async with secure.ws("s-frame") as ws:
+        client = WsClient(ws)
+        await client.send({"type": "auth", "token": secure.token()})
+        assert len(await chat(client)) == 3
+
+
+@pytest.mark.parametrize(
+    "first", [{"type": "user_message", "content": "hi"}, {"type": "auth", "token": "garbage"}]
+)
+async def test_without_a_valid_first_auth_frame_the_socket_closes_4401(
+    secure: Secure, first: dict[str, object]
+) -> None:
+    async with secure.ws("s-noauth") as ws:
+        client = WsClient(ws)
+        await client.send(first)
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await client.recv()
+    assert close_code(closed.value) == 4401
+    assert secure.runtime.stream_requests == []  # nothing was processed before auth
+
+
+async def test_silence_after_the_handshake_closes_4401_after_the_auth_timeout(
+    secure: Secure,
+) -> None:
+    async with secure.ws("s-silent") as ws:
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await WsClient(ws).recv(timeout=5)
+    assert close_code(closed.value) == 4401
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["garbage", "refresh", "expired", "wrong_audience", "wrong_issuer", "alg_none", "huge"],
+)
+async def test_bad_tokens_are_refused_at_the_handshake_with_401(secure: Secure, case: str) -> None:
+    now = time.time()
+    tokens = {
+        "garbage": "not.a.token",
+        "refresh": secure.token(token_type="refresh"),
+        "expired": secure.token(now=now - 3600, lifetime=60),
+        "wrong_audience": secure.token(audience="someone-else"),
+        "wrong_issuer": secure.token(issuer="https://evil.example"),
+        "alg_none": "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSJ9.",
+        "huge": "a" * 10_000,  # over our 8 KiB cap, under hypercorn's header limit
+    }
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with secure.ws("s-bad", tokens[case]):
+            pass
+    assert rejected.value.status_code == 401
+    headers = dict(rejected.value.headers or [])
+    assert headers[b"www-authenticate"].startswith(b"Bearer")
+
+
+async def test_a_100_kb_token_is_refused_before_it_costs_anything(secure: Secure) -> None:
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with secure.ws("s-huge", "a" * 100_000):
+            pass
+    assert rejected.value.status_code == 431  # hypercorn: request header fields too large
+
+
+async def test_a_query_string_token_is_refused_unless_opted_in(secure: Secure) -> None:
+    token = secure.token()
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with trio_websocket.open_websocket_url(
+            secure.gateway.ws_url("s-query") + f"?access_token={token}"
+        ):
+            pass
+    assert rejected.value.status_code == 401
+
+
+async def test_a_token_without_the_write_scope_gets_403(secure: Secure) -> None:
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with secure.ws("s-scope", secure.token(scopes=["api:read"])):
+            pass
+    assert rejected.value.status_code == 403
+
+
+async def test_another_users_session_is_refused_on_the_socket(secure: Secure) -> None:
+    async with secure.ws("alices-session", secure.token("alice")) as ws:
+        await chat(WsClient(ws))
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with secure.ws("alices-session", secure.token("mallory")):
+            pass
+    assert rejected.value.status_code == 403
+
+
+async def test_a_token_expiring_on_a_live_socket_closes_it_4401(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, jwt_leeway=0)
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice", lifetime=2)
+        MINTED.add(token)
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("expiring"), extra_headers=bearer(token)
+        ) as ws:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await WsClient(ws).recv(timeout=6)
+        assert close_code(closed.value) == 4401
+
+
+async def test_an_in_band_refresh_keeps_the_socket_and_another_users_token_closes_it(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, jwt_leeway=0)
+    async with run_gateway(nursery, settings) as gw:
+        short = issuer.mint("alice", lifetime=2)
+        fresh = issuer.mint("alice", lifetime=600)
+        foreign = issuer.mint("mallory", lifetime=600)
+        MINTED.update({short, fresh, foreign})
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("refreshed"),
+            extra_headers=bearer(short),
+            subprotocols=["codelab.v2"],
+        ) as ws:
+            client = WsClient(ws)
+            await client.recv()  # session_ready
+            await client.send({"type": "auth", "token": fresh})
+            assert (await client.recv())["type"] == "auth_ok"
+            await trio.sleep(2.5)  # past the first token's expiry
+            await client.send({"type": "ping", "id": 1})
+            assert (await client.recv())["type"] == "pong"
+            await client.send({"type": "auth", "token": foreign})
+            error = await client.recv()
+            assert error["code"] == "invalid_token"
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await client.recv()
+            assert close_code(closed.value) == 4401
+
+
+# --- the REST door -------------------------------------------------------------------------
+
+
+async def test_rest_without_a_token_is_401_with_www_authenticate(secure: Secure) -> None:
+    async with secure.http() as http:
+        answer = await http.get("/api/v1/agents")
+        bad = await http.get("/api/v1/agents", headers=secure.headers("nope"))
+    assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Bearer")
+    assert answer.json()["error"] == "unauthorized"
+    assert bad.status_code == 401 and bad.json()["error"] == "invalid_token"
+    assert 'error="invalid_token"' in bad.headers["www-authenticate"]
+
+
+async def test_health_and_docs_are_public(secure: Secure) -> None:
+    async with secure.http() as http:
+        for path in ("/health", "/api/v1/health", "/openapi.json", "/docs"):
+            assert (await http.get(path)).status_code == 200, path
+
+
+async def test_scopes_read_for_get_write_for_the_rest(secure: Secure) -> None:
+    reader = secure.headers(secure.token("reader", scopes=["api:read"]))
+    async with secure.http() as http:
+        assert (await http.get("/api/v1/agents", headers=reader)).status_code == 200
+        refused = await http.post("/api/v1/sessions", json={}, headers=reader)
+    assert refused.status_code == 403 and refused.json()["error"] == "insufficient_scope"
+
+
+async def test_sessions_belong_to_their_creator_on_every_route(secure: Secure) -> None:
+    alice = secure.headers(secure.token("alice"))
+    mallory = secure.headers(secure.token("mallory"))
+    async with secure.http() as http:
+        created = await http.post("/api/v1/sessions", json={"session_id": "a1"}, headers=alice)
+        assert created.status_code == 201
+        for method, path in [
+            ("GET", "/api/v1/sessions/a1"),
+            ("PATCH", "/api/v1/sessions/a1"),
+            ("DELETE", "/api/v1/sessions/a1"),
+            ("GET", "/api/v1/sessions/a1/history"),
+            ("GET", "/api/v1/sessions/a1/pending-approvals"),
+            ("GET", "/api/v1/agents/a1/current"),
+            ("POST", "/api/v1/agents/a1/switch"),
+            ("GET", "/api/v1/events/metrics/session/a1"),
+            ("GET", "/api/v1/events/audit-log?session_id=a1"),
+        ]:
+            answer = await http.request(method, path, headers=mallory, json={})
+            assert answer.status_code == 403, (method, path)
+        # mallory cannot create it either, and alice still can read it
+        again = await http.post("/api/v1/sessions", json={"session_id": "a1"}, headers=mallory)
+        assert again.status_code == 403
+        assert (await http.get("/api/v1/sessions/a1", headers=alice)).status_code == 200
+        # listing shows each caller only their own sessions
+        await http.post("/api/v1/sessions", json={"session_id": "m1"}, headers=mallory)
+        mine = (await http.get("/api/v1/sessions", headers=alice)).json()
+        assert [s["id"] for s in mine["sessions"]] == ["a1"] and mine["total"] == 1
+        # cross-session data is for services only
+        for path in ("/api/v1/events/metrics/sessions", "/api/v1/events/audit-log"):
+            assert (await http.get(path, headers=alice)).status_code == 403
+
+
+async def test_the_verified_identity_is_forwarded_to_the_runtime(
+    nursery: trio.Nursery, jwks_server: tuple[JWKSServer, DevIssuer], scripted_runtime: object
+) -> None:
+    from .scripted_runtime import ScriptedRuntime
+
+    assert isinstance(scripted_runtime, ScriptedRuntime)
+    server, issuer = jwks_server
+    async with run_gateway(nursery, secure_settings(scripted_runtime.url, server.url)) as gw:
+        token = issuer.mint("alice", scopes=["api:read", "api:write"])
+        MINTED.add(token)
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            await http.get("/api/v1/agents", headers=auth(token))
+    _, headers, _ = scripted_runtime.rest_requests[-1]
+    assert headers["x-user-id"] == "alice" and headers["x-user-scopes"] == "api:read api:write"
+    assert "authorization" not in headers
+
+
+async def test_the_internal_key_works_only_when_allowed(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, _ = jwks_server
+    key = {"X-Internal-Auth": INTERNAL_KEY}
+    for allowed, expected in ((False, 401), (True, 200)):
+        settings = secure_settings(demo_runtime[1], server.url, allow_internal_auth=allowed)
+        async with run_gateway(nursery, settings) as gw:
+            async with httpx.AsyncClient(base_url=gw.base_url) as http:
+                answer = await http.get("/api/v1/events/metrics/sessions", headers=key)
+                wrong = await http.get("/api/v1/agents", headers={"X-Internal-Auth": "guess"})
+        assert answer.status_code == expected
+        assert wrong.status_code == 401
+
+
+# --- the Auth Service misbehaving --------------------------------------------------------------
+
+
+async def test_cached_keys_survive_an_auth_service_outage_and_no_keys_means_503(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    token = issuer.mint("alice")
+    MINTED.add(token)
+    authed = auth(token)
+    async with run_gateway(nursery, secure_settings(demo_runtime[1], server.url)) as gw:
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            assert (await http.get("/api/v1/agents", headers=authed)).status_code == 200
+            server.go_down()
+            assert (await http.get("/api/v1/agents", headers=authed)).status_code == 200
+    # a fresh gateway has no cache: the service is unavailable, the user is fine
+    async with run_gateway(nursery, secure_settings(demo_runtime[1], server.url)) as gw:
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            answer = await http.get("/api/v1/agents", headers=authed)
+            ready = await http.get("/api/v1/health")
+        assert answer.status_code == 503 and "retry-after" in answer.headers
+        assert ready.status_code == 503 and ready.json()["checks"]["jwks"] == "unavailable"
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with trio_websocket.open_websocket_url(
+                gw.ws_url("down"), extra_headers=bearer(token)
+            ):
+                pass
+        assert rejected.value.status_code == 503
+    server.go_up()
+
+
+async def test_key_rotation_and_a_kid_flood(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, old_issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, jwks_refetch_cooldown=1.0)
+    async with run_gateway(nursery, settings) as gw:
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            old = old_issuer.mint("alice")
+            MINTED.add(old)
+            assert (await http.get("/api/v1/agents", headers=auth(old))).status_code == 200
+            # a flood of unknown kids costs the auth service at most one request per cooldown
+            before = server.requests
+            for n in range(30):
+                forged = DevIssuer(kid=f"random-{n}").mint("alice")
+                MINTED.add(forged)
+                answer = await http.get("/api/v1/agents", headers=auth(forged))
+                assert answer.status_code == 401
+            assert server.requests - before <= 1
+            # rotation: the new key joins the set; after the cooldown its tokens work
+            new_issuer = DevIssuer()
+            server.jwks = {"keys": [*old_issuer.jwks()["keys"], *new_issuer.jwks()["keys"]]}
+            await trio.sleep(1.1)
+            new = new_issuer.mint("alice")
+            MINTED.add(new)
+            assert (await http.get("/api/v1/agents", headers=auth(new))).status_code == 200
+            assert (await http.get("/api/v1/agents", headers=auth(old))).status_code == 200
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+
+async def test_rest_rate_limit_is_429_with_retry_after(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(
+        demo_runtime[1], server.url, rest_requests_per_second=1, rest_request_burst=3
+    )
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice")
+        MINTED.add(token)
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            statuses = [(await http.get("/api/v1/agents", headers=auth(token))) for _ in range(5)]
+    assert [a.status_code for a in statuses] == [200, 200, 200, 429, 429]
+    assert statuses[-1].headers["retry-after"] == "1"
+
+
+async def test_message_rate_limit_then_4429(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(
+        demo_runtime[1], server.url, ws_messages_per_second=0.1, ws_message_burst=2
+    )
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice")
+        MINTED.add(token)
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("chatty"), extra_headers=bearer(token)
+        ) as ws:
+            client = WsClient(ws)
+            for _ in range(6):
+                await client.send({"type": "cancel"})
+            codes = []
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    codes.append((await client.recv())["code"])
+    assert codes == ["rate_limited", "rate_limited"]
+    assert close_code(closed.value) == 4429
+
+
+async def test_per_user_connection_cap_is_429_at_the_handshake(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, max_connections_per_user=2)
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice")
+        other = issuer.mint("bob")
+        MINTED.update({token, other})
+        mine = bearer(token)
+        async with trio_websocket.open_websocket_url(gw.ws_url("c1"), extra_headers=mine):
+            async with trio_websocket.open_websocket_url(gw.ws_url("c2"), extra_headers=mine):
+                with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                    async with trio_websocket.open_websocket_url(
+                        gw.ws_url("c3"), extra_headers=mine
+                    ):
+                        pass
+                assert rejected.value.status_code == 429
+                async with trio_websocket.open_websocket_url(
+                    gw.ws_url("c4"), extra_headers=bearer(other)
+                ):
+                    pass  # other users are unaffected
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),
+        ("https://ide.example.com", True),
+        ("https://a.apps.example.com", True),
+        ("null", False),
+        ("https://ide.example.com.evil.io", False),
+        ("https://evilexample.com", False),
+        ("http://ide.example.com", False),
+    ],
+)
+async def test_origin_allow_list(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+    origin: str | None,
+    allowed: bool,
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(
+        demo_runtime[1],
+        server.url,
+        allowed_origins="https://ide.example.com,https://*.apps.example.com",
+    )
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice")
+        MINTED.add(token)
+        headers = bearer(token)
+        if origin is not None:
+            headers.append((b"Origin", origin.encode()))
+        if allowed:
+            async with trio_websocket.open_websocket_url(gw.ws_url("o"), extra_headers=headers):
+                pass
+        else:
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(gw.ws_url("o"), extra_headers=headers):
+                    pass
+            assert rejected.value.status_code == 403
+
+
+# --- hygiene (keep this test last: it reads the logs of every test above) --------------------
+
+
+def test_no_token_or_key_material_ever_reached_the_logs() -> None:
+    logged = LOG.getvalue()
+    assert logged, "the suite produced logs"
+    assert MINTED
+    for token in MINTED:
+        for part in token.split(".")[1:]:  # payload and signature are token material
+            if len(part) > 16:
+                assert part not in logged
+    assert INTERNAL_KEY not in logged
+    assert "Bearer ey" not in logged

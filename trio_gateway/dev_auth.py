@@ -1,0 +1,186 @@
+"""The demo's own Auth Service: a JWKS endpoint for a :class:`~trio_gateway.auth.DevIssuer`.
+
+``trio-gateway demo`` verifies tokens exactly like production does (JWKS over HTTP, see
+``auth.py``), so it needs someone to publish keys: :func:`serve_dev_jwks` serves the issuer's
+public key set on loopback. The issuer is also saved to a private file
+(:func:`save_dev_issuer`) so that ``trio-gateway token``, a separate process, can mint more
+tokens the running demo accepts (:func:`load_dev_issuer`).
+
+Development only. The file holds an unencrypted private key: it is written with mode 0600 in a
+0700 directory, and it is only good for the demo that wrote it (every demo run makes a new key
+and overwrites the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, get_args
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart import Response
+from quart_trio import QuartTrio
+
+from .auth import DevAlgorithm, DevIssuer
+
+__all__ = [
+    "DEV_ISSUER_FILE",
+    "DEV_ISSUER_FILE_ENV",
+    "JWKS_PATH",
+    "dev_issuer_file",
+    "load_dev_issuer",
+    "save_dev_issuer",
+    "serve_dev_jwks",
+]
+
+JWKS_PATH: Final = "/.well-known/jwks.json"
+#: Environment variable that overrides where the demo issuer is kept (tests point it at a
+#: temporary directory).
+DEV_ISSUER_FILE_ENV: Final = "TRIO_GATEWAY_DEV_ISSUER_FILE"
+_FIELDS: Final = ("kid", "algorithm", "issuer", "audience", "private_key_pem")
+
+
+def dev_issuer_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the demo issuer is kept, resolved now.
+
+    ``$TRIO_GATEWAY_DEV_ISSUER_FILE`` when set, else
+    ``$XDG_STATE_HOME/trio-gateway/demo-issuer.json`` (``~/.local/state`` when
+    ``XDG_STATE_HOME`` is unset, empty or relative, as the XDG spec asks).
+    """
+    env = os.environ if environ is None else environ
+    override = env.get(DEV_ISSUER_FILE_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    state = env.get("XDG_STATE_HOME", "").strip()
+    base = Path(state) if state and Path(state).is_absolute() else Path.home() / ".local" / "state"
+    return base / "trio-gateway" / "demo-issuer.json"
+
+
+#: The demo issuer file as resolved at import time. The helpers below resolve it again at each
+#: call (:func:`dev_issuer_file`), so a changed environment is honoured.
+DEV_ISSUER_FILE: Final[Path] = dev_issuer_file()
+
+
+def save_dev_issuer(issuer: DevIssuer, path: Path | None = None) -> Path:
+    """Write ``issuer`` (private key included) to ``path``; returns the path written.
+
+    The file gets mode 0600 and is replaced atomically (a reader never sees half a file); a
+    missing directory is created with mode 0700. Default path: :func:`dev_issuer_file`.
+    """
+    target = dev_issuer_file() if path is None else path
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    document = {
+        "kid": issuer.kid,
+        "algorithm": issuer.algorithm,
+        "issuer": issuer.issuer,
+        "audience": issuer.audience,
+        "private_key_pem": issuer.private_pem().decode("ascii"),
+    }
+    # mkstemp creates the file with mode 0600 in the target's directory (same file system, so
+    # the rename below is atomic).
+    fd, temp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", text=False
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), 0o600)
+            json.dump(document, file, indent=2)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+    return target
+
+
+def load_dev_issuer(path: Path | None = None) -> DevIssuer:
+    """The issuer saved by :func:`save_dev_issuer` (default path: :func:`dev_issuer_file`).
+
+    Raises :class:`FileNotFoundError` (telling the user to run ``trio-gateway demo`` first)
+    when there is no file, and :class:`ValueError` when the file is not a demo issuer.
+    """
+    source = dev_issuer_file() if path is None else path
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no demo issuer at {source}: run `trio-gateway demo` first (it creates one)"
+        ) from None
+    try:
+        document: Any = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{source} is not JSON; run `trio-gateway demo` to rewrite it") from None
+    if not isinstance(document, dict) or not all(
+        isinstance(document.get(name), str) and document[name] for name in _FIELDS
+    ):
+        raise ValueError(
+            f"{source} is not a demo issuer file (it needs the string fields "
+            f"{', '.join(_FIELDS)}); run `trio-gateway demo` to rewrite it"
+        )
+    algorithm = document["algorithm"]
+    if algorithm not in get_args(DevAlgorithm):
+        raise ValueError(f"{source}: unsupported algorithm {algorithm!r}")
+    try:
+        return DevIssuer.from_private_pem(
+            document["private_key_pem"].encode("ascii"),
+            kid=document["kid"],
+            algorithm=algorithm,
+            issuer=document["issuer"],
+            audience=document["audience"],
+        )
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError(f"{source}: unusable private key: {exc}") from None
+
+
+async def serve_dev_jwks(
+    issuer: DevIssuer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /.well-known/jwks.json`` with ``issuer``'s public keys until the trigger fires.
+
+    ``task_status.started(url)`` reports the JWKS URL, e.g.
+    ``http://127.0.0.1:43211/.well-known/jwks.json`` (port 0 lets the OS choose).
+    """
+    body = json.dumps(issuer.jwks()).encode()
+    app = QuartTrio(__name__)
+
+    async def jwks() -> Response:
+        return Response(
+            body,
+            status=200,
+            headers={
+                "Content-Type": "application/json",
+                "Cache-Control": "public, max-age=3600",
+            },
+        )
+
+    app.add_url_rule(JWKS_PATH, "jwks", jwks, methods=["GET"])
+
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    # The logger object itself: a "-" target would install hypercorn's own stderr handler on
+    # the shared "hypercorn.error" logger, doubling every line in the demo process.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    # Only the gateway's pooled keep-alive connection can be open at shutdown: don't wait on it.
+    config.graceful_timeout = 1.0
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(serve, app, config, shutdown_trigger=shutdown_trigger)
+        )
+        task_status.started(binds[0] + JWKS_PATH)
