@@ -378,6 +378,23 @@ async def test_the_internal_key_works_only_when_allowed(
         assert wrong.status_code == 401
 
 
+async def test_a_verified_token_is_not_trusted_past_its_expiry(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, jwt_leeway=0)
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice", lifetime=2)
+        MINTED.add(token)
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            assert (await http.get("/api/v1/agents", headers=auth(token))).status_code == 200
+            assert (await http.get("/api/v1/agents", headers=auth(token))).status_code == 200
+            await trio.sleep(2.2)
+            assert (await http.get("/api/v1/agents", headers=auth(token))).status_code == 401
+
+
 # --- the Auth Service misbehaving --------------------------------------------------------------
 
 

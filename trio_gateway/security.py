@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import httpx
@@ -30,6 +31,9 @@ from .ownership import MemoryOwnershipStore, OwnershipStore
 from .settings import Settings
 
 logger = logging.getLogger("trio_gateway.security")
+
+VERIFIED_TOKEN_CACHE_SIZE = 10_000
+VERIFIED_TOKEN_TTL = 60.0  # seconds
 
 # Used when GATEWAY__USE_JWT_AUTH=false: everyone is this one user, with every scope.
 ANONYMOUS = Identity(sub="anonymous", scopes=frozenset({"*"}), expires_at=float("inf"))
@@ -78,6 +82,15 @@ class Security:
         self.ws_rate = RateLimiter(settings.ws_messages_per_second, settings.ws_message_burst)
         self.rest_rate = RateLimiter(settings.rest_requests_per_second, settings.rest_request_burst)
         self._internal_key = settings.internal_api_key.get_secret_value().encode()
+        # Recently verified tokens: an IDE sends the same token with every request, and a
+        # signature check costs ~0.2 ms. Bounded in size, and in age so that a key withdrawn
+        # from the JWKS stops working within VERIFIED_TOKEN_TTL even for cached tokens.
+        self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+
+    def _remember(self, token: str, identity: Identity) -> None:
+        self._verified[token] = (identity, time.monotonic())
+        if len(self._verified) > VERIFIED_TOKEN_CACHE_SIZE:
+            self._verified.popitem(last=False)
 
     def start(self, http: httpx.AsyncClient) -> None:
         """Create the JWKS cache over the app's shared HTTP client."""
@@ -116,8 +129,20 @@ class Security:
         if not self.enabled:
             return ANONYMOUS
         assert self.jwks is not None, "Security.start() was not called"
+        cached = self._verified.get(token)
+        if cached is not None:
+            identity, verified_at = cached
+            now = time.monotonic()
+            if (
+                now - verified_at < VERIFIED_TOKEN_TTL
+                and identity.expires_at + self.settings.jwt_leeway > time.time()
+            ):
+                return identity
+            del self._verified[token]
         try:
-            return await self.jwks.verify(token, self.policy)
+            identity = await self.jwks.verify(token, self.policy)
+            self._remember(token, identity)
+            return identity
         except AuthError as error:
             self.metrics.auth_failures.labels(error.reason).inc()
             logger.info(
