@@ -534,6 +534,41 @@ async def test_per_user_connection_cap_is_429_at_the_handshake(
                     pass  # other users are unaffected
 
 
+async def test_the_global_connection_cap_is_503(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, max_connections=1)
+    async with run_gateway(nursery, settings) as gw:
+        alice, bob = issuer.mint("alice"), issuer.mint("bob")
+        MINTED.update({alice, bob})
+        async with trio_websocket.open_websocket_url(gw.ws_url("g1"), extra_headers=bearer(alice)):
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(
+                    gw.ws_url("g2"), extra_headers=bearer(bob)
+                ):
+                    pass
+            assert rejected.value.status_code == 503
+
+
+async def test_a_query_string_token_works_when_an_operator_opts_in(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, allow_query_token=True)
+    async with run_gateway(nursery, settings) as gw:
+        token = issuer.mint("alice")
+        MINTED.add(token)
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("q") + f"?access_token={token}"
+        ) as ws:
+            assert len(await chat(WsClient(ws))) == 3
+
+
 @pytest.mark.parametrize(
     ("origin", "allowed"),
     [
