@@ -92,6 +92,35 @@ class WsClient:
         return await self.recv_until(lambda f: f.get("is_final") is True, timeout)
 
 
+def task_names(predicate: Callable[[str], bool]) -> list[str]:
+    """Names of every live task in this process whose name satisfies ``predicate``."""
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if predicate(task.name):
+            names.append(task.name)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    return names
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 8) -> None:
+    """Poll ``predicate`` (state of a real server) until it holds, or fail."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def port_of(base_url: str) -> int:
+    """The port of ``http://host:port``."""
+    return int(base_url.rsplit(":", 1)[1])
+
+
 def close_code(closed: trio_websocket.ConnectionClosed) -> int:
     """The close code a client received."""
     assert closed.reason is not None

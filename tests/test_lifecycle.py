@@ -10,30 +10,19 @@ from trio_gateway import session as session_module
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.protocol import parse_client_frame
 
-from .conftest import RunningGateway, close_code, gateway_settings, run_gateway
+from .conftest import (
+    RunningGateway,
+    close_code,
+    gateway_settings,
+    run_gateway,
+    task_names,
+    wait_for,
+)
 
 
 def gateway_tasks() -> list[str]:
     """Names of every live task running trio_gateway code."""
-    names: list[str] = []
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        if task.name.startswith("trio_gateway."):
-            names.append(task.name)
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root)
-    return names
-
-
-async def wait_for(predicate: object, timeout: float = 5) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.01)
+    return task_names(lambda name: name.startswith("trio_gateway."))
 
 
 async def test_a_turn_continues_after_a_disconnect_and_finishes_at_the_runtime(

@@ -10,37 +10,14 @@ import trio
 
 from trio_gateway.demo_runtime import DemoRuntime
 
-from .conftest import close_code, gateway_settings, run_gateway
+from .conftest import close_code, gateway_settings, port_of, run_gateway, task_names, wait_for
 from .rawws import RawWebSocket
 from .scripted_runtime import ScriptedRuntime
 
 
-def port_of(base_url: str) -> int:
-    return int(base_url.rsplit(":", 1)[1])
-
-
 def handler_tasks() -> int:
     """Live per-connection tasks of every server in this process (hypercorn's and ours)."""
-    count = 0
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        nonlocal count
-        if task.name.endswith("_run_handler"):
-            count += 1
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root)
-    return count
-
-
-async def wait_for(predicate: object, timeout: float = 8) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.02)
+    return len(task_names(lambda name: name.endswith("_run_handler")))
 
 
 async def test_a_half_close_while_the_writer_is_blocked_frees_the_connection(

@@ -10,14 +10,10 @@ import trio
 
 from trio_gateway.demo_runtime import DemoRuntime
 
-from .conftest import gateway_settings, run_gateway
+from .conftest import gateway_settings, port_of, run_gateway
 from .rawws import RawWebSocket
 
 QUEUE_BYTES = 16 * 1024
-
-
-def port_of(base_url: str) -> int:
-    return int(base_url.rsplit(":", 1)[1])
 
 
 async def test_a_client_that_stops_reading_is_cut_off_and_its_turn_cancelled(
