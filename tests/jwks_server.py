@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 
 JWKS_PATH = "/.well-known/jwks.json"
@@ -44,8 +44,9 @@ class JWKSServer:
         self.raw_body: bytes | None = None
         #: Seconds to wait before answering (cut short by ``stop()``).
         self.delay = 0.0
-        #: Requests received, answered or not.
+        #: Requests received, answered or not, and the headers of the last one.
         self.requests = 0
+        self.last_headers: dict[str, str] = {}
         self.url = ""
         self._stop = trio.Event()
         self.app = QuartTrio(__name__)
@@ -79,6 +80,7 @@ class JWKSServer:
 
     async def _jwks(self) -> Response:
         self.requests += 1
+        self.last_headers = {k.lower(): v for k, v in request.headers.items()}
         if self.delay:
             with trio.move_on_after(self.delay):
                 await self._stop.wait()

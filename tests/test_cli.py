@@ -34,7 +34,7 @@ from .conftest import WsClient, close_code
 from .test_drain import wait_until_serving
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
-KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key"}
+KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key-0123456789"}
 CODING_TURN = {"type": "user_message", "content": "write a hello world in python", "role": "user"}
 
 
@@ -328,7 +328,9 @@ async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
         await wait_until_serving(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/agents")).status_code == 401
-            answer = await http.get("/agents", headers={"X-Internal-Auth": "cli-test-key"})
+            answer = await http.get(
+                "/agents", headers={"X-Internal-Auth": "cli-test-key-0123456789"}
+            )
             assert answer.status_code == 200 and answer.json()["total"] >= 5
         assert await stop(process, signal.SIGTERM) == 0
     finally:

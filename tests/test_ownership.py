@@ -7,7 +7,12 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_gateway.ownership import MemoryOwnershipStore, OwnershipStore, check_access
+from trio_gateway.ownership import (
+    MemoryOwnershipStore,
+    OwnershipRefused,
+    OwnershipStore,
+    check_access,
+)
 
 # --- check_access ------------------------------------------------------------------------------
 
@@ -111,38 +116,39 @@ def test_max_sessions_must_be_positive() -> None:
         MemoryOwnershipStore(max_sessions=0)
 
 
-async def test_beyond_max_sessions_the_oldest_claim_is_evicted_and_reclaimable() -> None:
+async def test_a_full_store_refuses_new_claims_and_never_evicts_an_owner() -> None:
     store = MemoryOwnershipStore(max_sessions=2)
     await store.claim("s1", "alice")
     await store.claim("s2", "alice")
-    await store.claim("s3", "bob")
-    assert len(store) == 2
-    assert await store.owner("s1") is None
-    assert await store.sessions_of("alice") == frozenset({"s2"})
-    # The documented consequence: whoever touches an evicted session next now owns it.
-    assert await store.claim("s1", "mallory") == "mallory"
-    assert await store.owner("s2") is None  # s2 was then the oldest
+    with pytest.raises(OwnershipRefused) as refused:
+        await store.claim("s3", "bob")
+    assert refused.value.reason == "store_full"
+    # existing owners keep their sessions: nobody can take s1 over
+    assert await store.claim("s1", "mallory") == "alice"
+    await store.forget("s2")
+    assert await store.claim("s3", "bob") == "bob"
 
 
-async def test_claiming_again_keeps_a_session_young() -> None:
-    store = MemoryOwnershipStore(max_sessions=2)
-    await store.claim("s1", "alice")
-    await store.claim("s2", "bob")
-    await store.claim("s1", "alice")  # s1 is in use: s2 is now the oldest claim
-    await store.claim("s3", "carol")
-    assert await store.owner("s1") == "alice"
-    assert await store.owner("s2") is None
-    assert await store.sessions_of("bob") == frozenset()
+async def test_one_user_cannot_fill_the_store() -> None:
+    store = MemoryOwnershipStore(max_sessions=100, max_per_user=3)
+    for n in range(3):
+        await store.claim(f"s{n}", "mallory")
+    with pytest.raises(OwnershipRefused) as refused:
+        await store.claim("s9", "mallory")
+    assert refused.value.reason == "user_limit"
+    assert await store.claim("s9", "alice") == "alice"
 
 
 async def test_memory_stays_bounded_under_many_sessions() -> None:
     store = MemoryOwnershipStore(max_sessions=1000)
-    for i in range(100_000):
-        await store.claim(f"s{i}", f"user-{i % 7919}")
-    assert len(store) == 1000
+    refused = 0
+    for i in range(20_000):
+        try:
+            await store.claim(f"s{i}", f"user-{i % 7919}")
+        except OwnershipRefused:
+            refused += 1
+    assert len(store) == 1000 and refused == 19_000
     assert len(store._by_user) <= 1000
-    assert await store.owner("s99999") == "user-" + str(99999 % 7919)
-    assert await store.owner("s0") is None
 
 
 async def test_concurrent_claims_have_exactly_one_winner() -> None:
@@ -176,15 +182,14 @@ ops = st.lists(
 def test_store_matches_a_model(ops: list[tuple[str, str, str]], max_sessions: int) -> None:
     async def run() -> None:
         store = MemoryOwnershipStore(max_sessions=max_sessions)
-        model: dict[str, str] = {}  # insertion order = claim order, oldest first
+        model: dict[str, str] = {}
         for op, session, user in ops:
             if op == "claim":
-                if session in model:
-                    model[session] = model.pop(session)
-                else:
-                    model[session] = user
-                    if len(model) > max_sessions:
-                        del model[next(iter(model))]
+                if session not in model and len(model) >= max_sessions:
+                    with pytest.raises(OwnershipRefused):
+                        await store.claim(session, user)
+                    continue
+                model.setdefault(session, user)
                 assert await store.claim(session, user) == model[session]
             else:
                 model.pop(session, None)

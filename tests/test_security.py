@@ -610,6 +610,102 @@ async def test_origin_allow_list(
             assert rejected.value.status_code == 403
 
 
+# --- review findings: each of these once opened a hole --------------------------------------
+
+
+async def test_dot_segments_cannot_reach_the_unfiltered_session_list(secure: Secure) -> None:
+    alice = auth(secure.token("alice"))
+    async with secure.http() as http:
+        await http.post("/api/v1/sessions", json={"session_id": "victim"}, headers=alice)
+        mallory = auth(secure.token("mallory"))
+        # httpx itself folds a literal "/." away (the filtered list route answers); the
+        # encoded form reaches the gateway as the id "." and must not become "/sessions"
+        for path in ("/api/v1/sessions/.", "/api/v1/sessions/%2E", "/api/v1/sessions/%2E%2E"):
+            answer = await http.get(path, headers=mallory)
+            assert "victim" not in answer.text, path
+        encoded = await http.get("/api/v1/sessions/%2E", headers=mallory)
+        assert encoded.status_code == 400
+
+
+async def test_a_repeated_session_query_parameter_is_refused(secure: Secure) -> None:
+    mallory = auth(secure.token("mallory"))
+    async with secure.http() as http:
+        await http.post("/api/v1/sessions", json={"session_id": "mine"}, headers=mallory)
+        answer = await http.get(
+            "/api/v1/events/audit-log?session_id=mine&session_id=victim", headers=mallory
+        )
+    assert answer.status_code == 400
+
+
+async def test_touching_an_unknown_session_does_not_squat_its_id(secure: Secure) -> None:
+    async with secure.http() as http:
+        ghost = await http.get("/api/v1/sessions/ghost", headers=auth(secure.token("mallory")))
+        assert ghost.status_code == 404
+        created = await http.post(
+            "/api/v1/sessions", json={"session_id": "ghost"}, headers=auth(secure.token("alice"))
+        )
+    assert created.status_code == 201
+
+
+async def test_a_refused_handshake_does_not_claim_the_session(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, issuer = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, max_connections_per_user=1)
+    async with run_gateway(nursery, settings) as gw:
+        mallory, alice = issuer.mint("mallory"), issuer.mint("alice")
+        MINTED.update({mallory, alice})
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("m1"), extra_headers=bearer(mallory)
+        ):
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(
+                    gw.ws_url("wanted"), extra_headers=bearer(mallory)
+                ):
+                    pass
+            assert rejected.value.status_code == 429
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("wanted"), extra_headers=bearer(alice)
+        ) as ws:
+            assert len(await chat(WsClient(ws))) == 3
+
+
+async def test_the_internal_key_never_goes_to_the_auth_service(secure: Secure) -> None:
+    async with secure.http() as http:
+        await http.get("/api/v1/agents", headers=auth(secure.token()))
+    assert secure.jwks.requests >= 1
+    assert "x-internal-auth" not in secure.jwks.last_headers
+
+
+async def test_sockets_waiting_for_their_auth_frame_count_against_the_global_cap(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
+    server, _ = jwks_server
+    settings = secure_settings(demo_runtime[1], server.url, max_connections=1, ws_auth_timeout=5.0)
+    async with run_gateway(nursery, settings) as gw:
+        async with trio_websocket.open_websocket_url(gw.ws_url("pending")):
+            await trio.sleep(0.2)
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket.open_websocket_url(gw.ws_url("second")):
+                    pass
+            assert rejected.value.status_code == 503
+
+
+async def test_a_refresh_to_a_read_only_token_closes_4403(secure: Secure) -> None:
+    async with secure.ws("downgraded", secure.token("alice")) as ws:
+        client = WsClient(ws)
+        await client.send({"type": "auth", "token": secure.token("alice", scopes=["api:read"])})
+        error = await client.recv()
+        assert error["code"] == "invalid_token"
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await client.recv()
+    assert close_code(closed.value) == 4403
+
+
 # --- hygiene (keep this test last: it reads the logs of every test above) --------------------
 
 

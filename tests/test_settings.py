@@ -24,7 +24,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def test_defaults_match_the_documented_ones() -> None:
-    settings = load_settings(internal_api_key="a-real-key")
+    settings = load_settings(internal_api_key="a-real-key-0123456789")
     assert settings.use_jwt_auth is True
     assert settings.jwt_issuer == "https://auth.codelab.local"
     assert settings.jwt_audience == "codelab-api"
@@ -42,7 +42,7 @@ def test_values_come_from_gateway_prefixed_variables(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("GATEWAY__AGENT_URL", "http://runtime:8001/")
     monkeypatch.setenv("GATEWAY__WS_HEARTBEAT_INTERVAL", "7.5")
     monkeypatch.setenv("GATEWAY__LOG_LEVEL", "warning")
-    monkeypatch.setenv("GATEWAY__INTERNAL_API_KEY", "k")
+    monkeypatch.setenv("GATEWAY__INTERNAL_API_KEY", "k" * 20)
     settings = load_settings()
     assert settings.agent_url == "http://runtime:8001"
     assert settings.ws_heartbeat_interval == 7.5
@@ -50,7 +50,9 @@ def test_values_come_from_gateway_prefixed_variables(monkeypatch: pytest.MonkeyP
 
 
 def test_a_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("GATEWAY__MAX_QUEUED_MESSAGES=3\nGATEWAY__INTERNAL_API_KEY=k\n")
+    (tmp_path / ".env").write_text(
+        "GATEWAY__MAX_QUEUED_MESSAGES=3\nGATEWAY__INTERNAL_API_KEY=kkkkkkkkkkkkkkkkkkkk\n"
+    )
     assert load_settings().max_queued_messages == 3
 
 
@@ -62,8 +64,10 @@ def test_a_dotenv_file_in_the_working_directory_is_read(tmp_path: Path) -> None:
         ("AGENT_URL", "ftp://x", "http:// or https://"),
         ("LOG_LEVEL", "LOUD", "GATEWAY__LOG_LEVEL"),
         ("MAX_QUEUED_MESSAGES", "1.5", "GATEWAY__MAX_QUEUED_MESSAGES"),
-        ("INTERNAL_API_KEY", "", "empty or the placeholder"),
-        ("INTERNAL_API_KEY", "change-me-internal-key", "empty or the placeholder"),
+        ("INTERNAL_API_KEY", "", "empty, the placeholder"),
+        ("INTERNAL_API_KEY", "change-me-internal-key", "empty, the placeholder"),
+        ("INTERNAL_API_KEY", " change-me-internal-key ", "empty, the placeholder"),
+        ("INTERNAL_API_KEY", "short", "shorter than 16"),
         ("ALLOWED_ORIGINS", "https://ok.example,ftp//bad", "GATEWAY__ALLOWED_ORIGINS"),
         ("JWKS_URL", "file:///etc/passwd", "GATEWAY__JWKS_URL"),
     ],
@@ -85,7 +89,7 @@ def test_the_placeholder_key_is_accepted_in_explicit_insecure_dev_mode(
 
 
 def test_the_internal_key_is_never_shown_in_a_repr(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY__INTERNAL_API_KEY", "s3cr3t-value")
+    monkeypatch.setenv("GATEWAY__INTERNAL_API_KEY", "s3cr3t-value-0123456789")
     assert "s3cr3t-value" not in repr(load_settings())
 
 

@@ -42,6 +42,7 @@ from .ws_handshake import open_session_socket
 logger = logging.getLogger("trio_gateway.app")
 
 WS_PREFIX = "/api/v1/ws/"
+READINESS_CACHE_SECONDS = 1.0
 
 
 class Gateway:
@@ -56,6 +57,8 @@ class Gateway:
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
         self._manager_scope: trio.CancelScope | None = None
+        self._readiness_lock = trio.Lock()
+        self._readiness: tuple[float, dict[str, Any]] | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Open the HTTP pool and start the session manager inside ``nursery``."""
@@ -83,6 +86,51 @@ class Gateway:
         if self.http is not None:
             with trio.CancelScope(shield=True):
                 await self.http.aclose()
+
+    async def readiness(self) -> dict[str, Any]:
+        """The readiness report, probed at most once per READINESS_CACHE_SECONDS.
+
+        Anyone may call the readiness route: without the cache (and the lock that makes
+        concurrent callers share one probe) each call would cost a runtime request from the
+        pool the REST proxy depends on.
+        """
+        async with self._readiness_lock:
+            cached = self._readiness
+            if cached is not None and trio.current_time() - cached[0] < READINESS_CACHE_SECONDS:
+                report = dict(cached[1])
+            else:
+                report = await self._probe_readiness()
+                self._readiness = (trio.current_time(), report)
+        if self.draining:  # never served stale once a drain has begun
+            report = {
+                **report,
+                "status": "not_ready",
+                "checks": {**report["checks"], "draining": True},
+            }
+        return report
+
+    async def _probe_readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {"draining": self.draining}
+        ready = not self.draining and self.http is not None
+        if self.http is not None:
+            try:
+                answer = await self.http.get(
+                    "/health", timeout=min(5.0, self.settings.request_timeout)
+                )
+                checks["runtime"] = (
+                    "ok" if answer.status_code == 200 else f"http {answer.status_code}"
+                )
+            except httpx.HTTPError as error:
+                checks["runtime"] = f"unreachable ({type(error).__name__})"
+            ready = ready and checks["runtime"] == "ok"
+        if self.security.enabled:
+            checks["jwks"] = "ok" if await self.security.keys_available() else "unavailable"
+            ready = ready and checks["jwks"] == "ok"
+        return {
+            "status": "ready" if ready else "not_ready",
+            "version": __version__,
+            "checks": checks,
+        }
 
     @property
     def draining(self) -> bool:
@@ -171,29 +219,9 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.get("/api/v1/health")
     async def readiness() -> Response:
-        """Readiness: the runtime answers its health check and the gateway is not draining."""
-        checks: dict[str, Any] = {"draining": gateway.draining}
-        ready = not gateway.draining and gateway.http is not None
-        if gateway.http is not None:
-            try:
-                answer = await gateway.http.get(
-                    "/health", timeout=min(5.0, settings.request_timeout)
-                )
-                checks["runtime"] = (
-                    "ok" if answer.status_code == 200 else f"http {answer.status_code}"
-                )
-            except httpx.HTTPError as error:
-                checks["runtime"] = f"unreachable ({type(error).__name__})"
-            ready = ready and checks["runtime"] == "ok"
-        if gateway.security.enabled:
-            checks["jwks"] = "ok" if await gateway.security.keys_available() else "unavailable"
-            ready = ready and checks["jwks"] == "ok"
-        body = {
-            "status": "ready" if ready else "not_ready",
-            "version": __version__,
-            "checks": checks,
-        }
-        return _json(body, 200 if ready else 503)
+        """Readiness: runtime reachable, signing keys loaded, not draining (cached ~1 s)."""
+        body = await gateway.readiness()
+        return _json(body, 200 if body["status"] == "ready" else 503)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
@@ -210,9 +238,10 @@ def create_app(settings: Settings) -> GatewayApp:
         """Prometheus metrics, for allowed networks or callers with the internal key."""
         supplied = request.headers.get("X-Internal-Auth", "").encode()
         remote = request.remote_addr or ""
-        allowed = hmac.compare_digest(supplied, internal_key) or _address_in(
-            remote, metrics_networks
+        key_ok = (
+            bool(supplied) and bool(internal_key) and hmac.compare_digest(supplied, internal_key)
         )
+        allowed = key_ok or _address_in(remote, metrics_networks)
         if not allowed:
             return error_response(403, "forbidden", "Metrics are restricted")
         return Response(generate_latest(gateway.metrics.registry), content_type=CONTENT_TYPE_LATEST)

@@ -8,7 +8,6 @@ There is no module-level state: each app creates its own store.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Protocol, runtime_checkable
 
 __all__ = ["MemoryOwnershipStore", "OwnershipStore", "check_access"]
@@ -51,25 +50,32 @@ def check_access(owner: str | None, user: str) -> bool:
     return owner is None or owner == user
 
 
+class OwnershipRefused(Exception):
+    """A claim that would exceed a bound: ``reason`` is ``store_full`` or ``user_limit``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class MemoryOwnershipStore:
-    """In-process :class:`OwnershipStore`, bounded to ``max_sessions`` records.
+    """In-process :class:`OwnershipStore`, bounded in total and per user.
 
     The methods are ``async`` to match the protocol but never block or yield, so each call,
     including the check-and-set in :meth:`claim`, is atomic with respect to other tasks.
 
-    Records are kept in claim order; every :meth:`claim` call on a session (also the
-    owner re-claiming it) moves it to the young end. When a new claim would exceed
-    ``max_sessions``, the least recently claimed record is evicted. **Consequence: an evicted
-    session is unowned again, and whoever touches it next claims it**, possibly a different
-    user who learnt its id. Set ``max_sessions`` well above the number of live sessions, and
-    :meth:`forget` sessions when they end, so that only long-dead records are ever evicted.
+    A full store refuses new claims (:class:`OwnershipRefused`) instead of evicting old
+    records: an evicted record would make a session unowned again, and whoever learnt its id
+    could then claim it (a takeover). The per-user bound keeps one user from filling the store.
+    Records leave only through :meth:`forget`.
     """
 
-    def __init__(self, max_sessions: int = 1_000_000) -> None:
-        if max_sessions < 1:
-            raise ValueError(f"max_sessions must be >= 1, got {max_sessions!r}")
+    def __init__(self, max_sessions: int = 1_000_000, max_per_user: int = 10_000) -> None:
+        if max_sessions < 1 or max_per_user < 1:
+            raise ValueError("max_sessions and max_per_user must be >= 1")
         self.max_sessions = max_sessions
-        self._owners: OrderedDict[str, str] = OrderedDict()
+        self.max_per_user = max_per_user
+        self._owners: dict[str, str] = {}
         self._by_user: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
@@ -80,7 +86,7 @@ class MemoryOwnershipStore:
         """Record ``user`` as owner of ``session_id`` if unowned; return the owner.
 
         Raises ValueError for an empty ``session_id`` or ``user`` (an unauthenticated caller
-        must never own anything).
+        must never own anything) and :class:`OwnershipRefused` when a bound is reached.
         """
         if not session_id:
             raise ValueError("session_id must be a non-empty string")
@@ -88,13 +94,15 @@ class MemoryOwnershipStore:
             raise ValueError("user must be a non-empty string")
         existing = self._owners.get(session_id)
         if existing is not None:
-            self._owners.move_to_end(session_id)
             return existing
+        if len(self._owners) >= self.max_sessions:
+            raise OwnershipRefused("store_full")
+        mine = self._by_user.get(user, set())
+        if len(mine) >= self.max_per_user:
+            raise OwnershipRefused("user_limit")
         self._owners[session_id] = user
-        self._by_user.setdefault(user, set()).add(session_id)
-        while len(self._owners) > self.max_sessions:
-            evicted, evicted_owner = self._owners.popitem(last=False)
-            self._unlink(evicted, evicted_owner)
+        self._by_user[user] = mine
+        mine.add(session_id)
         return user
 
     async def owner(self, session_id: str) -> str | None:

@@ -233,7 +233,10 @@ def error_frame(code: ErrorCode, text: str, *, is_final: bool, **extra: Any) -> 
 
 
 def valid_session_id(session_id: str) -> bool:
-    """Session ids: 1..256 characters, no control characters, no ``/``."""
+    """Session ids: 1..256 characters, no control characters, no ``/``, not ``.`` or ``..``
+    (URL normalisation would turn ``/sessions/.`` into ``/sessions`` upstream)."""
     if not 0 < len(session_id) <= SESSION_ID_MAX_LENGTH or "/" in session_id:
+        return False
+    if session_id in (".", ".."):
         return False
     return session_id.isprintable()

@@ -27,6 +27,7 @@ from quart import Response, request
 from .auth import Identity
 from .limits import acquire_within
 from .observability import Metrics, request_id_var, user_var
+from .protocol import valid_session_id
 from .security import INTERNAL, Refusal, Security, user_headers
 from .settings import Settings
 
@@ -164,7 +165,8 @@ def make_http_client(settings: Settings, transport: httpx.AsyncHTTPTransport) ->
         base_url=settings.agent_url,
         transport=transport,
         timeout=httpx.Timeout(settings.request_timeout),
-        headers={"X-Internal-Auth": settings.internal_api_key.get_secret_value()},
+        # No default X-Internal-Auth: this client also fetches the JWKS from the Auth
+        # Service, which must never see the runtime's key. Callers add it per request.
         follow_redirects=False,
         trust_env=False,
     )
@@ -226,13 +228,23 @@ class RestProxy:
         user_var.set(identity.sub)
         scope = self.settings.read_scope if route.method == "GET" else self.settings.write_scope
         security.require_scope(identity, scope)
+        session_id = path_params.get("session_id")
+        if session_id is not None and not valid_session_id(session_id):
+            raise Refusal(400, "invalid_session_id", "Malformed session id")
         if internal or not security.enabled:
             return identity
         security.check_rest_rate(identity)
-        if route.per_session:
-            await security.claim_session(path_params["session_id"], identity)
-        if route.session_query is not None and request.args.get(route.session_query):
-            await security.claim_session(request.args[route.session_query], identity)
+        if session_id is not None:
+            await security.check_owner(session_id, identity)
+        if route.session_query is not None:
+            values = request.args.getlist(route.session_query)
+            if len(values) > 1 or (values and not valid_session_id(values[0])):
+                # The runtime may read another value than we checked (first vs last).
+                raise Refusal(400, "invalid_request", f"Give '{route.session_query}' once")
+            if values:
+                await security.check_owner(values[0], identity)
+            elif route.internal_only:
+                raise Refusal(403, "forbidden", "This route is reserved to services")
         elif route.internal_only:
             raise Refusal(403, "forbidden", "This route is reserved to services")
         return identity
@@ -323,17 +335,27 @@ class RestProxy:
         response: Response,
         identity: Identity,
     ) -> None:
-        ownership = self.security.ownership
+        # Claims follow the runtime's answer: only sessions that exist get an owner (a 404 for a
+        # made-up id claims nothing, so ids cannot be squatted through the REST door).
+        security = self.security
+        ok = 200 <= upstream.status_code < 300
         if route.path == "/api/v1/sessions" and route.method == "POST":
-            if upstream.status_code == 201:
-                created = _json_object(upstream.content)
-                if isinstance(created.get("id"), str):
-                    await ownership.claim(created["id"], identity.sub)
+            created = _json_object(upstream.content)
+            if upstream.status_code == 201 and isinstance(created.get("id"), str):
+                try:
+                    await security.claim_session(created["id"], identity)
+                except Refusal as refused:
+                    logger.warning("session created but not owned: %s", refused.error)
         elif route.path == "/api/v1/sessions" and route.method == "GET":
             if upstream.status_code == 200:
                 await self._only_own_sessions(upstream.content, response, identity)
         elif route.method == "DELETE" and route.per_session and upstream.status_code == 204:
-            await ownership.forget(path_params["session_id"])
+            await security.ownership.forget(path_params["session_id"])
+        elif ok and route.per_session:
+            try:
+                await security.claim_session(path_params["session_id"], identity)
+            except Refusal as refused:
+                logger.warning("session used but not owned: %s", refused.error)
 
     async def _only_own_sessions(
         self, content: bytes, response: Response, identity: Identity
@@ -342,6 +364,13 @@ class RestProxy:
         listing = _json_object(content)
         sessions = listing.get("sessions")
         if not isinstance(sessions, list):
+            # Fail closed: an unexpected shape must not pass every user's sessions through.
+            response.status_code = 502
+            response.set_data(
+                orjson.dumps(
+                    {"error": "bad_gateway", "error_description": "Unexpected session list"}
+                )
+            )
             return
         mine = await self.security.ownership.sessions_of(identity.sub)
         listing["sessions"] = [s for s in sessions if isinstance(s, dict) and s.get("id") in mine]

@@ -27,7 +27,7 @@ from .auth import (
 )
 from .limits import ConnectionCounter, OriginPolicy, RateLimiter, parse_origin_list
 from .observability import Metrics
-from .ownership import MemoryOwnershipStore, OwnershipStore
+from .ownership import MemoryOwnershipStore, OwnershipRefused, OwnershipStore
 from .settings import Settings
 
 logger = logging.getLogger("trio_gateway.security")
@@ -196,16 +196,37 @@ class Security:
 
     # --- sessions --------------------------------------------------------------------------
 
+    async def check_owner(self, session_id: str, identity: Identity) -> bool:
+        """403 if another user owns the session; True when it is unowned (claim it later)."""
+        owner = await self.ownership.owner(session_id)
+        if owner is not None and owner != identity.sub:
+            self._refuse_not_owner()
+        return owner is None
+
     async def claim_session(self, session_id: str, identity: Identity) -> None:
-        """Record ``identity`` as the owner of an unowned session; 403 if someone else owns it."""
-        owner = await self.ownership.claim(session_id, identity.sub)
+        """Record ``identity`` as the owner of an unowned session; 403 if someone else owns it,
+        503/429 when the ownership store or the user's share of it is full."""
+        try:
+            owner = await self.ownership.claim(session_id, identity.sub)
+        except OwnershipRefused as refused:
+            self.metrics.limit_hits.labels(f"ownership_{refused.reason}").inc()
+            if refused.reason == "user_limit":
+                raise Refusal(
+                    429, "too_many_sessions", "Too many sessions for this user", retry_after=60
+                ) from None
+            raise Refusal(
+                503, "unavailable", "The gateway cannot take new sessions now", retry_after=30
+            ) from None
         if owner != identity.sub:
-            self.metrics.auth_failures.labels("not_owner").inc()
-            logger.warning(
-                "access to another user's session refused",
-                extra={"event": "forbidden", "reason": "not_owner"},
-            )
-            raise Refusal(403, "forbidden", "This session belongs to another user")
+            self._refuse_not_owner()
+
+    def _refuse_not_owner(self) -> None:
+        self.metrics.auth_failures.labels("not_owner").inc()
+        logger.warning(
+            "access to another user's session refused",
+            extra={"event": "forbidden", "reason": "not_owner"},
+        )
+        raise Refusal(403, "forbidden", "This session belongs to another user")
 
     # --- rates -----------------------------------------------------------------------------
 

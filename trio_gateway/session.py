@@ -404,6 +404,7 @@ class SessionManager:
         self.security = security
         self.sessions: dict[str, Session] = {}
         self.connection_count = 0
+        self.pending_auth = 0  # accepted sockets still waiting for their auth frame
         self.draining = False
         self._nursery: trio.Nursery | None = None
         self._idle = trio.lowlevel.ParkingLot()
@@ -458,7 +459,7 @@ class SessionManager:
         """Why a new connection to ``session_id`` must be refused, as (HTTP status, reason)."""
         if self.draining or self._nursery is None:
             return 503, "gateway is shutting down"
-        if self.connection_count >= self.settings.max_connections:
+        if self.connection_count + self.pending_auth >= self.settings.max_connections:
             return 503, "too many open connections"
         if session_id not in self.sessions and len(self.sessions) >= self.settings.max_sessions:
             return 503, "too many live sessions"
@@ -668,6 +669,14 @@ class SessionManager:
                 error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
             )
             return
+        try:
+            self.security.require_scope(identity, self.settings.write_scope)
+        except Refusal as refused:
+            session.send_control(
+                error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
+            )
+            connection.shut(CloseCode.FORBIDDEN, "token lacks the write scope", flush=True)
+            return
         if identity.sub != connection.identity.sub:
             session.send_control(
                 error_frame(
@@ -696,6 +705,8 @@ class SessionManager:
             return
         kind = message["type"]
         self.count_frame_in(kind)
+        if connection.closing and kind != "cancel":
+            return  # closing (e.g. token expired): nothing new starts on this socket
         if kind in RUNTIME_BOUND_TYPES:
             if not session.submit(message):
                 if session.close_after_turn is not None:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "GATEWAY__"
 PLACEHOLDER_INTERNAL_KEY = "change-me-internal-key"
+MIN_INTERNAL_KEY_LENGTH = 16
 MiB = 1024 * 1024
 
 
@@ -319,11 +320,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
-        key = self.internal_api_key.get_secret_value()
-        if not self.insecure_dev and key in ("", PLACEHOLDER_INTERNAL_KEY):
+        key = self.internal_api_key.get_secret_value().strip()
+        weak = len(key) < MIN_INTERNAL_KEY_LENGTH or PLACEHOLDER_INTERNAL_KEY in key
+        if not self.insecure_dev and weak:
             raise ValueError(
-                "GATEWAY__INTERNAL_API_KEY is empty or the placeholder "
-                f"'{PLACEHOLDER_INTERNAL_KEY}': set the runtime's real key "
+                "GATEWAY__INTERNAL_API_KEY is empty, the placeholder "
+                f"'{PLACEHOLDER_INTERNAL_KEY}' or shorter than {MIN_INTERNAL_KEY_LENGTH} "
+                "characters: set the runtime's real key "
                 "(or GATEWAY__INSECURE_DEV=true for local development)"
             )
         return self

@@ -114,8 +114,10 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
     # No token with the handshake (browsers cannot set headers): accept, then the first
     # frame must be {"type":"auth","token":...} within ws_auth_timeout. Nothing else is read.
     v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
-    await ws.accept(SUBPROTOCOL_V2 if v2 else None)
+    # Sockets waiting for their auth frame count against MAX_CONNECTIONS (sessions.refusal).
+    sessions.pending_auth += 1
     try:
+        await ws.accept(SUBPROTOCOL_V2 if v2 else None)
         identity = await _first_frame_identity(gateway, ws)
         await _authorize(gateway, identity, session_id)
     except Refusal as refusal:
@@ -131,6 +133,8 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
         return
     except ConnectionClosed:
         return
+    finally:
+        sessions.pending_auth -= 1
     await _serve(gateway, ws, session_id, identity, accepted=True)
 
 
@@ -150,9 +154,11 @@ async def _first_frame_identity(gateway: Gateway, ws: WebSocketConnection) -> Id
 
 
 async def _authorize(gateway: Gateway, identity: Identity, session_id: str) -> None:
+    # Check only: the session is claimed once the connection caps have admitted the socket,
+    # so refused handshakes cannot squat session ids.
     security = gateway.security
     security.require_scope(identity, gateway.settings.write_scope)
-    await security.claim_session(session_id, identity)
+    await security.check_owner(session_id, identity)
 
 
 async def _serve(
@@ -165,20 +171,28 @@ async def _serve(
 ) -> None:
     security = gateway.security
     refused = security.connections.try_acquire(identity.sub)
-    if refused is not None:
-        gateway.metrics.limit_hits.labels(f"connections_{refused}").inc()
-        refusal = (
-            Refusal(
-                429,
-                "too_many_connections",
-                "Too many open connections for this user",
-                retry_after=5,
+    refusal: Refusal | None = None
+    if refused is None:
+        try:
+            await security.claim_session(session_id, identity)
+        except Refusal as claim_refused:
+            security.connections.release(identity.sub)
+            refusal = claim_refused
+    if refused is not None or refusal is not None:
+        if refusal is None:
+            gateway.metrics.limit_hits.labels(f"connections_{refused}").inc()
+            refusal = (
+                Refusal(
+                    429,
+                    "too_many_connections",
+                    "Too many open connections for this user",
+                    retry_after=5,
+                )
+                if refused == "per_user"
+                else Refusal(503, "unavailable", "too many open connections", retry_after=5)
             )
-            if refused == "per_user"
-            else Refusal(503, "unavailable", "too many open connections", retry_after=5)
-        )
         if accepted:
-            code = _CLOSE_FOR_STATUS[refusal.status]
+            code = _CLOSE_FOR_STATUS.get(refusal.status, CloseCode.POLICY_VIOLATION)
             with trio.CancelScope(shield=True):
                 await ws.close_within(code, gateway.settings.ws_close_timeout, refusal.description)
                 await ws.drain_until_disconnect(gateway.settings.ws_close_timeout)
