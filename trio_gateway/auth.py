@@ -690,7 +690,8 @@ class DevIssuer:
     """A stand-in for the Auth Service: one fresh key pair, its JWKS, and a token minter.
 
     Tokens look like the Auth Service's (CONTRACT.md section 3). For the demo and tests only:
-    the private key lives in memory and is lost with the object.
+    the private key lives in memory unless saved with :meth:`private_pem` (``trio-gateway
+    demo`` saves it for ``trio-gateway token``; see ``dev_auth.py``).
     """
 
     kid: str = field(default_factory=lambda: f"dev-{uuid.uuid4().hex[:12]}")
