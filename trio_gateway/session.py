@@ -571,13 +571,11 @@ class SessionManager:
     async def _finish_connection(self, connection: Connection) -> None:
         ws = connection.ws
         peer_closed = ws.closed and not ws.aborted
-        # Shielded: this runs while the connection task may be cancelled (server shutdown),
-        # and the client must still get a proper close code. close_within bounds it.
-        with trio.CancelScope(shield=True):
-            await ws.close_within(
-                connection.close_code, self.settings.ws_close_timeout, connection.close_reason
-            )
-            await ws.drain_until_disconnect(self.settings.ws_close_timeout)
+        # Runs while the connection task may be cancelled (server shutdown): finish() is
+        # shielded and bounded, so the client still gets a proper close code.
+        await ws.finish(
+            connection.close_code, self.settings.ws_close_timeout, connection.close_reason
+        )
         if ws.aborted:
             code = "aborted"
         elif peer_closed:

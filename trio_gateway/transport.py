@@ -202,6 +202,13 @@ class WebSocketConnection:
             if attempt == 0 and not self.abort():
                 return  # cannot abort on this server: nothing more we can do
 
+    async def finish(self, code: int, timeout: float, reason: str = "") -> None:
+        """The last thing done with a socket: close with ``code`` and drain to the disconnect,
+        each bounded by ``timeout``, shielded so that it also runs for a cancelled task."""
+        with trio.CancelScope(shield=True):
+            await self.close_within(code, timeout, reason)
+            await self.drain_until_disconnect(timeout)
+
     async def close_within(self, code: int, timeout: float, reason: str = "") -> None:
         """Close with ``code``; if the close frame cannot be written within ``timeout``
         (a client that stopped reading), abort the transport instead.

@@ -127,9 +127,7 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
             refusal.error,
             extra={"event": "ws_refused", "close_code": int(code), "reason": refusal.error},
         )
-        with trio.CancelScope(shield=True):
-            await ws.close_within(code, gateway.settings.ws_close_timeout, refusal.description)
-            await ws.drain_until_disconnect(gateway.settings.ws_close_timeout)
+        await ws.finish(code, gateway.settings.ws_close_timeout, refusal.description)
         return
     except ConnectionClosed:
         return
@@ -193,9 +191,7 @@ async def _serve(
             )
         if accepted:
             code = _CLOSE_FOR_STATUS.get(refusal.status, CloseCode.POLICY_VIOLATION)
-            with trio.CancelScope(shield=True):
-                await ws.close_within(code, gateway.settings.ws_close_timeout, refusal.description)
-                await ws.drain_until_disconnect(gateway.settings.ws_close_timeout)
+            await ws.finish(code, gateway.settings.ws_close_timeout, refusal.description)
         else:
             gateway.metrics.handshakes_refused.labels(str(refusal.status)).inc()
             await reject(ws, refusal)
