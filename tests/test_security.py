@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -104,16 +105,31 @@ def secure_settings(runtime_url: str, jwks_url: str, **overrides: object):  # ty
     return gateway_settings(runtime_url, **values)
 
 
+SecureFactory = Callable[..., AbstractAsyncContextManager[Secure]]
+
+
 @pytest.fixture
-async def secure(
+def secure_with(
     nursery: trio.Nursery,
     demo_runtime: tuple[DemoRuntime, str],
     jwks_server: tuple[JWKSServer, DevIssuer],
-) -> AsyncIterator[Secure]:
+) -> SecureFactory:
+    """Start a JWT-protected gateway with settings ``overrides``, for one ``async with``."""
     server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url)
-    async with run_gateway(nursery, settings) as gw:
-        yield Secure(gw, issuer, server, demo_runtime[0])
+
+    @asynccontextmanager
+    async def start(**overrides: object) -> AsyncIterator[Secure]:
+        settings = secure_settings(demo_runtime[1], server.url, **overrides)
+        async with run_gateway(nursery, settings) as gw:
+            yield Secure(gw, issuer, server, demo_runtime[0])
+
+    return start
+
+
+@pytest.fixture
+async def secure(secure_with: SecureFactory) -> AsyncIterator[Secure]:
+    async with secure_with() as running:
+        yield running
 
 
 async def chat(client: WsClient) -> list[dict[str, object]]:
@@ -236,13 +252,10 @@ async def test_another_users_session_is_refused_on_the_socket(secure: Secure) ->
 
 
 async def test_a_token_expiring_on_a_live_socket_closes_it_4401(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, jwt_leeway=0)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(jwt_leeway=0) as running:
+        gw, issuer = running.gateway, running.issuer
         token = issuer.mint("alice", lifetime=2)
         MINTED.add(token)
         async with trio_websocket.open_websocket_url(
@@ -254,13 +267,10 @@ async def test_a_token_expiring_on_a_live_socket_closes_it_4401(
 
 
 async def test_an_in_band_refresh_keeps_the_socket_and_another_users_token_closes_it(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, jwt_leeway=0)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(jwt_leeway=0) as running:
+        gw, issuer = running.gateway, running.issuer
         short = issuer.mint("alice", lifetime=2)
         fresh = issuer.mint("alice", lifetime=600)
         foreign = issuer.mint("mallory", lifetime=600)
@@ -379,13 +389,10 @@ async def test_the_internal_key_works_only_when_allowed(
 
 
 async def test_a_verified_token_is_not_trusted_past_its_expiry(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, jwt_leeway=0)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(jwt_leeway=0) as running:
+        gw, issuer = running.gateway, running.issuer
         token = issuer.mint("alice", lifetime=2)
         MINTED.add(token)
         async with httpx.AsyncClient(base_url=gw.base_url) as http:
@@ -465,15 +472,10 @@ async def test_key_rotation_and_a_kid_flood(
 
 
 async def test_rest_rate_limit_is_429_with_retry_after(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(
-        demo_runtime[1], server.url, rest_requests_per_second=1, rest_request_burst=3
-    )
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(rest_requests_per_second=1, rest_request_burst=3) as running:
+        gw, issuer = running.gateway, running.issuer
         token = issuer.mint("alice")
         MINTED.add(token)
         async with httpx.AsyncClient(base_url=gw.base_url) as http:
@@ -483,15 +485,10 @@ async def test_rest_rate_limit_is_429_with_retry_after(
 
 
 async def test_message_rate_limit_then_4429(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(
-        demo_runtime[1], server.url, ws_messages_per_second=0.1, ws_message_burst=2
-    )
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(ws_messages_per_second=0.1, ws_message_burst=2) as running:
+        gw, issuer = running.gateway, running.issuer
         token = issuer.mint("alice")
         MINTED.add(token)
         async with trio_websocket.open_websocket_url(
@@ -509,13 +506,10 @@ async def test_message_rate_limit_then_4429(
 
 
 async def test_per_user_connection_cap_is_429_at_the_handshake(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, max_connections_per_user=2)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(max_connections_per_user=2) as running:
+        gw, issuer = running.gateway, running.issuer
         token = issuer.mint("alice")
         other = issuer.mint("bob")
         MINTED.update({token, other})
@@ -535,13 +529,10 @@ async def test_per_user_connection_cap_is_429_at_the_handshake(
 
 
 async def test_the_global_connection_cap_is_503(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, max_connections=1)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(max_connections=1) as running:
+        gw, issuer = running.gateway, running.issuer
         alice, bob = issuer.mint("alice"), issuer.mint("bob")
         MINTED.update({alice, bob})
         async with trio_websocket.open_websocket_url(gw.ws_url("g1"), extra_headers=bearer(alice)):
@@ -554,13 +545,10 @@ async def test_the_global_connection_cap_is_503(
 
 
 async def test_a_query_string_token_works_when_an_operator_opts_in(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, allow_query_token=True)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(allow_query_token=True) as running:
+        gw, issuer = running.gateway, running.issuer
         token = issuer.mint("alice")
         MINTED.add(token)
         async with trio_websocket.open_websocket_url(
@@ -648,13 +636,10 @@ async def test_touching_an_unknown_session_does_not_squat_its_id(secure: Secure)
 
 
 async def test_a_refused_handshake_does_not_claim_the_session(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, max_connections_per_user=1)
-    async with run_gateway(nursery, settings) as gw:
+    async with secure_with(max_connections_per_user=1) as running:
+        gw, issuer = running.gateway, running.issuer
         mallory, alice = issuer.mint("mallory"), issuer.mint("alice")
         MINTED.update({mallory, alice})
         async with trio_websocket.open_websocket_url(
