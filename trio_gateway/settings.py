@@ -254,6 +254,58 @@ class Settings(BaseSettings):
         description="Live sessions per process (connected or in grace); more get HTTP 503.",
     )
 
+    # --- resume and shared state ---------------------------------------------------------------
+    replay_max_frames: int = Field(
+        2048,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Frames per session kept for a v2 client that reconnects with resume (also bounded "
+            "by REPLAY_MAX_BYTES and the grace period); 0 disables resume."
+        ),
+    )
+    replay_max_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        le=1024 * 1024 * 1024,
+        description="Encoded bytes per session kept for resume; the oldest frames go first.",
+    )
+    resume_wait_seconds: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description=(
+            "A v2 client re-attaching to a live session has this long to send resume before "
+            "the gateway continues live without replaying."
+        ),
+    )
+    state_backend: Literal["memory", "redis"] = Field(
+        "memory",
+        description=(
+            "Where ownership, per-user limits, session leases and replay streams live: memory "
+            "(one process) or redis (several replicas sharing REDIS_URL)."
+        ),
+    )
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis for STATE_BACKEND=redis (redis://[user:password@]host:port/db).",
+    )
+    redis_key_prefix: str = Field(
+        "trio-gateway:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every Redis key, so several deployments can share one Redis.",
+    )
+    session_lease_seconds: float = Field(
+        15.0,
+        gt=0,
+        le=3600,
+        description=(
+            "STATE_BACKEND=redis: a replica holds a session's lease this long between renewals; "
+            "a replica that dies releases its sessions after at most this long."
+        ),
+    )
+
     # --- server --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Bind address of trio-gateway serve.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port of trio-gateway serve.")
