@@ -4,6 +4,8 @@ stop reading, never answer pings, send half a frame."""
 from __future__ import annotations
 
 import socket as stdlib_socket
+import struct
+from typing import Any
 
 import orjson
 import trio
@@ -24,10 +26,16 @@ class RawWebSocket:
         self.ws = ws
         self.close_code: int | None = None
         self.eof = False
+        self._pending: list[str] = []
 
     @classmethod
     async def connect(
-        cls, port: int, path: str, *, receive_buffer: int | None = None
+        cls,
+        port: int,
+        path: str,
+        *,
+        receive_buffer: int | None = None,
+        subprotocols: list[str] | None = None,
     ) -> RawWebSocket:
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         if receive_buffer is not None:
@@ -37,7 +45,9 @@ class RawWebSocket:
         await sock.connect(("127.0.0.1", port))
         stream = trio.SocketStream(sock)
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host=f"127.0.0.1:{port}", target=path)))
+        await stream.send_all(
+            ws.send(Request(host=f"127.0.0.1:{port}", target=path, subprotocols=subprotocols or []))
+        )
         client = cls(stream, ws)
         while True:
             data = await stream.receive_some(65536)
@@ -50,7 +60,7 @@ class RawWebSocket:
                 if isinstance(event, RejectConnection):
                     raise ConnectionError(f"rejected {event.status_code}")
 
-    async def send_json(self, frame: dict[str, object]) -> None:
+    async def send_json(self, frame: dict[str, Any]) -> None:
         await self.stream.send_all(self.ws.send(Message(data=orjson.dumps(frame).decode())))
 
     async def read_until_closed(self, timeout: float) -> list[str]:
@@ -72,6 +82,32 @@ class RawWebSocket:
                         messages.append(event.data)
                     elif isinstance(event, CloseConnection):
                         self.close_code = event.code
+
+    async def recv_json(self, timeout: float = 10) -> dict[str, Any]:
+        """The next text message as JSON (pings are answered by nobody: keep tests short)."""
+        with trio.fail_after(timeout):
+            while True:
+                for event in self.ws.events():  # bytes that came with the handshake too
+                    if isinstance(event, TextMessage):
+                        self._pending.append(event.data)
+                    elif isinstance(event, CloseConnection):
+                        self.close_code = event.code
+                if self._pending:
+                    break
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise ConnectionError(f"closed by the server ({self.close_code})")
+                self.ws.receive_data(data)
+        value = orjson.loads(self._pending.pop(0))
+        assert isinstance(value, dict)
+        return value
+
+    def reset(self) -> None:
+        """Vanish without a close frame: the kernel sends a TCP RST and drops unread data."""
+        self.stream.socket.setsockopt(
+            stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        self.stream.socket.close()
 
     async def aclose(self) -> None:
         await self.stream.aclose()

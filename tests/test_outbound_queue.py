@@ -81,15 +81,3 @@ def test_control_overflow_is_reported_past_the_limit() -> None:
     for _ in range(3):
         queue.put_control({"type": "error"})
     assert queue.control_overflow()
-
-
-def test_requeued_frames_come_back_first_in_order_and_count_against_the_budget() -> None:
-    queue = OutboundQueue(max_bytes=1000, max_control=10)
-    queue.put_chunk(token("c"), 1)
-    queue.requeue_front([token("a"), {"type": "agent_switched", "is_final": False}])
-    assert queue.pending_bytes > 1
-    assert [f["type"] for f in queue.take_all()] == [
-        "assistant_message",
-        "agent_switched",
-        "assistant_message",
-    ]

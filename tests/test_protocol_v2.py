@@ -18,7 +18,8 @@ async def test_the_subprotocol_is_echoed_and_session_ready_comes_first(
         ready = await client.recv()
     assert ready["type"] == "session_ready"
     assert ready["session_id"] == "v2-ready" and ready["protocol"] == "codelab.v2"
-    assert ready["seq"] == 1
+    assert "seq" not in ready, "connection frames are not numbered (never replayed)"
+    assert ready["last_seq"] == 0
     assert ready["heartbeat_interval"] == gateway.settings.ws_heartbeat_interval
 
 

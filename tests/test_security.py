@@ -251,6 +251,26 @@ async def test_another_users_session_is_refused_on_the_socket(secure: Secure) ->
     assert rejected.value.status_code == 403
 
 
+async def test_only_the_owner_can_resume_a_session(secure: Secure) -> None:
+    async with secure.ws("alices-resume", secure.token("alice"), subprotocols=["codelab.v2"]) as ws:
+        alice = WsClient(ws)
+        await alice.recv()  # session_ready
+        await alice.send({"type": "user_message", "content": "bench 3"})
+        await alice.recv_until(lambda f: f["type"] == "turn_finished")
+    # Mallory, knowing the id and a seq, tries both doors: the header and the auth frame.
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with secure.ws("alices-resume", secure.token("mallory"), subprotocols=["codelab.v2"]):
+            pass
+    assert rejected.value.status_code == 403
+    async with secure.ws("alices-resume", subprotocols=["codelab.v2"]) as ws:
+        mallory = WsClient(ws)
+        await mallory.send({"type": "auth", "token": secure.token("mallory")})
+        await mallory.send({"type": "resume", "last_seq": 0})
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await mallory.recv()
+    assert close_code(closed.value) == 4403
+
+
 async def test_a_token_expiring_on_a_live_socket_closes_it_4401(
     secure_with: SecureFactory,
 ) -> None:

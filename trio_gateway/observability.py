@@ -233,6 +233,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.resumes = Counter(
+            "gateway_resumes",
+            "Re-attaching v2 clients, by outcome: exact replay or resync_required.",
+            ["outcome"],
+            registry=r,
+        )
         self.limit_hits = Counter(
             "gateway_limit_hits",
             "Limits and caps hit, by limit.",

@@ -127,19 +127,6 @@ class OutboundQueue:
         self.pending_control = 0
         return [entry.materialize() for entry in entries]
 
-    def requeue_front(self, frames: list[Frame]) -> None:
-        """Put frames the writer took but could not send back at the head, in order.
-
-        They count against the data budget by an estimate of their text size; exactness does
-        not matter here, only that the budget cannot be bypassed.
-        """
-        for frame in reversed(frames):
-            size = 64 + sum(
-                len(v) for k, v in frame.items() if k in _TEXT_KEYS and isinstance(v, str)
-            )
-            self.pending_bytes += size
-            self._entries.appendleft(_Entry(frame, size, control=False))
-
     def drop_all(self) -> int:
         """Discard everything waiting (used when a session ends); returns how many frames."""
         count = len(self._entries)

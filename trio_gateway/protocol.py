@@ -20,9 +20,14 @@ SUBPROTOCOL_V2 = "codelab.v2"
 V2_ONLY_TYPES: frozenset[str] = frozenset(
     {
         "session_ready", "turn_started", "turn_finished", "cancel_ack", "pong", "heartbeat",
-        "resync_required", "auth_ok",
+        "resync_required", "auth_ok", "resumed",
     }
 )  # fmt: skip
+# Frames about the connection itself rather than the session's conversation: they carry no
+# ``seq``, are not kept for replay and are never replayed to a later connection.
+CONNECTION_FRAME_TYPES: frozenset[str] = frozenset(
+    {"session_ready", "resumed", "resync_required", "heartbeat", "pong", "auth_ok"}
+)
 SESSION_ID_MAX_LENGTH = 256
 
 
@@ -42,6 +47,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     RATE_LIMITED = "rate_limited"
     INVALID_TOKEN = "invalid_token"
+    ALREADY_ANSWERED = "already_answered"
 
 
 class CloseCode(IntEnum):
@@ -119,6 +125,11 @@ class Auth(_ClientFrame):
     token: str = Field(min_length=1, max_length=16 * 1024)
 
 
+class Resume(_ClientFrame):
+    type: Literal["resume"]
+    last_seq: int = Field(ge=0, le=2**53)
+
+
 RUNTIME_BOUND_TYPES: frozenset[str] = frozenset(
     {"user_message", "tool_result", "switch_agent", "hitl_decision"}
 )
@@ -130,7 +141,10 @@ _MODELS: dict[str, TypeAdapter[Any]] = {
     "cancel": TypeAdapter(Cancel),
     "ping": TypeAdapter(Ping),
     "auth": TypeAdapter(Auth),
+    "resume": TypeAdapter(Resume),
 }
+# Answers to a tool call: each may reach the runtime once per call_id.
+ANSWER_TYPES: frozenset[str] = frozenset({"tool_result", "hitl_decision"})
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_MODELS)
 
 

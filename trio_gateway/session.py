@@ -34,6 +34,8 @@ from .auth import Identity
 from .observability import Metrics, frame_type_label, session_id_var, user_var
 from .outbound import Frame, OutboundQueue
 from .protocol import (
+    ANSWER_TYPES,
+    CONNECTION_FRAME_TYPES,
     RUNTIME_BOUND_TYPES,
     SUBPROTOCOL_V2,
     V2_ONLY_TYPES,
@@ -44,6 +46,7 @@ from .protocol import (
     error_frame,
     parse_client_frame,
 )
+from .replay import ReplayBuffer, ReplayGap
 from .runtime_client import RuntimeClient, RuntimeFailure
 from .security import Refusal, Security
 from .settings import Settings
@@ -51,6 +54,11 @@ from .transport import ConnectionClosed, WebSocketConnection
 from .turn_queue import TurnQueue
 
 logger = logging.getLogger("trio_gateway.session")
+
+# Per session: unanswered approval requests kept for a client that resyncs, and answered
+# call ids remembered to refuse a second answer. Old entries go first.
+MAX_PENDING_APPROVALS = 64
+MAX_REMEMBERED_ANSWERS = 1024
 
 
 class Connection:
@@ -73,6 +81,13 @@ class Connection:
         # the session has stopped, so frames and seq numbers never interleave between them.
         self.writer_done = trio.Event()
         self.previous_writer_done: trio.Event | None = None
+        # Resume (v2): the greeting goes out first; then, on a session with history, the writer
+        # waits (bounded) for the client's first frame, which may be {"type":"resume"}.
+        self.greeting: Frame | None = None
+        self.first_frame_seen = False
+        self.resume_from: int | None = None
+        self.resume_decided = trio.Event()
+        self.caught_up = False  # the writer has replayed and now sends live frames
 
     def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the connection to close with ``code``; the connection task does the closing.
@@ -81,6 +96,7 @@ class Connection:
         session *after* its turn's last frames). The first code wins: a session ending after a
         drain must not turn 1012 into 1001; a later hard shut only stops the flush.
         """
+        self.resume_decided.set()  # a closing socket waits for nothing
         if not self.closing:
             self.closing = True
             self.close_code = code
@@ -108,6 +124,14 @@ class Session:
             settings.outbound_queue_max_bytes, settings.max_pending_control_frames
         )
         self.seq = 0
+        self.replay = ReplayBuffer(
+            settings.replay_max_frames,
+            settings.replay_max_bytes,
+            max(settings.session_grace_seconds, settings.resume_wait_seconds),
+        )
+        # call_id -> the tool_call frame, while an approval request waits for its answer
+        self.pending_approvals: dict[str, Frame] = {}
+        self.answered: dict[tuple[str, str], None] = {}  # (frame type, call_id), oldest first
         self.turn_count = 0
         self.connection: Connection | None = None
         self.scope = trio.CancelScope()
@@ -199,7 +223,8 @@ class Session:
     def attach(self, connection: Connection, greeting: Frame | None = None) -> None:
         """Make ``connection`` the session's live socket, replacing any previous one.
 
-        ``greeting`` (v2 ``session_ready``) goes out before anything already queued.
+        ``greeting`` (v2 ``session_ready``) goes out before anything else; the connection's
+        writer then replays what the client missed (see ``SessionManager._catch_up``).
         """
         previous = self.connection
         if previous is not None:
@@ -208,18 +233,8 @@ class Session:
             connection.previous_writer_done = previous.writer_done
         self.connection = connection
         connection.wake_writer = self._frames_ready.unpark_all
+        connection.greeting = greeting
         self._attachment_changed.unpark_all()
-        if self.lost_frames:
-            logger.warning(
-                "%d frame(s) of a detached turn did not fit the buffer", self.lost_frames
-            )
-            if connection.v2:  # v1 clients reload history on reconnect anyway
-                self.outbound.put_control_front(
-                    {"type": "resync_required", "reason": "frames_dropped_while_detached"}
-                )
-            self.lost_frames = 0
-        if greeting is not None:
-            self.outbound.put_control_front(greeting)
         self._frames_ready.unpark_all()
 
     def detach(self, connection: Connection) -> None:
@@ -249,6 +264,24 @@ class Session:
             return False
         self._messages_ready.unpark_all()
         return True
+
+    def already_answered(self, kind: str, call_id: str) -> bool:
+        """Whether a ``kind`` answer for ``call_id`` already went to the runtime."""
+        return (kind, call_id) in self.answered
+
+    def record_answer(self, kind: str, call_id: str) -> None:
+        """Remember that a ``kind`` answer for ``call_id`` was forwarded (bounded memory)."""
+        self.answered[(kind, call_id)] = None
+        if len(self.answered) > MAX_REMEMBERED_ANSWERS:
+            del self.answered[next(iter(self.answered))]
+        self.pending_approvals.pop(call_id, None)
+
+    def _note_approval_request(self, chunk: Frame) -> None:
+        call_id = chunk.get("call_id")
+        if isinstance(call_id, str) and call_id:
+            self.pending_approvals[call_id] = dict(chunk)  # a copy: the writer adds seq
+            if len(self.pending_approvals) > MAX_PENDING_APPROVALS:
+                del self.pending_approvals[next(iter(self.pending_approvals))]
 
     def cancel_turn(self) -> tuple[bool, int]:
         """Cancel the running turn (closing the runtime stream) and drop queued messages."""
@@ -348,6 +381,8 @@ class Session:
         merged_before = outbound.merged_chunks
         for chunk in chunks:
             outbound.put_chunk(chunk, per_chunk)
+            if chunk.get("requires_approval") is True and chunk.get("type") == "tool_call":
+                self._note_approval_request(chunk)
         metrics = self.manager.metrics
         metrics.chunks_relayed.inc(len(chunks))
         if outbound.merged_chunks != merged_before:
@@ -602,6 +637,10 @@ class SessionManager:
         try:
             while True:
                 data = await ws.receive()
+                if not connection.first_frame_seen and self._first_frame_resumes(
+                    session, connection, data
+                ):
+                    continue
                 if not self._within_rate(session, connection):
                     if connection.closing:
                         return
@@ -689,6 +728,42 @@ class SessionManager:
         logger.info("token refreshed in band", extra={"event": "auth_refreshed"})
         session._send_to(connection, {"type": "auth_ok", "expires_at": identity.expires_at})
 
+    def _first_frame_resumes(
+        self, session: Session, connection: Connection, data: str | bytes
+    ) -> bool:
+        # The first frame decides whether the writer replays. A resume is handled here, before
+        # the message rate limit: it costs no runtime call, there is one per connection, and a
+        # client reconnecting through a flaky network must not lose its replay to the limiter.
+        # Any other first frame ends the writer's wait and takes the normal path.
+        connection.first_frame_seen = True
+        if isinstance(data, str) and len(data) <= 1024 and "resume" in data:
+            try:
+                message = parse_client_frame(data)
+            except FrameError:
+                message = {}
+            if message.get("type") == "resume":
+                self.count_frame_in("resume")
+                self._handle_resume(session, connection, message["last_seq"], first=True)
+                return True
+        connection.resume_decided.set()
+        return False
+
+    def _handle_resume(
+        self, session: Session, connection: Connection, last_seq: int, *, first: bool
+    ) -> None:
+        if not connection.v2:
+            text = "resume needs protocol v2 (subprotocol codelab.v2)"
+        elif not first:
+            text = "resume is accepted only as the first frame of a connection"
+        else:
+            connection.resume_from = last_seq
+            connection.resume_decided.set()
+            if connection.caught_up:
+                self._late_resume(session, connection, last_seq)
+            return
+        connection.resume_decided.set()
+        session.send_control(error_frame(ErrorCode.INVALID_MESSAGE, text, is_final=False))
+
     async def _handle_text(self, session: Session, connection: Connection, text: str) -> None:
         try:
             message = parse_client_frame(text)
@@ -703,10 +778,28 @@ class SessionManager:
             return
         kind = message["type"]
         self.count_frame_in(kind)
+        if kind == "resume":
+            self._handle_resume(session, connection, message["last_seq"], first=False)
+            return
         if connection.closing and kind != "cancel":
             return  # closing (e.g. token expired): nothing new starts on this socket
         if kind in RUNTIME_BOUND_TYPES:
-            if not session.submit(message):
+            call_id = message.get("call_id") if kind in ANSWER_TYPES else None
+            if call_id is not None and session.already_answered(kind, call_id):
+                session.send_control(
+                    error_frame(
+                        ErrorCode.ALREADY_ANSWERED,
+                        f"Tool call '{call_id[:64]}' was already answered; this "
+                        f"{kind} was not forwarded",
+                        is_final=False,
+                        call_id=call_id,
+                    )
+                )
+                return
+            if session.submit(message):
+                if call_id is not None:
+                    session.record_answer(kind, call_id)
+            else:
                 if session.close_after_turn is not None:
                     text = "The gateway is restarting; reconnect and send the message again"
                 else:
@@ -732,11 +825,11 @@ class SessionManager:
             session.send_control(pong)
 
     async def _writer(self, session: Session, connection: Connection) -> None:
-        ws = connection.ws
         if connection.previous_writer_done is not None:
             # Bounded: the replaced connection's guard aborts a stuck send within
             # ws_close_timeout, after which its writer ends.
             await connection.previous_writer_done.wait()
+        await self._catch_up(session, connection)
         while True:
             frames = await session.wait_frames(connection)
             if not frames:
@@ -744,19 +837,100 @@ class SessionManager:
                 return
             if not connection.v2:
                 frames = [f for f in frames if f.get("type") not in V2_ONLY_TYPES]
-            for index, frame in enumerate(frames):
-                frame["seq"] = session.next_seq()
-                try:
-                    await ws.send_text(orjson.dumps(frame).decode())
-                    self.count_frame_out(frame.get("type"))
-                except BaseException:
-                    # Not written (cancelled at the checkpoint or the peer is gone): give the
-                    # sequence number back and keep the frames for a re-attaching client.
-                    session.seq -= 1
-                    del frame["seq"]
-                    session.outbound.requeue_front(frames[index:])
-                    session._frames_ready.unpark_all()
-                    raise
+            await self._send_frames(session, connection, frames)
+
+    async def _send_frames(
+        self, session: Session, connection: Connection, frames: list[Frame]
+    ) -> None:
+        # Number, encode and record every frame of the batch *before* the first write: if the
+        # socket fails half-way (or this task is cancelled at a checkpoint), the rest are in
+        # the replay buffer as undelivered and the next connection of the session gets them.
+        replay = session.replay
+        now = trio.current_time()
+        batch: list[tuple[int, str, object]] = []
+        for frame in frames:
+            kind = frame.get("type")
+            if kind in CONNECTION_FRAME_TYPES:
+                batch.append((0, orjson.dumps(frame).decode(), kind))
+                continue
+            seq = session.next_seq()
+            frame["seq"] = seq
+            text = orjson.dumps(frame).decode()
+            replay.append(seq, text, now)
+            batch.append((seq, text, kind))
+        send_text = connection.ws.send_text
+        for seq, text, kind in batch:
+            await send_text(text)
+            if seq:
+                replay.delivered(seq)
+            self.count_frame_out(kind)
+
+    async def _send_direct(self, connection: Connection, frame: Frame) -> None:
+        """Send a connection frame (no seq, never replayed) ahead of the session's frames."""
+        await connection.ws.send_text(orjson.dumps(frame).decode())
+        self.count_frame_out(frame.get("type"))
+
+    async def _catch_up(self, session: Session, connection: Connection) -> None:
+        # Runs once per connection, before live frames: greeting, then what the client missed.
+        # Exact replay or an explicit resync, never a silent gap (docs/protocol.md "Resume").
+        ws = connection.ws
+        if connection.greeting is not None:
+            connection.greeting["last_seq"] = session.seq
+            await self._send_direct(connection, connection.greeting)
+            if session.seq or len(session.outbound) or session.busy:
+                # A session with history: let the client say where it stopped first. Any
+                # first frame, a close, or resume_wait_seconds end the wait.
+                with trio.move_on_after(self.settings.resume_wait_seconds):
+                    await connection.resume_decided.wait()
+        now = trio.current_time()
+        resume_from = connection.resume_from
+        replay = (
+            session.replay.undelivered(now)
+            if resume_from is None
+            else session.replay.since(resume_from, now)
+        )
+        gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
+        frames = [] if isinstance(replay, ReplayGap) else replay
+        if session.lost_frames:
+            logger.warning(
+                "%d frame(s) of a detached turn did not fit the buffer", session.lost_frames
+            )
+            gap = "frames_dropped_while_detached"  # the numbered frames before it still count
+            session.lost_frames = 0
+        for seq, text in frames:
+            await ws.send_text(text)
+            session.replay.delivered(seq)
+            self.count_frame_out("replayed")
+        connection.caught_up = True
+        if not connection.v2:
+            return  # v1 clients reload history on reconnect (no resync frame for them)
+        if gap is not None:
+            logger.info("client must resync: %s", gap, extra={"event": "resync", "reason": gap})
+            self.metrics.resumes.labels("resync").inc()
+            await self._send_direct(connection, {"type": "resync_required", "reason": gap})
+            # What a client reloading history may still have to answer comes first.
+            for request in reversed(session.pending_approvals.values()):
+                session.outbound.put_control_front(dict(request))
+        elif resume_from is not None:
+            self.metrics.resumes.labels("exact").inc()
+            logger.info(
+                "resumed after seq %d (%d frame(s) replayed)",
+                resume_from,
+                len(frames),
+                extra={"event": "resumed", "replayed": len(frames)},
+            )
+            resumed = {"type": "resumed", "from_seq": resume_from + 1, "replayed": len(frames)}
+            await self._send_direct(connection, resumed)
+
+    def _late_resume(self, session: Session, connection: Connection, last_seq: int) -> None:
+        # The writer did not wait (the session had no history when the socket attached), so
+        # nothing numbered has been sent on this socket: only "nothing to replay" is exact.
+        if last_seq == session.seq and not len(session.outbound):
+            self.metrics.resumes.labels("exact").inc()
+            session.send_control({"type": "resumed", "from_seq": last_seq + 1, "replayed": 0})
+        else:
+            self.metrics.resumes.labels("resync").inc()
+            session.send_control({"type": "resync_required", "reason": ReplayGap.UNKNOWN_SEQ})
 
     async def _heartbeat(self, session: Session, connection: Connection) -> None:
         # Watches the writer from outside (its sends are shielded) and, for v2 clients, sends

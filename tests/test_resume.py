@@ -1,0 +1,278 @@
+"""Resume (protocol v2): a client that reconnects says where it stopped and loses nothing.
+
+The exactness test cuts the client's TCP connection (a reset, no close frame, unread data
+dropped by the kernel) at random points of long streamed turns, many times, and checks that
+the tokens it assembles across all its connections are exactly what the runtime sent.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import trio
+
+from trio_gateway.demo_runtime import DemoRuntime
+
+from .conftest import gateway_settings, port_of, run_gateway, wait_for
+from .rawws import RawWebSocket
+from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
+
+V2 = ["codelab.v2"]
+
+
+class ResumingClient:
+    """A v2 client that tracks the last seq it processed and checks there is no gap."""
+
+    def __init__(self, port: int, session_id: str) -> None:
+        self.port = port
+        self.session_id = session_id
+        self.last_seq = 0
+        self.frames: list[dict[str, Any]] = []  # numbered frames, in the order processed
+        self.control: list[dict[str, Any]] = []  # connection frames (no seq)
+        self.ws: RawWebSocket | None = None
+
+    async def connect(self, *, resume: bool) -> dict[str, Any]:
+        self.ws = await RawWebSocket.connect(
+            self.port, f"/api/v1/ws/{self.session_id}", subprotocols=V2
+        )
+        ready = await self.ws.recv_json()
+        assert ready["type"] == "session_ready" and "seq" not in ready
+        if resume:
+            await self.ws.send_json({"type": "resume", "last_seq": self.last_seq})
+        return ready
+
+    async def next(self) -> dict[str, Any]:
+        """The next frame; numbered frames must follow the last one exactly."""
+        assert self.ws is not None
+        frame = await self.ws.recv_json()
+        if "seq" in frame:
+            assert frame["seq"] == self.last_seq + 1, (frame, self.last_seq)
+            self.last_seq = frame["seq"]
+            self.frames.append(frame)
+        else:
+            self.control.append(frame)
+        return frame
+
+    async def until(self, frame_type: str) -> dict[str, Any]:
+        while True:
+            frame = await self.next()
+            if frame.get("type") == frame_type:
+                return frame
+
+    def tokens(self) -> str:
+        return "".join(
+            f["token"] or ""
+            for f in self.frames
+            if f["type"] == "assistant_message" and f["is_final"] is False
+        )
+
+
+async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    # Room for a whole turn while detached: this test is about replay, not about overflow
+    # (test_lifecycle covers a detached turn that overflows: resync_required).
+    settings = gateway_settings(
+        url,
+        session_grace_seconds=10,
+        resume_wait_seconds=5,
+        outbound_queue_max_bytes=8 * 1024 * 1024,
+    )
+    rng = random.Random(20261127)
+    turns, tokens_per_turn = 3, 6000
+    cuts = 0
+    async with run_gateway(nursery, settings) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resume-exact")
+        await client.connect(resume=False)
+        for turn in range(turns):
+            assert client.ws is not None
+            await client.ws.send_json(
+                {"type": "user_message", "content": f"bench {tokens_per_turn}"}
+            )
+            while True:
+                # Read a random number of frames, then vanish mid-stream (often in the
+                # middle of a burst the writer coalesced, with more frames in flight).
+                finished = False
+                for _ in range(rng.randint(1, 40)):
+                    frame = await client.next()
+                    if frame["type"] == "turn_finished":
+                        finished = True
+                        break
+                if finished:
+                    break
+                assert client.ws is not None
+                client.ws.reset()
+                cuts += 1
+                await trio.sleep(rng.choice([0, 0, 0.001, 0.01]))
+                await client.connect(resume=True)
+                resumed = await client.until("resumed")
+                assert resumed["from_seq"] <= client.last_seq + 1
+            assert runtime.completed_streams == turn + 1
+    expected = "".join(f"t{i} " for i in range(tokens_per_turn)) * turns
+    assert cuts >= 10
+    assert not [f for f in client.control if f["type"] == "resync_required"]
+    assert client.tokens() == expected, "every token once, in order, across every cut"
+    finals = [f for f in client.frames if f["type"] == "assistant_message" and f["is_final"]]
+    assert len(finals) == turns
+
+
+async def test_resume_replays_the_missed_frames_then_says_resumed(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=10)) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resume-replay")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": "bench 50"})
+        await client.until("turn_started")
+        seen = client.last_seq
+        # Stop reading (frames are accepted by the socket, never processed), then vanish.
+        await wait_for(lambda: runtime.completed_streams == 1)
+        client.ws.reset()
+        ready = await client.connect(resume=True)
+        assert ready["last_seq"] > seen and ready["reattached"] is False
+        resumed = await client.until("resumed")
+        replayed = [f for f in client.frames if f["seq"] > seen]
+        if client.frames[-1]["type"] != "turn_finished":  # the rest may still come live
+            await client.until("turn_finished")
+    assert resumed == {"type": "resumed", "from_seq": seen + 1, "replayed": len(replayed)}
+    assert len(replayed) > 1
+    assert client.tokens() == "".join(f"t{i} " for i in range(50))
+
+
+async def test_a_client_ahead_of_the_session_is_told_to_resync_then_continues_live(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    _, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url)) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resume-ahead")
+        client.last_seq = 500  # e.g. a session of another gateway process that restarted
+        await client.connect(resume=True)
+        assert client.ws is not None
+        resync = await client.ws.recv_json()
+        await client.ws.send_json({"type": "user_message", "content": "bench 2"})
+        live = await client.ws.recv_json()
+    assert resync == {"type": "resync_required", "reason": "unknown_seq"}
+    assert live["type"] == "turn_started" and live["seq"] == 1
+
+
+async def test_frames_evicted_from_the_replay_buffer_mean_resync_never_a_partial_replay(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    settings = gateway_settings(url, replay_max_frames=5, session_grace_seconds=10)
+    async with run_gateway(nursery, settings) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resume-evicted")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": "bench 200 2000"})
+        await client.until("turn_started")
+        await wait_for(lambda: runtime.completed_streams == 1)
+        client.ws.reset()
+        await client.connect(resume=True)
+        resync = await client.ws.recv_json()
+    assert resync == {"type": "resync_required", "reason": "frames_expired"}
+
+
+async def test_resume_is_refused_on_v1_and_after_the_first_frame(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    _, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url)) as gw:
+        port = port_of(gw.base_url)
+        v1 = await RawWebSocket.connect(port, "/api/v1/ws/resume-v1")
+        await v1.send_json({"type": "resume", "last_seq": 0})
+        v1_error = await v1.recv_json()
+        client = ResumingClient(port, "resume-late")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "ping"})
+        await client.ws.send_json({"type": "resume", "last_seq": 0})
+        pong, late_error = await client.ws.recv_json(), await client.ws.recv_json()
+        await client.ws.send_json({"type": "resume", "last_seq": -1})
+        invalid = await client.ws.recv_json()
+    assert v1_error["code"] == "invalid_message" and "v2" in v1_error["error"]
+    assert pong["type"] == "pong"
+    assert late_error["code"] == "invalid_message" and "first frame" in late_error["error"]
+    assert invalid["code"] == "invalid_message"
+
+
+async def test_a_resume_on_a_fresh_session_is_answered_even_without_history(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    _, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url)) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resume-fresh")
+        await client.connect(resume=True)
+        assert client.ws is not None
+        resumed = await client.ws.recv_json()
+    assert resumed == {"type": "resumed", "from_seq": 1, "replayed": 0}
+
+
+def approval_script() -> Script:
+    call = chunk(
+        type="tool_call",
+        call_id="call_1",
+        tool_name="write_file",
+        arguments={"path": "x.py"},
+        requires_approval=True,
+        is_final=True,
+    )
+    return Script(body=[0.3, sse(call)])
+
+
+async def test_an_approval_asked_while_detached_reaches_the_resumed_client_and_is_answered_once(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> None:
+    scripted_runtime.scripts["write it"] = approval_script()
+    settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
+    async with run_gateway(nursery, settings) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resume-approval")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": "write it"})
+        await client.until("turn_started")
+        client.ws.reset()  # gone before the runtime asks for approval
+        await wait_for(lambda: scripted_runtime.open_streams == 0 and len(gw_turns(gw)) == 0)
+        await client.connect(resume=True)
+        await client.until("resumed")
+        call = await client.until("tool_call")
+        answer = {"type": "tool_result", "call_id": "call_1", "result": {"ok": True}}
+        await client.ws.send_json(answer)
+        await client.until("turn_finished")  # the tool_call's turn
+        await client.until("turn_finished")  # the turn the answer started
+        await client.ws.send_json(answer)
+        duplicate = await client.until("error")
+    assert call["requires_approval"] is True and call["call_id"] == "call_1"
+    assert duplicate["code"] == "already_answered" and duplicate["call_id"] == "call_1"
+    forwarded = [r for r in scripted_runtime.requests if r["message"]["type"] == "tool_result"]
+    assert len(forwarded) == 1, "the second answer never reached the runtime"
+
+
+def gw_turns(gw: Any) -> list[object]:
+    """Sessions of ``gw`` with a turn running."""
+    return [s for s in gw.app.gateway.sessions.sessions.values() if s.turn_running]
+
+
+async def test_a_client_that_must_resync_gets_the_unanswered_approval_again(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> None:
+    scripted_runtime.scripts["write it"] = approval_script()
+    settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
+    async with run_gateway(nursery, settings) as gw:
+        client = ResumingClient(port_of(gw.base_url), "resync-approval")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": "write it"})
+        first = await client.until("tool_call")
+        await client.until("turn_finished")
+        client.ws.reset()
+        client.last_seq = 10_000  # cannot be replayed: resync
+        await client.connect(resume=True)
+        resync = await client.ws.recv_json()
+        again = await client.ws.recv_json()
+    assert resync["type"] == "resync_required"
+    assert again["type"] == "tool_call" and again["call_id"] == first["call_id"]
