@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,6 +23,7 @@ from trio_gateway.demo_runtime import (
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings
 
+from .redis_helpers import RedisServer
 from .scripted_runtime import ScriptedRuntime
 
 INTERNAL_KEY = "test-internal-key-0123456789"
@@ -205,3 +206,14 @@ async def gateway(
     """A gateway in front of the demo runtime, default test settings."""
     async with run_gateway(nursery, gateway_settings(demo_runtime[1])) as running:
         yield running
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh redis-server on loopback for one test (stopped, whatever happens)."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -31,6 +31,7 @@ class ResumingClient:
         self.frames: list[dict[str, Any]] = []  # numbered frames, in the order processed
         self.control: list[dict[str, Any]] = []  # connection frames (no seq)
         self.ws: RawWebSocket | None = None
+        self.resynced = False
 
     async def connect(self, *, resume: bool) -> dict[str, Any]:
         self.ws = await RawWebSocket.connect(
@@ -47,11 +48,15 @@ class ResumingClient:
         assert self.ws is not None
         frame = await self.ws.recv_json()
         if "seq" in frame:
+            if self.resynced:  # after resync_required the next seq is the new baseline
+                self.resynced = False
+                self.last_seq = frame["seq"] - 1
             assert frame["seq"] == self.last_seq + 1, (frame, self.last_seq)
             self.last_seq = frame["seq"]
             self.frames.append(frame)
         else:
             self.control.append(frame)
+            self.resynced = self.resynced or frame["type"] == "resync_required"
         return frame
 
     async def until(self, frame_type: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from . import __version__
+from .cluster import open_cluster
 from .observability import Metrics, request_id_var
 from .openapi import build_openapi, render_docs_html
 from .rest_proxy import (
@@ -73,7 +74,14 @@ class Gateway:
         async def run_manager(task_status: trio.TaskStatus[None]) -> None:
             assert self.sessions is not None and self._manager_scope is not None
             with self._manager_scope:
-                await self.sessions.run(task_status=task_status)
+                if self.settings.state_backend != "redis":
+                    await self.sessions.run(task_status=task_status)
+                    return
+                # The Redis client closes only after every session has let go of its lease
+                # (their shielded cleanup runs inside sessions.run).
+                async with open_cluster(self.settings) as cluster:
+                    self.sessions.cluster = cluster
+                    await self.sessions.run(task_status=task_status)
 
         await nursery.start(run_manager)
 

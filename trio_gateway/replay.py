@@ -105,6 +105,13 @@ class ReplayBuffer:
         assert not isinstance(replay, ReplayGap), "undelivered frames are never evicted"
         return replay
 
+    def restart_at(self, seq: int) -> None:
+        """Forget every frame and continue numbering after ``seq`` (a session whose earlier
+        frames live in the shared stream of another replica)."""
+        self.clear()
+        self.last_seq = seq
+        self.delivered_seq = seq
+
     def clear(self) -> None:
         """Forget every frame (the session ended)."""
         self._entries.clear()

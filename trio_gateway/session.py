@@ -21,6 +21,7 @@ aborts the transport after ``ws_slow_client_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ import orjson
 import trio
 
 from .auth import Identity
+from .cluster import Cluster, ClusterUnavailable
 from .observability import Metrics, frame_type_label, session_id_var, user_var
 from .outbound import Frame, OutboundQueue
 from .protocol import (
@@ -59,6 +61,8 @@ logger = logging.getLogger("trio_gateway.session")
 # call ids remembered to refuse a second answer. Old entries go first.
 MAX_PENDING_APPROVALS = 64
 MAX_REMEMBERED_ANSWERS = 1024
+PUBLISH_LINGER_SECONDS = 0.005  # batching window for appends to the shared stream
+FOLLOW_LINGER_SECONDS = 0.01  # batching window for reads of another replica's stream
 
 
 class Connection:
@@ -88,6 +92,9 @@ class Connection:
         self.resume_from: int | None = None
         self.resume_decided = trio.Event()
         self.caught_up = False  # the writer has replayed and now sends live frames
+        # Cross-replica resume on a follower: frames up to this seq reach the client through
+        # the shared stream but were already delivered by the other replica.
+        self.skip_through = 0
 
     def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the connection to close with ``code``; the connection task does the closing.
@@ -133,6 +140,18 @@ class Session:
         self.pending_approvals: dict[str, Frame] = {}
         self.answered: dict[tuple[str, str], None] = {}  # (frame type, call_id), oldest first
         self.turn_count = 0
+        # --- several replicas (STATE_BACKEND=redis); see cluster.py -----------------------
+        self.cluster: Cluster | None = manager.cluster
+        self.holds_lease = self.cluster is None
+        self.lease_ready = trio.Event()  # turns may run (always, without a cluster)
+        if self.cluster is None:
+            self.lease_ready.set()
+        self.cluster_ready = trio.Event()  # first lease attempt done, seq base known
+        self.cluster_failed = False
+        self.following = False  # another replica runs the session; we relay its stream
+        self.handoff = False  # our client moved to another replica: finish, then let go
+        self._to_publish: list[tuple[int, str]] = []
+        self._publish_ready = trio.lowlevel.ParkingLot()
         self.connection: Connection | None = None
         self.scope = trio.CancelScope()
         self.turn_scope: trio.CancelScope | None = None
@@ -165,6 +184,31 @@ class Session:
         self.seq += 1
         return self.seq
 
+    def number(self, frame: Frame, now: float) -> tuple[int, str]:
+        """Give ``frame`` the next seq, encode it, record it for replay (and for the other
+        replicas); returns (seq, text). A frame relayed from another replica's stream keeps
+        the seq it already has."""
+        relayed = frame.get("_stream")
+        if relayed is not None:
+            seq, text = relayed
+            if seq != self.seq + 1:
+                # A gap in the shared stream (trimmed, or a publish failed): never hide it.
+                logger.warning("shared stream jumped from seq %d to %d", self.seq, seq)
+                self.replay.restart_at(seq - 1)
+                self.lost_frames += 1
+            self.seq = seq
+            self.replay.append(seq, text, now)
+            return seq, text
+        seq = self.next_seq()
+        frame["seq"] = seq
+        text = orjson.dumps(frame).decode()
+        self.replay.append(seq, text, now)
+        if self.cluster is not None:
+            self._to_publish.append((seq, text))
+            if len(self._to_publish) == 1:
+                self._publish_ready.unpark_all()
+        return seq, text
+
     # --- lifetime --------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -174,12 +218,18 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._turn_runner)
                     nursery.start_soon(self._grace_timer)
+                    if self.cluster is not None:
+                        nursery.start_soon(self._lease_keeper, self.cluster)
+                        nursery.start_soon(self._publisher, self.cluster)
+                        nursery.start_soon(self._pump)
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
             logger.exception("session %s failed", self.id)
             if self.connection is not None:
                 self.connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            if self.cluster is not None:
+                await self._let_go(self.cluster)
             self.outbound.drop_all()
             dropped = self.queue.clear()
             if dropped:
@@ -193,6 +243,151 @@ class Session:
     def end(self) -> None:
         """Cancel the session: its turn, its queue and its connection."""
         self.scope.cancel()
+
+    # --- several replicas --------------------------------------------------------------------
+
+    async def _lease_keeper(self, cluster: Cluster) -> None:
+        # Establish where numbering continues (the shared stream may hold earlier frames of
+        # this session, from another replica), then either run the session (lease taken) or
+        # follow the runner's stream until its lease is ours.
+        try:
+            base = await cluster.last_seq(self.id)
+            got = await cluster.acquire_lease(self.id)
+        except ClusterUnavailable as error:
+            logger.warning("shared state unavailable for a new session: %s", error)
+            self.cluster_failed = True
+            self.cluster_ready.set()
+            self.end()
+            return
+        if base > self.seq:
+            self.seq = base
+            self.replay.restart_at(base)
+        self.following = not got
+        self.cluster_ready.set()
+        if got:
+            await self._took_over(cluster, base)
+        else:
+            await self._follow(cluster)
+        interval = self.settings.session_lease_seconds / 3
+        while True:
+            await trio.sleep(interval)
+            try:
+                still_ours = await cluster.renew_lease(self.id)
+            except ClusterUnavailable:
+                continue  # Redis down: the running turn finishes (docs/scaling.md)
+            if not still_ours:
+                logger.error("lost the session lease to another replica; ending the session")
+                self.end()
+                return
+
+    async def _follow(self, cluster: Cluster) -> None:
+        # Relay the lease holder's frames (they carry their seq) until its lease is ours:
+        # it lets go once its turn is over, or its lease expires if it died.
+        cursor = self.seq
+        while True:
+            try:
+                frames = await cluster.wait_after(self.id, cursor, 0.25)
+                if frames:
+                    cursor = await self._relay_stream(frames)
+                    # Let the next batch build up: each XREAD costs ~1 ms of CPU in the
+                    # client, so reading frame by frame would cap the relay (measured).
+                    await trio.sleep(FOLLOW_LINGER_SECONDS)
+                    continue
+                if await cluster.acquire_lease(self.id):
+                    break
+            except ClusterUnavailable:
+                await trio.sleep(0.5)
+        # The previous holder flushed everything before letting go: take the tail, then run.
+        while True:
+            try:
+                frames = await cluster.read_after(self.id, cursor, 512)
+            except ClusterUnavailable:
+                frames = []
+            if not frames:
+                break
+            cursor = await self._relay_stream(frames)
+        self.following = False
+        await self._took_over(cluster, cursor)
+
+    async def _relay_stream(self, frames: list[tuple[int, str]]) -> int:
+        for seq, text in frames:
+            while not self.outbound.has_space() and self.connection is not None:
+                await self._space_ready.park()
+            kind = _type_of(text)
+            self.outbound.put_chunk({"type": kind, "_stream": (seq, text)}, len(text))
+        self._frames_ready.unpark_all()
+        return frames[-1][0]
+
+    async def _took_over(self, cluster: Cluster, last_seq: int) -> None:
+        # The lease is ours. If the stream's last frame (``last_seq``) is in the middle of a
+        # turn, the replica that ran it died: that turn is lost, and the client is told so.
+        tail: list[tuple[int, str]] = []
+        if last_seq:
+            with contextlib.suppress(ClusterUnavailable):
+                tail = await cluster.read_after(self.id, last_seq - 1, 1)
+        if tail and tail[0][0] == last_seq and _mid_turn(tail[0][1]):
+            logger.warning("the replica running this session's turn is gone; the turn is lost")
+            self.send_control(
+                error_frame(
+                    ErrorCode.RUNTIME_STREAM_BROKEN,
+                    "The gateway replica running this turn stopped; the turn was lost",
+                    is_final=True,
+                )
+            )
+            self.send_control({"type": "resync_required", "reason": "replica_lost"})
+        self.holds_lease = True
+        self.lease_ready.set()
+
+    async def _publisher(self, cluster: Cluster) -> None:
+        # Appends numbered frames to the shared stream in order, batched, off the writer's
+        # path. A failed append leaves a gap that followers detect (seq jump): they resync.
+        while True:
+            while not self._to_publish:
+                await self._publish_ready.park()
+            # Linger a moment so a burst becomes one pipeline: a Redis round trip per frame
+            # would cap a streamed turn at a few hundred frames per second (measured).
+            await trio.sleep(PUBLISH_LINGER_SECONDS)
+            await self._publish_batch(cluster)
+
+    async def _publish_batch(self, cluster: Cluster) -> None:
+        batch, self._to_publish = self._to_publish, []
+        try:
+            await cluster.append(self.id, batch)
+        except ClusterUnavailable as error:
+            self.manager.metrics.limit_hits.labels("stream_append_failed").inc()
+            logger.warning("%d frame(s) not appended to the shared stream: %s", len(batch), error)
+
+    async def _pump(self) -> None:
+        # While our client is on another replica, number and publish what the turn produces
+        # (nobody here writes it to a socket), then end once the session is idle.
+        while True:
+            while not (self.handoff and self.connection is None):
+                await self._frames_ready.park()
+            frames = self.outbound.take_all()
+            self._space_ready.unpark_all()
+            now = trio.current_time()
+            for frame in frames:
+                if frame.get("type") not in CONNECTION_FRAME_TYPES:
+                    seq, _ = self.number(frame, now)
+                    self.replay.delivered(seq)  # published is as far as it goes from here
+            self.maybe_hand_off()
+            if not len(self.outbound):
+                await self._frames_ready.park()
+
+    def maybe_hand_off(self) -> None:
+        """End a handed-off session once it is idle (its lease goes to the new replica)."""
+        if self.handoff and self.connection is None and not self.busy and not len(self.outbound):
+            self.end()
+
+    async def _let_go(self, cluster: Cluster) -> None:
+        # Shielded and bounded: runs while the session is being cancelled. Flush what was
+        # numbered, then release the lease so a follower can take over at once.
+        with trio.CancelScope(shield=True), trio.move_on_after(cluster.timeout * 2):
+            if self._to_publish:
+                await self._publish_batch(cluster)
+            if self.holds_lease:
+                with contextlib.suppress(ClusterUnavailable):  # else it expires by itself
+                    await cluster.release_lease(self.id)
 
     async def _grace_timer(self) -> None:
         # Ends the session once it has been without a connection for the grace period. A
@@ -232,6 +427,7 @@ class Session:
             previous.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
             connection.previous_writer_done = previous.writer_done
         self.connection = connection
+        self.handoff = False  # the client came back here
         connection.wake_writer = self._frames_ready.unpark_all
         connection.greeting = greeting
         self._attachment_changed.unpark_all()
@@ -247,8 +443,10 @@ class Session:
             logger.info("client gone; dropped %d queued message(s)", dropped)
         self._attachment_changed.unpark_all()
         self._space_ready.unpark_all()
+        self._frames_ready.unpark_all()  # the pump takes over when handed off
         if self.close_after_turn is not None and not self.turn_running:
             self.end()  # drained: nothing left to wait for
+        self.maybe_hand_off()
 
     # --- inbound ---------------------------------------------------------------------------
 
@@ -295,6 +493,7 @@ class Session:
 
     async def _turn_runner(self) -> None:
         runtime = self.manager.runtime
+        await self.lease_ready.wait()  # another replica may still be running this session
         while True:
             message = self.queue.pop()
             while message is None:
@@ -304,6 +503,7 @@ class Session:
             if self.close_after_turn is not None:
                 self._close_for_drain()
                 return
+            self.maybe_hand_off()
 
     async def _run_turn(self, runtime: RuntimeClient, message: dict[str, Any]) -> None:
         self.turn_count += 1
@@ -441,6 +641,7 @@ class SessionManager:
         self.connection_count = 0
         self.pending_auth = 0  # accepted sockets still waiting for their auth frame
         self.draining = False
+        self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
         self._nursery: trio.Nursery | None = None
         self._idle = trio.lowlevel.ParkingLot()
         # Gauges read at scrape time: nothing to maintain on the hot path.
@@ -472,9 +673,30 @@ class SessionManager:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Host every session's nursery; runs for the app's lifetime."""
         async with trio.open_nursery() as nursery:
+            if self.cluster is not None:
+                await nursery.start(self.cluster.listen, self.on_takeover)
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def on_takeover(self, session_id: str) -> None:
+        """Another replica now serves this session's client: close ours with 4409 and, if we
+        run the session, finish its turn there (frames go to the shared stream) and let go."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        logger.info("session %s moved to another replica", session_id)
+        if session.connection is not None:
+            session.connection.replaced = True
+            session.connection.shut(
+                CloseCode.SESSION_REPLACED, "replaced by a connection on another gateway replica"
+            )
+        if session.holds_lease:
+            session.handoff = True
+            session._frames_ready.unpark_all()
+            session.maybe_hand_off()
+        else:
+            session.end()  # a follower whose client left has nothing to relay
 
     def _forget(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
@@ -525,6 +747,11 @@ class SessionManager:
             try:
                 if not accepted:
                     await ws.accept(SUBPROTOCOL_V2 if v2 else None)
+                if self.cluster is not None and not await self._join_cluster(session):
+                    connection.close_code = CloseCode.TRY_AGAIN_LATER
+                    connection.close_reason = "shared state (Redis) unavailable"
+                    self.metrics.limit_hits.labels("state_unavailable").inc()
+                    return
             finally:
                 session.release_pending()
             if session.scope.cancel_called or self.sessions.get(session_id) is not session:
@@ -562,6 +789,22 @@ class SessionManager:
             session.detach(connection)
             await self._finish_connection(connection)
             self._idle.unpark_all()
+
+    async def _join_cluster(self, session: Session) -> bool:
+        # Several replicas: wait (bounded) until the session knows whether it runs here or
+        # follows another replica, then tell the other replicas to let this client's session
+        # go. Without Redis we cannot keep the guarantees: refuse (1013) rather than guess.
+        assert self.cluster is not None
+        with trio.move_on_after(self.cluster.timeout * 3):
+            await session.cluster_ready.wait()
+        if not session.cluster_ready.is_set() or session.cluster_failed:
+            return False
+        try:
+            await self.cluster.announce_connection(session.id)
+        except ClusterUnavailable as error:
+            logger.warning("cannot announce a connection: %s", error)
+            return False
+        return True
 
     async def _run_connection(self, session: Session, connection: Connection) -> None:
         try:
@@ -835,8 +1078,6 @@ class SessionManager:
             if not frames:
                 connection.shut(connection.close_code)  # flushed: close now
                 return
-            if not connection.v2:
-                frames = [f for f in frames if f.get("type") not in V2_ONLY_TYPES]
             await self._send_frames(session, connection, frames)
 
     async def _send_frames(
@@ -847,16 +1088,21 @@ class SessionManager:
         # the replay buffer as undelivered and the next connection of the session gets them.
         replay = session.replay
         now = trio.current_time()
+        v2 = connection.v2
         batch: list[tuple[int, str, object]] = []
         for frame in frames:
             kind = frame.get("type")
+            if not v2 and kind in V2_ONLY_TYPES:
+                if "_stream" in frame:  # numbered elsewhere: keep the seq line unbroken
+                    replay.delivered(session.number(frame, now)[0])
+                continue
             if kind in CONNECTION_FRAME_TYPES:
                 batch.append((0, orjson.dumps(frame).decode(), kind))
                 continue
-            seq = session.next_seq()
-            frame["seq"] = seq
-            text = orjson.dumps(frame).decode()
-            replay.append(seq, text, now)
+            seq, text = session.number(frame, now)
+            if seq <= connection.skip_through:
+                replay.delivered(seq)  # the client has it from the other replica
+                continue
             batch.append((seq, text, kind))
         send_text = connection.ws.send_text
         for seq, text, kind in batch:
@@ -889,6 +1135,8 @@ class SessionManager:
             if resume_from is None
             else session.replay.since(resume_from, now)
         )
+        if isinstance(replay, ReplayGap) and resume_from is not None and session.cluster:
+            replay = await self._replay_from_stream(session, connection, resume_from, replay)
         gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
         frames = [] if isinstance(replay, ReplayGap) else replay
         if session.lost_frames:
@@ -921,6 +1169,31 @@ class SessionManager:
             )
             resumed = {"type": "resumed", "from_seq": resume_from + 1, "replayed": len(frames)}
             await self._send_direct(connection, resumed)
+
+    async def _replay_from_stream(
+        self, session: Session, connection: Connection, last_seq: int, gap: ReplayGap
+    ) -> list[tuple[int, str]] | ReplayGap:
+        # Frames this replica does not hold may be in the shared stream: those numbered by
+        # the replica that ran the session before (or runs it now, when we follow it).
+        assert session.cluster is not None
+        local = session.replay
+        try:
+            if gap is ReplayGap.UNKNOWN_SEQ:
+                # Following another replica: the client may have seen frames that reached
+                # the stream after this session started; they arrive here through the follower
+                # and are skipped, not sent twice.
+                if session.following and last_seq <= await session.cluster.last_seq(session.id):
+                    connection.skip_through = last_seq
+                    return []
+                return gap
+            need = local.first_seq - 1  # what the local buffer cannot give
+            older = await session.cluster.read_after(session.id, last_seq, need - last_seq)
+        except ClusterUnavailable:
+            return gap
+        if [seq for seq, _ in older] != list(range(last_seq + 1, need + 1)):
+            return gap  # trimmed or expired there too: never a partial replay
+        newer = local.since(need, trio.current_time())
+        return gap if isinstance(newer, ReplayGap) else older + newer
 
     def _late_resume(self, session: Session, connection: Connection, last_seq: int) -> None:
         # The writer did not wait (the session had no history when the socket attached), so
@@ -1002,6 +1275,26 @@ class SessionManager:
         """Cancel every session at once (app shutdown after drain)."""
         for session in list(self.sessions.values()):
             session.end()
+
+
+def _type_of(text: str) -> object:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return value.get("type") if isinstance(value, dict) else None
+
+
+def _mid_turn(text: str) -> bool:
+    """Whether a numbered frame leaves its turn open (a turn ends with a final chunk or an
+    error, then turn_finished for v2)."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(frame, dict):
+        return False
+    return frame.get("type") == "turn_started" or frame.get("is_final") is False
 
 
 def retry_after_seconds(value: float) -> str:

@@ -1,0 +1,211 @@
+"""Several gateway replicas sharing one Redis: resume across replicas, takeover, failover.
+
+Every test runs a real ``redis-server`` on loopback (see ``redis_server``) and two gateways in
+front of the same demo runtime: in this process (replica A and B) or, for the SIGKILL test, A
+as a ``trio-gateway serve`` child process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from trio_gateway.demo_runtime import DemoRuntime
+
+from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
+from .redis_helpers import RedisServer
+from .test_resume import ResumingClient
+
+
+def replica_settings(runtime_url: str, redis: RedisServer, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "state_backend": "redis",
+        "redis_url": redis.url,
+        "redis_key_prefix": redis.prefix,
+        "session_grace_seconds": 30,
+        "session_lease_seconds": 1.5,
+        "resume_wait_seconds": 5,
+        "outbound_queue_max_bytes": 8 * 1024 * 1024,
+    }
+    values.update(overrides)
+    return gateway_settings(runtime_url, **values)
+
+
+async def test_a_client_dropped_by_replica_a_resumes_on_replica_b_exactly(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+) -> None:
+    runtime, url = demo_runtime
+    settings = replica_settings(url, redis_server)
+    tokens = 1500
+    async with run_gateway(nursery, settings) as a, run_gateway(nursery, settings) as b:
+        client = ResumingClient(port_of(a.base_url), "cross-replica")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": f"bench {tokens}"})
+        for _ in range(25):
+            await client.next()
+        client.ws.reset()  # the network blinks; the load balancer picks replica B
+        client.port = port_of(b.base_url)
+        await client.connect(resume=True)
+        await client.until("resumed")
+        await client.until("turn_finished")
+        # The session moved: A finished its turn, let go, and B runs the next turn.
+        await wait_for(lambda: "cross-replica" not in a.app.gateway.sessions.sessions)
+        await client.ws.send_json({"type": "user_message", "content": "bench 3"})
+        await client.until("turn_finished")
+    expected = "".join(f"t{i} " for i in range(tokens)) + "t0 t1 t2 "
+    assert client.tokens() == expected, "nothing lost, nothing twice, across replicas"
+    assert not [f for f in client.control if f["type"] == "resync_required"]
+    assert runtime.completed_streams == 2
+
+
+async def test_a_second_connection_on_another_replica_closes_the_first_with_4409(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+) -> None:
+    _, url = demo_runtime
+    settings = replica_settings(url, redis_server)
+    async with run_gateway(nursery, settings) as a, run_gateway(nursery, settings) as b:
+        async with a.connect("two-replicas", v2=True) as first:
+            await first.recv()
+            await first.send({"type": "user_message", "content": "bench 2"})
+            await first.recv_until(lambda f: f["type"] == "turn_finished")
+            async with b.connect("two-replicas", v2=True) as second:
+                await second.recv()
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await first.recv()
+                assert close_code(closed.value) == 4409
+                await second.send({"type": "resume", "last_seq": 4})
+                await second.recv_until(lambda f: f["type"] == "resumed")
+                await second.send({"type": "user_message", "content": "bench 2"})
+                frames = await second.recv_until(lambda f: f["type"] == "turn_finished")
+    seqs = [f["seq"] for f in frames]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and frames[0]["type"] == "turn_started"
+
+
+async def test_redis_down_refuses_new_sessions_with_1013_and_recovers_by_itself(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+) -> None:
+    runtime, url = demo_runtime
+    settings = replica_settings(url, redis_server)
+    async with run_gateway(nursery, settings) as gw:
+        async with gw.connect("running-turn", v2=True) as running:
+            await running.recv()
+            await running.send({"type": "user_message", "content": "bench 300 300"})
+            await running.recv_until(lambda f: f["type"] == "turn_started")
+            redis_server.stop()
+            async with gw.connect("new-while-down", v2=True) as refused:
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await refused.recv()
+            assert close_code(closed.value) == 1013
+            assert "Redis" in (closed.value.reason.reason or "")
+            # The turn that was running finishes.
+            frames = await running.recv_until(lambda f: f["type"] == "turn_finished", 20)
+            assert frames[-1]["status"] == "completed"
+        redis_server.start()
+        with trio.fail_after(20):
+            while True:
+                async with gw.connect("new-after-recovery", v2=True) as client:
+                    ready = await client.recv()
+                    try:
+                        await client.send({"type": "user_message", "content": "bench 2"})
+                        await client.recv_until(lambda f: f["type"] == "turn_finished")
+                        break
+                    except trio_websocket.ConnectionClosed:
+                        await trio.sleep(0.2)
+    assert ready["type"] == "session_ready"
+    assert runtime.completed_streams >= 2
+
+
+@pytest.fixture
+async def gateway_process(
+    demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """Replica A as a real process (so it can be SIGKILLed), on a free port."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY__AGENT_URL": demo_runtime[1],
+        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
+        "GATEWAY__USE_JWT_AUTH": "false",
+        "GATEWAY__STATE_BACKEND": "redis",
+        "GATEWAY__REDIS_URL": redis_server.url,
+        "GATEWAY__REDIS_KEY_PREFIX": redis_server.prefix,
+        "GATEWAY__SESSION_LEASE_SECONDS": "1.5",
+        "GATEWAY__SESSION_GRACE_SECONDS": "10",
+        "GATEWAY__LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_gateway.cli", "serve", "--host", "127.0.0.1"]
+        + ["--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_until_listening(port)
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+
+async def test_the_replica_running_the_turn_is_killed_and_the_client_is_told_never_left_hanging(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    redis_server: RedisServer,
+    gateway_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    _, url = demo_runtime
+    process, a_url = gateway_process
+    async with run_gateway(nursery, replica_settings(url, redis_server)) as b:
+        client = ResumingClient(port_of(a_url), "killed-replica")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": "bench 2000 200"})
+        for _ in range(20):
+            await client.next()
+        process.send_signal(signal.SIGKILL)  # mid-turn, no cleanup of any kind
+        client.ws.reset()
+        client.port = port_of(b.base_url)
+        await client.connect(resume=True)
+        # Whatever A published before it died is replayed exactly; what it streamed but
+        # had not published yet is reported, and so is the lost turn, once A's lease expires.
+        with trio.fail_after(30):
+            resync = await client.until("resync_required")
+            broken = await client.until("error")
+        tokens = client.tokens()
+        await client.ws.send_json({"type": "user_message", "content": "bench 2"})
+        await client.until("turn_finished")
+    assert resync["reason"] in ("unknown_seq", "replica_lost")
+    assert broken["code"] == "runtime_stream_broken" and broken["is_final"] is True
+    assert tokens == "".join(f"t{i} " for i in range(len(tokens.split()))), "no silent gap"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until_listening(port: int, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.1)
+                continue
+            await stream.aclose()
+            return

@@ -1,0 +1,244 @@
+"""Sessions across gateway replicas (``STATE_BACKEND=redis``): leases, frame streams, takeovers.
+
+Three Redis structures per session, all under ``REDIS_KEY_PREFIX`` (details and lifetimes in
+``docs/scaling.md``):
+
+``lease:<session>``
+    The replica that runs the session's turns (``SET NX PX``, renewed every third of
+    ``SESSION_LEASE_SECONDS``, released with a compare-and-delete). One runner at a time keeps
+    the runtime's "one turn per session" contract across replicas.
+``frames:<session>``
+    A Redis Stream of the session's numbered frames, entry id ``<seq>-1``, capped at
+    ``REPLAY_MAX_FRAMES`` and expiring ``SESSION_GRACE_SECONDS`` after the last append. Redis
+    refuses an id that does not grow, which also fences a replica that lost its lease.
+``takeover`` (a pub/sub channel)
+    ``<replica> <session>``: a client connected to that session on that replica, so every
+    other replica closes its own connection to it (4409) and hands the session over.
+
+Everything here raises :class:`ClusterUnavailable` for any Redis failure or timeout, so the
+callers decide: refuse new sessions (503 / 1013), let running turns finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import coredis
+import trio
+
+from .settings import Settings
+
+logger = logging.getLogger("trio_gateway.cluster")
+
+__all__ = ["Cluster", "ClusterUnavailable"]
+
+T = TypeVar("T")
+
+# Compare-and-set scripts: only the holder may renew or release (a replica that paused past
+# its lease must not delete the new holder's lease).
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"""
+
+
+class ClusterUnavailable(Exception):
+    """Redis did not answer (down, unreachable, too slow) or answered with an error."""
+
+
+class Cluster:
+    """The Redis side of sessions shared by replicas; one per app, sessions call into it."""
+
+    def __init__(
+        self,
+        client: coredis.Redis[str],
+        *,
+        prefix: str,
+        replica_id: str,
+        lease_seconds: float,
+        stream_max_frames: int,
+        stream_ttl_seconds: float,
+        timeout: float,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.replica_id = replica_id
+        self.lease_ms = max(1, int(lease_seconds * 1000))
+        self.stream_max_frames = max(1, stream_max_frames)
+        self.stream_ttl_ms = max(1000, int(stream_ttl_seconds * 1000))
+        self.timeout = timeout
+        self.channel = f"{prefix}takeover"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def lease_key(self, session_id: str) -> str:
+        """The Redis key of a session's lease."""
+        return f"{self.prefix}lease:{session_id}"
+
+    def stream_key(self, session_id: str) -> str:
+        """The Redis key of a session's frame stream."""
+        return f"{self.prefix}frames:{session_id}"
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        # Every Redis call is bounded: a Redis that blackholes packets must not wedge a
+        # handshake or a session. Any failure is one exception type for the callers.
+        try:
+            with trio.fail_after(self.timeout):
+                return await call()
+        except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as error:
+            raise ClusterUnavailable(f"{type(error).__name__}: {error}") from None
+
+    # --- leases ------------------------------------------------------------------------------
+
+    async def acquire_lease(self, session_id: str) -> bool:
+        """Take (or keep) the session's lease; False when another replica holds it."""
+        key, me, ms = self.lease_key(session_id), self.replica_id, self.lease_ms
+        got: object = await self._call(lambda: self._acquire(keys=[key], args=[me, ms]))
+        return bool(got)
+
+    async def renew_lease(self, session_id: str) -> bool:
+        """Extend the lease; False when it is no longer ours (expired and taken)."""
+        key, me, ms = self.lease_key(session_id), self.replica_id, self.lease_ms
+        return bool(await self._call(lambda: self._renew(keys=[key], args=[me, ms])))
+
+    async def release_lease(self, session_id: str) -> None:
+        """Give the lease up if it is ours."""
+        key, me = self.lease_key(session_id), self.replica_id
+        await self._call(lambda: self._release(keys=[key], args=[me]))
+
+    # --- frame streams -------------------------------------------------------------------------
+
+    async def append(self, session_id: str, frames: list[tuple[int, str]]) -> None:
+        """Append numbered frames (in order) to the session's stream, capped and expiring."""
+        if not frames:
+            return
+        key = self.stream_key(session_id)
+
+        async def run() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for seq, text in frames:
+                    pipe.xadd(
+                        key,
+                        {"f": text},
+                        identifier=f"{seq}-1",
+                        trim_strategy=coredis.PureToken.MAXLEN,
+                        threshold=self.stream_max_frames,
+                        trim_operator=coredis.PureToken.APPROXIMATELY,
+                    )
+                pipe.pexpire(key, self.stream_ttl_ms)
+
+        await self._call(run)
+
+    async def last_seq(self, session_id: str) -> int:
+        """The highest seq in the session's stream (0 when there is none)."""
+        key = self.stream_key(session_id)
+        entries = await self._call(lambda: self.client.xrevrange(key, "+", "-", count=1))
+        return _seq_of(entries[0].identifier) if entries else 0
+
+    async def read_after(self, session_id: str, last_seq: int, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` frames with seq > ``last_seq``, oldest first."""
+        key = self.stream_key(session_id)
+        entries = await self._call(
+            lambda: self.client.xrange(key, f"{last_seq + 1}-0", "+", count=limit)
+        )
+        return [(_seq_of(e.identifier), str(e.field_values["f"])) for e in entries]
+
+    async def wait_after(
+        self, session_id: str, last_seq: int, block_seconds: float
+    ) -> list[tuple[int, str]]:
+        """Frames with seq > ``last_seq``, waiting up to ``block_seconds`` for the first one."""
+        key = self.stream_key(session_id)
+        block_ms = max(1, int(block_seconds * 1000))
+        saved, self.timeout = self.timeout, self.timeout + block_seconds
+        try:
+            answer = await self._call(
+                lambda: self.client.xread({key: f"{last_seq}-1"}, count=512, block=block_ms)
+            )
+        finally:
+            self.timeout = saved
+        if not answer:
+            return []
+        entries = next(iter(answer.values()))
+        return [(_seq_of(e.identifier), str(e.field_values["f"])) for e in entries]
+
+    # --- takeover notices ------------------------------------------------------------------------
+
+    async def announce_connection(self, session_id: str) -> None:
+        """Tell every other replica that this one now serves ``session_id``'s client."""
+        message = f"{self.replica_id} {session_id}"
+        await self._call(lambda: self.client.publish(self.channel, message))
+
+    async def listen(
+        self,
+        on_takeover: Callable[[str], Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``on_takeover(session_id)`` for every other replica's announcement, forever.
+
+        coredis's pub/sub reconnects by itself; while Redis is down no notice arrives, which
+        is the documented trade-off (a duplicate connection is closed once Redis is back, or
+        when it sends its next message through the runner).
+        """
+        started = False
+        while True:
+            try:
+                async with self.client.pubsub(channels=[self.channel]) as pubsub:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in pubsub:
+                        if message.get("type") != "message":
+                            continue
+                        sender, _, session_id = str(message.get("data", "")).partition(" ")
+                        if sender != self.replica_id and session_id:
+                            on_takeover(session_id)
+            except (coredis.exceptions.RedisError, OSError) as error:
+                logger.warning("takeover listener lost Redis (%s); retrying", error)
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(1)
+
+
+def _seq_of(identifier: object) -> int:
+    return int(str(identifier).partition("-")[0])
+
+
+REDIS_CALL_TIMEOUT = 2.0  # seconds; a Redis call slower than this counts as Redis unavailable
+
+
+@asynccontextmanager
+async def open_cluster(settings: Settings) -> AsyncIterator[Cluster]:
+    """The app's :class:`Cluster`, with its Redis client open for the block's lifetime."""
+    client: coredis.Redis[str] = coredis.Redis.from_url(
+        settings.redis_url.get_secret_value(), decode_responses=True
+    )
+    async with client:
+        yield Cluster(
+            client,
+            prefix=settings.redis_key_prefix,
+            replica_id=uuid.uuid4().hex,
+            lease_seconds=settings.session_lease_seconds,
+            stream_max_frames=settings.replay_max_frames,
+            stream_ttl_seconds=settings.session_grace_seconds + settings.session_lease_seconds,
+            timeout=REDIS_CALL_TIMEOUT,
+        )
