@@ -58,7 +58,9 @@ async def test_a_client_dropped_by_replica_a_resumes_on_replica_b_exactly(
         await client.until("resumed")
         await client.until("turn_finished")
         # The session moved: A finished its turn, let go, and B runs the next turn.
-        await wait_for(lambda: "cross-replica" not in a.app.gateway.sessions.sessions)
+        sessions = a.app.gateway.sessions
+        assert sessions is not None
+        await wait_for(lambda: "cross-replica" not in sessions.sessions)
         await client.ws.send_json({"type": "user_message", "content": "bench 3"})
         await client.until("turn_finished")
     expected = "".join(f"t{i} " for i in range(tokens)) + "t0 t1 t2 "
@@ -106,6 +108,7 @@ async def test_redis_down_refuses_new_sessions_with_1013_and_recovers_by_itself(
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await refused.recv()
             assert close_code(closed.value) == 1013
+            assert closed.value.reason is not None
             assert "Redis" in (closed.value.reason.reason or "")
             # The turn that was running finishes.
             frames = await running.recv_until(lambda f: f["type"] == "turn_finished", 20)
@@ -143,12 +146,7 @@ async def gateway_process(
         "GATEWAY__SESSION_GRACE_SECONDS": "10",
         "GATEWAY__LOG_LEVEL": "WARNING",
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trio_gateway.cli", "serve", "--host", "127.0.0.1"]
-        + ["--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    process = start_gateway_process(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_until_listening(port)
@@ -189,6 +187,15 @@ async def test_the_replica_running_the_turn_is_killed_and_the_client_is_told_nev
     assert resync["reason"] in ("unknown_seq", "replica_lost")
     assert broken["code"] == "runtime_stream_broken" and broken["is_final"] is True
     assert tokens == "".join(f"t{i} " for i in range(len(tokens.split()))), "no silent gap"
+
+
+def start_gateway_process(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "trio_gateway.cli", "serve"]
+    return subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def free_port() -> int:
