@@ -701,3 +701,21 @@ async def test_a_final_close_code_ends_the_chat_without_reconnecting(tmp_path: P
             await terminal.expect(r"\[close 4409\]")
             assert await terminal.exit_code() == 1
     assert len(fake.connections) == 1
+
+
+async def test_reconnecting_gives_up_after_the_allowed_attempts(tmp_path: Path) -> None:
+    async def then_dropped(connection: FakeConnection) -> None:
+        await connection.send("session_ready", **ready(0))
+        await connection.drop()
+
+    async def dies_at_once(connection: FakeConnection) -> None:
+        await connection.drop()  # opens, says nothing: a failed attempt
+
+    async with fake_gateway(then_dropped, dies_at_once, dies_at_once) as fake:
+        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
+        async with chat(url, "--reconnect-attempts", "2", cwd=tmp_path) as terminal:
+            await terminal.expect(r"reconnecting in 0\.2 s \(attempt 1/2\)")
+            await terminal.expect(r"reconnecting in 0\.4 s \(attempt 2/2\)")
+            await terminal.expect(r"close 1006; giving up after 2 attempts")
+            assert await terminal.exit_code() == 1
+    assert len(fake.connections) == 3

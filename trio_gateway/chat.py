@@ -25,7 +25,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -581,7 +581,8 @@ class _Ended:
 
     why: str
     final: bool = False
-    opened: bool = False
+    opened: bool = False  # the handshake succeeded
+    received: bool = False  # ... and the gateway sent at least one frame
 
 
 class ChatRunner:
@@ -599,6 +600,7 @@ class ChatRunner:
         self._outbox_changed = trio.lowlevel.ParkingLot()
         self._quit = trio.Event()
         self._ws: trio_websocket.WebSocketConnection | None = None
+        self._received = False  # the current connection has delivered a frame
 
     # --- reactions --------------------------------------------------------------------------
 
@@ -686,7 +688,10 @@ class ChatRunner:
                 # Never connected at all: a wrong URL or port should fail now, not in 30 s.
                 self._apply(self.core.fatal(ended.why))
                 return 1
-            failures = 1 if ended.opened else failures + 1
+            # A connection that delivered something starts a new series of attempts; one that
+            # opens and dies at once counts as a failure, so a crashing gateway cannot keep
+            # the client in a tight reconnect loop forever.
+            failures = 1 if ended.received else failures + 1
             if failures > self.options.max_attempts:
                 self._apply(
                     self.core.fatal(
@@ -706,6 +711,7 @@ class ChatRunner:
         except (OSError, ValueError) as error:
             return _Ended(f"cannot get a token: {error}", final=True)
         opened = False
+        self._received = False
         try:
             async with trio_websocket.open_websocket_url(
                 self.options.url,
@@ -716,7 +722,8 @@ class ChatRunner:
                 disconnect_timeout=CLOSE_TIMEOUT,
             ) as ws:
                 opened = True
-                return await self._converse(ws)
+                ended = await self._converse(ws)
+                return _Ended(ended.why, ended.final, opened=True, received=self._received)
         except trio_websocket.ConnectionRejected as rejected:
             status = int(rejected.status_code)
             return _Ended(
@@ -724,16 +731,19 @@ class ChatRunner:
                 final=status in FINAL_HTTP_STATUSES,
             )
         except trio_websocket.ConnectionClosed as closed:
-            return self._closed(closed.reason, opened)
+            return replace(self._closed(closed.reason, opened), received=self._received)
         except (trio_websocket.HandshakeError, OSError) as error:
             cause = error.__cause__ or error
-            return _Ended(f"cannot connect: {cause or type(cause).__name__}", opened=opened)
+            why = f"cannot connect: {cause or type(cause).__name__}"
+            return _Ended(why, opened=opened, received=self._received)
         except Exception as error:
             # trio-websocket's reader can die with a protocol error when a server ping crosses
             # our close (python-trio/trio-websocket#184): that is a lost connection as well.
             if not opened:
                 raise
-            return _Ended(f"connection error: {type(error).__name__}", opened=True)
+            return _Ended(
+                f"connection error: {type(error).__name__}", opened=True, received=self._received
+            )
         finally:
             self._ws = None
 
@@ -752,6 +762,7 @@ class ChatRunner:
             try:
                 while True:
                     message = await ws.get_message()
+                    self._received = True
                     self._apply(self.core.receive_text(message))
             except trio_websocket.ConnectionClosed as closed:
                 return self._closed(closed.reason, True)

@@ -14,6 +14,7 @@ import trio
 from pydantic import SecretStr
 
 from .app import create_app
+from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
 from .server import serve, wait_for_signal
 from .settings import Settings, SettingsError, load_settings
@@ -119,6 +120,16 @@ def _parser() -> argparse.ArgumentParser:
         "--session", metavar="ID", help="session id to open or resume (default: a new random id)"
     )
     chat_cmd.add_argument("--plain", action="store_true", help="no colours")
+    chat_cmd.add_argument(
+        "--reconnect-attempts",
+        type=int,
+        default=MAX_RECONNECT_ATTEMPTS,
+        metavar="N",
+        help=(
+            "reconnect attempts in a row (0.2 s apart, doubling to 5 s) before giving up "
+            f"on a lost connection (default {MAX_RECONNECT_ATTEMPTS})"
+        ),
+    )
     return parser
 
 
@@ -269,7 +280,12 @@ def _run_token(sub: str, scope: str, lifetime: int) -> int:
 
 
 def _run_chat(
-    url: str, token: str | None, token_from_demo: bool, session: str | None, plain: bool
+    url: str,
+    token: str | None,
+    token_from_demo: bool,
+    session: str | None,
+    plain: bool,
+    attempts: int,
 ) -> int:
     """``trio-gateway chat``: the interactive client; usage errors exit 2 before connecting."""
     from .chat import ChatOptions, build_ws_url, run_chat, want_color
@@ -278,6 +294,8 @@ def _run_chat(
         print(f"trio-gateway chat: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
+    if attempts < 0:
+        return fail(f"--reconnect-attempts must be 0 or more, got {attempts}")
     try:
         ws_url, session_id = build_ws_url(url, session)
     except ValueError as error:
@@ -307,6 +325,7 @@ def _run_chat(
         session_id=session_id,
         token_provider=provider,
         color=want_color(sys.stdout, plain=plain),
+        max_attempts=attempts,
     )
     try:
         return trio.run(run_chat, options)
@@ -331,7 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_token(args.sub, args.scope, args.lifetime)
     if args.command == "chat":
         # A client: it needs none of the gateway's settings (nor GATEWAY__INTERNAL_API_KEY).
-        return _run_chat(args.url, args.token, args.token_from_demo, args.session, args.plain)
+        return _run_chat(
+            args.url,
+            args.token,
+            args.token_from_demo,
+            args.session,
+            args.plain,
+            args.reconnect_attempts,
+        )
     try:
         settings = _load_settings_for(args.command)
         port = _port(args.port)
