@@ -1,18 +1,20 @@
-"""The ``trio-gateway`` command: serve, demo, demo-runtime, token."""
+"""The ``trio-gateway`` command: serve, demo, demo-runtime, token, chat."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
 from pydantic import SecretStr
 
 from .app import create_app
+from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
 from .server import serve, wait_for_signal
 from .settings import Settings, SettingsError, load_settings
@@ -85,6 +87,47 @@ def _parser() -> argparse.ArgumentParser:
         help=(
             f"seconds the token is valid (default {DEMO_TOKEN_LIFETIME}; the gateway refuses "
             "more than GATEWAY__JWT_MAX_LIFETIME, 86400 by default)"
+        ),
+    )
+
+    chat_cmd = commands.add_parser(
+        "chat",
+        help="talk to a gateway from the terminal (an interactive WebSocket client)",
+        description=(
+            "An interactive client speaking protocol v2: type a message, watch the answer "
+            "stream, approve or reject tool calls (tools are never executed: the client answers "
+            "with a simulated result), Ctrl-C cancels a running turn, Ctrl-C when idle, Ctrl-D "
+            "or /quit leaves. A dropped connection is resumed without losing or repeating "
+            "output. Example, against `trio-gateway demo`: "
+            "trio-gateway chat ws://127.0.0.1:8000 --token-from-demo"
+        ),
+    )
+    chat_cmd.add_argument(
+        "url",
+        metavar="WS-URL",
+        help="the gateway (ws://host:port) or a session's URL (ws://host:port/api/v1/ws/ID)",
+    )
+    token_source = chat_cmd.add_mutually_exclusive_group()
+    token_source.add_argument(
+        "--token", metavar="T", help="access token, sent as Authorization: Bearer T"
+    )
+    token_source.add_argument(
+        "--token-from-demo",
+        action="store_true",
+        help="mint a token (like `trio-gateway token`) for the running `trio-gateway demo`",
+    )
+    chat_cmd.add_argument(
+        "--session", metavar="ID", help="session id to open or resume (default: a new random id)"
+    )
+    chat_cmd.add_argument("--plain", action="store_true", help="no colours")
+    chat_cmd.add_argument(
+        "--reconnect-attempts",
+        type=int,
+        default=MAX_RECONNECT_ATTEMPTS,
+        metavar="N",
+        help=(
+            "reconnect attempts in a row (0.2 s apart, doubling to 5 s) before giving up "
+            f"on a lost connection (default {MAX_RECONNECT_ATTEMPTS})"
         ),
     )
     return parser
@@ -173,6 +216,7 @@ def _demo_banner(*, runtime: str, gateway: str, jwks_url: str, issuer_file: str,
         "  authenticate : header       Authorization: Bearer <access token>\n"
         "                 subprotocol  bearer.<access token>\n"
         '                 first frame  {"type":"auth","token":"<access token>"}\n'
+        f"  chat         : trio-gateway chat {base} --token-from-demo\n"
         f"  try it       : python -m websockets {base}/api/v1/ws/demo\n"
         f'    first send : {{"type":"auth","token":"{token}"}}\n'
         f"    then send  : {user_message}\n"
@@ -194,9 +238,21 @@ async def _run_demo_runtime(host: str, port: int, instant: bool) -> None:
         print(f"demo runtime serving on {', '.join(binds)}", flush=True)
 
 
+def mint_demo_token(
+    sub: str = DEMO_SUB, scopes: Sequence[str] = DEMO_SCOPES, lifetime: int = DEMO_TOKEN_LIFETIME
+) -> str:
+    """A token signed by the running ``trio-gateway demo``'s issuer (read from its file).
+
+    Raises :class:`FileNotFoundError` or :class:`ValueError` (no usable issuer file: the
+    message tells the user what to do) and :class:`OSError` (the file cannot be read).
+    """
+    from .dev_auth import load_dev_issuer
+
+    return load_dev_issuer().mint(sub, scopes=scopes, lifetime=lifetime)
+
+
 def _run_token(sub: str, scope: str, lifetime: int) -> int:
     """``trio-gateway token``: one token on stdout, or one line on stderr and exit 2."""
-    from .dev_auth import load_dev_issuer
 
     def fail(message: str, status: int = 2) -> int:
         print(f"trio-gateway token: {' '.join(message.split())}", file=sys.stderr)
@@ -207,7 +263,7 @@ def _run_token(sub: str, scope: str, lifetime: int) -> int:
     if not sub.strip():
         return fail("--sub must not be empty")
     try:
-        issuer = load_dev_issuer()
+        token = mint_demo_token(sub, scope.split(), lifetime)
     except (FileNotFoundError, ValueError) as error:
         return fail(str(error))
     except OSError as error:
@@ -219,8 +275,63 @@ def _run_token(sub: str, scope: str, lifetime: int) -> int:
             f"({max_lifetime:g} s) refuses this token",
             file=sys.stderr,
         )
-    print(issuer.mint(sub, scopes=scope.split(), lifetime=lifetime), flush=True)
+    print(token, flush=True)
     return 0
+
+
+def _run_chat(
+    url: str,
+    token: str | None,
+    token_from_demo: bool,
+    session: str | None,
+    plain: bool,
+    attempts: int,
+) -> int:
+    """``trio-gateway chat``: the interactive client; usage errors exit 2 before connecting."""
+    from .chat import ChatOptions, build_ws_url, run_chat, want_color
+
+    def fail(message: str) -> int:
+        print(f"trio-gateway chat: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+
+    if attempts < 0:
+        return fail(f"--reconnect-attempts must be 0 or more, got {attempts}")
+    try:
+        ws_url, session_id = build_ws_url(url, session)
+    except ValueError as error:
+        return fail(str(error))
+    provider: Callable[[], str] | None = None
+    if token is not None:
+        if not token.strip():
+            return fail("--token must not be empty")
+        fixed = token.strip()
+
+        def provider_of_fixed() -> str:
+            return fixed
+
+        provider = provider_of_fixed
+    elif token_from_demo:
+        try:
+            mint_demo_token()  # fail now, with the issuer's own advice, not after connecting
+        except (FileNotFoundError, ValueError, OSError) as error:
+            return fail(str(error))
+        # A fresh token for every connection attempt: a long chat outlives one token.
+        provider = mint_demo_token
+    # Server text may hold any character; an odd terminal encoding must not crash the chat.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
+    options = ChatOptions(
+        url=ws_url,
+        session_id=session_id,
+        token_provider=provider,
+        color=want_color(sys.stdout, plain=plain),
+        max_attempts=attempts,
+    )
+    try:
+        return trio.run(run_chat, options)
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handler was installed (startup): leave quietly.
+        return 130
 
 
 def _load_settings_for(command: str) -> Settings:
@@ -237,6 +348,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "token":
         # No settings and no logging: stdout is the token and nothing else.
         return _run_token(args.sub, args.scope, args.lifetime)
+    if args.command == "chat":
+        # A client: it needs none of the gateway's settings (nor GATEWAY__INTERNAL_API_KEY).
+        return _run_chat(
+            args.url,
+            args.token,
+            args.token_from_demo,
+            args.session,
+            args.plain,
+            args.reconnect_attempts,
+        )
     try:
         settings = _load_settings_for(args.command)
         port = _port(args.port)
