@@ -1,21 +1,46 @@
 # trio-gateway: one process per container (scale out with replicas, not workers).
-FROM python:3.11-slim AS build
+#
+# Two stages: the build stage installs the project and its locked dependencies into a virtualenv
+# (pip, setuptools and the build tree stay behind); the final stage is the slim base plus that
+# virtualenv. Both stages use the same base so the venv's interpreter path is valid in both.
+# tests/test_packaging.py parses this file and runs its COPY, install and start commands in a
+# fresh virtualenv (no Docker engine is needed for that); keep them plain.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV VIRTUAL_ENV=/opt/venv \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/lock.txt ./requirements/lock.txt
 COPY trio_gateway ./trio_gateway
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The project from its own metadata (pyproject.toml), every dependency at the version the lock
+# file pins (-c constrains without installing the test/dev extras).
+RUN python -m venv "$VIRTUAL_ENV" \
+    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir -c requirements/lock.txt .
 
-FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 gateway
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER gateway
-ENV GATEWAY__HOST=0.0.0.0 \
+FROM ${PYTHON_IMAGE}
+RUN useradd --create-home --uid 10001 --user-group gateway \
+    && mkdir -p /var/lib/trio-gateway \
+    && chown gateway:gateway /var/lib/trio-gateway \
+    && chmod 0700 /var/lib/trio-gateway
+COPY --from=build /opt/venv /opt/venv
+# /var/lib/trio-gateway exists (owned by the user) so that a named volume mounted there starts
+# with that owner: the dev issuer keeps its key file in it.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TRIO_GATEWAY_DEV_ISSUER_FILE=/var/lib/trio-gateway/dev-issuer.json \
+    GATEWAY__HOST=0.0.0.0 \
     GATEWAY__PORT=8000 \
-    PYTHONUNBUFFERED=1
+    GATEWAY__LOG_FORMAT=json
+USER gateway
+WORKDIR /home/gateway
 EXPOSE 8000
+# Liveness only (/health never touches the runtime): a gateway whose runtime is down is still
+# alive, and restarting it would not help. python + urllib because the slim image has no curl.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"GATEWAY__PORT\", \"8000\")}/health', timeout=2)"
-# Exec form: SIGTERM reaches trio-gateway directly, so the graceful drain runs.
-ENTRYPOINT ["trio-gateway"]
-CMD ["serve"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('GATEWAY__PORT', '8000') + '/health', timeout=2)"]
+# Exec form, no shell and no wrapper: trio-gateway is PID 1 and receives SIGTERM itself, so the
+# graceful drain runs (it installs its own SIGTERM/SIGINT handlers, which PID 1 needs).
+CMD ["trio-gateway", "serve"]

@@ -365,3 +365,55 @@ def test_hypercorn_can_import_the_asgi_app() -> None:
         env=cli_env(KEY_ENV),
     )
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"
+
+
+async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) -> None:
+    issuer_file = tmp_path / "state" / "dev-issuer.json"
+    env = {DEV_ISSUER_FILE_ENV: str(issuer_file)}
+    kids = []
+    for _ in range(2):
+        port = free_port()
+        process = await start("dev-issuer", "--port", str(port), env=env)
+        try:
+            url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+            async with httpx.AsyncClient() as http:
+                with trio.fail_after(30):
+                    while True:
+                        try:
+                            answer = await http.get(url)
+                            break
+                        except httpx.TransportError:
+                            assert process.returncode is None, "dev-issuer exited"
+                            await trio.sleep(0.1)
+            assert answer.status_code == 200
+            keys = KeySet.from_jwks(answer.json())
+            kids.append(list(keys))
+            # A token minted from the same file verifies against the served key set.
+            result = await run_cli("token", "--sub", "carol", env=env)
+            assert result.returncode == 0, result.stderr
+            identity = verify_token(
+                result.stdout.decode().strip(), keys, TokenPolicy(), time.time()
+            )
+            assert identity.sub == "carol"
+            assert stat.S_IMODE(issuer_file.stat().st_mode) == 0o600
+            assert await stop(process, signal.SIGTERM) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert len(kids[0]) == 1 and kids[0] == kids[1], "the restarted issuer kept its key"
+
+
+def test_dev_issuer_replaces_a_key_made_for_another_audience(tmp_path: Path) -> None:
+    from trio_gateway.dev_auth import load_or_create_dev_issuer
+
+    path = tmp_path / "issuer.json"
+    first, created = load_or_create_dev_issuer(path)
+    assert created
+    again, created = load_or_create_dev_issuer(path)
+    assert not created and again.kid == first.kid
+    other, created = load_or_create_dev_issuer(path, audience="other-api")
+    assert created and other.kid != first.kid and load_dev_issuer(path).audience == "other-api"
+    path.write_text("{damaged")
+    fresh, created = load_or_create_dev_issuer(path)
+    assert created and load_dev_issuer(path).kid == fresh.kid

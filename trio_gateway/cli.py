@@ -1,4 +1,4 @@
-"""The ``trio-gateway`` command: serve, demo, demo-runtime, token, chat."""
+"""The ``trio-gateway`` command: serve, check, demo, demo-runtime, dev-issuer, token, chat."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import trio
 from pydantic import SecretStr
 
 from .app import create_app
+from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
 from .server import serve, wait_for_signal
@@ -37,6 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="bind address (default GATEWAY__HOST)")
     serve_cmd.add_argument("--port", type=int, help="bind port (default GATEWAY__PORT)")
 
+    check_cmd = commands.add_parser(
+        "check",
+        help="print the effective configuration and check the runtime, JWKS and Redis",
+        description=(
+            "Print every setting as the gateway would run with it (secrets redacted), then "
+            "check that the Agent Runtime answers GET /health, that the JWKS (when "
+            "GATEWAY__USE_JWT_AUTH is true) downloads and holds a usable key, and that Redis "
+            "(when GATEWAY__STATE_BACKEND=redis) answers PING. Exit status: 0 all checks "
+            "passed, 1 a check failed, 2 the configuration is invalid."
+        ),
+    )
+    check_cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="bound on each check (default 5)",
+    )
+
     demo_cmd = commands.add_parser(
         "demo",
         help="run the gateway, the demo runtime and a dev token issuer in one process",
@@ -58,15 +78,40 @@ def _parser() -> argparse.ArgumentParser:
         "--instant", action="store_true", help="no pacing between tokens (benchmarks)"
     )
 
+    issuer_cmd = commands.add_parser(
+        "dev-issuer",
+        help="serve a development JWKS whose key `trio-gateway token` can use (not for production)",
+        description=(
+            "A stand-in for the Auth Service, for compose setups and local tests: serves "
+            "GET /.well-known/jwks.json for a signing key kept in $TRIO_GATEWAY_DEV_ISSUER_FILE "
+            "(default $XDG_STATE_HOME/trio-gateway/demo-issuer.json, mode 0600). The key is "
+            "created on first start and reused afterwards, so tokens minted with "
+            "`trio-gateway token` (same file) stay valid across restarts. Point a gateway at it "
+            "with GATEWAY__AUTH_SERVICE_URL=http://<host>:<port>. Development only: whoever "
+            "can read the file can mint tokens."
+        ),
+    )
+    issuer_cmd.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    issuer_cmd.add_argument("--port", type=int, default=8002, help="port (default 8002)")
+    issuer_cmd.add_argument(
+        "--issuer", default=DEFAULT_ISSUER, help=f"iss of minted tokens (default {DEFAULT_ISSUER})"
+    )
+    issuer_cmd.add_argument(
+        "--audience",
+        default=DEFAULT_AUDIENCE,
+        help=f"aud of minted tokens (default {DEFAULT_AUDIENCE})",
+    )
+
     token_cmd = commands.add_parser(
         "token",
-        help="print a fresh access token for `trio-gateway demo` (demo only)",
+        help="print a fresh access token for `trio-gateway demo` or `dev-issuer` (dev only)",
         description=(
             "Print one access token on stdout, signed with the key of the most recent "
-            "`trio-gateway demo` (read from $TRIO_GATEWAY_DEV_ISSUER_FILE, default "
+            "`trio-gateway demo` or of `trio-gateway dev-issuer` (read from "
+            "$TRIO_GATEWAY_DEV_ISSUER_FILE, default "
             "$XDG_STATE_HOME/trio-gateway/demo-issuer.json). Only a gateway started by "
-            "`trio-gateway demo` accepts these tokens; a real deployment gets its tokens from "
-            "the Auth Service. Example: "
+            "`trio-gateway demo`, or one that trusts `trio-gateway dev-issuer`, accepts these "
+            "tokens; a real deployment gets its tokens from the Auth Service. Example: "
             'curl -H "Authorization: Bearer $(trio-gateway token)" '
             "http://127.0.0.1:8000/api/v1/agents"
         ),
@@ -249,6 +294,33 @@ def mint_demo_token(
     from .dev_auth import load_dev_issuer
 
     return load_dev_issuer().mint(sub, scopes=scopes, lifetime=lifetime)
+async def _run_dev_issuer(host: str, port: int, issuer_name: str, audience: str) -> None:
+    from .dev_auth import dev_issuer_file, load_or_create_dev_issuer, serve_dev_jwks
+
+    path = dev_issuer_file()
+    # Key generation and file I/O are blocking: keep them off the event loop.
+    issuer, created = await trio.to_thread.run_sync(
+        partial(load_or_create_dev_issuer, path, issuer=issuer_name, audience=audience)
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(
+            partial(serve_dev_jwks, issuer, host, port, shutdown_trigger=wait_for_signal)
+        )
+        state = "new key" if created else "key reused"
+        print(
+            f"dev issuer serving {url} (kid {issuer.kid}, {state}, kept in {path}; "
+            f"iss {issuer.issuer}, aud {issuer.audience}); `trio-gateway token` mints tokens",
+            flush=True,
+        )
+
+
+async def _run_check(settings: Settings, timeout: float) -> int:
+    from .check import exit_code as check_exit_code
+    from .check import format_report, run_checks
+
+    results = await run_checks(settings, timeout)
+    print(format_report(settings, results), end="", flush=True)
+    return check_exit_code(results)
 
 
 def _run_token(sub: str, scope: str, lifetime: int) -> int:
@@ -358,12 +430,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.plain,
             args.reconnect_attempts,
         )
+    if args.command == "check":
+        return _check(args.timeout)
     try:
-        settings = _load_settings_for(args.command)
         port = _port(args.port)
+        if args.command == "dev-issuer":
+            # The issuer is not a gateway: it needs none of the gateway's settings (a missing
+            # internal key must not stop it), only logging defaults.
+            configure_logging("INFO", "auto")
+            trio.run(
+                _run_dev_issuer,
+                args.host,
+                port if port is not None else 8002,
+                args.issuer,
+                args.audience,
+            )
+            return 0
+        settings = _load_settings_for(args.command)
     except SettingsError as error:
         print(f"trio-gateway: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, BaseExceptionGroup) as error:
+        return _startup_failure(error)
     configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":
@@ -375,15 +465,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (OSError, BaseExceptionGroup) as error:
-        # Startup failures such as a port in use arrive wrapped in nurseries' exception
-        # groups: report the OS error in one line; anything else is a bug and keeps its
-        # traceback.
-        os_error = _only_os_error(error)
-        if os_error is None:
-            raise
-        print(f"trio-gateway: {os_error}", file=sys.stderr)
-        return 1
+        return _startup_failure(error)
     return 0
+
+
+def _startup_failure(error: OSError | BaseExceptionGroup[BaseException]) -> int:
+    """Report a startup OS error in one line and return 1; re-raise anything else.
+
+    Failures such as a port in use arrive wrapped in nurseries' exception groups; anything
+    that is not an OS error is a bug and keeps its traceback.
+    """
+    os_error = _only_os_error(error)
+    if os_error is None:
+        raise error
+    print(f"trio-gateway: {os_error}", file=sys.stderr)
+    return 1
+
+
+def _check(timeout: float) -> int:
+    """``trio-gateway check``: report on stdout; exit 0 ok, 1 a check failed, 2 bad config."""
+    from .check import EXIT_BAD_CONFIG
+
+    if not timeout > 0:
+        print("trio-gateway check: --timeout must be positive", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        # The message names variables, never values, so it is safe to print as is.
+        print(f"trio-gateway check: {error}", file=sys.stderr)
+        print("verdict: BAD CONFIGURATION (no check was run)", flush=True)
+        return EXIT_BAD_CONFIG
+    # No configure_logging: stdout is the report, and httpx's per-request INFO lines would
+    # only clutter it (warnings still reach stderr through logging's last-resort handler).
+    return trio.run(_run_check, settings, timeout)
 
 
 def _only_os_error(error: BaseException) -> OSError | None:

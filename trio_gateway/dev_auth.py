@@ -4,7 +4,9 @@
 ``auth.py``), so it needs someone to publish keys: :func:`serve_dev_jwks` serves the issuer's
 public key set on loopback. The issuer is also saved to a private file
 (:func:`save_dev_issuer`) so that ``trio-gateway token``, a separate process, can mint more
-tokens the running demo accepts (:func:`load_dev_issuer`).
+tokens the running demo accepts (:func:`load_dev_issuer`). ``trio-gateway dev-issuer`` serves
+the same JWKS as a process of its own (the compose file's Auth Service stand-in) and keeps its key
+in that file across restarts (:func:`load_or_create_dev_issuer`).
 
 Development only. The file holds an unencrypted private key: it is written with mode 0600 in a
 0700 directory, and it is only good for the demo that wrote it (every demo run makes a new key
@@ -29,7 +31,9 @@ from hypercorn.trio import serve
 from quart import Response
 from quart_trio import QuartTrio
 
-from .auth import DevAlgorithm, DevIssuer
+from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAlgorithm, DevIssuer
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEV_ISSUER_FILE",
@@ -37,6 +41,7 @@ __all__ = [
     "JWKS_PATH",
     "dev_issuer_file",
     "load_dev_issuer",
+    "load_or_create_dev_issuer",
     "save_dev_issuer",
     "serve_dev_jwks",
 ]
@@ -141,6 +146,43 @@ def load_dev_issuer(path: Path | None = None) -> DevIssuer:
         )
     except (ValueError, UnicodeEncodeError) as exc:
         raise ValueError(f"{source}: unusable private key: {exc}") from None
+
+
+def load_or_create_dev_issuer(
+    path: Path | None = None,
+    *,
+    issuer: str = DEFAULT_ISSUER,
+    audience: str = DEFAULT_AUDIENCE,
+) -> tuple[DevIssuer, bool]:
+    """The issuer saved at ``path``, or a new one saved there; ``(issuer, created)``.
+
+    ``trio-gateway dev-issuer`` keeps its key across restarts this way, so tokens minted from the
+    file stay valid when the issuer (or its container) restarts. A file that cannot be used
+    (damaged, or made for another ``iss``/``aud``) is replaced by a new key with a warning:
+    this is a development issuer, and a fresh key is always a valid answer.
+    """
+    target = dev_issuer_file() if path is None else path
+    try:
+        existing = load_dev_issuer(target)
+    except FileNotFoundError:
+        existing = None
+    except ValueError as error:
+        logger.warning("replacing the unusable dev issuer file: %s", error)
+        existing = None
+    if existing is not None and (existing.issuer, existing.audience) == (issuer, audience):
+        return existing, False
+    if existing is not None:
+        logger.warning(
+            "%s was made for iss %s / aud %s: replacing it with a new key for %s / %s",
+            target,
+            existing.issuer,
+            existing.audience,
+            issuer,
+            audience,
+        )
+    created = DevIssuer(issuer=issuer, audience=audience)
+    save_dev_issuer(created, target)
+    return created, True
 
 
 async def serve_dev_jwks(
