@@ -719,3 +719,65 @@ async def test_reconnecting_gives_up_after_the_allowed_attempts(tmp_path: Path) 
             await terminal.expect(r"close 1006; giving up after 2 attempts")
             assert await terminal.exit_code() == 1
     assert len(fake.connections) == 3
+
+
+class CuttableProxy:
+    """A TCP relay in front of the gateway whose connections can be cut at once: the chat
+    sees its connection drop without a close frame (a network blink)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.accepted = 0
+        self._scopes: list[trio.CancelScope] = []
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
+            with trio.CancelScope() as scope:
+                self._scopes.append(scope)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._copy, client, server)
+                    nursery.start_soon(self._copy, server, client)
+
+    @staticmethod
+    async def _copy(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        try:
+            async for data in source:
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def cut(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes.clear()
+
+
+async def test_the_chat_resumes_a_dropped_connection_against_the_real_gateway_exactly(
+    nursery: trio.Nursery,
+    gateway: RunningGateway,
+    demo_runtime: tuple[DemoRuntime, str],
+    tmp_path: Path,
+) -> None:
+    proxy = CuttableProxy(int(gateway.base_url.rsplit(":", 1)[1]))
+    await nursery.start(proxy.serve)
+    async with chat(f"ws://127.0.0.1:{proxy.port}", "--session", "chat-resume", cwd=tmp_path) as t:
+        await t.expect("you> ")
+        await t.type("bench 400 200\n")  # paced: two seconds of streaming
+        for cut in range(3):
+            await t.expect(rf"t{100 * (cut + 1)} ")
+            proxy.cut()
+        await t.expect(r"t399 ")
+        await t.type("/quit\n")
+        assert await t.exit_code() == 0
+    tokens = [int(n) for n in re.findall(r"\bt(\d+) ", t.output)]
+    assert tokens == list(range(400)), "every token once, in order, through three drops"
+    assert proxy.accepted >= 4
+    assert demo_runtime[0].completed_streams == 1
