@@ -602,7 +602,7 @@ class SessionManager:
         try:
             while True:
                 data = await ws.receive()
-                if not self._within_rate(session, connection):
+                if not await self._within_rate(session, connection):
                     if connection.closing:
                         return
                     continue
@@ -635,10 +635,10 @@ class SessionManager:
             connection.shut(connection.close_code)
             nursery_scope.cancel()
 
-    def _within_rate(self, session: Session, connection: Connection) -> bool:
+    async def _within_rate(self, session: Session, connection: Connection) -> bool:
         # Per-user token bucket on inbound messages: a refused message gets a rate_limited
         # frame; a client that keeps going past a burst's worth of refusals is closed (4429).
-        if self.security.check_message_rate(connection.identity):
+        if await self.security.check_message_rate(connection.identity):
             connection.rate_refusals = 0
             return True
         connection.rate_refusals += 1
