@@ -236,6 +236,10 @@ class RestProxy:
         if internal or not security.enabled:
             return identity
         await security.check_rest_rate(identity)
+        if route.path == "/api/v1/sessions":
+            # Creating claims the new session and listing filters by ownership: refuse before
+            # the runtime creates a session nobody would own.
+            security.require_state()
         if session_id is not None:
             await security.check_owner(session_id, identity)
         if route.session_query is not None:

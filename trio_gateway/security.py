@@ -166,6 +166,12 @@ class Security:
         """The state backend answers (always True for memory)."""
         return self.redis is None or self.redis.available
 
+    def require_state(self) -> None:
+        """503 ``state_unavailable`` while the state backend is known to be down (for work
+        that will need it later, refused before anything is done)."""
+        if not self.state_available:
+            raise self._state_refusal("required")
+
     def _state_refusal(self, operation: str) -> Refusal:
         self.metrics.state_backend_failures.labels(operation).inc()
         return Refusal(503, "state_unavailable", STATE_UNAVAILABLE, retry_after=5)
