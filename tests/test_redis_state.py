@@ -22,9 +22,10 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
+from trio_gateway.auth import DevIssuer, Identity
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.limits import RateLimiter
+from trio_gateway.observability import Metrics
 from trio_gateway.ownership import OwnershipRefused, OwnershipStore
 from trio_gateway.redis_state import RedisState
 from trio_gateway.redis_stores import (
@@ -32,6 +33,7 @@ from trio_gateway.redis_stores import (
     RedisOwnershipStore,
     RedisRateLimiter,
 )
+from trio_gateway.security import Refusal, Security
 from trio_gateway.settings import Settings
 from trio_gateway.state import (
     STATE_UNAVAILABLE,
@@ -259,6 +261,38 @@ async def test_a_crashed_replicas_connections_lapse_and_a_live_ones_are_renewed(
             while await probe.try_acquire("bob") is not None:
                 await trio.sleep(0.05)
         assert await probe.try_acquire("bob") is None
+
+
+async def test_a_stopping_security_hands_its_connections_back_before_closing_the_client(
+    redis_url: str, prefix: str
+) -> None:
+    settings = state_settings(redis_url, prefix, session_lease_seconds=60)
+    one, two = Security(settings, Metrics()), Security(settings, Metrics())
+    alice = Identity(sub="alice", scopes=frozenset({"*"}), expires_at=math.inf)
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def run_one(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await one.run_state(task_status=task_status)
+
+        await nursery.start(run_one)
+        await nursery.start(two.run_state)
+        assert one.state_available and two.state_available
+        await one.acquire_connection(alice)
+        await one.claim_session("sec-1", alice)
+        assert two.redis is not None
+        assert await state_count(two.redis, "alice") == 1
+        scope.cancel()  # a clean stop of replica one, its connection still open
+        with trio.fail_after(10):
+            while not scope.cancelled_caught:
+                await trio.sleep(0.01)
+        assert not one.state_available
+        assert await state_count(two.redis, "alice") == 0  # removed, not left to lapse
+        with pytest.raises(Refusal) as refused:
+            await two.check_owner("sec-1", Identity("bob", frozenset({"*"}), math.inf))
+        assert refused.value.status == 403  # ownership outlives the replica that claimed it
+        nursery.cancel_scope.cancel()
 
 
 # --- rates -----------------------------------------------------------------------------------

@@ -156,10 +156,22 @@ class Security:
         if self.redis is None or self._redis_connections is None:
             task_status.started()
             return
+        redis, connections = self.redis, self._redis_connections
+        # The client must outlive the limiter's cleanup on shutdown (it removes this replica's
+        # connection entries): shielded from the cancellation that stops us, and cancelled
+        # explicitly once the limiter is done.
+        client_scope = trio.CancelScope(shield=True)
+
+        async def run_client(task_status: trio.TaskStatus[None]) -> None:
+            with client_scope:
+                await redis.run(task_status=task_status)
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.redis.run)
-            await nursery.start(self._redis_connections.run)
-            task_status.started()
+            await nursery.start(run_client)
+            try:
+                await connections.run(task_status=task_status)
+            finally:
+                client_scope.cancel()
 
     @property
     def state_available(self) -> bool:
