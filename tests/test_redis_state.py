@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -38,6 +40,8 @@ from trio_gateway.settings import Settings
 from trio_gateway.state import (
     STATE_UNAVAILABLE,
     ConnectionLimiter,
+    MemoryConnectionLimiter,
+    MemoryRateLimiter,
     RateLimit,
     StateUnavailable,
 )
@@ -126,6 +130,20 @@ async def test_the_redis_store_implements_the_protocols(redis_url: str, prefix: 
         assert isinstance(RedisConnectionLimiter(state, 1, 1, 1.0), ConnectionLimiter)
         assert isinstance(RedisRateLimiter(state, "ws", 1, 1), RateLimit)
         assert state.key("owner", "s1") == f"{prefix}owner:s1"
+    # The memory backend offers the same async interfaces.
+    assert isinstance(MemoryConnectionLimiter(1, 1), ConnectionLimiter)
+    assert isinstance(MemoryRateLimiter(1, 1), RateLimit)
+
+
+def test_the_memory_backend_never_loads_the_redis_client() -> None:
+    code = (
+        "import sys; from trio_gateway.app import create_app; "
+        "from trio_gateway.settings import Settings; "
+        "create_app(Settings(_env_file=None, insecure_dev=True)); "
+        "assert 'coredis' not in sys.modules"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env)
 
 
 async def test_claims_racing_on_two_replicas_have_exactly_one_winner(
