@@ -99,8 +99,12 @@ async def prefix(redis_url: str) -> AsyncIterator[str]:
 def state_settings(
     url: str, prefix: str, agent_url: str = "http://127.0.0.1:9", **more: Any
 ) -> Settings:
+    # A generous Redis timeout: on a loaded 2-core CI machine forty racing scripts may take
+    # longer than the production default, and these tests are about answers, not speed. The
+    # blackhole test sets its own short one.
+    values: dict[str, Any] = {"redis_timeout": 5.0, **more}
     return gateway_settings(
-        agent_url, state_backend="redis", redis_url=url, redis_key_prefix=prefix, **more
+        agent_url, state_backend="redis", redis_url=url, redis_key_prefix=prefix, **values
     )
 
 
