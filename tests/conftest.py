@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,7 +24,7 @@ from trio_gateway.demo_runtime import (
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings
 
-from .redis_helpers import RedisServer
+from .redis_server import RedisServer
 from .scripted_runtime import ScriptedRuntime
 
 INTERNAL_KEY = "test-internal-key-0123456789"
@@ -209,11 +210,12 @@ async def gateway(
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A fresh redis-server on loopback for one test (stopped, whatever happens)."""
-    server = RedisServer()
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server on loopback for one test (killed, whatever happens)."""
+    server = RedisServer(tmp_path / "redis")
+    server.directory.mkdir()
     server.start()
     try:
         yield server
     finally:
-        server.stop()
+        server.kill()

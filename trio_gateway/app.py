@@ -20,7 +20,6 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from . import __version__
-from .cluster import open_cluster
 from .observability import Metrics, request_id_var
 from .openapi import build_openapi, render_docs_html
 from .rest_proxy import (
@@ -58,11 +57,23 @@ class Gateway:
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
         self._manager_scope: trio.CancelScope | None = None
+        self._state_scope: trio.CancelScope | None = None
         self._readiness_lock = trio.Lock()
         self._readiness: tuple[float, dict[str, Any]] | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Open the HTTP pool and start the session manager inside ``nursery``."""
+        """Start the state backend (Redis client and health), open the HTTP pool and start the
+        session manager inside ``nursery``."""
+        # The state first: the first handshakes already need it. It reports started after one
+        # probe, up or down, so a gateway whose Redis is down still starts (not ready).
+        self._state_scope = trio.CancelScope()
+
+        async def run_state(task_status: trio.TaskStatus[None]) -> None:
+            assert self._state_scope is not None
+            with self._state_scope:
+                await self.security.run_state(task_status=task_status)
+
+        await nursery.start(run_state)
         transport = make_transport(self.settings)
         self.http = make_http_client(self.settings, transport)
         self.proxy.transport = transport
@@ -74,14 +85,11 @@ class Gateway:
         async def run_manager(task_status: trio.TaskStatus[None]) -> None:
             assert self.sessions is not None and self._manager_scope is not None
             with self._manager_scope:
-                if self.settings.state_backend != "redis":
-                    await self.sessions.run(task_status=task_status)
-                    return
-                # The Redis client closes only after every session has let go of its lease
-                # (their shielded cleanup runs inside sessions.run).
-                async with open_cluster(self.settings) as cluster:
-                    self.sessions.cluster = cluster
-                    await self.sessions.run(task_status=task_status)
+                if self.security.redis is not None:
+                    from .cluster import Cluster  # imports coredis: only for the redis backend
+
+                    self.sessions.cluster = Cluster.for_settings(self.security.redis, self.settings)
+                await self.sessions.run(task_status=task_status)
 
         await nursery.start(run_manager)
 
@@ -94,6 +102,9 @@ class Gateway:
         if self.http is not None:
             with trio.CancelScope(shield=True):
                 await self.http.aclose()
+        # Last: sessions ending above still give their connections back to Redis.
+        if self._state_scope is not None:
+            self._state_scope.cancel()
 
     async def readiness(self) -> dict[str, Any]:
         """The readiness report, probed at most once per READINESS_CACHE_SECONDS.
@@ -131,6 +142,12 @@ class Gateway:
             except httpx.HTTPError as error:
                 checks["runtime"] = f"unreachable ({type(error).__name__})"
             ready = ready and checks["runtime"] == "ok"
+        if self.security.redis is not None:
+            # Without the shared state this replica refuses every new session: take it out
+            # of the load balancer until the health probe sees Redis again.
+            up = self.security.state_available
+            checks["state_backend"] = "ok" if up else "redis unavailable"
+            ready = ready and up
         if self.security.enabled:
             checks["jwks"] = "ok" if await self.security.keys_available() else "unavailable"
             ready = ready and checks["jwks"] == "ok"
@@ -227,7 +244,8 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.get("/api/v1/health")
     async def readiness() -> Response:
-        """Readiness: runtime reachable, signing keys loaded, not draining (cached ~1 s)."""
+        """Readiness: runtime reachable, signing keys loaded, shared state (Redis) answering,
+        not draining (cached ~1 s)."""
         body = await gateway.readiness()
         return _json(body, 200 if body["status"] == "ready" else 503)
 

@@ -294,6 +294,8 @@ def mint_demo_token(
     from .dev_auth import load_dev_issuer
 
     return load_dev_issuer().mint(sub, scopes=scopes, lifetime=lifetime)
+
+
 async def _run_dev_issuer(host: str, port: int, issuer_name: str, audience: str) -> None:
     from .dev_auth import dev_issuer_file, load_or_create_dev_issuer, serve_dev_jwks
 

@@ -15,26 +15,27 @@ Three Redis structures per session, all under ``REDIS_KEY_PREFIX`` (details and 
     ``<replica> <session>``: a client connected to that session on that replica, so every
     other replica closes its own connection to it (4409) and hands the session over.
 
-Everything here raises :class:`ClusterUnavailable` for any Redis failure or timeout, so the
-callers decide: refuse new sessions (503 / 1013), let running turns finish.
+Everything here goes through :meth:`RedisState.guard` and raises
+:class:`~trio_gateway.state.StateUnavailable` for any Redis failure or timeout, so the callers
+decide: refuse new sessions (503 / 1013), let running turns finish.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import coredis
 import trio
 
+from .redis_state import RedisState
 from .settings import Settings
+from .state import STATE_UNAVAILABLE, StateUnavailable
 
 logger = logging.getLogger("trio_gateway.cluster")
 
-__all__ = ["Cluster", "ClusterUnavailable"]
+__all__ = ["Cluster"]
 
 T = TypeVar("T")
 
@@ -59,52 +60,53 @@ return 0
 """
 
 
-class ClusterUnavailable(Exception):
-    """Redis did not answer (down, unreachable, too slow) or answered with an error."""
-
-
 class Cluster:
     """The Redis side of sessions shared by replicas; one per app, sessions call into it."""
 
     def __init__(
         self,
-        client: coredis.Redis[str],
+        state: RedisState,
         *,
-        prefix: str,
-        replica_id: str,
         lease_seconds: float,
         stream_max_frames: int,
         stream_ttl_seconds: float,
-        timeout: float,
     ) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.replica_id = replica_id
+        self.state = state
+        self.client = state.client
+        self.prefix = state.prefix
+        self.replica_id = state.replica_id
+        self.timeout = state.timeout
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self.stream_max_frames = max(1, stream_max_frames)
         self.stream_ttl_ms = max(1000, int(stream_ttl_seconds * 1000))
-        self.timeout = timeout
-        self.channel = f"{prefix}takeover"
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self.channel = state.key("takeover")
+        self._acquire = self.client.register_script(_ACQUIRE)
+        self._renew = self.client.register_script(_RENEW)
+        self._release = self.client.register_script(_RELEASE)
+
+    @classmethod
+    def for_settings(cls, state: RedisState, settings: Settings) -> Cluster:
+        """The app's cluster over its :class:`RedisState`, bounded by ``settings``."""
+        return cls(
+            state,
+            lease_seconds=settings.session_lease_seconds,
+            stream_max_frames=settings.replay_max_frames,
+            stream_ttl_seconds=settings.session_grace_seconds + settings.session_lease_seconds,
+        )
 
     def lease_key(self, session_id: str) -> str:
         """The Redis key of a session's lease."""
-        return f"{self.prefix}lease:{session_id}"
+        return self.state.key("lease", session_id)
 
     def stream_key(self, session_id: str) -> str:
         """The Redis key of a session's frame stream."""
-        return f"{self.prefix}frames:{session_id}"
+        return self.state.key("frames", session_id)
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
-        # Every Redis call is bounded: a Redis that blackholes packets must not wedge a
-        # handshake or a session. Any failure is one exception type for the callers.
-        try:
-            with trio.fail_after(self.timeout):
-                return await call()
-        except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as error:
-            raise ClusterUnavailable(f"{type(error).__name__}: {error}") from None
+        # Bounded by REDIS_TIMEOUT and mapped to StateUnavailable (fails at once while Redis
+        # is known to be down): a Redis that blackholes packets must not wedge a session.
+        with self.state.guard():
+            return await call()
 
     # --- leases ------------------------------------------------------------------------------
 
@@ -167,13 +169,15 @@ class Cluster:
         """Frames with seq > ``last_seq``, waiting up to ``block_seconds`` for the first one."""
         key = self.stream_key(session_id)
         block_ms = max(1, int(block_seconds * 1000))
-        saved, self.timeout = self.timeout, self.timeout + block_seconds
+        # Not through guard(): its timeout is shorter than the block, and a quiet stream is
+        # not a Redis outage. Errors still become StateUnavailable.
+        if not self.state.available:
+            raise StateUnavailable(STATE_UNAVAILABLE)
         try:
-            answer = await self._call(
-                lambda: self.client.xread({key: f"{last_seq}-1"}, count=512, block=block_ms)
-            )
-        finally:
-            self.timeout = saved
+            with trio.fail_after(block_seconds + self.timeout):
+                answer = await self.client.xread({key: f"{last_seq}-1"}, count=512, block=block_ms)
+        except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as error:
+            raise StateUnavailable(STATE_UNAVAILABLE) from error
         if not answer:
             return []
         entries = next(iter(answer.values()))
@@ -221,24 +225,3 @@ class Cluster:
 
 def _seq_of(identifier: object) -> int:
     return int(str(identifier).partition("-")[0])
-
-
-REDIS_CALL_TIMEOUT = 2.0  # seconds; a Redis call slower than this counts as Redis unavailable
-
-
-@asynccontextmanager
-async def open_cluster(settings: Settings) -> AsyncIterator[Cluster]:
-    """The app's :class:`Cluster`, with its Redis client open for the block's lifetime."""
-    client: coredis.Redis[str] = coredis.Redis.from_url(
-        settings.redis_url.get_secret_value(), decode_responses=True
-    )
-    async with client:
-        yield Cluster(
-            client,
-            prefix=settings.redis_key_prefix,
-            replica_id=uuid.uuid4().hex,
-            lease_seconds=settings.session_lease_seconds,
-            stream_max_frames=settings.replay_max_frames,
-            stream_ttl_seconds=settings.session_grace_seconds + settings.session_lease_seconds,
-            timeout=REDIS_CALL_TIMEOUT,
-        )

@@ -256,6 +256,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.state_backend_up = Gauge(
+            "gateway_state_backend_up",
+            "1 while the shared-state backend answers (always 1 for memory), else 0.",
+            registry=r,
+        )
+        self.state_backend_failures = Counter(
+            "gateway_state_backend_failures",
+            "Operations the shared state could not serve, by operation (rate checks that "
+            "failed open included).",
+            ["operation"],
+            registry=r,
+        )
         self.jwks_fetches = Gauge(
             "gateway_jwks_fetches", "JWKS fetches attempted since start.", registry=r
         )

@@ -7,7 +7,8 @@ forwarded; ``X-Internal-Auth`` (on the shared client) and ``X-Request-ID`` are a
 
 Failures the gateway itself produces use one JSON shape, ``{"error", "error_description"}``:
 runtime unreachable 502, runtime timeout 504, gateway saturated 503 with ``Retry-After``,
-request body too large 413. A runtime 429 is passed through with its headers.
+request body too large 413, shared state (Redis) unavailable 503 on routes that need
+ownership. A runtime 429 is passed through with its headers.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .observability import Metrics, request_id_var, user_var
 from .protocol import valid_session_id
 from .security import INTERNAL, Refusal, Security, user_headers
 from .settings import Settings
+from .state import STATE_UNAVAILABLE, StateUnavailable
 
 logger = logging.getLogger("trio_gateway.rest")
 
@@ -233,7 +235,11 @@ class RestProxy:
             raise Refusal(400, "invalid_session_id", "Malformed session id")
         if internal or not security.enabled:
             return identity
-        security.check_rest_rate(identity)
+        await security.check_rest_rate(identity)
+        if route.path == "/api/v1/sessions":
+            # Creating claims the new session and listing filters by ownership: refuse before
+            # the runtime creates a session nobody would own.
+            security.require_state()
         if session_id is not None:
             await security.check_owner(session_id, identity)
         if route.session_query is not None:
@@ -322,7 +328,13 @@ class RestProxy:
         except (orjson.JSONDecodeError, AttributeError):
             return None  # the runtime answers bad bodies itself
         if isinstance(wanted, str) and self.security.enabled:
-            owner = await self.security.ownership.owner(wanted)
+            try:
+                owner = await self.security.ownership.owner(wanted)
+            except StateUnavailable:
+                self.metrics.state_backend_failures.labels("owner").inc()
+                return error_response(
+                    503, "state_unavailable", STATE_UNAVAILABLE, {"Retry-After": "5"}
+                )
             if owner is not None and owner != identity.sub:
                 return error_response(403, "forbidden", "This session belongs to another user")
         return None
@@ -350,7 +362,13 @@ class RestProxy:
             if upstream.status_code == 200:
                 await self._only_own_sessions(upstream.content, response, identity)
         elif route.method == "DELETE" and route.per_session and upstream.status_code == 204:
-            await security.ownership.forget(path_params["session_id"])
+            try:
+                await security.ownership.forget(path_params["session_id"])
+            except StateUnavailable:
+                # The session is gone at the runtime; a leftover record only keeps its id
+                # reserved for the same user.
+                self.metrics.state_backend_failures.labels("forget").inc()
+                logger.warning("session deleted but its ownership record kept")
         elif ok and route.per_session:
             try:
                 await security.claim_session(path_params["session_id"], identity)
@@ -372,7 +390,15 @@ class RestProxy:
                 )
             )
             return
-        mine = await self.security.ownership.sessions_of(identity.sub)
+        try:
+            mine = await self.security.owned_sessions(identity)
+        except Refusal as refused:  # fail closed: without ownership nothing can be shown
+            response.status_code = refused.status
+            response.headers.update(refused.headers())
+            response.set_data(
+                orjson.dumps({"error": refused.error, "error_description": refused.description})
+            )
+            return
         listing["sessions"] = [s for s in sessions if isinstance(s, dict) and s.get("id") in mine]
         listing["total"] = len(listing["sessions"])
         response.set_data(orjson.dumps(listing))

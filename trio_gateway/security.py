@@ -3,6 +3,13 @@
 Pulls the sans-IO pieces together (``auth`` for tokens, ``limits`` for rates, caps and origins,
 ``ownership`` for sessions) behind the few calls the REST and WebSocket doors make. Every
 refusal is a :class:`Refusal` carrying the HTTP status, a machine code and a safe human text.
+
+Ownership, per-user connection caps and per-user rates live in the state backend chosen by
+``STATE_BACKEND``: in this process (``memory``) or in Redis, shared by every replica
+(``redis``). When Redis does not answer, the trade-off is: nothing new is admitted that would
+need it (handshakes and session routes get 503 / close 1013, "shared state (Redis)
+unavailable"), while traffic already admitted keeps flowing and its rate checks fail open, so
+an outage of the shared state never breaks a running session.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
+import trio
 
 from .auth import (
     AuthError,
@@ -25,15 +34,30 @@ from .auth import (
     httpx_jwks_fetcher,
     www_authenticate,
 )
-from .limits import ConnectionCounter, OriginPolicy, RateLimiter, parse_origin_list
+from .limits import OriginPolicy, parse_origin_list
 from .observability import Metrics
 from .ownership import MemoryOwnershipStore, OwnershipRefused, OwnershipStore
 from .settings import Settings
+from .state import (
+    STATE_UNAVAILABLE,
+    ConnectionLimiter,
+    MemoryConnectionLimiter,
+    MemoryRateLimiter,
+    RateLimit,
+    StateUnavailable,
+)
+
+if TYPE_CHECKING:
+    from .redis_state import RedisState
+    from .redis_stores import RedisConnectionLimiter
 
 logger = logging.getLogger("trio_gateway.security")
 
 VERIFIED_TOKEN_CACHE_SIZE = 10_000
 VERIFIED_TOKEN_TTL = 60.0  # seconds
+# Bound on giving a connection back to the shared state from a finally block (shielded, so it
+# must end on its own when Redis does not answer; the entry then lapses with its lease).
+RELEASE_TIMEOUT = 2.0
 
 # Used when GATEWAY__USE_JWT_AUTH=false: everyone is this one user, with every scope.
 ANONYMOUS = Identity(sub="anonymous", scopes=frozenset({"*"}), expires_at=float("inf"))
@@ -74,18 +98,95 @@ class Security:
             max_lifetime=settings.jwt_max_lifetime,
         )
         self.jwks: JWKSCache | None = None
-        self.ownership: OwnershipStore = MemoryOwnershipStore()
         self.origins = OriginPolicy(parse_origin_list(settings.allowed_origins))
-        self.connections = ConnectionCounter(
-            settings.max_connections_per_user, settings.max_connections
-        )
-        self.ws_rate = RateLimiter(settings.ws_messages_per_second, settings.ws_message_burst)
-        self.rest_rate = RateLimiter(settings.rest_requests_per_second, settings.rest_request_burst)
+        #: The shared Redis (STATE_BACKEND=redis), else None. Started by :meth:`run_state`.
+        self.redis: RedisState | None = None
+        self._redis_connections: RedisConnectionLimiter | None = None
+        self.ownership: OwnershipStore
+        self.connections: ConnectionLimiter
+        self.ws_rate: RateLimit
+        self.rest_rate: RateLimit
+        if settings.state_backend == "redis":
+            self._use_redis(settings, metrics)
+        else:
+            self.ownership = MemoryOwnershipStore()
+            self.connections = MemoryConnectionLimiter(
+                settings.max_connections_per_user, settings.max_connections
+            )
+            self.ws_rate = MemoryRateLimiter(
+                settings.ws_messages_per_second, settings.ws_message_burst
+            )
+            self.rest_rate = MemoryRateLimiter(
+                settings.rest_requests_per_second, settings.rest_request_burst
+            )
+            metrics.state_backend_up.set(1)
         self._internal_key = settings.internal_api_key.get_secret_value().encode()
         # Recently verified tokens: an IDE sends the same token with every request, and a
         # signature check costs ~0.2 ms. Bounded in size, and in age so that a key withdrawn
         # from the JWKS stops working within VERIFIED_TOKEN_TTL even for cached tokens.
         self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+
+    def _use_redis(self, settings: Settings, metrics: Metrics) -> None:
+        # Imported here so that a memory-only deployment never loads the Redis client.
+        from .redis_state import RedisState
+        from .redis_stores import RedisConnectionLimiter, RedisOwnershipStore, RedisRateLimiter
+
+        redis = self.redis = RedisState(settings)
+        self.ownership = RedisOwnershipStore(redis)
+        self.connections = self._redis_connections = RedisConnectionLimiter(
+            redis,
+            settings.max_connections_per_user,
+            settings.max_connections,
+            settings.session_lease_seconds,
+        )
+        self.ws_rate = RedisRateLimiter(
+            redis, "ws", settings.ws_messages_per_second, settings.ws_message_burst
+        )
+        self.rest_rate = RedisRateLimiter(
+            redis, "rest", settings.rest_requests_per_second, settings.rest_request_burst
+        )
+        metrics.state_backend_up.set_function(lambda: 1.0 if redis.available else 0.0)
+
+    async def run_state(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the state backend's background work until cancelled (Redis: the client, its
+        health probe, the renewal of this replica's connection entries). Reports started once
+        Redis was probed (up or down); with the memory backend there is nothing to run."""
+        if self.redis is None or self._redis_connections is None:
+            task_status.started()
+            return
+        redis, connections = self.redis, self._redis_connections
+        # The client must outlive the limiter's cleanup on shutdown (it removes this replica's
+        # connection entries): shielded from the cancellation that stops us, and cancelled
+        # explicitly once the limiter is done.
+        client_scope = trio.CancelScope(shield=True)
+
+        async def run_client(task_status: trio.TaskStatus[None]) -> None:
+            with client_scope:
+                await redis.run(task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_client)
+            try:
+                await connections.run(task_status=task_status)
+            finally:
+                client_scope.cancel()
+
+    @property
+    def state_available(self) -> bool:
+        """The state backend answers (always True for memory)."""
+        return self.redis is None or self.redis.available
+
+    def require_state(self) -> None:
+        """503 ``state_unavailable`` while the state backend is known to be down (for work
+        that will need it later, refused before anything is done)."""
+        if not self.state_available:
+            raise self._state_refusal("required")
+
+    def _state_refusal(self, operation: str) -> Refusal:
+        self.metrics.state_backend_failures.labels(operation).inc()
+        return Refusal(503, "state_unavailable", STATE_UNAVAILABLE, retry_after=5)
 
     def _remember(self, token: str, identity: Identity) -> None:
         self._verified[token] = (identity, time.monotonic())
@@ -197,17 +298,26 @@ class Security:
     # --- sessions --------------------------------------------------------------------------
 
     async def check_owner(self, session_id: str, identity: Identity) -> bool:
-        """403 if another user owns the session; True when it is unowned (claim it later)."""
-        owner = await self.ownership.owner(session_id)
+        """403 if another user owns the session; True when it is unowned (claim it later).
+
+        503 when the state backend cannot say (fail closed: ownership guards other users' data).
+        """
+        try:
+            owner = await self.ownership.owner(session_id)
+        except StateUnavailable:
+            raise self._state_refusal("owner") from None
         if owner is not None and owner != identity.sub:
             self._refuse_not_owner()
         return owner is None
 
     async def claim_session(self, session_id: str, identity: Identity) -> None:
         """Record ``identity`` as the owner of an unowned session; 403 if someone else owns it,
-        503/429 when the ownership store or the user's share of it is full."""
+        503/429 when the ownership store or the user's share of it is full, 503 when the state
+        backend does not answer."""
         try:
             owner = await self.ownership.claim(session_id, identity.sub)
+        except StateUnavailable:
+            raise self._state_refusal("claim") from None
         except OwnershipRefused as refused:
             self.metrics.limit_hits.labels(f"ownership_{refused.reason}").inc()
             if refused.reason == "user_limit":
@@ -220,6 +330,46 @@ class Security:
         if owner != identity.sub:
             self._refuse_not_owner()
 
+    async def owned_sessions(self, identity: Identity) -> frozenset[str]:
+        """The sessions ``identity`` owns; 503 when the state backend cannot say."""
+        try:
+            return await self.ownership.sessions_of(identity.sub)
+        except StateUnavailable:
+            raise self._state_refusal("sessions_of") from None
+
+    # --- connections -----------------------------------------------------------------------
+
+    async def acquire_connection(self, identity: Identity) -> None:
+        """Count one more open WebSocket of ``identity``, or raise :class:`Refusal`: 429 at
+        the per-user cap (across replicas with Redis), 503 when this process is full or the
+        state backend does not answer. Pair every success with :meth:`release_connection`."""
+        try:
+            refused = await self.connections.try_acquire(identity.sub)
+        except StateUnavailable:
+            raise self._state_refusal("connections") from None
+        if refused is None:
+            return
+        self.metrics.limit_hits.labels(f"connections_{refused}").inc()
+        if refused == "per_user":
+            raise Refusal(
+                429,
+                "too_many_connections",
+                "Too many open connections for this user",
+                retry_after=5,
+            )
+        raise Refusal(503, "unavailable", "too many open connections", retry_after=5)
+
+    async def release_connection(self, identity: Identity) -> None:
+        """Give back a connection granted by :meth:`acquire_connection`.
+
+        Safe in a ``finally`` of a cancelled task: shielded, and bounded by RELEASE_TIMEOUT
+        so that an unresponsive Redis cannot hold the task (the shared entry then lapses with
+        its lease; the local count is always given back at once).
+        """
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(RELEASE_TIMEOUT):
+                await self.connections.release(identity.sub)
+
     def _refuse_not_owner(self) -> None:
         self.metrics.auth_failures.labels("not_owner").inc()
         logger.warning(
@@ -230,18 +380,35 @@ class Security:
 
     # --- rates -----------------------------------------------------------------------------
 
-    def check_rest_rate(self, identity: Identity) -> None:
-        """429 with Retry-After when the caller exceeds its REST rate."""
-        allowed, retry_after = self.rest_rate.check(identity.sub, time.monotonic())
+    async def check_rest_rate(self, identity: Identity) -> None:
+        """429 with Retry-After when the caller exceeds its REST rate.
+
+        Fails open when the state backend does not answer: the caller is authenticated, and
+        refusing every request during a Redis outage would turn it into a full outage. Routes
+        that need ownership still answer 503 (see :meth:`check_owner`).
+        """
+        try:
+            allowed, retry_after = await self.rest_rate.check(identity.sub)
+        except StateUnavailable:
+            self.metrics.state_backend_failures.labels("rest_rate_fail_open").inc()
+            return
         if not allowed:
             self.metrics.limit_hits.labels("rest_rate").inc()
             raise Refusal(
                 429, "rate_limited", "Too many requests; slow down", retry_after=retry_after
             )
 
-    def check_message_rate(self, identity: Identity) -> bool:
-        """Whether one more inbound WebSocket message is within the caller's rate."""
-        allowed, _ = self.ws_rate.check(identity.sub, time.monotonic())
+    async def check_message_rate(self, identity: Identity) -> bool:
+        """Whether one more inbound WebSocket message is within the caller's rate.
+
+        True when the state backend does not answer (fail open): the socket was admitted while
+        the state answered, and a Redis outage must not stall sessions that are already live.
+        """
+        try:
+            allowed, _ = await self.ws_rate.check(identity.sub)
+        except StateUnavailable:
+            self.metrics.state_backend_failures.labels("ws_rate_fail_open").inc()
+            return True
         if not allowed:
             self.metrics.limit_hits.labels("ws_message_rate").inc()
         return allowed

@@ -26,13 +26,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import trio
 
 from .auth import Identity
-from .cluster import Cluster, ClusterUnavailable
 from .observability import Metrics, frame_type_label, session_id_var, user_var
 from .outbound import Frame, OutboundQueue
 from .protocol import (
@@ -52,8 +51,12 @@ from .replay import ReplayBuffer, ReplayGap
 from .runtime_client import RuntimeClient, RuntimeFailure
 from .security import Refusal, Security
 from .settings import Settings
+from .state import StateUnavailable
 from .transport import ConnectionClosed, WebSocketConnection
 from .turn_queue import TurnQueue
+
+if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
+    from .cluster import Cluster
 
 logger = logging.getLogger("trio_gateway.session")
 
@@ -151,6 +154,7 @@ class Session:
         self.following = False  # another replica runs the session; we relay its stream
         self.handoff = False  # our client moved to another replica: finish, then let go
         self._to_publish: list[tuple[int, str]] = []
+        self._publish_failing = False
         self._publish_ready = trio.lowlevel.ParkingLot()
         self.connection: Connection | None = None
         self.scope = trio.CancelScope()
@@ -253,7 +257,7 @@ class Session:
         try:
             base = await cluster.last_seq(self.id)
             got = await cluster.acquire_lease(self.id)
-        except ClusterUnavailable as error:
+        except StateUnavailable as error:
             logger.warning("shared state unavailable for a new session: %s", error)
             self.cluster_failed = True
             self.cluster_ready.set()
@@ -273,7 +277,7 @@ class Session:
             await trio.sleep(interval)
             try:
                 still_ours = await cluster.renew_lease(self.id)
-            except ClusterUnavailable:
+            except StateUnavailable:
                 continue  # Redis down: the running turn finishes (docs/scaling.md)
             if not still_ours:
                 logger.error("lost the session lease to another replica; ending the session")
@@ -295,13 +299,13 @@ class Session:
                     continue
                 if await cluster.acquire_lease(self.id):
                     break
-            except ClusterUnavailable:
+            except StateUnavailable:
                 await trio.sleep(0.5)
         # The previous holder flushed everything before letting go: take the tail, then run.
         while True:
             try:
                 frames = await cluster.read_after(self.id, cursor, 512)
-            except ClusterUnavailable:
+            except StateUnavailable:
                 frames = []
             if not frames:
                 break
@@ -323,7 +327,7 @@ class Session:
         # turn, the replica that ran it died: that turn is lost, and the client is told so.
         tail: list[tuple[int, str]] = []
         if last_seq:
-            with contextlib.suppress(ClusterUnavailable):
+            with contextlib.suppress(StateUnavailable):
                 tail = await cluster.read_after(self.id, last_seq - 1, 1)
         if tail and tail[0][0] == last_seq and _mid_turn(tail[0][1]):
             logger.warning("the replica running this session's turn is gone; the turn is lost")
@@ -353,9 +357,13 @@ class Session:
         batch, self._to_publish = self._to_publish, []
         try:
             await cluster.append(self.id, batch)
-        except ClusterUnavailable as error:
+        except StateUnavailable as error:
             self.manager.metrics.limit_hits.labels("stream_append_failed").inc()
-            logger.warning("%d frame(s) not appended to the shared stream: %s", len(batch), error)
+            if not self._publish_failing:  # once per outage, not once per batch
+                self._publish_failing = True
+                logger.warning("frames not appended to the shared stream: %s", error)
+        else:
+            self._publish_failing = False
 
     async def _pump(self) -> None:
         # While our client is on another replica, number and publish what the turn produces
@@ -386,7 +394,7 @@ class Session:
             if self._to_publish:
                 await self._publish_batch(cluster)
             if self.holds_lease:
-                with contextlib.suppress(ClusterUnavailable):  # else it expires by itself
+                with contextlib.suppress(StateUnavailable):  # else it expires by itself
                     await cluster.release_lease(self.id)
 
     async def _grace_timer(self) -> None:
@@ -801,7 +809,7 @@ class SessionManager:
             return False
         try:
             await self.cluster.announce_connection(session.id)
-        except ClusterUnavailable as error:
+        except StateUnavailable as error:
             logger.warning("cannot announce a connection: %s", error)
             return False
         return True
@@ -884,7 +892,7 @@ class SessionManager:
                     session, connection, data
                 ):
                     continue
-                if not self._within_rate(session, connection):
+                if not await self._within_rate(session, connection):
                     if connection.closing:
                         return
                     continue
@@ -917,10 +925,10 @@ class SessionManager:
             connection.shut(connection.close_code)
             nursery_scope.cancel()
 
-    def _within_rate(self, session: Session, connection: Connection) -> bool:
+    async def _within_rate(self, session: Session, connection: Connection) -> bool:
         # Per-user token bucket on inbound messages: a refused message gets a rate_limited
         # frame; a client that keeps going past a burst's worth of refusals is closed (4429).
-        if self.security.check_message_rate(connection.identity):
+        if await self.security.check_message_rate(connection.identity):
             connection.rate_refusals = 0
             return True
         connection.rate_refusals += 1
@@ -1188,7 +1196,7 @@ class SessionManager:
                 return gap
             need = local.first_seq - 1  # what the local buffer cannot give
             older = await session.cluster.read_after(session.id, last_seq, need - last_seq)
-        except ClusterUnavailable:
+        except StateUnavailable:
             return gap
         if [seq for seq, _ in older] != list(range(last_seq + 1, need + 1)):
             return gap  # trimmed or expired there too: never a partial replay

@@ -296,6 +296,15 @@ class Settings(BaseSettings):
         max_length=64,
         description="Prefix of every Redis key, so several deployments can share one Redis.",
     )
+    redis_timeout: float = Field(
+        0.5,
+        gt=0,
+        le=30,
+        description=(
+            "STATE_BACKEND=redis: seconds one Redis call may take; slower counts as Redis being "
+            "unavailable (new sessions get 503, admitted traffic continues)."
+        ),
+    )
     session_lease_seconds: float = Field(
         15.0,
         gt=0,

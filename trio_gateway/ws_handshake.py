@@ -168,36 +168,34 @@ async def _serve(
     accepted: bool,
 ) -> None:
     security = gateway.security
-    refused = security.connections.try_acquire(identity.sub)
-    refusal: Refusal | None = None
-    if refused is None:
-        try:
-            await security.claim_session(session_id, identity)
-        except Refusal as claim_refused:
-            security.connections.release(identity.sub)
-            refusal = claim_refused
-    if refused is not None or refusal is not None:
-        if refusal is None:
-            gateway.metrics.limit_hits.labels(f"connections_{refused}").inc()
-            refusal = (
-                Refusal(
-                    429,
-                    "too_many_connections",
-                    "Too many open connections for this user",
-                    retry_after=5,
-                )
-                if refused == "per_user"
-                else Refusal(503, "unavailable", "too many open connections", retry_after=5)
-            )
-        if accepted:
-            code = _CLOSE_FOR_STATUS.get(refusal.status, CloseCode.POLICY_VIOLATION)
-            await ws.finish(code, gateway.settings.ws_close_timeout, refusal.description)
-        else:
-            gateway.metrics.handshakes_refused.labels(str(refusal.status)).inc()
-            await reject(ws, refusal)
+    # Count the connection first, claim second: a handshake refused by the cap never claims
+    # (squats) the session id.
+    try:
+        await security.acquire_connection(identity)
+    except Refusal as refusal:
+        await _refuse(gateway, ws, refusal, accepted=accepted)
         return
     try:
+        try:
+            await security.claim_session(session_id, identity)
+        except Refusal as refusal:
+            await _refuse(gateway, ws, refusal, accepted=accepted)
+            return
         assert gateway.sessions is not None
         await gateway.sessions.serve_connection(ws, session_id, identity, accepted=accepted)
     finally:
-        security.connections.release(identity.sub)
+        # Also when the claim (a Redis call) or the session is cancelled: the release is
+        # shielded and bounded inside.
+        await security.release_connection(identity)
+
+
+async def _refuse(
+    gateway: Gateway, ws: WebSocketConnection, refusal: Refusal, *, accepted: bool
+) -> None:
+    """Refuse after authentication: an HTTP answer before the accept, a close code after."""
+    if accepted:
+        code = _CLOSE_FOR_STATUS.get(refusal.status, CloseCode.POLICY_VIOLATION)
+        await ws.finish(code, gateway.settings.ws_close_timeout, refusal.description)
+    else:
+        gateway.metrics.handshakes_refused.labels(str(refusal.status)).inc()
+        await reject(ws, refusal)
