@@ -508,3 +508,13 @@ async def test_a_client_that_vanishes(
         assert runtime.active_streams == 0
         assert runtime.cancelled_streams == cancelled_before + (1 if mid_turn else 0)
         await next_session_works(gw, "bench 2")
+
+
+def test_listen_backlogs_are_sized_for_a_reconnect_storm() -> None:
+    """Regression (found by bench/load.py): hypercorn's default backlog of 100 made 600
+    concurrent turns get connections reset by the demo runtime, and 2000 fail every turn
+    with runtime_stream_broken; clients connecting at once waited out SYN retransmits."""
+    from trio_gateway.server import LISTEN_BACKLOG, build_hypercorn_config
+
+    assert build_hypercorn_config(gateway_settings("http://127.0.0.1:1")).backlog == LISTEN_BACKLOG
+    assert LISTEN_BACKLOG >= 2048
