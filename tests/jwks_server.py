@@ -60,10 +60,16 @@ class JWKSServer:
         """Answer normally again."""
         self.status = 200
 
-    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until :meth:`stop`; reports the JWKS URL through ``task_status``."""
+    async def serve(
+        self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED, port: int = 0
+    ) -> None:
+        """Serve until :meth:`stop`; reports the JWKS URL through ``task_status``.
+
+        ``port`` 0 lets the OS choose; a fixed port lets a test stop the server (connections
+        refused) and bring it back at the same address.
+        """
         config = HypercornConfig()
-        config.bind = ["127.0.0.1:0"]
+        config.bind = [f"127.0.0.1:{port}"]
         config.accesslog = None
         # A delayed request is released by stop(); nothing else should hold the shutdown up.
         config.graceful_timeout = 1.0

@@ -39,6 +39,9 @@ class Script:
     ending: str = "end"  # "end" | "die" | "hang"
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
+    # Sent verbatim instead of a status line, headers and chunked body (then the socket is
+    # closed): for answers that are not HTTP at all or break the chunked framing.
+    raw: bytes | None = None
 
 
 class ScriptedRuntime:
@@ -118,6 +121,9 @@ class ScriptedRuntime:
             await stream.aclose()
 
     async def _answer(self, stream: trio.SocketStream, script: Script) -> None:
+        if script.raw is not None:
+            await stream.send_all(script.raw)
+            return
         reason = {200: "OK"}.get(script.status, "Error")
         extra = "".join(f"{name}: {value}\r\n" for name, value in script.headers.items())
         head = (

@@ -126,3 +126,20 @@ async def test_every_log_line_of_a_session_is_json_with_the_expected_keys(
     assert any(e["path"] == "/api/v1/agents" and e["request_id"] == "req-42" for e in access)
     # frame payloads never reach the logs at INFO
     assert "secret words here" not in json_logs.getvalue()
+
+
+async def test_metrics_count_live_trio_tasks_so_a_soak_can_see_leaks(
+    gateway: RunningGateway,
+) -> None:
+    async def tasks() -> float:
+        async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+            text = (await http.get("/metrics")).text
+        line = next(x for x in text.splitlines() if x.startswith("gateway_trio_tasks "))
+        return float(line.split()[1])
+
+    idle = await tasks()
+    assert idle > 0
+    async with gateway.connect("counted") as client:
+        await client.send({"type": "user_message", "content": "bench 2"})
+        await client.turn()
+        assert await tasks() > idle  # the session's and the connection's tasks

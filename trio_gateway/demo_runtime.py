@@ -1148,6 +1148,9 @@ async def serve_demo_runtime(
     # IPv6 literals need brackets in a bind string.
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
+    # The gateway opens one connection per turn: thousands of turns starting together would
+    # overflow hypercorn's default backlog of 100 (connections reset, SYNs retransmitted).
+    config.backlog = 4096
     # The logger object itself: a "-" target would install hypercorn's own stderr handler on
     # the shared "hypercorn.error" logger, doubling every line in the demo process.
     config.errorlog = logging.getLogger("hypercorn.error")

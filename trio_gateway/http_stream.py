@@ -87,7 +87,14 @@ class StreamingResponse:
         while True:
             pieces: list[bytes] = []
             while True:
-                event = _next_event(connection)
+                try:
+                    event = _next_event(connection)
+                except StreamBroken:
+                    # Broken framing after good data in the same network read: deliver the
+                    # good part first (the relay forwards complete events), then fail.
+                    if pieces:
+                        yield b"".join(pieces)
+                    raise
                 if isinstance(event, h11.Data):
                     pieces.append(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):

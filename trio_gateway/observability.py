@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import IO, Any, Literal
 
 import orjson
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -163,6 +164,22 @@ def frame_type_label(frame_type: object) -> str:
     )
 
 
+def count_trio_tasks() -> int:
+    """Live tasks of the running trio loop (0 outside one)."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return 0
+    count = 0
+    stack = [root] if root is not None else []
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
 class Metrics:
     """Every Prometheus metric of one app, in the app's own registry."""
 
@@ -274,6 +291,12 @@ class Metrics:
         self.jwks_fetch_failures = Gauge(
             "gateway_jwks_fetch_failures", "JWKS fetches that failed since start.", registry=r
         )
+        # Leak detection from outside (bench/soak.py): after load stops, this must return to
+        # what it was before. Counted at scrape time only.
+        self.trio_tasks = Gauge(
+            "gateway_trio_tasks", "Live trio tasks in this process.", registry=r
+        )
+        self.trio_tasks.set_function(count_trio_tasks)
         self.coalesced_chunks = Counter(
             "gateway_coalesced_chunks",
             "Runtime chunks merged into a preceding frame for a client that fell behind.",

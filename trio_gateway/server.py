@@ -22,6 +22,12 @@ from .settings import Settings
 
 logger = logging.getLogger("trio_gateway.server")
 
+# hypercorn's default listen backlog (100) overflows when hundreds of clients connect at once
+# (after a drain's 1012 every IDE reconnects): dropped SYNs cost each of them 1-3 s of TCP
+# retransmission, and an overflowing accept queue resets connections. The kernel caps it at
+# net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 def build_hypercorn_config(
     settings: Settings, host: str | None = None, port: int | None = None
@@ -48,6 +54,7 @@ def build_hypercorn_config(
     # ASGI events hypercorn buffers per connection before it stops reading the socket: with
     # the session reader consuming as it goes, this is the whole inbound buffer.
     config.max_app_queue_size = 8
+    config.backlog = LISTEN_BACKLOG
     return config
 
 

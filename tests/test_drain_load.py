@@ -1,0 +1,36 @@
+"""SIGTERM to a real ``trio-gateway serve`` with many sessions mid-turn (issue "Ship it").
+
+The gateway and the demo runtime run as child processes (``bench/fleet.py``); the run itself is
+``bench/drain.py``'s, so the test and the benchmark prove the same thing. Every client gets
+1012, the short turns finish first, the process exits 0 after about the drain timeout, and the
+runtime has no stream left open.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.drain import DrainConfig, drain_settings, run_drain
+from bench.fleet import running_fleet
+
+
+async def drain_and_check(cfg: DrainConfig) -> None:
+    with running_fleet(drain_settings(cfg)) as services:
+        result = await run_drain(services, cfg)
+    print(result.render())
+    assert result.got_1012 == cfg.sessions, result.close_codes
+    assert result.short_finished == result.short_turns > 0
+    assert result.exit_status == 0
+    assert result.runtime_after["active"] == 0
+    # every long turn was cancelled at the runtime, every short one completed there
+    assert result.runtime_after["cancelled"] == result.long_turns
+    assert result.runtime_after["completed"] == result.short_turns
+
+
+async def test_sigterm_with_100_sessions_mid_turn() -> None:
+    await drain_and_check(DrainConfig(sessions=100, drain_timeout=3.0))
+
+
+@pytest.mark.slow
+async def test_sigterm_with_500_sessions_mid_turn() -> None:
+    await drain_and_check(DrainConfig(sessions=500, drain_timeout=8.0))
