@@ -1,0 +1,50 @@
+"""Regressions found by the hostile-input fuzzer (tests/test_fuzz.py), one test each."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
+
+from .conftest import RunningGateway
+
+
+def nested_user_message(depth: int) -> str:
+    """A user_message whose ``metadata`` nests ``depth`` arrays (the frame itself is 1 level)."""
+    return (
+        '{"type":"user_message","content":"deep","metadata":'
+        + "[" * depth
+        + "1"
+        + "]" * depth
+        + "}"
+    )
+
+
+def test_frames_nested_up_to_the_limit_are_accepted_and_can_be_forwarded() -> None:
+    text = nested_user_message(MAX_FRAME_DEPTH - 1)
+    frame = parse_client_frame(text)
+    # What runtime_client does with it: wrap it one level deeper and write it again.
+    orjson.dumps({"session_id": "s", "message": frame})
+
+
+@pytest.mark.parametrize("depth", [MAX_FRAME_DEPTH, 300, 1000])
+def test_deeper_frames_are_refused_as_invalid_message(depth: int) -> None:
+    with pytest.raises(FrameError) as refused:
+        parse_client_frame(nested_user_message(depth))
+    assert refused.value.code is ErrorCode.INVALID_MESSAGE
+    assert "nested too deeply" in refused.value.message
+
+
+async def test_a_deep_frame_gets_one_error_frame_not_an_internal_error(
+    gateway: RunningGateway,
+) -> None:
+    """Before the fix: parsed (orjson reads 1024 levels), then the turn failed writing it to
+    the runtime (orjson writes 254) and the client got internal_error."""
+    async with gateway.connect("deep-frame") as client:
+        await client.send(nested_user_message(300))
+        error = await client.recv()
+        assert error["code"] == "invalid_message" and error["is_final"] is False
+        await client.send({"type": "user_message", "content": "bench 2"})
+        frames = await client.turn()
+        assert "".join(f.get("token", "") for f in frames) == "t0 t1 "
