@@ -7,7 +7,8 @@ import pytest
 
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
 
-from .conftest import RunningGateway
+from .conftest import RunningGateway, port_of
+from .fuzzing import raw_request
 
 
 def nested_user_message(depth: int) -> str:
@@ -48,3 +49,27 @@ async def test_a_deep_frame_gets_one_error_frame_not_an_internal_error(
         await client.send({"type": "user_message", "content": "bench 2"})
         frames = await client.turn()
         assert "".join(f.get("token", "") for f in frames) == "t0 t1 "
+
+
+@pytest.mark.parametrize("path", ["/health", "/api/v1/agents", "/no-such-route"])
+@pytest.mark.parametrize("host", ["x" * 64, "a." + "b" * 300, "\u00ff" * 70])
+async def test_a_host_header_werkzeug_cannot_encode_gets_400_not_500(
+    gateway: RunningGateway, path: str, host: str
+) -> None:
+    """Before the fix: Werkzeug's IDNA encoding of the Host header failed while Quart built
+    the request context, outside its error handling, and hypercorn answered 500."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("latin-1")
+    answer = await raw_request(port_of(gateway.base_url), request)
+    assert answer.status == 400, answer.head
+
+
+async def test_a_websocket_to_another_path_with_a_bad_host_gets_400(
+    gateway: RunningGateway,
+) -> None:
+    request = (
+        "GET /not-a-session HTTP/1.1\r\nHost: " + "x" * 64 + "\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    answer = await raw_request(port_of(gateway.base_url), request)
+    assert answer.status == 400, answer.head
