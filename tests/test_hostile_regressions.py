@@ -73,3 +73,11 @@ async def test_a_websocket_to_another_path_with_a_bad_host_gets_400(
     ).encode()
     answer = await raw_request(port_of(gateway.base_url), request)
     assert answer.status == 400, answer.head
+
+
+async def test_a_non_ascii_header_is_forwarded_not_a_500(gateway: RunningGateway) -> None:
+    """Before the fix: httpx encodes str header values as ASCII, so a header with any octet
+    over 0x7f made every proxied route answer 500."""
+    request = b"GET /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Odd: \xfa\x80\xff\r\n\r\n"
+    answer = await raw_request(port_of(gateway.base_url), request)
+    assert answer.status == 200, answer.head
