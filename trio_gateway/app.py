@@ -184,8 +184,36 @@ class GatewayApp(QuartTrio):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and scope["path"].startswith(WS_PREFIX):
             await open_session_socket(self.gateway, WebSocketConnection(scope, receive, send))
+        elif scope["type"] in ("http", "websocket") and not _host_is_valid(scope):
+            await _refuse_bad_host(scope, send)
         else:
             await super().__call__(scope, receive, send)
+
+
+def _host_is_valid(scope: dict[str, Any]) -> bool:
+    """Whether Quart can route with this request's ``Host`` header.
+
+    Werkzeug encodes the host name with IDNA while Quart builds the request context, outside
+    Quart's error handling: a label over 63 octets or a character IDNA refuses raised an
+    uncaught error and the client got a 500 (found by tests/test_fuzz.py).
+    """
+    for key, value in scope.get("headers") or []:
+        if key.lower() == b"host":
+            name = value.decode("latin-1").partition(":")[0]
+            try:
+                name.encode("idna")
+            except UnicodeError:
+                return False
+    return True
+
+
+async def _refuse_bad_host(scope: dict[str, Any], send: Any) -> None:
+    """400 for a request whose Host header cannot be routed (see :func:`_host_is_valid`)."""
+    body = orjson.dumps({"error": "invalid_request", "error_description": "Malformed Host header"})
+    prefix = "websocket.http" if scope["type"] == "websocket" else "http"
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": f"{prefix}.response.start", "status": 400, "headers": headers})
+    await send({"type": f"{prefix}.response.body", "body": body})
 
 
 def create_app(settings: Settings) -> GatewayApp:

@@ -29,6 +29,11 @@ CONNECTION_FRAME_TYPES: frozenset[str] = frozenset(
     {"session_ready", "resumed", "resync_required", "heartbeat", "pong", "auth_ok"}
 )
 SESSION_ID_MAX_LENGTH = 256
+# Deepest nesting of arrays/objects accepted in a client frame. orjson reads up to 1024 levels
+# but writes at most 254, and a runtime-bound frame is written again (wrapped one level
+# deeper) on its way to the runtime: without this bound a deep but parseable frame failed its
+# turn with internal_error instead of being refused (found by tests/test_fuzz.py).
+MAX_FRAME_DEPTH = 128
 
 
 class ErrorCode(StrEnum):
@@ -172,6 +177,11 @@ def parse_client_frame(text: str) -> dict[str, Any]:
             ErrorCode.INVALID_MESSAGE,
             f"Frame must be a JSON object, got {_json_kind(value)}",
         )
+    if _depth_exceeds(value, MAX_FRAME_DEPTH):
+        raise FrameError(
+            ErrorCode.INVALID_MESSAGE,
+            f"Frame is nested too deeply (at most {MAX_FRAME_DEPTH} levels)",
+        )
     frame_type = value.get("type")
     if frame_type is None:
         raise FrameError(ErrorCode.INVALID_MESSAGE, "Frame has no 'type' field")
@@ -191,6 +201,23 @@ def parse_client_frame(text: str) -> dict[str, Any]:
             ErrorCode.INVALID_MESSAGE, summarize_validation_error(frame_type, error)
         ) from None
     return value
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """Whether arrays/objects in ``value`` nest deeper than ``limit`` (iterative: no recursion
+    on hostile input)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(
+                (child, depth + 1) for child in item.values() if isinstance(child, dict | list)
+            )
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+    return False
 
 
 def summarize_validation_error(frame_type: str, error: ValidationError) -> str:

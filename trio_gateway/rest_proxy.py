@@ -174,6 +174,20 @@ def make_http_client(settings: Settings, transport: httpx.AsyncHTTPTransport) ->
     )
 
 
+def _header_bytes(text: str) -> bytes:
+    """A header name or value as bytes for httpx, which would encode ``str`` as ASCII and fail.
+
+    Incoming header values are latin-1 decoded (ASGI), so latin-1 gives the client's bytes back
+    unchanged; a value we made from a token claim (``X-User-ID``) may need UTF-8. Before this,
+    any non-ASCII octet in a forwarded header made the proxy answer 500 (found by
+    tests/test_fuzz.py).
+    """
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
+
+
 def _json_object(content: bytes) -> dict[str, Any]:
     try:
         value = orjson.loads(content)
@@ -419,7 +433,9 @@ class RestProxy:
         outgoing = httpx.Request(
             method,
             url,
-            headers=headers,
+            headers=[
+                (_header_bytes(name), _header_bytes(value)) for name, value in headers.items()
+            ],
             content=body,
             extensions={"timeout": timeout.as_dict()},
         )

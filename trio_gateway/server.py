@@ -17,6 +17,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from . import hypercorn_patches
 from .app import GatewayApp
 from .settings import Settings
 
@@ -79,6 +80,7 @@ async def serve(
 
     ``task_status`` receives the bound addresses (bind port 0 to let the OS choose).
     """
+    hypercorn_patches.apply()  # before any connection: see hypercorn_patches.py
     config = build_hypercorn_config(settings, host, port)
     trigger = shutdown_trigger or wait_for_signal
 

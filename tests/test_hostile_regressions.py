@@ -1,0 +1,83 @@
+"""Regressions found by the hostile-input fuzzer (tests/test_fuzz.py), one test each."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
+
+from .conftest import RunningGateway, port_of
+from .fuzzing import raw_request
+
+
+def nested_user_message(depth: int) -> str:
+    """A user_message whose ``metadata`` nests ``depth`` arrays (the frame itself is 1 level)."""
+    return (
+        '{"type":"user_message","content":"deep","metadata":'
+        + "[" * depth
+        + "1"
+        + "]" * depth
+        + "}"
+    )
+
+
+def test_frames_nested_up_to_the_limit_are_accepted_and_can_be_forwarded() -> None:
+    text = nested_user_message(MAX_FRAME_DEPTH - 1)
+    frame = parse_client_frame(text)
+    # What runtime_client does with it: wrap it one level deeper and write it again.
+    orjson.dumps({"session_id": "s", "message": frame})
+
+
+@pytest.mark.parametrize("depth", [MAX_FRAME_DEPTH, 300, 1000])
+def test_deeper_frames_are_refused_as_invalid_message(depth: int) -> None:
+    with pytest.raises(FrameError) as refused:
+        parse_client_frame(nested_user_message(depth))
+    assert refused.value.code is ErrorCode.INVALID_MESSAGE
+    assert "nested too deeply" in refused.value.message
+
+
+async def test_a_deep_frame_gets_one_error_frame_not_an_internal_error(
+    gateway: RunningGateway,
+) -> None:
+    """Before the fix: parsed (orjson reads 1024 levels), then the turn failed writing it to
+    the runtime (orjson writes 254) and the client got internal_error."""
+    async with gateway.connect("deep-frame") as client:
+        await client.send(nested_user_message(300))
+        error = await client.recv()
+        assert error["code"] == "invalid_message" and error["is_final"] is False
+        await client.send({"type": "user_message", "content": "bench 2"})
+        frames = await client.turn()
+        assert "".join(f.get("token", "") for f in frames) == "t0 t1 "
+
+
+@pytest.mark.parametrize("path", ["/health", "/api/v1/agents", "/no-such-route"])
+@pytest.mark.parametrize("host", ["x" * 64, "a." + "b" * 300, "\u00ff" * 70])
+async def test_a_host_header_werkzeug_cannot_encode_gets_400_not_500(
+    gateway: RunningGateway, path: str, host: str
+) -> None:
+    """Before the fix: Werkzeug's IDNA encoding of the Host header failed while Quart built
+    the request context, outside its error handling, and hypercorn answered 500."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("latin-1")
+    answer = await raw_request(port_of(gateway.base_url), request)
+    assert answer.status == 400, answer.head
+
+
+async def test_a_websocket_to_another_path_with_a_bad_host_gets_400(
+    gateway: RunningGateway,
+) -> None:
+    request = (
+        "GET /not-a-session HTTP/1.1\r\nHost: " + "x" * 64 + "\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    answer = await raw_request(port_of(gateway.base_url), request)
+    assert answer.status == 400, answer.head
+
+
+async def test_a_non_ascii_header_is_forwarded_not_a_500(gateway: RunningGateway) -> None:
+    """Before the fix: httpx encodes str header values as ASCII, so a header with any octet
+    over 0x7f made every proxied route answer 500."""
+    request = b"GET /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Odd: \xfa\x80\xff\r\n\r\n"
+    answer = await raw_request(port_of(gateway.base_url), request)
+    assert answer.status == 200, answer.head

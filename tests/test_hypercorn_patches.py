@@ -1,0 +1,70 @@
+"""Regression: a client that makes hypercorn close its connection while something is being
+written to it must not take the whole server down (trio_gateway/hypercorn_patches.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.tcp_server import TCPServer
+
+from trio_gateway import hypercorn_patches
+
+from .conftest import RunningGateway, port_of
+from .fuzzing import OP_TEXT, FrameBatch, WireFrame, encode_frame, exchange_frames
+
+
+class BusyStream:
+    """A stream whose send-conflict detector is held by a concurrent ``send_eof``."""
+
+    async def send_all(self, data: bytes) -> None:
+        raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+
+
+class Protocol:
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    async def handle(self, event: Any) -> None:
+        self.events.append(event)
+
+
+def fake_server() -> Any:
+    return SimpleNamespace(send_lock=trio.Lock(), stream=BusyStream(), protocol=Protocol())
+
+
+async def test_unpatched_hypercorn_lets_the_error_escape() -> None:
+    """The bug itself (if hypercorn fixes it, this test tells us the patch can go)."""
+    server = fake_server()
+    with pytest.raises(trio.BusyResourceError):
+        await hypercorn_patches._original_protocol_send(server, RawData(data=b"x"))
+
+
+async def test_patched_send_treats_a_write_racing_the_close_as_closed() -> None:
+    server = fake_server()
+    await hypercorn_patches.protocol_send(server, RawData(data=b"x"))
+    assert [type(e) for e in server.protocol.events] == [Closed]
+
+
+async def test_serve_installs_the_patch(gateway: RunningGateway) -> None:
+    assert TCPServer.protocol_send is hypercorn_patches.protocol_send
+
+
+async def test_invalid_utf8_after_frames_never_stops_the_server(gateway: RunningGateway) -> None:
+    """End to end: refused frames (whose error frames are being written) then invalid UTF-8,
+    which makes hypercorn drop the connection; the server keeps accepting sessions."""
+    refused = WireFrame("text", encode_frame(OP_TEXT, b'{"type":"x"}'), text='{"type":"x"}')
+    bad = WireFrame("bad_utf8", encode_frame(OP_TEXT, b"ab\xff"), terminal=True, close=1007)
+    # 8 x 2 refused frames: within the anonymous user's message burst (30) of the default settings.
+    for index in range(8):
+        seen = await exchange_frames(
+            port_of(gateway.base_url), f"utf8-{index}", FrameBatch([refused] * 2, bad, False)
+        )
+        assert seen.close_code in (None, 1007)
+    async with gateway.connect("after-utf8") as client:
+        await client.send({"type": "user_message", "content": "bench 2"})
+        frames = await client.turn()
+        assert frames[-1]["type"] == "assistant_message"
