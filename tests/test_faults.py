@@ -202,33 +202,14 @@ RUNTIME_FAULTS: dict[str, RuntimeFault] = {
         code="runtime_timeout",
     ),
     # the response closes cleanly without a final chunk: the client still learns the turn ended
+    # a clean end of stream without any final chunk: the gateway ends the turn for the client
     "ends-without-a-final-chunk": RuntimeFault(
-        Script(body=[sse(token("a "))]), relayed="a ", code=None
+        Script(body=[sse(token("a "))]), relayed="a ", code="runtime_stream_broken"
     ),
 }
 
 
-NO_FINAL_BUG = (
-    "session.py bug (not fixed here: the session engine is being rewritten): when the runtime "
-    "closes a 200 event stream cleanly without any chunk having is_final true, "
-    "Session._run_turn counts the turn as completed but sends the v1 client nothing that ends "
-    "it (only v2 clients get turn_finished), so today's IDE and benchmark client, which wait "
-    "for is_final, wait forever. Expected: a final frame (e.g. an error frame "
-    "runtime_stream_broken 'ended without a final chunk', or a synthesized final chunk)."
-)
-
-
-def runtime_fault_cases() -> list[Any]:
-    """The table's names, the known bug marked xfail(strict)."""
-    return [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NO_FINAL_BUG))
-        if name == "ends-without-a-final-chunk"
-        else name
-        for name in RUNTIME_FAULTS
-    ]
-
-
-@pytest.mark.parametrize("name", runtime_fault_cases())
+@pytest.mark.parametrize("name", list(RUNTIME_FAULTS))
 async def test_a_misbehaving_runtime_answer(
     name: str, nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
 ) -> None:

@@ -164,6 +164,7 @@ class Session:
         self.close_after_turn: int | None = None
         self._turn_started_at = 0.0
         self._first_chunk_seen = False
+        self._final_seen = False
         self.finished = trio.Event()
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
         self._frames_ready = trio.lowlevel.ParkingLot()
@@ -521,11 +522,20 @@ class Session:
         started = trio.current_time()
         self._turn_started_at = started
         self._first_chunk_seen = False
+        self._final_seen = False
         metrics = self.manager.metrics
         with trio.CancelScope() as turn_scope:
             self.turn_scope = turn_scope
             try:
                 await runtime.stream_turn(self.id, message, self._relay)
+                if not self._final_seen:
+                    # Clients wait for a final chunk (a missing is_final counts as final for
+                    # the IDE); a stream that ended cleanly without one would leave v1
+                    # clients waiting forever.
+                    raise RuntimeFailure(
+                        ErrorCode.RUNTIME_STREAM_BROKEN,
+                        "The agent runtime ended the turn without a final message",
+                    )
             except RuntimeFailure as failure:
                 status = TurnStatus.FAILED
                 extra: dict[str, Any] = {}
@@ -589,6 +599,8 @@ class Session:
         merged_before = outbound.merged_chunks
         for chunk in chunks:
             outbound.put_chunk(chunk, per_chunk)
+            if chunk.get("is_final") is not False:
+                self._final_seen = True
             if chunk.get("requires_approval") is True and chunk.get("type") == "tool_call":
                 self._note_approval_request(chunk)
         metrics = self.manager.metrics
