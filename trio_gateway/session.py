@@ -277,7 +277,11 @@ class Session:
         while True:
             await trio.sleep(interval)
             try:
-                still_ours = await cluster.renew_lease(self.id)
+                # A lease that vanished (Redis restarted empty) is simply taken again; only
+                # one that another replica holds means this one must stop.
+                still_ours = await cluster.renew_lease(self.id) or await cluster.acquire_lease(
+                    self.id
+                )
             except StateUnavailable:
                 continue  # Redis down: the running turn finishes (docs/scaling.md)
             if not still_ours:
