@@ -14,6 +14,7 @@ from wsproto.events import (
     AcceptConnection,
     CloseConnection,
     Message,
+    Ping,
     RejectConnection,
     Request,
     TextMessage,
@@ -84,12 +85,14 @@ class RawWebSocket:
                         self.close_code = event.code
 
     async def recv_json(self, timeout: float = 10) -> dict[str, Any]:
-        """The next text message as JSON (pings are answered by nobody: keep tests short)."""
+        """The next text message as JSON; pings are answered while waiting for it."""
         with trio.fail_after(timeout):
             while True:
                 for event in self.ws.events():  # bytes that came with the handshake too
                     if isinstance(event, TextMessage):
                         self._pending.append(event.data)
+                    elif isinstance(event, Ping):  # like any real client library
+                        await self.stream.send_all(self.ws.send(event.response()))
                     elif isinstance(event, CloseConnection):
                         self.close_code = event.code
                 if self._pending:

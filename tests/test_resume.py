@@ -84,6 +84,7 @@ async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
         session_grace_seconds=10,
         resume_wait_seconds=5,
         outbound_queue_max_bytes=8 * 1024 * 1024,
+        ws_heartbeat_interval=30,  # a loaded machine must not turn a slow read into a timeout
     )
     rng = random.Random(20261127)
     turns, tokens_per_turn = 3, 6000
