@@ -143,6 +143,14 @@ def test_an_approval_is_asked_and_yes_sends_a_simulated_result() -> None:
     assert "approved write_file" in reaction.text
 
 
+def test_the_approval_question_is_asked_once_when_the_turn_then_finishes() -> None:
+    core = connected()
+    asked = approval_call(core)
+    finished = core.receive(chunk("turn_finished", 2, turn_id=1, status="completed"))
+    assert asked.count("[approve]") == 1
+    assert "[approve]" not in finished.text, "seen in the demo: the question printed twice"
+
+
 @pytest.mark.parametrize("answer", ["n", "No", ""])
 def test_no_or_just_enter_rejects_the_tool_call(answer: str) -> None:
     core = connected()

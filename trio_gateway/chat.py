@@ -233,7 +233,9 @@ class ChatCore:
 
     def _prompt_if_idle(self) -> str:
         if self.approvals:
-            return self._ask()
+            # Still on the question's line (e.g. turn_finished right after the tool_call):
+            # asking again would print the question twice.
+            return "" if self._line_open else self._ask()
         if self.busy or self.quit_when_idle:
             return ""
         return self._open(self._paint("prompt", PROMPT))
