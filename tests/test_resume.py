@@ -282,3 +282,20 @@ async def test_a_client_that_must_resync_gets_the_unanswered_approval_again(
         again = await client.ws.recv_json()
     assert resync["type"] == "resync_required"
     assert again["type"] == "tool_call" and again["call_id"] == first["call_id"]
+
+
+async def test_an_idle_sessions_replay_buffer_empties_after_the_grace_period(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    _, url = demo_runtime
+    async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=1)) as gw:
+        async with gw.connect("quiet-after-burst") as client:
+            await client.send({"type": "user_message", "content": "bench 50"})
+            await client.turn()
+            sessions = gw.app.gateway.sessions
+            assert sessions is not None
+            session = sessions.sessions["quiet-after-burst"]
+            assert len(session.replay) > 0
+            # No frame is appended any more, yet the frames age out (swept, not only on append).
+            await wait_for(lambda: len(session.replay) == 0, timeout=10)
+            assert session.replay.size == 0

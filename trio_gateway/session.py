@@ -700,8 +700,20 @@ class SessionManager:
             if self.cluster is not None:
                 await nursery.start(self.cluster.listen, self.on_takeover)
             self._nursery = nursery
+            nursery.start_soon(self._expire_replays)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _expire_replays(self) -> None:
+        # Replay buffers are trimmed when a frame is appended; a session that went quiet
+        # would keep its last burst forever. The age bound is the grace period, so a sweep
+        # every few seconds keeps idle sessions' memory at what they hold live.
+        interval = min(5.0, max(0.5, self.settings.session_grace_seconds / 4))
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for session in list(self.sessions.values()):
+                session.replay.trim(now)
 
     def on_takeover(self, session_id: str) -> None:
         """Another replica now serves this session's client: close ours with 4409 and, if we

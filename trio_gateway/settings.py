@@ -265,10 +265,13 @@ class Settings(BaseSettings):
         ),
     )
     replay_max_bytes: int = Field(
-        1024 * 1024,
+        256 * 1024,
         ge=0,
         le=1024 * 1024 * 1024,
-        description="Encoded bytes per session kept for resume; the oldest frames go first.",
+        description=(
+            "Encoded bytes per session kept for resume; the oldest frames go first. Only "
+            "sessions that sent frames within the grace period hold any."
+        ),
     )
     resume_wait_seconds: float = Field(
         2.0,
