@@ -14,6 +14,8 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import coredis
+import orjson
 import pytest
 import trio
 import trio_websocket
@@ -216,3 +218,40 @@ async def wait_until_listening(port: int, timeout: float = 20) -> None:
                 continue
             await stream.aclose()
             return
+
+
+async def test_a_gap_in_the_followed_stream_is_announced_at_once_and_a_dead_holder_detected(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+) -> None:
+    """Another replica ("ghost", only its Redis records) runs the session: the gateway follows
+    its stream, says resync_required the moment the stream skips a seq, and when the ghost's
+    lease disappears mid-turn it takes over and reports the lost turn."""
+    _, url = demo_runtime
+    settings = replica_settings(url, redis_server)
+    prefix = settings.redis_key_prefix
+    stream, lease = f"{prefix}frames:ghosted", f"{prefix}lease:ghosted"
+
+    def token(seq: int) -> dict[str, str]:
+        frame = {"type": "assistant_message", "token": f"t{seq} ", "is_final": False, "seq": seq}
+        return {"f": orjson.dumps(frame).decode()}
+
+    redis = coredis.Redis.from_url(redis_server.url(), decode_responses=True)
+    async with redis, run_gateway(nursery, settings) as gw:
+        await redis.set(lease, "ghost", px=60_000)
+        client = ResumingClient(port_of(gw.base_url), "ghosted")
+        await client.connect(resume=True)
+        assert (await client.until("resumed"))["from_seq"] == 1
+        for seq in (1, 2):
+            await redis.xadd(stream, token(seq), identifier=f"{seq}-1")
+        await client.next(), await client.next()
+        await redis.xadd(stream, token(4), identifier="4-1")  # seq 3 never made it
+        resync = await client.next()
+        after = await client.next()
+        await redis.delete([lease])  # the ghost is gone, mid-turn
+        with trio.fail_after(10):
+            broken = await client.until("error")
+        await client.ws.send_json({"type": "user_message", "content": "bench 2"})  # type: ignore[union-attr]
+        await client.until("turn_finished")
+    assert resync == {"type": "resync_required", "reason": "frames_lost"}
+    assert after["seq"] == 4 and after["token"] == "t4 "
+    assert broken["code"] == "runtime_stream_broken" and broken["is_final"] is True

@@ -66,6 +66,9 @@ MAX_PENDING_APPROVALS = 64
 MAX_REMEMBERED_ANSWERS = 1024
 PUBLISH_LINGER_SECONDS = 0.005  # batching window for appends to the shared stream
 FOLLOW_LINGER_SECONDS = 0.01  # batching window for reads of another replica's stream
+# A quiet follower tries to take the lease this often: the delay a moved session's next turn
+# may wait once the other replica has let go.
+FOLLOW_BLOCK_SECONDS = 0.1
 
 
 class Connection:
@@ -295,7 +298,7 @@ class Session:
         cursor = self.seq
         while True:
             try:
-                frames = await cluster.wait_after(self.id, cursor, 0.25)
+                frames = await cluster.wait_after(self.id, cursor, FOLLOW_BLOCK_SECONDS)
                 if frames:
                     cursor = await self._relay_stream(frames)
                     # Let the next batch build up: each XREAD costs ~1 ms of CPU in the
@@ -361,7 +364,11 @@ class Session:
     async def _publish_batch(self, cluster: Cluster) -> None:
         batch, self._to_publish = self._to_publish, []
         try:
-            await cluster.append(self.id, batch)
+            # Shielded (guard() bounds it by REDIS_TIMEOUT): a session that ends while a batch
+            # is on its way must not drop it, or the frames _let_go appends after it would
+            # leave a hole in the stream (found by bench/resume_bench.py).
+            with trio.CancelScope(shield=True):
+                await cluster.append(self.id, batch)
         except StateUnavailable as error:
             self.manager.metrics.limit_hits.labels("stream_append_failed").inc()
             if not self._publish_failing:  # once per outage, not once per batch
@@ -1136,6 +1143,13 @@ class SessionManager:
                 batch.append((0, orjson.dumps(frame).decode(), kind))
                 continue
             seq, text = session.number(frame, now)
+            if session.lost_frames and "_stream" in frame:
+                # The shared stream jumped (a failed append): say so before the next frame,
+                # never a silent gap. v1 clients cannot resync; they reload history anyway.
+                session.lost_frames = 0
+                if v2:
+                    resync = {"type": "resync_required", "reason": "frames_lost"}
+                    batch.append((0, orjson.dumps(resync).decode(), "resync_required"))
             if seq <= connection.skip_through:
                 replay.delivered(seq)  # the client has it from the other replica
                 continue
