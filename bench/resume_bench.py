@@ -1118,6 +1118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     # SIGTERM unwinds exactly like Ctrl-C, so the children are stopped by the same finally blocks.
+    # A background job of a non-interactive shell starts with SIGINT ignored, which would make
+    # both signals no-ops (and trio installs its handler only over the default one): restore it.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
     raise_fd_limit()
     try:
