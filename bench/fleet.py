@@ -205,11 +205,13 @@ class RawClient:
         self.ws = ws
 
     @classmethod
-    async def connect(cls, port: int, path: str) -> RawClient:
-        """Open ``ws://127.0.0.1:port{path}``; raises ``ConnectionError`` when refused."""
+    async def connect(cls, port: int, path: str, subprotocols: Sequence[str] = ()) -> RawClient:
+        """Open ``ws://127.0.0.1:port{path}`` (offering ``subprotocols``, e.g. ``codelab.v2``);
+        raises ``ConnectionError`` when refused."""
         stream = await trio.open_tcp_stream(HOST, port)
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host=f"{HOST}:{port}", target=path)))
+        request = Request(host=f"{HOST}:{port}", target=path, subprotocols=list(subprotocols))
+        await stream.send_all(ws.send(request))
         while True:
             data = await stream.receive_some(65536)
             if not data:

@@ -1,0 +1,84 @@
+"""Resume benchmark, smoke version (the real one is ``python bench/resume_bench.py``): the
+script runs end to end with tiny sizes as a child process (its own runtime, gateways and
+redis-server), prints its three tables, and every resume it measured was exact.
+
+Figures are printed, never asserted: on shared machines they say nothing in a few seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bench import resume_bench
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is not installed"
+)
+
+ITERATIONS = 3
+TINY = [
+    "--quick",
+    "--iterations", str(ITERATIONS),
+    "--paced-tokens", "300",  # 1 s turns at 300 tokens/s
+    "--unpaced-tokens", "1000",
+    "--sessions", "4",
+    "--tokens", "200",
+    "--paced-sessions", "4",
+    "--paced-duration", "0.5",
+]  # fmt: skip
+
+# A known gateway bug (reported with the bench results, bench/RESUME_RESULTS.md): when the
+# replica running a handed-off turn ends the session while its publisher is appending a batch
+# to the Redis stream, that batch is lost, and the follower relays the jump to its live client
+# without resync_required. Its signature here: a seq gap, never a resync. Anything else fails.
+KNOWN_CROSS_REPLICA_GAP = "seq "
+
+
+def failing(phase: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples of a resume phase that were not exact."""
+    return [
+        sample
+        for variant in phase["variants"]
+        for sample in variant["samples"]
+        if sample["problems"] or sample["resyncs"]
+    ]
+
+
+def test_the_resume_bench_runs_and_every_resume_is_exact(tmp_path: Path) -> None:
+    figures = tmp_path / "figures.json"
+    command = [sys.executable, resume_bench.__file__, *TINY, "--json", str(figures)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=100, cwd=tmp_path, check=False
+    )
+    print(done.stdout)
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: an exactness failure, below
+    assert figures.exists(), done.stderr[-3000:]
+    for title in (
+        "1. Resume on the same replica",
+        "2. Resume on the other replica",
+        "3. Throughput cost of the Redis backend",
+        "exactness failures:",
+    ):
+        assert title in done.stdout
+    data = orjson.loads(figures.read_bytes())
+    for name in ("single", "replicas"):
+        for variant in data[name]["variants"]:
+            assert len(variant["samples"]) == ITERATIONS
+    assert failing(data["single"]) == [], "one replica: every resume exact"
+    cross = failing(data["replicas"])
+    if cross and all(
+        not sample["resyncs"]
+        and any(problem.startswith(KNOWN_CROSS_REPLICA_GAP) for problem in sample["problems"])
+        for sample in cross
+    ):
+        pytest.xfail(f"known cross-replica gap at the end of a handed-off turn: {cross}")
+    assert cross == [], "across replicas: every resume exact"
+    assert done.returncode == 0
+    assert "exactness failures: 0 (PASS" in done.stdout
