@@ -34,12 +34,6 @@ TINY = [
     "--paced-duration", "0.5",
 ]  # fmt: skip
 
-# A known gateway bug (reported with the bench results, bench/RESUME_RESULTS.md): when the
-# replica running a handed-off turn ends the session while its publisher is appending a batch
-# to the Redis stream, that batch is lost, and the follower relays the jump to its live client
-# without resync_required. Its signature here: a seq gap, never a resync. Anything else fails.
-KNOWN_CROSS_REPLICA_GAP = "seq "
-
 
 def failing(phase: dict[str, Any]) -> list[dict[str, Any]]:
     """The samples of a resume phase that were not exact."""
@@ -73,12 +67,6 @@ def test_the_resume_bench_runs_and_every_resume_is_exact(tmp_path: Path) -> None
             assert len(variant["samples"]) == ITERATIONS
     assert failing(data["single"]) == [], "one replica: every resume exact"
     cross = failing(data["replicas"])
-    if cross and all(
-        not sample["resyncs"]
-        and any(problem.startswith(KNOWN_CROSS_REPLICA_GAP) for problem in sample["problems"])
-        for sample in cross
-    ):
-        pytest.xfail(f"known cross-replica gap at the end of a handed-off turn: {cross}")
     assert cross == [], "across replicas: every resume exact"
     assert done.returncode == 0
     assert "exactness failures: 0 (PASS" in done.stdout
