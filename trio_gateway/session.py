@@ -64,7 +64,6 @@ logger = logging.getLogger("trio_gateway.session")
 # call ids remembered to refuse a second answer. Old entries go first.
 MAX_PENDING_APPROVALS = 64
 MAX_REMEMBERED_ANSWERS = 1024
-PUBLISH_LINGER_SECONDS = 0.005  # batching window for appends to the shared stream
 FOLLOW_LINGER_SECONDS = 0.01  # batching window for reads of another replica's stream
 # A quiet follower tries to take the lease this often: the delay a moved session's next turn
 # may wait once the other replica has let go.
@@ -156,9 +155,6 @@ class Session:
         self.cluster_failed = False
         self.following = False  # another replica runs the session; we relay its stream
         self.handoff = False  # our client moved to another replica: finish, then let go
-        self._to_publish: list[tuple[int, str]] = []
-        self._publish_failing = False
-        self._publish_ready = trio.lowlevel.ParkingLot()
         self.connection: Connection | None = None
         self.scope = trio.CancelScope()
         self.turn_scope: trio.CancelScope | None = None
@@ -212,9 +208,7 @@ class Session:
         text = orjson.dumps(frame).decode()
         self.replay.append(seq, text, now)
         if self.cluster is not None:
-            self._to_publish.append((seq, text))
-            if len(self._to_publish) == 1:
-                self._publish_ready.unpark_all()
+            self.cluster.publish(self.id, seq, text)
         return seq, text
 
     # --- lifetime --------------------------------------------------------------------------
@@ -228,7 +222,6 @@ class Session:
                     nursery.start_soon(self._grace_timer)
                     if self.cluster is not None:
                         nursery.start_soon(self._lease_keeper, self.cluster)
-                        nursery.start_soon(self._publisher, self.cluster)
                         nursery.start_soon(self._pump)
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
@@ -350,33 +343,6 @@ class Session:
         self.holds_lease = True
         self.lease_ready.set()
 
-    async def _publisher(self, cluster: Cluster) -> None:
-        # Appends numbered frames to the shared stream in order, batched, off the writer's
-        # path. A failed append leaves a gap that followers detect (seq jump): they resync.
-        while True:
-            while not self._to_publish:
-                await self._publish_ready.park()
-            # Linger a moment so a burst becomes one pipeline: a Redis round trip per frame
-            # would cap a streamed turn at a few hundred frames per second (measured).
-            await trio.sleep(PUBLISH_LINGER_SECONDS)
-            await self._publish_batch(cluster)
-
-    async def _publish_batch(self, cluster: Cluster) -> None:
-        batch, self._to_publish = self._to_publish, []
-        try:
-            # Shielded (guard() bounds it by REDIS_TIMEOUT): a session that ends while a batch
-            # is on its way must not drop it, or the frames _let_go appends after it would
-            # leave a hole in the stream (found by bench/resume_bench.py).
-            with trio.CancelScope(shield=True):
-                await cluster.append(self.id, batch)
-        except StateUnavailable as error:
-            self.manager.metrics.limit_hits.labels("stream_append_failed").inc()
-            if not self._publish_failing:  # once per outage, not once per batch
-                self._publish_failing = True
-                logger.warning("frames not appended to the shared stream: %s", error)
-        else:
-            self._publish_failing = False
-
     async def _pump(self) -> None:
         # While our client is on another replica, number and publish what the turn produces
         # (nobody here writes it to a socket), then end once the session is idle.
@@ -403,8 +369,7 @@ class Session:
         # Shielded and bounded: runs while the session is being cancelled. Flush what was
         # numbered, then release the lease so a follower can take over at once.
         with trio.CancelScope(shield=True), trio.move_on_after(cluster.timeout * 2):
-            if self._to_publish:
-                await self._publish_batch(cluster)
+            await cluster.flush(self.id)
             if self.holds_lease:
                 with contextlib.suppress(StateUnavailable):  # else it expires by itself
                     await cluster.release_lease(self.id)
@@ -705,7 +670,10 @@ class SessionManager:
         """Host every session's nursery; runs for the app's lifetime."""
         async with trio.open_nursery() as nursery:
             if self.cluster is not None:
+                failures = self.metrics.state_backend_failures.labels("stream_append")
+                self.cluster.on_append_failure = failures.inc
                 await nursery.start(self.cluster.listen, self.on_takeover)
+                nursery.start_soon(self.cluster.run_publisher)
             self._nursery = nursery
             nursery.start_soon(self._expire_replays)
             task_status.started()
