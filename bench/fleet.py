@@ -54,6 +54,7 @@ __all__ = [
     "open_fds",
     "percentile",
     "running_fleet",
+    "runqueue_wait_seconds",
     "runtime_streams",
 ]
 
@@ -65,6 +66,18 @@ UNLIMITED_USER = {
     "ws_message_burst": "100000",
     "max_connections_per_user": "100000",
 }
+
+
+def runqueue_wait_seconds(pid: int) -> float:
+    """Seconds process ``pid``'s main thread has spent runnable but waiting for a CPU
+    (``/proc/<pid>/schedstat``, field 2; 0 when the kernel does not expose it).
+
+    CPU time alone reads as "idle" on a saturated machine: a process that got 40% of a core
+    and waited 60% of the time for one is CPU-bound, not idle."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def open_fds(pid: int) -> int:
@@ -83,17 +96,25 @@ def percentile(values: Sequence[float], pct: float) -> float:
 
 @dataclass(frozen=True)
 class ProcSample:
-    """One look at a process: when (perf_counter seconds), CPU seconds so far, RSS, fds."""
+    """One look at a process: when (perf_counter seconds), CPU seconds so far, RSS, fds, and
+    seconds spent waiting for a CPU so far."""
 
     at: float
     cpu_s: float
     rss_kib: int
     fds: int
+    wait_s: float = 0.0
 
 
 def sample(pid: int) -> ProcSample:
-    """Read ``/proc/<pid>/stat``, ``status`` and ``fd`` now."""
-    return ProcSample(time.perf_counter(), cpu_seconds(pid), rss_kib(pid), open_fds(pid))
+    """Read ``/proc/<pid>/stat``, ``status``, ``schedstat`` and ``fd`` now."""
+    return ProcSample(
+        time.perf_counter(),
+        cpu_seconds(pid),
+        rss_kib(pid),
+        open_fds(pid),
+        runqueue_wait_seconds(pid),
+    )
 
 
 @dataclass
@@ -128,6 +149,7 @@ class Sampler:
         return {
             "cpu_mean_pct": 100 * (last.cpu_s - first.cpu_s) / wall,
             "cpu_peak_pct": max(cpu) if cpu else float("nan"),
+            "cpu_wait_pct": 100 * (last.wait_s - first.wait_s) / wall,
             "rss_first_mib": first.rss_kib / 1024,
             "rss_peak_mib": max(s.rss_kib for s in self.samples) / 1024,
             "rss_last_mib": last.rss_kib / 1024,

@@ -13,8 +13,10 @@ random think time (0-2 s). Session starts are spread over the first few seconds.
 
 Figures: turns and tokens relayed (every one checked), relay latency (client receipt minus the
 runtime's emit stamp; a coalesced frame counts once, with its first token's stamp) p50/p99/max,
-gateway CPU (% of one core) and RSS sampled every second from ``/proc``, the open sessions
-and sockets the gateway reports, and this client's own CPU (on a 2-core machine the client and
+gateway CPU (% of one core) and RSS sampled every second from ``/proc``, the share of time the
+gateway and the runtime were runnable but waiting for a CPU (``/proc/<pid>/schedstat``: CPU %
+is what a process *got*, not what it needed), the open sessions and sockets the gateway
+reports, the offered load, and this client's own CPU (on a 2-core machine the client and
 runtime share the cores with the gateway: read the latency as "under this total load").
 
 Exit status 0 when every turn arrived exact and nothing failed; 1 otherwise.
@@ -68,6 +70,11 @@ class LoadConfig:
     think: float = 2.0  # max seconds between turns (uniform 0..think)
     ramp: float = 10.0  # seconds over which session starts are spread
 
+    def offered_tokens_per_second(self) -> float:
+        """Tokens/s the sessions ask for when every turn streams on time: each session
+        alternates a turn of ``tokens / rate`` seconds and a mean think of ``think / 2``."""
+        return self.sessions * self.tokens / (self.tokens / self.rate + self.think / 2)
+
     @classmethod
     def quick(cls) -> LoadConfig:
         """About 20 s with 200 sessions."""
@@ -111,6 +118,11 @@ class LoadResult:
             ),
             ("sessions connected", f"{self.peak_websockets:.0f} sockets (peak, gateway gauge)"),
             ("connect time (all sessions)", f"{self.connect_s:.1f} s"),
+            (
+                "offered load (all turns on time)",
+                f"{cfg.offered_tokens_per_second():.0f} tokens/s, "
+                f"{cfg.offered_tokens_per_second() / cfg.tokens:.0f} turn starts/s",
+            ),
             ("turns completed, text exact", f"{self.turns} ({self.turns / self.wall_s:.1f}/s)"),
             ("tokens relayed, in order", f"{self.tokens} ({self.tokens / self.wall_s:.0f}/s)"),
             (
@@ -136,7 +148,15 @@ class LoadResult:
                 f"{gw.get('rss_last_mib', 0):.0f} MiB",
             ),
             ("gateway open fds peak", f"{gw.get('fds_peak', 0):.0f}"),
+            (
+                "gateway waiting for a CPU (run queue)",
+                f"{gw.get('cpu_wait_pct', 0):.0f}% of the time",
+            ),
             ("runtime CPU mean", f"{rt.get('cpu_mean_pct', 0):.0f}% of a core"),
+            (
+                "runtime waiting for a CPU (run queue)",
+                f"{rt.get('cpu_wait_pct', 0):.0f}% of the time",
+            ),
             ("client CPU mean", f"{100 * self.client_cpu_s / self.wall_s:.0f}% of a core"),
             (
                 "after close: sockets / sessions",

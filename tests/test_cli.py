@@ -417,3 +417,23 @@ def test_dev_issuer_replaces_a_key_made_for_another_audience(tmp_path: Path) -> 
     path.write_text("{damaged")
     fresh, created = load_or_create_dev_issuer(path)
     assert created and load_dev_issuer(path).kid == fresh.kid
+
+
+def test_serve_tunes_the_garbage_collector_for_a_large_long_lived_heap() -> None:
+    # Regression (bench/load.py, 2000 sessions): with CPython's default thresholds a turn's
+    # objects were promoted to the oldest generation and full collections of ~800k objects
+    # stalled the event loop ~2 s in every 5 s. tune_gc() is what `trio-gateway serve` calls
+    # once it is listening; the process state is restored afterwards.
+    import gc
+
+    from trio_gateway.server import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] >= 10_000  # a turn's objects must be able to die young
+        assert gc.get_freeze_count() > 0  # start-up objects are out of every collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -11,6 +11,7 @@ from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from typing import Any
 
+import h11
 import httpx
 import orjson
 import pytest
@@ -872,3 +873,51 @@ async def test_recorded_requests_history_and_audit_log_are_bounded(
 def test_config_is_validated_when_built(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DemoRuntimeConfig(**bad)
+
+
+async def test_a_request_that_arrives_late_on_a_new_connection_is_still_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Regression (bench/load.py at 2000 sessions): hypercorn arms keep_alive_timeout (5 s by
+    # default) when it takes a connection off the accept queue and closes the connection if no
+    # request line has been parsed by then. A runtime that has fallen seconds behind a burst of
+    # turn starts closed connections whose request was already waiting in the socket, and the
+    # gateway could only report runtime_stream_broken. The virtual clock jumps past the old
+    # 5 s while the connection is idle; a real loopback connection then sends its request.
+    async with serving(FAST) as (_, client):
+        port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await trio.sleep(30)
+            connection = h11.Connection(h11.CLIENT)
+            body = orjson.dumps({"session_id": "late", "message": user("bench 3")})
+            headers = [
+                ("Host", f"127.0.0.1:{port}"),
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+                (AUTH, KEY),
+            ]
+            await stream.send_all(
+                connection.send(h11.Request(method="POST", target=STREAM, headers=headers))
+                + connection.send(h11.Data(data=body))
+                + connection.send(h11.EndOfMessage())
+            )
+            status = 0
+            received = b""
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    received += bytes(event.data)
+                else:
+                    # EndOfMessage; ConnectionClosed here would mean the runtime hung up first
+                    assert isinstance(event, h11.EndOfMessage), event
+                    break
+    assert status == 200
+    chunks = parse_sse(received)
+    assert "".join(chunk["token"] for chunk in chunks) == "t0 t1 t2 "
+    assert chunks[-1]["is_final"] is True

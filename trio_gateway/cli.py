@@ -17,7 +17,7 @@ from .app import create_app
 from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
-from .server import serve, wait_for_signal
+from .server import serve, tune_gc, wait_for_signal
 from .settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("trio_gateway.cli")
@@ -192,6 +192,7 @@ async def _run_serve(settings: Settings, host: str | None, port: int | None) -> 
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, settings, host=host, port=port))
+        tune_gc()  # a process setting: the serve command only, never in-process test servers
         announce(binds)
 
 

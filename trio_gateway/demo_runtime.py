@@ -74,6 +74,9 @@ MAX_PENDING_CALLS: Final = 100
 MAX_AGENT_HISTORY: Final = 100
 MAX_SESSION_ID_LENGTH: Final = 256
 MAX_PAGE_LIMIT: Final = 1000
+#: Seconds hypercorn waits for the first (and each next) request on a connection; see
+#: :func:`serve_demo_runtime`.
+DEMO_KEEP_ALIVE_TIMEOUT: Final = 120.0
 
 #: The agents this runtime knows, in the shape of ``GET /agents``.
 AGENTS: Final[dict[str, dict[str, Any]]] = {
@@ -1151,6 +1154,15 @@ async def serve_demo_runtime(
     # The gateway opens one connection per turn: thousands of turns starting together would
     # overflow hypercorn's default backlog of 100 (connections reset, SYNs retransmitted).
     config.backlog = 4096
+    # hypercorn arms keep_alive_timeout (default 5 s) as soon as it takes a connection off the
+    # accept queue, and only disarms it once the request line has been parsed, so it acts as a
+    # "first request within 5 s" timeout. Under a burst of turn starts the accept queue and the
+    # event loop fall seconds behind: the gateway's request is already in the socket, yet the
+    # timer fires first and the connection is closed (FIN: "ConnectionClosed ... state=
+    # SEND_RESPONSE" at the gateway; RST when the request was still unread), which the gateway
+    # can only report as runtime_stream_broken. The gateway sends its request together with the
+    # connect, so a slow first request only means a backed-up runtime: wait for it.
+    config.keep_alive_timeout = DEMO_KEEP_ALIVE_TIMEOUT
     # The logger object itself: a "-" target would install hypercorn's own stderr handler on
     # the shared "hypercorn.error" logger, doubling every line in the demo process.
     config.errorlog = logging.getLogger("hypercorn.error")
