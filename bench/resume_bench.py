@@ -956,7 +956,11 @@ class Report:
             f"tokens per frame unpaced: memory {mem.tokens / max(mem.frames, 1):.1f}, "
             f"redis {red.tokens / max(red.frames, 1):.1f}",
         ]
-        if tp.redis_trouble:
+        if any(
+            value
+            for key, value in tp.redis_trouble.items()
+            if not key.startswith("gateway_resumes_total")
+        ):
             lines.append(
                 "  WARNING: the redis gateway had Redis trouble (appends skipped while Redis "
                 "counts as down make its figures look better than they are): "
