@@ -81,3 +81,20 @@ async def test_a_non_ascii_header_is_forwarded_not_a_500(gateway: RunningGateway
     request = b"GET /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Odd: \xfa\x80\xff\r\n\r\n"
     answer = await raw_request(port_of(gateway.base_url), request)
     assert answer.status == 200, answer.head
+
+
+@pytest.mark.parametrize("number", ["18446744073709551616", "-9223372036854775809", "1" * 40])
+def test_integers_beyond_64_bits_are_refused_not_turned_into_floats(number: str) -> None:
+    """Before the fix: orjson read them as floats and the runtime got another number."""
+    with pytest.raises(FrameError) as refused:
+        parse_client_frame('{"type":"tool_result","call_id":"c","result":' + number + "}")
+    assert refused.value.code is ErrorCode.INVALID_MESSAGE
+
+
+@pytest.mark.parametrize(
+    "number", ["18446744073709551615", "-9223372036854775808", "1.8446744073709552e+19"]
+)
+def test_64_bit_integers_floats_and_long_digit_strings_are_kept(number: str) -> None:
+    text = '{"type":"tool_result","call_id":"12345678901234567890123","result":' + number + "}"
+    frame = parse_client_frame(text)
+    assert orjson.dumps(frame["result"]).decode() == number
