@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import trio
 import pytest
 
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
@@ -98,3 +99,47 @@ def test_64_bit_integers_floats_and_long_digit_strings_are_kept(number: str) -> 
     text = '{"type":"tool_result","call_id":"12345678901234567890123","result":' + number + "}"
     frame = parse_client_frame(text)
     assert orjson.dumps(frame["result"]).decode() == number
+
+
+async def _late_body_then_get(port: int, method_and_path: bytes) -> bytes:
+    """Send a request's head, let the gateway answer, then its body, then a GET on the same
+    keep-alive connection; returns the beginning of what the GET got (b"" on a wedge)."""
+    body = b'{"is_active": true}'
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                method_and_path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            # Give the gateway time to answer before the body exists (the pre-fix path; with
+            # the fix it waits for the body). Ordering only: nothing is asserted on time.
+            await trio.sleep(0.3)
+            await stream.send_all(body)
+            await trio.sleep(0.3)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            with trio.move_on_after(5):  # not a timed assertion: a wedged connection never answers
+                while b"HTTP/1.1 200" not in answer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    answer += data
+            return answer
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"PATCH /api/v1/sessions/a%01b", b"POST /api/v1/no-such-route", b"PUT /health"],
+)
+async def test_an_early_answer_does_not_wedge_the_keep_alive_connection(
+    gateway: RunningGateway, request_line: bytes
+) -> None:
+    """Before the fix: a refusal sent before the request body arrived (400 invalid id, 404,
+    405) left hypercorn's connection stuck once the body came, and the client's next request
+    on it was never answered."""
+    answer = await _late_body_then_get(port_of(gateway.base_url), request_line)
+    assert b"HTTP/1.1 200" in answer

@@ -26,6 +26,7 @@ from .rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
     RestProxy,
+    drain_request_body,
     error_response,
     incoming_request_id,
     make_http_client,
@@ -230,7 +231,9 @@ def create_app(settings: Settings) -> GatewayApp:
         (405, "method_not_allowed", "Method not allowed on this route"),
         (413, "request_too_large", f"Request body exceeds {settings.max_request_body_bytes} bytes"),
     ):
-        app.register_error_handler(status, _error_handler(status, code, text))
+        app.register_error_handler(
+            status, _error_handler(status, code, text, settings.max_request_body_bytes)
+        )
 
     for route in ROUTES:
         app.add_url_rule(
@@ -277,8 +280,10 @@ def create_app(settings: Settings) -> GatewayApp:
     return app
 
 
-def _error_handler(status: int, code: str, text: str) -> Any:
+def _error_handler(status: int, code: str, text: str, drain_limit: int) -> Any:
     async def handle(_error: Exception) -> Response:
+        if status != 413:  # see drain_request_body; a too-large body is never read
+            await drain_request_body(drain_limit)
         return error_response(status, code, text)
 
     return handle
