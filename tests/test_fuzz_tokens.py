@@ -106,7 +106,7 @@ def bad_tokens(draw: st.DrawFn, gateway_issuer: DevIssuer) -> tuple[str, bool]:
     if kind == "refresh":
         return gateway_issuer.mint("fuzz", token_type="refresh"), False
     if kind == "no_scope":
-        scopes = draw(st.sampled_from([(), ("api:read",), ("admin",)]))
+        scopes = draw(st.sampled_from([(), ("admin",), ("api:readonly",)]))
         return gateway_issuer.mint("fuzz", scopes=scopes), True
     if kind == "embedded_jwk":
         header = draw(st.sampled_from(["jwk", "jku", "x5u", "x5c"]))

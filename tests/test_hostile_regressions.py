@@ -64,16 +64,20 @@ async def test_a_host_header_werkzeug_cannot_encode_gets_400_not_500(
     assert answer.status == 400, answer.head
 
 
-async def test_a_websocket_to_another_path_with_a_bad_host_gets_400(
-    gateway: RunningGateway,
+@pytest.mark.parametrize("host", ["127.0.0.1", "x" * 64])
+@pytest.mark.parametrize("protocols", ["", "Sec-WebSocket-Protocol: \r\n", "Content-Length: 0\r\n"])
+async def test_a_websocket_to_another_path_gets_404_never_500(
+    gateway: RunningGateway, host: str, protocols: str
 ) -> None:
+    """Before the fix: Quart's websocket handling answered an empty Sec-WebSocket-Protocol
+    header with 500, and a bad Host too."""
     request = (
-        "GET /not-a-session HTTP/1.1\r\nHost: " + "x" * 64 + "\r\nUpgrade: websocket\r\n"
+        f"GET /api/v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{protocols}\r\n"
     ).encode()
     answer = await raw_request(port_of(gateway.base_url), request)
-    assert answer.status == 400, answer.head
+    assert answer.status == 404, answer.head
 
 
 async def test_a_non_ascii_header_is_forwarded_not_a_500(gateway: RunningGateway) -> None:

@@ -160,8 +160,15 @@ class GatewayApp(QuartTrio):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and scope["path"].startswith(WS_PREFIX):
             await open_session_socket(self.gateway, WebSocketConnection(scope, receive, send))
-        elif scope["type"] in ("http", "websocket") and not _host_is_valid(scope):
-            await _refuse_bad_host(scope, send)
+        elif scope["type"] == "websocket":
+            # The app has no other WebSocket route. Quart's own websocket path answered some
+            # upgrades here with 500 (an empty Sec-WebSocket-Protocol header) and raced
+            # hypercorn's own 400 for others (found by tests/test_fuzz.py): answer 404 here.
+            event = await receive()
+            if event.get("type") == "websocket.connect":
+                await _refuse(scope, send, 404, "not_found", "No WebSocket route here")
+        elif scope["type"] == "http" and not _host_is_valid(scope):
+            await _refuse(scope, send, 400, "invalid_request", "Malformed Host header")
         else:
             await super().__call__(scope, receive, send)
 
@@ -183,12 +190,12 @@ def _host_is_valid(scope: dict[str, Any]) -> bool:
     return True
 
 
-async def _refuse_bad_host(scope: dict[str, Any], send: Any) -> None:
-    """400 for a request whose Host header cannot be routed (see :func:`_host_is_valid`)."""
-    body = orjson.dumps({"error": "invalid_request", "error_description": "Malformed Host header"})
+async def _refuse(scope: dict[str, Any], send: Any, status: int, code: str, text: str) -> None:
+    """Answer ``status`` with the gateway's JSON error body, below Quart (plain ASGI)."""
+    body = orjson.dumps({"error": code, "error_description": text})
     prefix = "websocket.http" if scope["type"] == "websocket" else "http"
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": f"{prefix}.response.start", "status": 400, "headers": headers})
+    await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": body})
 
 
