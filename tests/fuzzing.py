@@ -23,6 +23,7 @@ server fails instead of hanging.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -275,7 +276,9 @@ def valid_frames(draw: st.DrawFn) -> dict[str, Any]:
             "decision": draw(st.sampled_from(["approve", "edit", "reject"])),
         }
         if draw(st.booleans()):
-            frame["modified_arguments"] = draw(st.dictionaries(edge_text, safe_json_values, max_size=3))
+            frame["modified_arguments"] = draw(
+                st.dictionaries(edge_text, safe_json_values, max_size=3)
+            )
     elif kind == "ping":
         frame = {"type": "ping"}
         if draw(st.booleans()):
@@ -284,8 +287,9 @@ def valid_frames(draw: st.DrawFn) -> dict[str, Any]:
         frame = {"type": "auth", "token": draw(edge_text.filter(bool))}
     else:
         frame = {"type": kind}
+    documented_type = frame["type"]
     frame.update(draw(st.dictionaries(st.text(max_size=8), safe_json_values, max_size=2)))
-    frame["type"] = frame["type"] if "type" in frame else kind
+    frame["type"] = documented_type  # extra keys, never another type
     return frame
 
 
@@ -516,9 +520,10 @@ def handshake_requests(draw: st.DrawFn) -> bytes:
     segment = percent_encode(draw(path_segments), raw=draw(st.booleans()))
     path = draw(
         st.sampled_from(
-            ["/api/v1/ws/{s}", "/api/v1/ws/{s}", "/api/v1/ws/{s}", "/api/v1/ws/{s}/x", "/api/v1/ws/", "/api/v1/ws",
-             "/{s}", "/api/v1/sessions/{s}", "/api/v1/sessions/{s}/history", "/health",
-             "/api/v1/health", "/metrics", "/openapi.json", "*", "http://evil/{s}", "//{s}"]
+            ["/api/v1/ws/{s}", "/api/v1/ws/{s}", "/api/v1/ws/{s}", "/api/v1/ws/{s}/x",
+             "/api/v1/ws/", "/api/v1/ws", "/{s}", "/api/v1/sessions/{s}",
+             "/api/v1/sessions/{s}/history", "/health", "/api/v1/health", "/metrics",
+             "/openapi.json", "*", "http://evil/{s}", "//{s}"]
         )
     ).replace("{s}", segment)  # fmt: skip
     if draw(st.booleans()):
@@ -735,10 +740,9 @@ async def raw_request(port: int, request: bytes) -> HttpAnswer:
     with trio.fail_after(20):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         try:
-            try:
+            # The server may close before reading everything.
+            with contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(request)
-            except trio.BrokenResourceError:
-                pass  # the server may close before reading everything
             head = b""
             while b"\r\n\r\n" not in head and len(head) < 1 << 16:
                 try:
@@ -870,10 +874,8 @@ class FuzzGateway:
         try:
             if self._token is not None and self._stop is not None:
                 stop = self._stop
-                try:
+                with contextlib.suppress(trio.RunFinishedError):
                     trio.from_thread.run_sync(stop.set, trio_token=self._token)
-                except trio.RunFinishedError:
-                    pass
             self._thread.join(60)
         finally:
             logging.getLogger().removeHandler(self.errors)
@@ -945,7 +947,7 @@ class FuzzGateway:
     def _main(self) -> None:
         try:
             trio.run(self._serve_all)
-        except BaseException as error:  # noqa: BLE001 - reported through self.failure
+        except BaseException as error:  # reported through self.failure
             self.failure = error
         finally:
             self._ready.set()

@@ -86,9 +86,10 @@ async def _wait_quiet(gateway: FuzzGateway, baseline: int | None = None) -> None
             if quiet and (baseline is None or tasks <= baseline):
                 return
             await trio.sleep(0.05)
+    names = await trio.to_thread.run_sync(gateway.task_names)
     raise AssertionError(
         f"not quiet: (tasks, sockets, sessions)={gauges}, baseline tasks={baseline}, "
-        f"control idle={gateway.control_idle}; tasks: {await trio.to_thread.run_sync(gateway.task_names)}"
+        f"control idle={gateway.control_idle}; tasks: {names}"
     )
 
 

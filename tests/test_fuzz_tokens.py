@@ -63,7 +63,11 @@ def forged(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"
 
 def claims(**extra: Any) -> dict[str, Any]:
     now = 1_900_000_000
-    base = {"iss": "https://auth.codelab.local", "aud": "codelab-api", "sub": "fuzz"}
+    base: dict[str, Any] = {
+        "iss": "https://auth.codelab.local",
+        "aud": "codelab-api",
+        "sub": "fuzz",
+    }
     base.update(iat=now, exp=now + 900, type="access", scope="api:read api:write")
     base.update(extra)
     return base

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import orjson
-import trio
 import pytest
+import trio
 
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
 

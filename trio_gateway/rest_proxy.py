@@ -219,7 +219,7 @@ async def drain_request_body(limit: int) -> None:
         return  # no body
     try:
         await request.get_data(cache=False)
-    except Exception:  # noqa: BLE001 - a broken or oversized body: nothing more to drain
+    except Exception:  # a broken or oversized body: nothing more to drain
         return
 
 
