@@ -147,3 +147,12 @@ async def test_an_early_answer_does_not_wedge_the_keep_alive_connection(
     on it was never answered."""
     answer = await _late_body_then_get(port_of(gateway.base_url), request_line)
     assert b"HTTP/1.1 200" in answer
+
+
+async def test_the_demo_runtime_reads_bodies_before_answering_early(
+    demo_runtime: tuple[object, str],
+) -> None:
+    """The gateway's pooled connection to the runtime must not wedge after an early 401/404:
+    before the fix the next proxied request on it waited for REQUEST_TIMEOUT (504)."""
+    answer = await _late_body_then_get(port_of(demo_runtime[1]), b"PATCH /sessions/nope")
+    assert b"HTTP/1.1 200" in answer
