@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+import trio
 
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
 
@@ -63,16 +64,20 @@ async def test_a_host_header_werkzeug_cannot_encode_gets_400_not_500(
     assert answer.status == 400, answer.head
 
 
-async def test_a_websocket_to_another_path_with_a_bad_host_gets_400(
-    gateway: RunningGateway,
+@pytest.mark.parametrize("host", ["127.0.0.1", "x" * 64])
+@pytest.mark.parametrize("protocols", ["", "Sec-WebSocket-Protocol: \r\n", "Content-Length: 0\r\n"])
+async def test_a_websocket_to_another_path_gets_404_never_500(
+    gateway: RunningGateway, host: str, protocols: str
 ) -> None:
+    """Before the fix: Quart's websocket handling answered an empty Sec-WebSocket-Protocol
+    header with 500, and a bad Host too."""
     request = (
-        "GET /not-a-session HTTP/1.1\r\nHost: " + "x" * 64 + "\r\nUpgrade: websocket\r\n"
+        f"GET /api/v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{protocols}\r\n"
     ).encode()
     answer = await raw_request(port_of(gateway.base_url), request)
-    assert answer.status == 400, answer.head
+    assert answer.status == 404, answer.head
 
 
 async def test_a_non_ascii_header_is_forwarded_not_a_500(gateway: RunningGateway) -> None:
@@ -81,3 +86,73 @@ async def test_a_non_ascii_header_is_forwarded_not_a_500(gateway: RunningGateway
     request = b"GET /api/v1/agents HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Odd: \xfa\x80\xff\r\n\r\n"
     answer = await raw_request(port_of(gateway.base_url), request)
     assert answer.status == 200, answer.head
+
+
+@pytest.mark.parametrize("number", ["18446744073709551616", "-9223372036854775809", "1" * 40])
+def test_integers_beyond_64_bits_are_refused_not_turned_into_floats(number: str) -> None:
+    """Before the fix: orjson read them as floats and the runtime got another number."""
+    with pytest.raises(FrameError) as refused:
+        parse_client_frame('{"type":"tool_result","call_id":"c","result":' + number + "}")
+    assert refused.value.code is ErrorCode.INVALID_MESSAGE
+
+
+@pytest.mark.parametrize(
+    "number", ["18446744073709551615", "-9223372036854775808", "1.8446744073709552e+19"]
+)
+def test_64_bit_integers_floats_and_long_digit_strings_are_kept(number: str) -> None:
+    text = '{"type":"tool_result","call_id":"12345678901234567890123","result":' + number + "}"
+    frame = parse_client_frame(text)
+    assert orjson.dumps(frame["result"]).decode() == number
+
+
+async def _late_body_then_get(port: int, method_and_path: bytes) -> bytes:
+    """Send a request's head, let the gateway answer, then its body, then a GET on the same
+    keep-alive connection; returns the beginning of what the GET got (b"" on a wedge)."""
+    body = b'{"is_active": true}'
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                method_and_path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            # Give the gateway time to answer before the body exists (the pre-fix path; with
+            # the fix it waits for the body). Ordering only: nothing is asserted on time.
+            await trio.sleep(0.3)
+            await stream.send_all(body)
+            await trio.sleep(0.3)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            with trio.move_on_after(5):  # not a timed assertion: a wedged connection never answers
+                while b"HTTP/1.1 200" not in answer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    answer += data
+            return answer
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"PATCH /api/v1/sessions/a%01b", b"POST /api/v1/no-such-route", b"PUT /health"],
+)
+async def test_an_early_answer_does_not_wedge_the_keep_alive_connection(
+    gateway: RunningGateway, request_line: bytes
+) -> None:
+    """Before the fix: a refusal sent before the request body arrived (400 invalid id, 404,
+    405) left hypercorn's connection stuck once the body came, and the client's next request
+    on it was never answered."""
+    answer = await _late_body_then_get(port_of(gateway.base_url), request_line)
+    assert b"HTTP/1.1 200" in answer
+
+
+async def test_the_demo_runtime_reads_bodies_before_answering_early(
+    demo_runtime: tuple[object, str],
+) -> None:
+    """The gateway's pooled connection to the runtime must not wedge after an early 401/404:
+    before the fix the next proxied request on it waited for REQUEST_TIMEOUT (504)."""
+    answer = await _late_body_then_get(port_of(demo_runtime[1]), b"PATCH /sessions/nope")
+    assert b"HTTP/1.1 200" in answer

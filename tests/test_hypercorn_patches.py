@@ -14,7 +14,13 @@ from hypercorn.trio.tcp_server import TCPServer
 from trio_gateway import hypercorn_patches
 
 from .conftest import RunningGateway, port_of
-from .fuzzing import OP_TEXT, FrameBatch, WireFrame, encode_frame, exchange_frames
+from .fuzzing import (
+    OP_TEXT,
+    FrameBatch,
+    WireFrame,
+    encode_frame,
+    exchange_frames,
+)
 
 
 class BusyStream:
@@ -57,14 +63,42 @@ async def test_invalid_utf8_after_frames_never_stops_the_server(gateway: Running
     """End to end: refused frames (whose error frames are being written) then invalid UTF-8,
     which makes hypercorn drop the connection; the server keeps accepting sessions."""
     refused = WireFrame("text", encode_frame(OP_TEXT, b'{"type":"x"}'), text='{"type":"x"}')
-    bad = WireFrame("bad_utf8", encode_frame(OP_TEXT, b"ab\xff"), terminal=True, close=1007)
+    bad = WireFrame("bad_utf8", encode_frame(OP_TEXT, b"ab\xff"), terminal=True, close=None)
     # 8 x 2 refused frames: within the anonymous user's message burst (30) of the default settings.
     for index in range(8):
         seen = await exchange_frames(
             port_of(gateway.base_url), f"utf8-{index}", FrameBatch([refused] * 2, bad, False)
         )
-        assert seen.close_code in (None, 1007)
+        assert seen.close_code is None  # hypercorn drops the connection
     async with gateway.connect("after-utf8") as client:
         await client.send({"type": "user_message", "content": "bench 2"})
         frames = await client.turn()
         assert frames[-1]["type"] == "assistant_message"
+
+
+async def test_an_error_escaping_a_connection_is_contained(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's TCPServer.run lets everything but OSError escape, and serve_listeners then
+    cancels the listener and every connection; the fuzzer hit it with h11's LocalProtocolError
+    ("Can't send data when our state is ERROR") after a malformed upgrade request."""
+    import h11
+
+    async def failing_run(self: Any) -> None:
+        raise h11.LocalProtocolError("Can't send data when our state is ERROR")
+
+    closed: list[bool] = []
+
+    class Stream:
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(hypercorn_patches, "_original_run", failing_run)
+    with pytest.raises(h11.LocalProtocolError):
+        await failing_run(SimpleNamespace())
+    await hypercorn_patches.run(SimpleNamespace(stream=Stream()))
+    assert closed == [True]
+
+
+async def test_serve_installs_the_run_patch(gateway: RunningGateway) -> None:
+    assert TCPServer.run is hypercorn_patches.run

@@ -26,6 +26,7 @@ from .rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
     RestProxy,
+    drain_request_body,
     error_response,
     incoming_request_id,
     make_http_client,
@@ -184,8 +185,15 @@ class GatewayApp(QuartTrio):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and scope["path"].startswith(WS_PREFIX):
             await open_session_socket(self.gateway, WebSocketConnection(scope, receive, send))
-        elif scope["type"] in ("http", "websocket") and not _host_is_valid(scope):
-            await _refuse_bad_host(scope, send)
+        elif scope["type"] == "websocket":
+            # The app has no other WebSocket route. Quart's own websocket path answered some
+            # upgrades here with 500 (an empty Sec-WebSocket-Protocol header) and raced
+            # hypercorn's own 400 for others (found by tests/test_fuzz.py): answer 404 here.
+            event = await receive()
+            if event.get("type") == "websocket.connect":
+                await _refuse(scope, send, 404, "not_found", "No WebSocket route here")
+        elif scope["type"] == "http" and not _host_is_valid(scope):
+            await _refuse(scope, send, 400, "invalid_request", "Malformed Host header")
         else:
             await super().__call__(scope, receive, send)
 
@@ -207,12 +215,12 @@ def _host_is_valid(scope: dict[str, Any]) -> bool:
     return True
 
 
-async def _refuse_bad_host(scope: dict[str, Any], send: Any) -> None:
-    """400 for a request whose Host header cannot be routed (see :func:`_host_is_valid`)."""
-    body = orjson.dumps({"error": "invalid_request", "error_description": "Malformed Host header"})
+async def _refuse(scope: dict[str, Any], send: Any, status: int, code: str, text: str) -> None:
+    """Answer ``status`` with the gateway's JSON error body, below Quart (plain ASGI)."""
+    body = orjson.dumps({"error": code, "error_description": text})
     prefix = "websocket.http" if scope["type"] == "websocket" else "http"
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": f"{prefix}.response.start", "status": 400, "headers": headers})
+    await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": body})
 
 
@@ -255,7 +263,9 @@ def create_app(settings: Settings) -> GatewayApp:
         (405, "method_not_allowed", "Method not allowed on this route"),
         (413, "request_too_large", f"Request body exceeds {settings.max_request_body_bytes} bytes"),
     ):
-        app.register_error_handler(status, _error_handler(status, code, text))
+        app.register_error_handler(
+            status, _error_handler(status, code, text, settings.max_request_body_bytes)
+        )
 
     for route in ROUTES:
         app.add_url_rule(
@@ -303,8 +313,10 @@ def create_app(settings: Settings) -> GatewayApp:
     return app
 
 
-def _error_handler(status: int, code: str, text: str) -> Any:
+def _error_handler(status: int, code: str, text: str, drain_limit: int) -> Any:
     async def handle(_error: Exception) -> Response:
+        if status != 413:  # see drain_request_body; a too-large body is never read
+            await drain_request_body(drain_limit)
         return error_response(status, code, text)
 
     return handle

@@ -413,6 +413,7 @@ class DemoRuntime:
 
     def _build_app(self) -> QuartTrio:
         app = QuartTrio(__name__)
+        app.before_request(self._read_body)
         app.before_request(self._check_auth)
         app.register_error_handler(ApiError, self._api_error)
         app.register_error_handler(HTTPException, self._http_error)
@@ -442,6 +443,16 @@ class DemoRuntime:
         for path, view, methods in routes:
             app.add_url_rule(path, view.__name__.lstrip("_"), view, methods=methods)
         return app
+
+    async def _read_body(self) -> None:
+        """Read (and cache) every request body before anything can answer early.
+
+        hypercorn 0.18 wedges a keep-alive connection when an answer goes out before the
+        request's body has arrived and the body is never read: the gateway's next request on
+        that pooled connection then waited for REQUEST_TIMEOUT and its client got 504 (found
+        by schemathesis, see tests/test_hostile_regressions.py).
+        """
+        await request.get_data()
 
     async def _check_auth(self) -> TrioResponse | None:
         if request.path == "/health" and request.method in ("GET", "HEAD"):

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
+from .protocol import SESSION_ID_MAX_LENGTH
 from .rest_proxy import ROUTES, ProxyRoute
 
 
@@ -89,7 +90,7 @@ def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _operation(route: ProxyRoute) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _path_schema(name)}
         for name in _path_names(route.path)
     ]
     parameters += [
@@ -106,7 +107,12 @@ def _operation(route: ProxyRoute) -> dict[str, Any]:
                 else {"content": _json_content({"type": "object"})}
             ),
         },
-        "4XX": {"description": 'The runtime\'s error (e.g. {"detail": ...}), unchanged.'},
+        "4XX": {
+            "description": 'The runtime\'s error (e.g. {"detail": ...}), unchanged; or the '
+            "gateway's own refusal as GatewayError (400 invalid_session_id, 401, 403, 404, "
+            "405, 413, 429 with Retry-After).",
+            "content": _json_content({"type": "object"}),
+        },
     }
     for status, description in _GATEWAY_ERRORS.items():
         responses[status] = {
@@ -129,6 +135,21 @@ def _operation(route: ProxyRoute) -> dict[str, Any]:
             "content": _json_content(_ref(route.request_body)),
         }
     return operation
+
+
+def _path_schema(name: str) -> dict[str, Any]:
+    """Schema of a path parameter; session ids carry the gateway's own rules (protocol.py)."""
+    if name != "session_id":
+        return {"type": "string"}
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": SESSION_ID_MAX_LENGTH,
+        # No '/', no control characters; '.' and '..' are refused too (400 invalid_session_id).
+        "pattern": "^[^/\\x00-\\x1f\\x7f]+$",
+        "description": "1-256 printable characters without '/', not '.' or '..'; "
+        "anything else gets 400 invalid_session_id.",
+    }
 
 
 def _path_names(path: str) -> list[str]:

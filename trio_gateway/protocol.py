@@ -9,6 +9,8 @@ See ``docs/protocol.md`` for the whole protocol, v1 and v2.
 
 from __future__ import annotations
 
+import json
+import re
 from enum import IntEnum, StrEnum
 from typing import Any, Literal
 
@@ -34,6 +36,9 @@ SESSION_ID_MAX_LENGTH = 256
 # deeper) on its way to the runtime: without this bound a deep but parseable frame failed its
 # turn with internal_error instead of being refused (found by tests/test_fuzz.py).
 MAX_FRAME_DEPTH = 128
+# orjson reads integers beyond 64 bits as floats: the frame would reach the runtime changed
+# (18446744073709551616 -> 1.8446744073709552e+19). Frames with such integers are refused.
+_LONG_DIGITS = re.compile(r"\d{19,}")
 
 
 class ErrorCode(StrEnum):
@@ -182,6 +187,10 @@ def parse_client_frame(text: str) -> dict[str, Any]:
             ErrorCode.INVALID_MESSAGE,
             f"Frame is nested too deeply (at most {MAX_FRAME_DEPTH} levels)",
         )
+    if _LONG_DIGITS.search(text) is not None and _has_wide_integer(text):
+        raise FrameError(
+            ErrorCode.INVALID_MESSAGE, "Integers must fit in 64 bits; send larger ones as strings"
+        )
     frame_type = value.get("type")
     if frame_type is None:
         raise FrameError(ErrorCode.INVALID_MESSAGE, "Frame has no 'type' field")
@@ -201,6 +210,27 @@ def parse_client_frame(text: str) -> dict[str, Any]:
             ErrorCode.INVALID_MESSAGE, summarize_validation_error(frame_type, error)
         ) from None
     return value
+
+
+def _has_wide_integer(text: str) -> bool:
+    """Whether an integer literal of ``text`` (valid JSON) lies outside orjson's 64-bit range.
+
+    Only called when ``text`` has a run of 19+ digits, so the slower stdlib parser (the one
+    that keeps integer literals apart from floats) runs on rare frames only.
+    """
+    wide = False
+
+    def check(literal: str) -> int:
+        nonlocal wide
+        if not -(2**63) <= int(literal) < 2**64:
+            wide = True
+        return 0
+
+    try:
+        json.loads(text, parse_int=check)
+    except (ValueError, RecursionError):
+        return False
+    return wide
 
 
 def _depth_exceeds(value: object, limit: int) -> bool:

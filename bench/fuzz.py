@@ -1,0 +1,156 @@
+"""Long hostile-input fuzz run with figures: frames, handshakes and tokens against one gateway.
+
+Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes and 500 token
+attempts; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick`` for
+a smoke run. The same harness as ``tests/test_fuzz.py`` (``tests/fuzzing.py``): a gateway in
+front of the demo runtime (and, for tokens, a second one with JWT on and a real JWKS server)
+on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns for
+the whole run, hypothesis generating every input. Prints one table; exits 1 if anything was
+wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.fuzzing import (
+    FrameBatch,
+    FuzzGateway,
+    FuzzStats,
+    exchange_frames,
+    frame_batches,
+    handshake_requests,
+    raw_request,
+)
+from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
+
+
+def hypothesis_settings(examples: int) -> settings:
+    """Many examples, no deadline, no shrinking database (a benchmark run is not a test)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def fuzz_frames_and_handshakes(examples: int, handshakes: int, stats: FuzzStats) -> dict[str, Any]:
+    """Frames and handshakes against one JWT-off gateway; returns what the gateway reported."""
+    ids = itertools.count()
+    with FuzzGateway() as gateway:
+
+        @hypothesis_settings(examples)
+        @given(batch=frame_batches)
+        def frames(batch: FrameBatch) -> None:
+            seen = trio.run(exchange_frames, gateway.port, f"bench-{next(ids)}", batch)
+            stats.record_exchange(batch, seen)
+
+        @hypothesis_settings(handshakes)
+        @given(request=handshake_requests())
+        def requests(request: bytes) -> None:
+            stats.record_answer(trio.run(raw_request, gateway.port, request))
+
+        frames()
+        requests()
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "contained": len(gateway.errors.contained),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+        }
+
+
+def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
+    """Refused tokens on every door of a JWT-on gateway."""
+    import tests.test_fuzz_tokens as token_tests
+
+    token_tests.STATS = stats  # check_token records there
+    failures: list[str] = []
+    with FuzzGateway(jwt=True) as gateway:
+        issuer = gateway.issuer
+        assert issuer is not None
+
+        @hypothesis_settings(examples)
+        @given(data=st.data(), door=DOORS)
+        def tokens(data: st.DataObject, door: str) -> None:
+            token, unscoped = data.draw(bad_tokens(issuer))
+            try:
+                check_token(gateway, token, unscoped, door)
+            except AssertionError as error:
+                failures.append(str(error)[:200])
+
+        tokens()
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+            "failures": failures,
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=2000, help="frame connections")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (100 of each)")
+    args = parser.parse_args()
+    examples = 100 if args.quick else args.examples
+    logging.basicConfig(level=logging.CRITICAL)  # the harness counts ERROR records itself
+
+    started = time.monotonic()
+    stats = FuzzStats()
+    plain = fuzz_frames_and_handshakes(examples, examples, stats)
+    token_stats = FuzzStats()
+    secure = fuzz_tokens(max(examples // 4, 50), token_stats)
+    duration = time.monotonic() - started
+
+    crashes = int(not plain["alive"]) + int(not secure["alive"])
+    problems = (
+        stats.problems
+        + token_stats.problems
+        + plain["error_logs"]
+        + secure["error_logs"]
+        + plain["control_problems"]
+        + secure["control_problems"]
+        + secure["failures"]
+    )
+    rows = [
+        ("frame connections", stats.connections),
+        ("frames sent", stats.frames_sent),
+        ("close codes", dict(sorted(stats.close_codes.items()))),
+        ("handshakes / raw HTTP requests", stats.handshakes),
+        ("answer statuses", dict(sorted(stats.statuses.items()))),
+        ("token attempts (JWT on)", token_stats.handshakes),
+        ("token answers", dict(sorted(token_stats.statuses.items()))),
+        ("first-frame auth closes", dict(sorted(token_stats.close_codes.items()))),
+        ("control turns (exact tokens)", plain["control_turns"] + secure["control_turns"]),
+        ("contained hypercorn races", plain["contained"]),
+        ("crashes", crashes),
+        ("5xx", stats.server_errors + token_stats.server_errors),
+        ("problems", len(problems)),
+        ("duration", f"{duration:.1f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    for problem in problems[:20]:
+        print("PROBLEM:", problem)
+    return 1 if crashes or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
