@@ -49,6 +49,7 @@ from wsproto.events import (
 from trio_gateway.auth import DevIssuer
 from trio_gateway.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
 from trio_gateway.protocol import (
+    CONNECTION_FRAME_TYPES,
     SUBPROTOCOL_V2,
     V2_ONLY_TYPES,
     ErrorCode,
@@ -652,6 +653,8 @@ async def exchange_frames(port: int, session_id: str, batch: FrameBatch) -> Exch
             expected = [f.expected_error for f in batch.frames]
             wanted = sum(code is not None for code in expected)
 
+            sent_all = trio.Event()
+
             async def send_all_frames() -> None:
                 for frame in batch.frames:
                     await stream.send_all(frame.data)
@@ -660,6 +663,7 @@ async def exchange_frames(port: int, session_id: str, batch: FrameBatch) -> Exch
                 else:
                     # The sentinel: one more refused frame; its error is the last to arrive.
                     await stream.send_all(encode_frame(OP_TEXT, b'{"type":"sentinel"}'))
+                sent_all.set()
 
             def seen_all() -> bool:
                 codes = [f.get("code") for f in result.frames if f.get("type") == "error"]
@@ -672,6 +676,9 @@ async def exchange_frames(port: int, session_id: str, batch: FrameBatch) -> Exch
                 else:
                     await _read_events(stream, ws, result, seen_all)
                     if result.close_code is None and not result.eof:
+                        # The answer to the sentinel can arrive before its send_all returns:
+                        # one writer at a time on the stream.
+                        await sent_all.wait()
                         await stream.send_all(encode_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
                         await _read_events(stream, ws, result, lambda: False)
         finally:
@@ -684,9 +691,14 @@ def check_exchange(batch: FrameBatch, seen: Exchange) -> list[str]:
     problems: list[str] = []
     if seen.rejected_status is not None:
         return [f"handshake refused with {seen.rejected_status}"]
-    seqs = [f.get("seq") for f in seen.frames]
+    # The session's frames are numbered 1..n; frames about the connection itself
+    # (session_ready, pong, heartbeat, ...) carry no seq (docs/protocol.md, "Resume").
+    seqs = [f.get("seq") for f in seen.frames if f.get("type") not in CONNECTION_FRAME_TYPES]
     if seqs != list(range(1, len(seqs) + 1)):
         problems.append(f"seq not 1..n: {seqs[:20]} first frames {seen.frames[:2]}")
+    unnumbered = [f for f in seen.frames if f.get("type") in CONNECTION_FRAME_TYPES and "seq" in f]
+    if unnumbered:
+        problems.append(f"connection frames carry a seq: {unnumbered[:2]}")
     # (A terminal frame may close the socket before session_ready is written: no flush.)
     first = seen.frames[0].get("type") if seen.frames else None
     if batch.v2 and first != "session_ready" and (first is not None or batch.terminal is None):
