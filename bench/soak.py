@@ -252,6 +252,11 @@ async def _worker(
             result.failures.append(f"{kind} {session_id}: {group.exceptions[0]!r}")
         except* trio_websocket.ConnectionClosed as group:
             result.failures.append(f"{kind} {session_id}: closed {group.exceptions[0]!r}")
+        except* Exception as group:
+            # Anything else a client hits is a failure of that session, never the end of the
+            # soak: one escaping error used to cancel every worker and end the load phase
+            # early while the summary still claimed the full duration.
+            result.failures.append(f"{kind} {session_id}: {group.exceptions[0]!r}")
         await trio.sleep(rng.uniform(0, 0.5))
 
 
@@ -262,6 +267,9 @@ async def _load(
     async with trio.open_nursery() as nursery:
         for index in range(cfg.workers):
             nursery.start_soon(_worker, services, index, deadline, result, seed)
+    short = deadline - trio.current_time()
+    if short > 1:  # the figures must cover the duration they claim
+        result.failures.append(f"load phase ended {short:.1f} s before its {seconds:g} s")
 
 
 async def _settled(services: Services, baseline: Snapshot) -> tuple[Snapshot, float]:
