@@ -120,6 +120,10 @@ class SoakResult:
     kinds: Counter[str] = field(default_factory=Counter)
     turns: int = 0
     failures: list[str] = field(default_factory=list)
+    # trio-websocket 0.12 answers a server ping after it sent its own close frame; wsproto
+    # refuses (LocalProtocolError) and open_websocket re-raises it as a stray Cancelled. A
+    # client-library bug (RFC 6455 lets the server ping until it sends its close), counted.
+    client_library_errors: int = 0
     idle: Snapshot | None = None  # before any load
     warm: Snapshot | None = None  # idle again after the warm-up
     after: Snapshot | None = None  # idle after the soak and the settle
@@ -163,6 +167,10 @@ class SoakResult:
             ("sessions by kind", f"{sum(self.kinds.values())} ({kinds})"),
             ("turns checked exact", f"{self.turns}"),
             ("client failures", f"{len(self.failures)}"),
+            (
+                "client library errors",
+                f"{self.client_library_errors} (trio-websocket: pong after close)",
+            ),
             ("idle before any load", self.idle.row() if self.idle else "-"),
             ("idle after the warm-up", self.warm.row() if self.warm else "-"),
             (
@@ -229,6 +237,17 @@ async def _raw(services: Services, session_id: str, kind: str) -> None:
     await client.vanish(reset=kind != "fin-mid-turn")
 
 
+async def _step(
+    services: Services, session_id: str, kind: str, rng: random.Random, result: SoakResult
+) -> None:
+    if kind == "chat":
+        await _chat(services, session_id, rng, result)
+    elif kind == "leave-mid-turn":
+        await _leave_mid_turn(services, session_id)
+    else:
+        await _raw(services, session_id, kind)
+
+
 async def _worker(
     services: Services, index: int, deadline: float, result: SoakResult, seed: int
 ) -> None:
@@ -242,12 +261,12 @@ async def _worker(
         result.kinds[kind] += 1
         try:
             with trio.fail_after(STEP_TIMEOUT):
-                if kind == "chat":
-                    await _chat(services, session_id, rng, result)
-                elif kind == "leave-mid-turn":
-                    await _leave_mid_turn(services, session_id)
-                else:
-                    await _raw(services, session_id, kind)
+                # Its own nursery: the stray Cancelled trio-websocket can raise (see
+                # client_library_errors) then ends this session only, not every worker.
+                async with trio.open_nursery() as step:
+                    step.start_soon(_step, services, session_id, kind, rng, result)
+                if step.cancel_scope.cancelled_caught:
+                    result.client_library_errors += 1
         except* (BenchError, OSError, trio.TooSlowError, trio_websocket.HandshakeError) as group:
             result.failures.append(f"{kind} {session_id}: {group.exceptions[0]!r}")
         except* trio_websocket.ConnectionClosed as group:
