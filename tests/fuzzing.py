@@ -289,8 +289,11 @@ def valid_frames(draw: st.DrawFn) -> dict[str, Any]:
     else:
         frame = {"type": kind}
     documented_type = frame["type"]
-    frame.update(draw(st.dictionaries(st.text(max_size=8), safe_json_values, max_size=2)))
-    frame["type"] = documented_type  # extra keys, never another type
+    # Extra keys, never a documented one: an undocumented key is forwarded as sent, while a
+    # documented one has a type (a generated {"error": []} on a tool_result is rightly refused).
+    extra = draw(st.dictionaries(st.text(max_size=8), safe_json_values, max_size=2))
+    frame.update({f"x-{key}": value for key, value in extra.items()})
+    frame["type"] = documented_type
     return frame
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import pytest
 import trio
 from hypothesis import given
@@ -202,3 +205,73 @@ def test_store_matches_a_model(ops: list[tuple[str, str, str]], max_sessions: in
                 assert await store.sessions_of(u) == expected
 
     trio.run(run)
+
+
+# --- idle records expire --------------------------------------------------------------------
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_record_unused_for_the_idle_ttl_is_forgotten_and_frees_its_users_share() -> None:
+    clock = FakeClock()
+    store = MemoryOwnershipStore(max_per_user=2, idle_ttl=60, clock=clock)
+    await store.claim("s1", "alice")
+    await store.claim("s2", "alice")
+    with pytest.raises(OwnershipRefused):
+        await store.claim("s3", "alice")
+    clock.now += 59
+    assert await store.owner("s1") == "alice"  # not yet
+    clock.now += 2
+    assert await store.owner("s1") is None
+    assert await store.sessions_of("alice") == frozenset()
+    assert len(store) == 0 and not store._by_user
+    assert await store.claim("s3", "alice") == "alice"
+
+
+async def test_using_a_session_keeps_its_record_alive() -> None:
+    clock = FakeClock()
+    store = MemoryOwnershipStore(idle_ttl=60, clock=clock)
+    await store.claim("busy", "alice")
+    await store.claim("quiet", "alice")
+    for _ in range(5):
+        clock.now += 40
+        # every open and every REST use claims again; a claim by another user is refused
+        # but still counts as use of the session
+        assert await store.claim("busy", "bob" if clock.now % 80 else "alice") == "alice"
+    assert await store.owner("busy") == "alice"
+    assert await store.owner("quiet") is None
+    assert await store.sessions_of("alice") == frozenset({"busy"})
+
+
+async def test_without_an_idle_ttl_records_are_kept_until_forgotten() -> None:
+    clock = FakeClock()
+    store = MemoryOwnershipStore(idle_ttl=0, clock=clock)
+    await store.claim("s1", "alice")
+    clock.now += 10 * 365 * 86_400
+    assert await store.owner("s1") == "alice"
+    with pytest.raises(ValueError):
+        MemoryOwnershipStore(idle_ttl=-1)
+
+
+async def test_expiry_keeps_the_user_index_consistent_under_random_use() -> None:
+    clock = FakeClock()
+    store = MemoryOwnershipStore(max_per_user=50, idle_ttl=10, clock=clock)
+    rng = random.Random(7)
+    for _ in range(5_000):
+        clock.now += rng.random()
+        sid, user = f"s{rng.randrange(200)}", f"u{rng.randrange(5)}"
+        with contextlib.suppress(OwnershipRefused):
+            await store.claim(sid, user)
+        if rng.random() < 0.05:
+            await store.forget(sid)
+    indexed = {(s, u) for u, ss in store._by_user.items() for s in ss}
+    assert indexed == {(s, record[0]) for s, record in store._owners.items()}
+    assert all(clock.now - used < 10 for _, used in store._owners.values())

@@ -211,12 +211,40 @@ async def test_the_per_user_cap_holds_under_a_race_and_forget_frees_a_slot(
                 await store.claim(*bad)
 
 
-async def test_ownership_records_do_not_expire(redis_url: str, prefix: str) -> None:
+async def test_without_an_idle_ttl_ownership_records_do_not_expire(
+    redis_url: str, prefix: str
+) -> None:
     async with running_state(state_settings(redis_url, prefix)) as state:
-        store = RedisOwnershipStore(state)
+        store = RedisOwnershipStore(state, idle_ttl=0)
         await store.claim("s1", "alice")
         assert await state.client.pttl(state.key("owner", "s1")) == -1  # no expiry
         assert await state.client.pttl(state.key("user-sessions", "alice")) == -1
+
+
+async def test_idle_ownership_records_expire_in_redis_and_use_keeps_them(
+    redis_url: str, prefix: str
+) -> None:
+    async with running_state(state_settings(redis_url, prefix)) as state:
+        store = RedisOwnershipStore(state, max_per_user=2, idle_ttl=0.6)
+        await store.claim("busy", "alice")
+        await store.claim("quiet", "alice")
+        with pytest.raises(OwnershipRefused):
+            await store.claim("third", "alice")
+        for _ in range(4):
+            await trio.sleep(0.25)
+            assert await store.claim("busy", "bob") == "alice"  # use by anyone refreshes
+        assert await store.owner("busy") == "alice"
+        assert await store.owner("quiet") is None
+        assert await store.sessions_of("alice") == frozenset({"busy"})
+        # the expired id left the user's share: a new session fits again
+        assert await store.claim("third", "alice") == "alice"
+        assert await store.sessions_of("alice") == frozenset({"busy", "third"})
+        # the user's set lives as long as its newest record
+        ttl = await state.client.pttl(state.key("user-sessions", "alice"))
+        assert 0 < ttl <= 600
+        await trio.sleep(0.7)
+        assert await store.sessions_of("alice") == frozenset()
+        assert await state.client.exists([state.key("user-sessions", "alice")]) == 0
 
 
 # --- connections -----------------------------------------------------------------------------
@@ -288,7 +316,14 @@ async def test_a_crashed_replicas_connections_lapse_and_a_live_ones_are_renewed(
 async def test_a_stopping_security_hands_its_connections_back_before_closing_the_client(
     redis_url: str, prefix: str
 ) -> None:
-    settings = state_settings(redis_url, prefix, session_lease_seconds=60)
+    # JWT on (the JWKS is never fetched here): without it nobody owns anything.
+    settings = state_settings(
+        redis_url,
+        prefix,
+        session_lease_seconds=60,
+        use_jwt_auth=True,
+        jwks_url="http://127.0.0.1:9/jwks.json",
+    )
     one, two = Security(settings, Metrics()), Security(settings, Metrics())
     alice = Identity(sub="alice", scopes=frozenset({"*"}), expires_at=math.inf)
     async with trio.open_nursery() as nursery:

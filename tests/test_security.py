@@ -677,6 +677,58 @@ async def test_a_refused_handshake_does_not_claim_the_session(
             assert len(await chat(WsClient(ws))) == 3
 
 
+async def test_a_user_owns_at_most_max_sessions_and_idle_ownership_is_forgotten(
+    secure_with: SecureFactory,
+) -> None:
+    async with secure_with(max_sessions_per_user=2, session_ownership_ttl=1.0) as running:
+        gw, issuer = running.gateway, running.issuer
+        alice, bob = issuer.mint("alice"), issuer.mint("bob")
+        MINTED.update({alice, bob})
+        for session in ("own1", "own2"):
+            async with trio_websocket.open_websocket_url(
+                gw.ws_url(session), extra_headers=bearer(alice)
+            ):
+                pass
+        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+            async with trio_websocket.open_websocket_url(
+                gw.ws_url("own3"), extra_headers=bearer(alice)
+            ):
+                pass
+        assert rejected.value.status_code == 429
+        assert b"too_many_sessions" in (rejected.value.body or b"")
+        with pytest.raises(trio_websocket.ConnectionRejected) as foreign:
+            async with trio_websocket.open_websocket_url(
+                gw.ws_url("own1"), extra_headers=bearer(bob)
+            ):
+                pass
+        assert foreign.value.status_code == 403
+        await trio.sleep(1.2)  # both records are now idle for longer than the TTL
+        async with trio_websocket.open_websocket_url(
+            gw.ws_url("own3"), extra_headers=bearer(alice)
+        ) as ws:
+            assert len(await chat(WsClient(ws))) == 3
+        # An id unused for the TTL is unowned: the next user to touch it owns it (documented).
+        async with trio_websocket.open_websocket_url(gw.ws_url("own1"), extra_headers=bearer(bob)):
+            pass
+
+
+async def test_without_jwt_auth_sessions_are_not_recorded_or_capped(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    # Every caller is the same anonymous principal: owner records would protect nothing and
+    # a long-lived gateway would refuse every session after MAX_SESSIONS_PER_USER (the soak
+    # found this at 10,000).
+    settings = gateway_settings(demo_runtime[1], max_sessions_per_user=1)
+    async with run_gateway(nursery, settings) as gw:
+        for session in ("anon1", "anon2", "anon3"):
+            async with trio_websocket.open_websocket_url(gw.ws_url(session)) as ws:
+                assert len(await chat(WsClient(ws))) == 3
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            listed = await http.get("/api/v1/sessions")
+        assert {"anon1", "anon2", "anon3"} <= {s["id"] for s in listed.json()["sessions"]}
+        assert len(gw.app.gateway.security.ownership) == 0  # type: ignore[arg-type]
+
+
 async def test_the_internal_key_never_goes_to_the_auth_service(secure: Secure) -> None:
     async with secure.http() as http:
         await http.get("/api/v1/agents", headers=auth(secure.token()))

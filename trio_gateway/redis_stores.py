@@ -8,9 +8,10 @@ replicas' clocks may disagree, Redis' is the only one they share.
 Keys (``P`` is ``REDIS_KEY_PREFIX``; ``docs/scaling.md`` has the full table):
 
 * ``P owner:<session>`` (string, user id) and ``P user-sessions:<user>`` (set of session ids):
-  ownership. No expiry, on purpose: an ownership record that expires makes its session
-  unowned, and whoever knows the id may then claim it, i.e. a takeover. Records leave only
-  through ``forget`` (the session was deleted).
+  ownership. They expire ``SESSION_OWNERSHIP_TTL`` after the session was last claimed or
+  used (never with 0), and leave at once through ``forget`` (the session was deleted). Not
+  earlier: a record that disappears makes its session unowned, and whoever knows the id may
+  then claim it (a takeover); the TTL bounds how long an abandoned user's records are kept.
 * ``P conns:<user>`` (sorted set): the user's open WebSockets on every replica, one member
   ``<replica id>:<n>`` per connection, scored by its expiry (ms, Redis time). Each replica
   pushes its members' expiry forward every lease/3; a crashed replica's members lapse after
@@ -43,15 +44,50 @@ logger = logging.getLogger("trio_gateway.redis")
 
 # --- ownership -------------------------------------------------------------------------------
 
-# KEYS: owner key, the user's session set. ARGV: user, session id, per-user cap.
-# Returns the owner (existing or new), or nil when the user is at the cap.
+# KEYS: owner key, the claimant's session set. ARGV: user, session id, per-user cap, idle TTL
+# (ms, 0 = none), owner key prefix, session set prefix. Returns the owner (existing or new), or
+# nil when the user is at the cap. Claiming an owned session refreshes its record (and the
+# owner's set, which must outlive its members). At the cap, members whose record expired or
+# changed hands are dropped before the count is trusted. (Keys built from ARGV are fine on a
+# single Redis; Redis Cluster is not supported.)
 _CLAIM = """
+local ttl = tonumber(ARGV[4])
 local owner = redis.call('GET', KEYS[1])
-if owner then return owner end
-if redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[3]) then return false end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
+if owner then
+  if ttl > 0 then
+    local owner_set = ARGV[6] .. owner
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('SADD', owner_set, ARGV[2])
+    redis.call('PEXPIRE', owner_set, ttl)
+  end
+  return owner
+end
+local cap = tonumber(ARGV[3])
+if redis.call('SCARD', KEYS[2]) >= cap then
+  for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if redis.call('GET', ARGV[5] .. sid) ~= ARGV[1] then redis.call('SREM', KEYS[2], sid) end
+  end
+  if redis.call('SCARD', KEYS[2]) >= cap then return false end
+end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+  redis.call('SADD', KEYS[2], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[2])
+end
 return ARGV[1]
+"""
+
+# KEYS: the user's session set. ARGV: user, owner key prefix. The members whose record still
+# names the user (expired records leave their ids behind in the set until the next prune).
+_SESSIONS_OF = """
+local mine = {}
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('GET', ARGV[2] .. sid) == ARGV[1] then mine[#mine + 1] = sid end
+end
+return mine
 """
 
 # KEYS: owner key, the owner's session set. ARGV: the owner read before, session id.
@@ -69,18 +105,27 @@ class RedisOwnershipStore:
     """:class:`~trio_gateway.ownership.OwnershipStore` shared by every replica on one Redis.
 
     Same rules as :class:`~trio_gateway.ownership.MemoryOwnershipStore`: the first claim wins
-    atomically, a user at ``max_per_user`` sessions is refused (``user_limit``), nothing is
-    ever evicted or expires. There is no ``store_full``: the total is bounded by Redis' memory
-    (run it with ``maxmemory-policy noeviction``: an evicted record is a takeover; a full Redis
-    then refuses writes, which callers see as :class:`StateUnavailable`).
+    atomically, a user at ``max_per_user`` sessions is refused (``user_limit``), and records
+    leave when their session is deleted or, with a positive ``idle_ttl`` (seconds), once it
+    has not been claimed or used for that long (Redis expires the keys). Nothing is evicted
+    early: there is no ``store_full``, the total is bounded by Redis' memory (run it with
+    ``maxmemory-policy noeviction``: an evicted record is a takeover; a full Redis then
+    refuses writes, which callers see as :class:`StateUnavailable`).
     """
 
-    def __init__(self, state: RedisState, max_per_user: int = 10_000) -> None:
+    def __init__(
+        self, state: RedisState, max_per_user: int = 10_000, idle_ttl: float = 0.0
+    ) -> None:
         if max_per_user < 1:
             raise ValueError("max_per_user must be >= 1")
+        if idle_ttl < 0:
+            raise ValueError("idle_ttl must be >= 0")
         self.state = state
         self.max_per_user = max_per_user
+        # Whole milliseconds, at least 1 when positive (PX 0 is an error in Redis).
+        self._ttl_ms = max(1, math.ceil(idle_ttl * 1000)) if idle_ttl else 0
         self._claim = state.client.register_script(_CLAIM)
+        self._sessions_of = state.client.register_script(_SESSIONS_OF)
         self._forget = state.client.register_script(_FORGET)
 
     def _owner_key(self, session_id: str) -> str:
@@ -101,22 +146,31 @@ class RedisOwnershipStore:
         with self.state.guard():
             owner: ResponseType = await self._claim(
                 keys=[self._owner_key(session_id), self._user_key(user)],
-                args=[user, session_id, self.max_per_user],
+                args=[
+                    user,
+                    session_id,
+                    self.max_per_user,
+                    self._ttl_ms,
+                    self._owner_key(""),
+                    self._user_key(""),
+                ],
             )
         if owner is None:
             raise OwnershipRefused("user_limit")
         return str(owner)
 
     async def owner(self, session_id: str) -> str | None:
-        """The owner of ``session_id``, or None if nobody has claimed it."""
+        """The owner of ``session_id``, or None if nobody has claimed it (or it expired)."""
         with self.state.guard():
             return await self.state.client.get(self._owner_key(session_id))
 
     async def sessions_of(self, user: str) -> frozenset[str]:
         """The sessions ``user`` owns (empty if none)."""
         with self.state.guard():
-            members = await self.state.client.smembers(self._user_key(user))
-        return frozenset(members)
+            members: ResponseType = await self._sessions_of(
+                keys=[self._user_key(user)], args=[user, self._owner_key("")]
+            )
+        return frozenset(str(member) for member in cast(list[str], members))
 
     async def forget(self, session_id: str) -> None:
         """Drop the ownership record of ``session_id`` (no-op if there is none)."""

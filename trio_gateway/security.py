@@ -109,7 +109,10 @@ class Security:
         if settings.state_backend == "redis":
             self._use_redis(settings, metrics)
         else:
-            self.ownership = MemoryOwnershipStore()
+            self.ownership = MemoryOwnershipStore(
+                max_per_user=settings.max_sessions_per_user,
+                idle_ttl=settings.session_ownership_ttl,
+            )
             self.connections = MemoryConnectionLimiter(
                 settings.max_connections_per_user, settings.max_connections
             )
@@ -132,7 +135,9 @@ class Security:
         from .redis_stores import RedisConnectionLimiter, RedisOwnershipStore, RedisRateLimiter
 
         redis = self.redis = RedisState(settings)
-        self.ownership = RedisOwnershipStore(redis)
+        self.ownership = RedisOwnershipStore(
+            redis, settings.max_sessions_per_user, settings.session_ownership_ttl
+        )
         self.connections = self._redis_connections = RedisConnectionLimiter(
             redis,
             settings.max_connections_per_user,
@@ -301,7 +306,11 @@ class Security:
         """403 if another user owns the session; True when it is unowned (claim it later).
 
         503 when the state backend cannot say (fail closed: ownership guards other users' data).
+        Without JWT auth every caller is the one anonymous principal: there is nobody to keep
+        apart, so nothing is looked up (the REST proxy skips ownership the same way).
         """
+        if not self.enabled:
+            return False
         try:
             owner = await self.ownership.owner(session_id)
         except StateUnavailable:
@@ -313,7 +322,14 @@ class Security:
     async def claim_session(self, session_id: str, identity: Identity) -> None:
         """Record ``identity`` as the owner of an unowned session; 403 if someone else owns it,
         503/429 when the ownership store or the user's share of it is full, 503 when the state
-        backend does not answer."""
+        backend does not answer.
+
+        Without JWT auth nothing is recorded: a record per session of the one anonymous
+        principal would protect nothing and only fill its share of the store, after which
+        every new session would be refused (429 after ``max_per_user`` sessions).
+        """
+        if not self.enabled:
+            return
         try:
             owner = await self.ownership.claim(session_id, identity.sub)
         except StateUnavailable:

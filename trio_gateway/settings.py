@@ -156,6 +156,25 @@ class Settings(BaseSettings):
     max_connections_per_user: int = Field(
         20, ge=1, le=100_000, description="Open WebSockets per user; more get HTTP 429."
     )
+    max_sessions_per_user: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Sessions one user may own at a time (JWT auth only); a new one beyond it gets 429. "
+            "Deleted sessions and those unused for SESSION_OWNERSHIP_TTL no longer count."
+        ),
+    )
+    session_ownership_ttl: float = Field(
+        30 * 86_400,
+        ge=0,
+        le=10 * 365 * 86_400,
+        description=(
+            "Seconds a session's owner is remembered after it was last opened or used over REST "
+            "(JWT auth only); afterwards the next user to touch the id owns it. 0 keeps owners "
+            "until the session is deleted, and a user then reaches MAX_SESSIONS_PER_USER for good."
+        ),
+    )
     ws_messages_per_second: float = Field(
         5.0, gt=0, le=10_000, description="Sustained inbound WebSocket messages per user."
     )
