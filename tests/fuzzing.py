@@ -868,6 +868,7 @@ class FuzzGateway:
         self.issuer: DevIssuer | None = DevIssuer(kid="fuzz-main") if jwt else None
         self.port = 0
         self.baseline = 0  # task count with only the control session open
+        self.baseline_names: dict[str, int] = {}  # and the tasks by name, to explain a diff
         self.control = ControlReport()
         self.errors = ErrorLogCounter()
         self.failure: BaseException | None = None
@@ -948,15 +949,18 @@ class FuzzGateway:
         def read() -> dict[str, int]:
             names: dict[str, int] = {}
 
-            def walk(task: trio.lowlevel.Task) -> None:
-                names[task.name] = names.get(task.name, 0) + 1
+            def walk(task: trio.lowlevel.Task, server: str) -> None:
+                if task.name.endswith(("demo_runtime.serve_demo_runtime", "server.serve")):
+                    server = task.name.rsplit(".", 1)[-1]
+                name = f"{server}: {task.name}" if server else task.name
+                names[name] = names.get(name, 0) + 1
                 for nursery in task.child_nurseries:
                     for child in nursery.child_tasks:
-                        walk(child)
+                        walk(child, server)
 
             root = trio.lowlevel.current_root_task()
             assert root is not None
-            walk(root)
+            walk(root, "")
             return names
 
         return self.run_sync_in_loop(read)
