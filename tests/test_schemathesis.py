@@ -118,12 +118,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(gateway_url: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: in long runs (all phases) about 1 request in 600 still gets no answer within "
-    "30 s on a keep-alive connection (seen after the early-answer fixes; not reproduced in "
-    "isolation). See the report of the proof branch.",
-)
 def test_schemathesis_long(gateway_url: str) -> None:
     examples = int(os.environ.get("FUZZ_EXAMPLES", "100"))
     run_schemathesis(gateway_url, examples, "examples,coverage,fuzzing,stateful")

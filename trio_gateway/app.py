@@ -26,7 +26,6 @@ from .rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
     RestProxy,
-    drain_request_body,
     error_response,
     incoming_request_id,
     make_http_client,
@@ -194,8 +193,80 @@ class GatewayApp(QuartTrio):
                 await _refuse(scope, send, 404, "not_found", "No WebSocket route here")
         elif scope["type"] == "http" and not _host_is_valid(scope):
             await _refuse(scope, send, 400, "invalid_request", "Malformed Host header")
+        elif scope["type"] == "http":
+            settings = self.gateway.settings
+            gate = RequestBodyGate(scope, settings.max_request_body_bytes, settings.request_timeout)
+            await super().__call__(scope, gate.receive(receive), gate.send(send))
         else:
             await super().__call__(scope, receive, send)
+
+
+class RequestBodyGate:
+    """Holds an HTTP response back until the request's body has arrived (bounded).
+
+    hypercorn 0.18 (h11) can keep a connection alive only if the request's body had arrived
+    in full when the response ended; otherwise it closes the connection (and before the fix
+    in ``hypercorn_patches.py``, item 3, it wedged it instead: the client's next request never
+    got an answer). Clients such as requests/urllib3 write a request's head and body
+    separately, so now and then the body comes a few milliseconds after the head, and any
+    answer that does not need the body (Quart's automatic ``OPTIONS``, 404, 405, a refusal,
+    a view that never reads it) could go out first: found by schemathesis, about 1 request in
+    600. quart-trio reads the body in its own task whatever the view does, so waiting for it
+    here costs the body's transit time only, and covers every route at once.
+
+    Not waited for: a body announced larger than ``limit`` (the 413 goes out at once and the
+    connection is closed), more than ``limit`` bytes received (a chunked body without an
+    announced length), nor longer than ``timeout`` seconds in all.
+    """
+
+    def __init__(self, scope: dict[str, Any], limit: int, timeout: float) -> None:
+        self._complete = trio.Event()
+        self._limit = limit
+        self._timeout = timeout
+        self._received = 0
+        if not _announces_acceptable_body(scope, limit):
+            self._complete.set()
+
+    def receive(self, receive: Any) -> Any:
+        """``receive`` that notes when the whole body (or a disconnect) has come through."""
+
+        async def gated_receive() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                self._received += len(message.get("body", b""))
+                if not message.get("more_body", False) or self._received > self._limit:
+                    self._complete.set()
+            else:  # http.disconnect: nothing more will come
+                self._complete.set()
+            return message
+
+        return gated_receive
+
+    def send(self, send: Any) -> Any:
+        """``send`` that starts a response only once the body is in (or the gate gave up)."""
+
+        async def gated_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and not self._complete.is_set():
+                with trio.move_on_after(self._timeout):
+                    await self._complete.wait()
+            await send(message)
+
+        return gated_send
+
+
+def _announces_acceptable_body(scope: dict[str, Any], limit: int) -> bool:
+    """Whether the request announces a body (of at most ``limit`` bytes, when it says)."""
+    for key, value in scope.get("headers") or []:
+        name = key.lower()
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:  # h11 refuses these before the app sees them
+                return False
+            return 0 < length <= limit
+    return False
 
 
 def _host_is_valid(scope: dict[str, Any]) -> bool:
@@ -263,9 +334,7 @@ def create_app(settings: Settings) -> GatewayApp:
         (405, "method_not_allowed", "Method not allowed on this route"),
         (413, "request_too_large", f"Request body exceeds {settings.max_request_body_bytes} bytes"),
     ):
-        app.register_error_handler(
-            status, _error_handler(status, code, text, settings.max_request_body_bytes)
-        )
+        app.register_error_handler(status, _error_handler(status, code, text))
 
     for route in ROUTES:
         app.add_url_rule(
@@ -313,10 +382,8 @@ def create_app(settings: Settings) -> GatewayApp:
     return app
 
 
-def _error_handler(status: int, code: str, text: str, drain_limit: int) -> Any:
+def _error_handler(status: int, code: str, text: str) -> Any:
     async def handle(_error: Exception) -> Response:
-        if status != 413:  # see drain_request_body; a too-large body is never read
-            await drain_request_body(drain_limit)
         return error_response(status, code, text)
 
     return handle

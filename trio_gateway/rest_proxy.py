@@ -204,27 +204,6 @@ def error_response(
     return Response(body, status=status, content_type="application/json", headers=headers)
 
 
-async def drain_request_body(limit: int) -> None:
-    """Read and drop the current request's body (at most ``limit`` bytes are announced).
-
-    Needed before answering early: when hypercorn (0.18, h11) sends a response before the
-    request's body has arrived and the app never reads it, the body that arrives afterwards
-    wedges the keep-alive connection and the client's next request on it never gets an answer
-    (found by schemathesis, pinned by tests/test_hostile_regressions.py). A body announced
-    over ``limit`` is not read: the answer is then sent with ``Connection: close`` semantics
-    by the caller's error path anyway.
-    """
-    length = request.content_length
-    if length is not None and length > limit:
-        return
-    if length is None and request.headers.get("Transfer-Encoding") is None:
-        return  # no body
-    try:
-        await request.get_data(cache=False)
-    except Exception:  # a broken or oversized body: nothing more to drain
-        return
-
-
 def incoming_request_id() -> str:
     """The client's X-Request-ID when it is sane (short, no odd characters), else a new one."""
     supplied = request.headers.get(REQUEST_ID_HEADER, "")
@@ -294,7 +273,6 @@ class RestProxy:
         try:
             identity = await self._authorize(route, path_params)
         except Refusal as refused:
-            await drain_request_body(self.settings.max_request_body_bytes)
             return error_response(
                 refused.status, refused.error, refused.description, refused.headers()
             )
