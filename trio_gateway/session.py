@@ -33,7 +33,7 @@ import trio
 
 from .auth import Identity
 from .observability import Metrics, frame_type_label, session_id_var, user_var
-from .outbound import Frame, OutboundQueue
+from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .protocol import (
     ANSWER_TYPES,
     CONNECTION_FRAME_TYPES,
@@ -188,13 +188,12 @@ class Session:
         self.seq += 1
         return self.seq
 
-    def number(self, frame: Frame, now: float) -> tuple[int, str]:
+    def number(self, frame: Outgoing, now: float) -> tuple[int, str]:
         """Give ``frame`` the next seq, encode it, record it for replay (and for the other
-        replicas); returns (seq, text). A frame relayed from another replica's stream keeps
-        the seq it already has."""
-        relayed = frame.get("_stream")
-        if relayed is not None:
-            seq, text = relayed
+        replicas); returns (seq, text). A :class:`NumberedFrame` relayed from another
+        replica's stream keeps the seq it already has."""
+        if isinstance(frame, NumberedFrame):
+            seq, text = frame.seq, frame.text
             if seq != self.seq + 1:
                 # A gap in the shared stream (trimmed, or a publish failed): never hide it.
                 logger.warning("shared stream jumped from seq %d to %d", self.seq, seq)
@@ -318,8 +317,7 @@ class Session:
         for seq, text in frames:
             while not self.outbound.has_space() and self.connection is not None:
                 await self._space_ready.park()
-            kind = _type_of(text)
-            self.outbound.put_chunk({"type": kind, "_stream": (seq, text)}, len(text))
+            self.outbound.put_numbered(NumberedFrame(seq, text, _type_of(text)), len(text))
         self._frames_ready.unpark_all()
         return frames[-1][0]
 
@@ -353,7 +351,8 @@ class Session:
             self._space_ready.unpark_all()
             now = trio.current_time()
             for frame in frames:
-                if frame.get("type") not in CONNECTION_FRAME_TYPES:
+                kind = frame.kind if isinstance(frame, NumberedFrame) else frame.get("type")
+                if kind not in CONNECTION_FRAME_TYPES:
                     seq, _ = self.number(frame, now)
                     self.replay.delivered(seq)  # published is as far as it goes from here
             self.maybe_hand_off()
@@ -608,7 +607,7 @@ class Session:
 
     # --- writer side -----------------------------------------------------------------------
 
-    async def wait_frames(self, connection: Connection) -> list[Frame]:
+    async def wait_frames(self, connection: Connection) -> list[Outgoing]:
         """Block until frames are waiting, take them all, and wake a blocked producer.
 
         Returns an empty list when ``connection`` was asked to close after a flush and
@@ -1092,7 +1091,7 @@ class SessionManager:
             await self._send_frames(session, connection, frames)
 
     async def _send_frames(
-        self, session: Session, connection: Connection, frames: list[Frame]
+        self, session: Session, connection: Connection, frames: list[Outgoing]
     ) -> None:
         # Number, encode and record every frame of the batch *before* the first write: if the
         # socket fails half-way (or this task is cancelled at a checkpoint), the rest are in
@@ -1102,22 +1101,30 @@ class SessionManager:
         v2 = connection.v2
         batch: list[tuple[int, str, object]] = []
         for frame in frames:
-            kind = frame.get("type")
-            if not v2 and kind in V2_ONLY_TYPES:
-                if "_stream" in frame:  # numbered elsewhere: keep the seq line unbroken
+            if isinstance(frame, NumberedFrame):
+                # Another replica numbered it (we follow its shared stream): it keeps its seq.
+                kind = frame.kind
+                if not v2 and kind in V2_ONLY_TYPES:
+                    # Numbered elsewhere: keep the seq line unbroken.
                     replay.delivered(session.number(frame, now)[0])
-                continue
-            if kind in CONNECTION_FRAME_TYPES:
-                batch.append((0, orjson.dumps(frame).decode(), kind))
-                continue
-            seq, text = session.number(frame, now)
-            if session.lost_frames and "_stream" in frame:
-                # The shared stream jumped (a failed append): say so before the next frame,
-                # never a silent gap. v1 clients cannot resync; they reload history anyway.
-                session.lost_frames = 0
-                if v2:
-                    resync = {"type": "resync_required", "reason": "frames_lost"}
-                    batch.append((0, orjson.dumps(resync).decode(), "resync_required"))
+                    continue
+                seq, text = session.number(frame, now)
+                if session.lost_frames:
+                    # The shared stream jumped (a failed append): say so before the next
+                    # frame, never a silent gap. v1 clients cannot resync; they reload
+                    # history anyway.
+                    session.lost_frames = 0
+                    if v2:
+                        resync = {"type": "resync_required", "reason": "frames_lost"}
+                        batch.append((0, orjson.dumps(resync).decode(), "resync_required"))
+            else:
+                kind = frame.get("type")
+                if not v2 and kind in V2_ONLY_TYPES:
+                    continue
+                if kind in CONNECTION_FRAME_TYPES:
+                    batch.append((0, orjson.dumps(frame).decode(), kind))
+                    continue
+                seq, text = session.number(frame, now)
             if seq <= connection.skip_through:
                 replay.delivered(seq)  # the client has it from the other replica
                 continue
