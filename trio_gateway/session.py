@@ -166,8 +166,12 @@ class Session:
         self._final_seen = False
         self.finished = trio.Event()
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
-        self._frames_ready = trio.lowlevel.ParkingLot()
-        self._space_ready = trio.lowlevel.ParkingLot()
+        # frames_ready: frames were queued or the attachment changed (the writer, or the
+        # hand-off pump, looks again); space_ready: the queue was emptied or the client left
+        # (a producer over the byte budget looks again). Public: session_replicas.py relays
+        # and pumps frames with them too.
+        self.frames_ready = trio.lowlevel.ParkingLot()
+        self.space_ready = trio.lowlevel.ParkingLot()
         self._messages_ready = trio.lowlevel.ParkingLot()
         self._attachment_changed = trio.lowlevel.ParkingLot()
 
@@ -316,9 +320,9 @@ class Session:
     async def _relay_stream(self, frames: list[tuple[int, str]]) -> int:
         for seq, text in frames:
             while not self.outbound.has_space() and self.connection is not None:
-                await self._space_ready.park()
+                await self.space_ready.park()
             self.outbound.put_numbered(NumberedFrame(seq, text, _type_of(text)), len(text))
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
         return frames[-1][0]
 
     async def _took_over(self, cluster: Cluster, last_seq: int) -> None:
@@ -346,9 +350,9 @@ class Session:
         # (nobody here writes it to a socket), then end once the session is idle.
         while True:
             while not (self.handoff and self.connection is None):
-                await self._frames_ready.park()
+                await self.frames_ready.park()
             frames = self.outbound.take_all()
-            self._space_ready.unpark_all()
+            self.space_ready.unpark_all()
             now = trio.current_time()
             for frame in frames:
                 kind = frame.kind if isinstance(frame, NumberedFrame) else frame.get("type")
@@ -357,7 +361,7 @@ class Session:
                     self.replay.delivered(seq)  # published is as far as it goes from here
             self.maybe_hand_off()
             if not len(self.outbound):
-                await self._frames_ready.park()
+                await self.frames_ready.park()
 
     def maybe_hand_off(self) -> None:
         """End a handed-off session once it is idle (its lease goes to the new replica)."""
@@ -412,10 +416,10 @@ class Session:
             connection.previous_writer_done = previous.writer_done
         self.connection = connection
         self.handoff = False  # the client came back here
-        connection.wake_writer = self._frames_ready.unpark_all
+        connection.wake_writer = self.frames_ready.unpark_all
         connection.greeting = greeting
         self._attachment_changed.unpark_all()
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
 
     def detach(self, connection: Connection) -> None:
         """Forget ``connection`` (if it is still the live one); queued messages are dropped."""
@@ -426,8 +430,8 @@ class Session:
         if dropped:
             logger.info("client gone; dropped %d queued message(s)", dropped)
         self._attachment_changed.unpark_all()
-        self._space_ready.unpark_all()
-        self._frames_ready.unpark_all()  # the pump takes over when handed off
+        self.space_ready.unpark_all()
+        self.frames_ready.unpark_all()  # the pump takes over when handed off
         if self.close_after_turn is not None and not self.turn_running:
             self.end()  # drained: nothing left to wait for
         self.maybe_hand_off()
@@ -437,7 +441,7 @@ class Session:
     def send_control(self, frame: Frame) -> None:
         """Queue a gateway-made frame for the client; never blocks."""
         self.outbound.put_control(frame)
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
 
     def submit(self, message: dict[str, Any]) -> bool:
         """Queue a runtime-bound message; False when the FIFO is full (caller answers busy)
@@ -556,7 +560,7 @@ class Session:
         # reading so the runtime can finish and persist the answer; what no longer fits is
         # counted as lost (v2 clients are told to resync when they come back).
         while not self.outbound.has_space() and self.connection is not None:
-            await self._space_ready.park()
+            await self.space_ready.park()
         if not self.outbound.has_space():
             # Keep what ends the turn (small, and a client that never sees it spins forever).
             finals = [chunk for chunk in chunks if chunk.get("is_final") is not False]
@@ -582,7 +586,7 @@ class Session:
         metrics.chunks_relayed.inc(len(chunks))
         if outbound.merged_chunks != merged_before:
             metrics.coalesced_chunks.inc(outbound.merged_chunks - merged_before)
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
 
     def _send_to(self, connection: Connection, frame: Frame) -> None:
         """Queue a v2-only frame if ``connection`` speaks v2."""
@@ -616,9 +620,9 @@ class Session:
         while not len(self.outbound):
             if connection.flush_then_close:
                 return []
-            await self._frames_ready.park()
+            await self.frames_ready.park()
         frames = self.outbound.take_all()
-        self._space_ready.unpark_all()
+        self.space_ready.unpark_all()
         return frames
 
 
@@ -703,7 +707,7 @@ class SessionManager:
             )
         if session.holds_lease:
             session.handoff = True
-            session._frames_ready.unpark_all()
+            session.frames_ready.unpark_all()
             session.maybe_hand_off()
         else:
             session.end()  # a follower whose client left has nothing to relay
