@@ -17,11 +17,13 @@ Backpressure: the turn runner relays runtime chunks into the session's bounded
 socket. hypercorn sends inside a shielded scope, so a client that stops reading blocks the writer
 where no timeout can reach it: the heartbeat task watches ``send_started_at`` from outside and
 aborts the transport after ``ws_slow_client_timeout``.
+
+Several replicas (``STATE_BACKEND=redis``): the session's lease, following another replica's
+stream and the hand-off are in :mod:`trio_gateway.session_replicas`, tasks of the same nursery.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -50,6 +52,7 @@ from .protocol import (
 from .replay import ReplayBuffer, ReplayGap
 from .runtime_client import RuntimeClient, RuntimeFailure
 from .security import Refusal, Security
+from .session_replicas import keep_lease, let_go, pump_handed_off
 from .settings import Settings
 from .state import StateUnavailable
 from .transport import ConnectionClosed, WebSocketConnection
@@ -64,10 +67,6 @@ logger = logging.getLogger("trio_gateway.session")
 # call ids remembered to refuse a second answer. Old entries go first.
 MAX_PENDING_APPROVALS = 64
 MAX_REMEMBERED_ANSWERS = 1024
-FOLLOW_LINGER_SECONDS = 0.01  # batching window for reads of another replica's stream
-# A quiet follower tries to take the lease this often: the delay a moved session's next turn
-# may wait once the other replica has let go.
-FOLLOW_BLOCK_SECONDS = 0.1
 
 
 class Connection:
@@ -224,8 +223,8 @@ class Session:
                     nursery.start_soon(self._turn_runner)
                     nursery.start_soon(self._grace_timer)
                     if self.cluster is not None:
-                        nursery.start_soon(self._lease_keeper, self.cluster)
-                        nursery.start_soon(self._pump)
+                        nursery.start_soon(keep_lease, self, self.cluster)
+                        nursery.start_soon(pump_handed_off, self)
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
             logger.exception("session %s failed", self.id)
@@ -233,7 +232,7 @@ class Session:
                 self.connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if self.cluster is not None:
-                await self._let_go(self.cluster)
+                await let_go(self, self.cluster)
             self.outbound.drop_all()
             dropped = self.queue.clear()
             if dropped:
@@ -248,134 +247,12 @@ class Session:
         """Cancel the session: its turn, its queue and its connection."""
         self.scope.cancel()
 
-    # --- several replicas --------------------------------------------------------------------
-
-    async def _lease_keeper(self, cluster: Cluster) -> None:
-        # Establish where numbering continues (the shared stream may hold earlier frames of
-        # this session, from another replica), then either run the session (lease taken) or
-        # follow the runner's stream until its lease is ours.
-        try:
-            base = await cluster.last_seq(self.id)
-            got = await cluster.acquire_lease(self.id)
-        except StateUnavailable as error:
-            logger.warning("shared state unavailable for a new session: %s", error)
-            self.cluster_failed = True
-            self.cluster_ready.set()
-            self.end()
-            return
-        if base > self.seq:
-            self.seq = base
-            self.replay.restart_at(base)
-        self.following = not got
-        self.cluster_ready.set()
-        if got:
-            await self._took_over(cluster, base)
-        else:
-            await self._follow(cluster)
-        interval = self.settings.session_lease_seconds / 3
-        while True:
-            await trio.sleep(interval)
-            try:
-                # A lease that vanished (Redis restarted empty) is simply taken again; only
-                # one that another replica holds means this one must stop.
-                still_ours = await cluster.renew_lease(self.id) or await cluster.acquire_lease(
-                    self.id
-                )
-            except StateUnavailable:
-                continue  # Redis down: the running turn finishes (docs/scaling.md)
-            if not still_ours:
-                logger.error("lost the session lease to another replica; ending the session")
-                self.end()
-                return
-
-    async def _follow(self, cluster: Cluster) -> None:
-        # Relay the lease holder's frames (they carry their seq) until its lease is ours:
-        # it lets go once its turn is over, or its lease expires if it died.
-        cursor = self.seq
-        while True:
-            try:
-                frames = await cluster.wait_after(self.id, cursor, FOLLOW_BLOCK_SECONDS)
-                if frames:
-                    cursor = await self._relay_stream(frames)
-                    # Let the next batch build up: each XREAD costs ~1 ms of CPU in the
-                    # client, so reading frame by frame would cap the relay (measured).
-                    await trio.sleep(FOLLOW_LINGER_SECONDS)
-                    continue
-                if await cluster.acquire_lease(self.id):
-                    break
-            except StateUnavailable:
-                await trio.sleep(0.5)
-        # The previous holder flushed everything before letting go: take the tail, then run.
-        while True:
-            try:
-                frames = await cluster.read_after(self.id, cursor, 512)
-            except StateUnavailable:
-                frames = []
-            if not frames:
-                break
-            cursor = await self._relay_stream(frames)
-        self.following = False
-        await self._took_over(cluster, cursor)
-
-    async def _relay_stream(self, frames: list[tuple[int, str]]) -> int:
-        for seq, text in frames:
-            while not self.outbound.has_space() and self.connection is not None:
-                await self.space_ready.park()
-            self.outbound.put_numbered(NumberedFrame(seq, text, _type_of(text)), len(text))
-        self.frames_ready.unpark_all()
-        return frames[-1][0]
-
-    async def _took_over(self, cluster: Cluster, last_seq: int) -> None:
-        # The lease is ours. If the stream's last frame (``last_seq``) is in the middle of a
-        # turn, the replica that ran it died: that turn is lost, and the client is told so.
-        tail: list[tuple[int, str]] = []
-        if last_seq:
-            with contextlib.suppress(StateUnavailable):
-                tail = await cluster.read_after(self.id, last_seq - 1, 1)
-        if tail and tail[0][0] == last_seq and _mid_turn(tail[0][1]):
-            logger.warning("the replica running this session's turn is gone; the turn is lost")
-            self.send_control(
-                error_frame(
-                    ErrorCode.RUNTIME_STREAM_BROKEN,
-                    "The gateway replica running this turn stopped; the turn was lost",
-                    is_final=True,
-                )
-            )
-            self.send_control({"type": "resync_required", "reason": "replica_lost"})
-        self.holds_lease = True
-        self.lease_ready.set()
-
-    async def _pump(self) -> None:
-        # While our client is on another replica, number and publish what the turn produces
-        # (nobody here writes it to a socket), then end once the session is idle.
-        while True:
-            while not (self.handoff and self.connection is None):
-                await self.frames_ready.park()
-            frames = self.outbound.take_all()
-            self.space_ready.unpark_all()
-            now = trio.current_time()
-            for frame in frames:
-                kind = frame.kind if isinstance(frame, NumberedFrame) else frame.get("type")
-                if kind not in CONNECTION_FRAME_TYPES:
-                    seq, _ = self.number(frame, now)
-                    self.replay.delivered(seq)  # published is as far as it goes from here
-            self.maybe_hand_off()
-            if not len(self.outbound):
-                await self.frames_ready.park()
+    # --- several replicas (lease, follow, hand-off: session_replicas.py) ---------------------
 
     def maybe_hand_off(self) -> None:
         """End a handed-off session once it is idle (its lease goes to the new replica)."""
         if self.handoff and self.connection is None and not self.busy and not len(self.outbound):
             self.end()
-
-    async def _let_go(self, cluster: Cluster) -> None:
-        # Shielded and bounded: runs while the session is being cancelled. Flush what was
-        # numbered, then release the lease so a follower can take over at once.
-        with trio.CancelScope(shield=True), trio.move_on_after(cluster.timeout * 2):
-            await cluster.flush(self.id)
-            if self.holds_lease:
-                with contextlib.suppress(StateUnavailable):  # else it expires by itself
-                    await cluster.release_lease(self.id)
 
     async def _grace_timer(self) -> None:
         # Ends the session once it has been without a connection for the grace period. A
@@ -1304,26 +1181,6 @@ class SessionManager:
         """Cancel every session at once (app shutdown after drain)."""
         for session in list(self.sessions.values()):
             session.end()
-
-
-def _type_of(text: str) -> object:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return value.get("type") if isinstance(value, dict) else None
-
-
-def _mid_turn(text: str) -> bool:
-    """Whether a numbered frame leaves its turn open (a turn ends with a final chunk or an
-    error, then turn_finished for v2)."""
-    try:
-        frame = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(frame, dict):
-        return False
-    return frame.get("type") == "turn_started" or frame.get("is_final") is False
 
 
 def retry_after_seconds(value: float) -> str:
