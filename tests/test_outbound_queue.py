@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from trio_gateway.outbound import OutboundQueue, is_mergeable
+from trio_gateway.outbound import Frame, NumberedFrame, OutboundQueue, is_mergeable
 
 
 def token(text: str, **extra: object) -> dict[str, object]:
     return {"type": "assistant_message", "token": text, "content": text, "is_final": False, **extra}
+
+
+def dict_frames(queue: OutboundQueue) -> list[Frame]:
+    """take_all(), for a queue that holds no NumberedFrame."""
+    frames = queue.take_all()
+    plain = [frame for frame in frames if isinstance(frame, dict)]
+    assert len(plain) == len(frames)
+    return plain
 
 
 def test_a_writer_that_keeps_up_gets_each_chunk_on_its_own() -> None:
@@ -54,7 +62,7 @@ def test_missing_token_field_merges_as_empty_text() -> None:
     queue = OutboundQueue(max_bytes=1000, max_control=10)
     queue.put_chunk({"type": "assistant_message", "content": "a", "is_final": False}, 1)
     queue.put_chunk({"type": "assistant_message", "content": "b", "is_final": False}, 1)
-    [merged] = queue.take_all()
+    [merged] = dict_frames(queue)
     assert merged["content"] == "ab"
 
 
@@ -63,7 +71,7 @@ def test_control_frames_are_not_merge_targets() -> None:
     queue.put_chunk(token("a"), 1)
     queue.put_control({"type": "error", "code": "busy"})
     queue.put_chunk(token("b"), 1)
-    assert [f.get("token") for f in queue.take_all()] == ["a", None, "b"]
+    assert [f.get("token") for f in dict_frames(queue)] == ["a", None, "b"]
 
 
 def test_byte_budget_and_release() -> None:
@@ -81,3 +89,19 @@ def test_control_overflow_is_reported_past_the_limit() -> None:
     for _ in range(3):
         queue.put_control({"type": "error"})
     assert queue.control_overflow()
+
+
+def test_numbered_frames_count_like_chunks_and_never_merge() -> None:
+    # Frames another replica numbered (its shared stream) keep their place and their text.
+    queue = OutboundQueue(max_bytes=10, max_control=10)
+    numbered = NumberedFrame(7, '{"type":"assistant_message","seq":7}', "assistant_message")
+    queue.put_chunk(token("a"), 1)
+    queue.put_numbered(numbered, 6)
+    queue.put_chunk(token("b"), 1)
+    queue.put_chunk(token("c"), 1)
+    assert len(queue) == 3 and queue.pending_bytes == 9 and queue.pending_control == 0
+    assert queue.has_space()
+    queue.put_numbered(numbered, 1)
+    assert not queue.has_space()
+    assert queue.take_all() == [token("a"), numbered, token("bc"), numbered]
+    assert queue.merged_chunks == 1 and queue.pending_bytes == 0

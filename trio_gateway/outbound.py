@@ -10,11 +10,17 @@ chunks whose other fields are identical are merged.
 Two budgets: relayed runtime data is bounded in bytes (when full, the turn runner stops reading
 the runtime: backpressure), and gateway-made control frames (errors, pongs) are bounded in
 count (a client that provokes errors without reading them is cut off by the session).
+
+A frame another replica already numbered and encoded (read from the session's shared stream
+for cross-replica resume, ``docs/scaling.md``) rides the same queue as a :class:`NumberedFrame`:
+it counts against the byte budget like a relayed chunk but is never merged, and the writer
+sends its text as is under its own seq.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 Frame = dict[str, Any]
@@ -22,23 +28,42 @@ Frame = dict[str, Any]
 _TEXT_KEYS = ("token", "content")
 
 
+@dataclass(frozen=True, slots=True)
+class NumberedFrame:
+    """A frame already numbered and encoded elsewhere: another replica's frame ``seq``,
+    exactly as it appended ``text`` to the session's shared stream.
+
+    ``kind`` is the frame's ``type`` (read once from ``text``), for the writer's v1 filter
+    and its metrics.
+    """
+
+    seq: int
+    text: str
+    kind: object
+
+
+# What the queue hands to the writer: a frame to number and encode, or one that already is.
+Outgoing = Frame | NumberedFrame
+
+
 class _Entry:
     __slots__ = ("control", "frame", "parts", "size")
 
-    def __init__(self, frame: Frame, size: int, control: bool) -> None:
+    def __init__(self, frame: Outgoing, size: int, control: bool) -> None:
         self.frame = frame
         self.size = size
         self.control = control
         # (tokens, contents) while this entry is an open merge target, else None
         self.parts: tuple[list[str], list[str]] | None = None
 
-    def materialize(self) -> Frame:
-        if self.parts is not None:
+    def materialize(self) -> Outgoing:
+        frame = self.frame
+        if self.parts is not None and not isinstance(frame, NumberedFrame):
             tokens, contents = self.parts
-            self.frame["token"] = "".join(tokens)
-            self.frame["content"] = "".join(contents)
+            frame["token"] = "".join(tokens)
+            frame["content"] = "".join(contents)
             self.parts = None
-        return self.frame
+        return frame
 
 
 def is_mergeable(frame: Frame) -> bool:
@@ -92,21 +117,32 @@ class OutboundQueue:
         self.pending_bytes += size
         if self._entries and is_mergeable(frame):
             tail = self._entries[-1]
+            target = tail.frame
             if (
                 not tail.control
-                and is_mergeable(tail.frame)
-                and _same_fields_except_text(tail.frame, frame)
+                and not isinstance(target, NumberedFrame)
+                and is_mergeable(target)
+                and _same_fields_except_text(target, frame)
             ):
                 if tail.parts is None:
                     tail.parts = (
-                        [tail.frame.get("token", "")],
-                        [tail.frame.get("content", "")],
+                        [target.get("token", "")],
+                        [target.get("content", "")],
                     )
                 tail.parts[0].append(frame.get("token", ""))
                 tail.parts[1].append(frame.get("content", ""))
                 tail.size += size
                 self.merged_chunks += 1
                 return
+        self._entries.append(_Entry(frame, size, control=False))
+
+    def put_numbered(self, frame: NumberedFrame, size: int) -> None:
+        """Queue a frame numbered elsewhere, ``size`` bytes against the budget like a chunk.
+
+        Never merged, and nothing merges into it; the caller enforces the budget as for
+        :meth:`put_chunk`.
+        """
+        self.pending_bytes += size
         self._entries.append(_Entry(frame, size, control=False))
 
     def put_control(self, frame: Frame) -> None:
@@ -119,7 +155,7 @@ class OutboundQueue:
         self.pending_control += 1
         self._entries.appendleft(_Entry(frame, 0, control=True))
 
-    def take_all(self) -> list[Frame]:
+    def take_all(self) -> list[Outgoing]:
         """Remove and return every waiting frame, merged text materialized, budgets released."""
         entries = self._entries
         self._entries = deque()

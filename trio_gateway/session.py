@@ -17,11 +17,13 @@ Backpressure: the turn runner relays runtime chunks into the session's bounded
 socket. hypercorn sends inside a shielded scope, so a client that stops reading blocks the writer
 where no timeout can reach it: the heartbeat task watches ``send_started_at`` from outside and
 aborts the transport after ``ws_slow_client_timeout``.
+
+Several replicas (``STATE_BACKEND=redis``): the session's lease, following another replica's
+stream and the hand-off are in :mod:`trio_gateway.session_replicas`, tasks of the same nursery.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -33,7 +35,7 @@ import trio
 
 from .auth import Identity
 from .observability import Metrics, frame_type_label, session_id_var, user_var
-from .outbound import Frame, OutboundQueue
+from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .protocol import (
     ANSWER_TYPES,
     CONNECTION_FRAME_TYPES,
@@ -50,6 +52,7 @@ from .protocol import (
 from .replay import ReplayBuffer, ReplayGap
 from .runtime_client import RuntimeClient, RuntimeFailure
 from .security import Refusal, Security
+from .session_replicas import keep_lease, let_go, pump_handed_off
 from .settings import Settings
 from .state import StateUnavailable
 from .transport import ConnectionClosed, WebSocketConnection
@@ -64,10 +67,6 @@ logger = logging.getLogger("trio_gateway.session")
 # call ids remembered to refuse a second answer. Old entries go first.
 MAX_PENDING_APPROVALS = 64
 MAX_REMEMBERED_ANSWERS = 1024
-FOLLOW_LINGER_SECONDS = 0.01  # batching window for reads of another replica's stream
-# A quiet follower tries to take the lease this often: the delay a moved session's next turn
-# may wait once the other replica has let go.
-FOLLOW_BLOCK_SECONDS = 0.1
 
 
 class Connection:
@@ -166,8 +165,12 @@ class Session:
         self._final_seen = False
         self.finished = trio.Event()
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
-        self._frames_ready = trio.lowlevel.ParkingLot()
-        self._space_ready = trio.lowlevel.ParkingLot()
+        # frames_ready: frames were queued or the attachment changed (the writer, or the
+        # hand-off pump, looks again); space_ready: the queue was emptied or the client left
+        # (a producer over the byte budget looks again). Public: session_replicas.py relays
+        # and pumps frames with them too.
+        self.frames_ready = trio.lowlevel.ParkingLot()
+        self.space_ready = trio.lowlevel.ParkingLot()
         self._messages_ready = trio.lowlevel.ParkingLot()
         self._attachment_changed = trio.lowlevel.ParkingLot()
 
@@ -188,13 +191,12 @@ class Session:
         self.seq += 1
         return self.seq
 
-    def number(self, frame: Frame, now: float) -> tuple[int, str]:
+    def number(self, frame: Outgoing, now: float) -> tuple[int, str]:
         """Give ``frame`` the next seq, encode it, record it for replay (and for the other
-        replicas); returns (seq, text). A frame relayed from another replica's stream keeps
-        the seq it already has."""
-        relayed = frame.get("_stream")
-        if relayed is not None:
-            seq, text = relayed
+        replicas); returns (seq, text). A :class:`NumberedFrame` relayed from another
+        replica's stream keeps the seq it already has."""
+        if isinstance(frame, NumberedFrame):
+            seq, text = frame.seq, frame.text
             if seq != self.seq + 1:
                 # A gap in the shared stream (trimmed, or a publish failed): never hide it.
                 logger.warning("shared stream jumped from seq %d to %d", self.seq, seq)
@@ -221,8 +223,8 @@ class Session:
                     nursery.start_soon(self._turn_runner)
                     nursery.start_soon(self._grace_timer)
                     if self.cluster is not None:
-                        nursery.start_soon(self._lease_keeper, self.cluster)
-                        nursery.start_soon(self._pump)
+                        nursery.start_soon(keep_lease, self, self.cluster)
+                        nursery.start_soon(pump_handed_off, self)
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
             logger.exception("session %s failed", self.id)
@@ -230,7 +232,7 @@ class Session:
                 self.connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if self.cluster is not None:
-                await self._let_go(self.cluster)
+                await let_go(self, self.cluster)
             self.outbound.drop_all()
             dropped = self.queue.clear()
             if dropped:
@@ -245,134 +247,12 @@ class Session:
         """Cancel the session: its turn, its queue and its connection."""
         self.scope.cancel()
 
-    # --- several replicas --------------------------------------------------------------------
-
-    async def _lease_keeper(self, cluster: Cluster) -> None:
-        # Establish where numbering continues (the shared stream may hold earlier frames of
-        # this session, from another replica), then either run the session (lease taken) or
-        # follow the runner's stream until its lease is ours.
-        try:
-            base = await cluster.last_seq(self.id)
-            got = await cluster.acquire_lease(self.id)
-        except StateUnavailable as error:
-            logger.warning("shared state unavailable for a new session: %s", error)
-            self.cluster_failed = True
-            self.cluster_ready.set()
-            self.end()
-            return
-        if base > self.seq:
-            self.seq = base
-            self.replay.restart_at(base)
-        self.following = not got
-        self.cluster_ready.set()
-        if got:
-            await self._took_over(cluster, base)
-        else:
-            await self._follow(cluster)
-        interval = self.settings.session_lease_seconds / 3
-        while True:
-            await trio.sleep(interval)
-            try:
-                # A lease that vanished (Redis restarted empty) is simply taken again; only
-                # one that another replica holds means this one must stop.
-                still_ours = await cluster.renew_lease(self.id) or await cluster.acquire_lease(
-                    self.id
-                )
-            except StateUnavailable:
-                continue  # Redis down: the running turn finishes (docs/scaling.md)
-            if not still_ours:
-                logger.error("lost the session lease to another replica; ending the session")
-                self.end()
-                return
-
-    async def _follow(self, cluster: Cluster) -> None:
-        # Relay the lease holder's frames (they carry their seq) until its lease is ours:
-        # it lets go once its turn is over, or its lease expires if it died.
-        cursor = self.seq
-        while True:
-            try:
-                frames = await cluster.wait_after(self.id, cursor, FOLLOW_BLOCK_SECONDS)
-                if frames:
-                    cursor = await self._relay_stream(frames)
-                    # Let the next batch build up: each XREAD costs ~1 ms of CPU in the
-                    # client, so reading frame by frame would cap the relay (measured).
-                    await trio.sleep(FOLLOW_LINGER_SECONDS)
-                    continue
-                if await cluster.acquire_lease(self.id):
-                    break
-            except StateUnavailable:
-                await trio.sleep(0.5)
-        # The previous holder flushed everything before letting go: take the tail, then run.
-        while True:
-            try:
-                frames = await cluster.read_after(self.id, cursor, 512)
-            except StateUnavailable:
-                frames = []
-            if not frames:
-                break
-            cursor = await self._relay_stream(frames)
-        self.following = False
-        await self._took_over(cluster, cursor)
-
-    async def _relay_stream(self, frames: list[tuple[int, str]]) -> int:
-        for seq, text in frames:
-            while not self.outbound.has_space() and self.connection is not None:
-                await self._space_ready.park()
-            kind = _type_of(text)
-            self.outbound.put_chunk({"type": kind, "_stream": (seq, text)}, len(text))
-        self._frames_ready.unpark_all()
-        return frames[-1][0]
-
-    async def _took_over(self, cluster: Cluster, last_seq: int) -> None:
-        # The lease is ours. If the stream's last frame (``last_seq``) is in the middle of a
-        # turn, the replica that ran it died: that turn is lost, and the client is told so.
-        tail: list[tuple[int, str]] = []
-        if last_seq:
-            with contextlib.suppress(StateUnavailable):
-                tail = await cluster.read_after(self.id, last_seq - 1, 1)
-        if tail and tail[0][0] == last_seq and _mid_turn(tail[0][1]):
-            logger.warning("the replica running this session's turn is gone; the turn is lost")
-            self.send_control(
-                error_frame(
-                    ErrorCode.RUNTIME_STREAM_BROKEN,
-                    "The gateway replica running this turn stopped; the turn was lost",
-                    is_final=True,
-                )
-            )
-            self.send_control({"type": "resync_required", "reason": "replica_lost"})
-        self.holds_lease = True
-        self.lease_ready.set()
-
-    async def _pump(self) -> None:
-        # While our client is on another replica, number and publish what the turn produces
-        # (nobody here writes it to a socket), then end once the session is idle.
-        while True:
-            while not (self.handoff and self.connection is None):
-                await self._frames_ready.park()
-            frames = self.outbound.take_all()
-            self._space_ready.unpark_all()
-            now = trio.current_time()
-            for frame in frames:
-                if frame.get("type") not in CONNECTION_FRAME_TYPES:
-                    seq, _ = self.number(frame, now)
-                    self.replay.delivered(seq)  # published is as far as it goes from here
-            self.maybe_hand_off()
-            if not len(self.outbound):
-                await self._frames_ready.park()
+    # --- several replicas (lease, follow, hand-off: session_replicas.py) ---------------------
 
     def maybe_hand_off(self) -> None:
         """End a handed-off session once it is idle (its lease goes to the new replica)."""
         if self.handoff and self.connection is None and not self.busy and not len(self.outbound):
             self.end()
-
-    async def _let_go(self, cluster: Cluster) -> None:
-        # Shielded and bounded: runs while the session is being cancelled. Flush what was
-        # numbered, then release the lease so a follower can take over at once.
-        with trio.CancelScope(shield=True), trio.move_on_after(cluster.timeout * 2):
-            await cluster.flush(self.id)
-            if self.holds_lease:
-                with contextlib.suppress(StateUnavailable):  # else it expires by itself
-                    await cluster.release_lease(self.id)
 
     async def _grace_timer(self) -> None:
         # Ends the session once it has been without a connection for the grace period. A
@@ -413,10 +293,10 @@ class Session:
             connection.previous_writer_done = previous.writer_done
         self.connection = connection
         self.handoff = False  # the client came back here
-        connection.wake_writer = self._frames_ready.unpark_all
+        connection.wake_writer = self.frames_ready.unpark_all
         connection.greeting = greeting
         self._attachment_changed.unpark_all()
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
 
     def detach(self, connection: Connection) -> None:
         """Forget ``connection`` (if it is still the live one); queued messages are dropped."""
@@ -427,8 +307,8 @@ class Session:
         if dropped:
             logger.info("client gone; dropped %d queued message(s)", dropped)
         self._attachment_changed.unpark_all()
-        self._space_ready.unpark_all()
-        self._frames_ready.unpark_all()  # the pump takes over when handed off
+        self.space_ready.unpark_all()
+        self.frames_ready.unpark_all()  # the pump takes over when handed off
         if self.close_after_turn is not None and not self.turn_running:
             self.end()  # drained: nothing left to wait for
         self.maybe_hand_off()
@@ -438,7 +318,7 @@ class Session:
     def send_control(self, frame: Frame) -> None:
         """Queue a gateway-made frame for the client; never blocks."""
         self.outbound.put_control(frame)
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
 
     def submit(self, message: dict[str, Any]) -> bool:
         """Queue a runtime-bound message; False when the FIFO is full (caller answers busy)
@@ -557,7 +437,7 @@ class Session:
         # reading so the runtime can finish and persist the answer; what no longer fits is
         # counted as lost (v2 clients are told to resync when they come back).
         while not self.outbound.has_space() and self.connection is not None:
-            await self._space_ready.park()
+            await self.space_ready.park()
         if not self.outbound.has_space():
             # Keep what ends the turn (small, and a client that never sees it spins forever).
             finals = [chunk for chunk in chunks if chunk.get("is_final") is not False]
@@ -583,7 +463,7 @@ class Session:
         metrics.chunks_relayed.inc(len(chunks))
         if outbound.merged_chunks != merged_before:
             metrics.coalesced_chunks.inc(outbound.merged_chunks - merged_before)
-        self._frames_ready.unpark_all()
+        self.frames_ready.unpark_all()
 
     def _send_to(self, connection: Connection, frame: Frame) -> None:
         """Queue a v2-only frame if ``connection`` speaks v2."""
@@ -608,7 +488,7 @@ class Session:
 
     # --- writer side -----------------------------------------------------------------------
 
-    async def wait_frames(self, connection: Connection) -> list[Frame]:
+    async def wait_frames(self, connection: Connection) -> list[Outgoing]:
         """Block until frames are waiting, take them all, and wake a blocked producer.
 
         Returns an empty list when ``connection`` was asked to close after a flush and
@@ -617,9 +497,9 @@ class Session:
         while not len(self.outbound):
             if connection.flush_then_close:
                 return []
-            await self._frames_ready.park()
+            await self.frames_ready.park()
         frames = self.outbound.take_all()
-        self._space_ready.unpark_all()
+        self.space_ready.unpark_all()
         return frames
 
 
@@ -704,7 +584,7 @@ class SessionManager:
             )
         if session.holds_lease:
             session.handoff = True
-            session._frames_ready.unpark_all()
+            session.frames_ready.unpark_all()
             session.maybe_hand_off()
         else:
             session.end()  # a follower whose client left has nothing to relay
@@ -1092,7 +972,7 @@ class SessionManager:
             await self._send_frames(session, connection, frames)
 
     async def _send_frames(
-        self, session: Session, connection: Connection, frames: list[Frame]
+        self, session: Session, connection: Connection, frames: list[Outgoing]
     ) -> None:
         # Number, encode and record every frame of the batch *before* the first write: if the
         # socket fails half-way (or this task is cancelled at a checkpoint), the rest are in
@@ -1102,22 +982,30 @@ class SessionManager:
         v2 = connection.v2
         batch: list[tuple[int, str, object]] = []
         for frame in frames:
-            kind = frame.get("type")
-            if not v2 and kind in V2_ONLY_TYPES:
-                if "_stream" in frame:  # numbered elsewhere: keep the seq line unbroken
+            if isinstance(frame, NumberedFrame):
+                # Another replica numbered it (we follow its shared stream): it keeps its seq.
+                kind = frame.kind
+                if not v2 and kind in V2_ONLY_TYPES:
+                    # Numbered elsewhere: keep the seq line unbroken.
                     replay.delivered(session.number(frame, now)[0])
-                continue
-            if kind in CONNECTION_FRAME_TYPES:
-                batch.append((0, orjson.dumps(frame).decode(), kind))
-                continue
-            seq, text = session.number(frame, now)
-            if session.lost_frames and "_stream" in frame:
-                # The shared stream jumped (a failed append): say so before the next frame,
-                # never a silent gap. v1 clients cannot resync; they reload history anyway.
-                session.lost_frames = 0
-                if v2:
-                    resync = {"type": "resync_required", "reason": "frames_lost"}
-                    batch.append((0, orjson.dumps(resync).decode(), "resync_required"))
+                    continue
+                seq, text = session.number(frame, now)
+                if session.lost_frames:
+                    # The shared stream jumped (a failed append): say so before the next
+                    # frame, never a silent gap. v1 clients cannot resync; they reload
+                    # history anyway.
+                    session.lost_frames = 0
+                    if v2:
+                        resync = {"type": "resync_required", "reason": "frames_lost"}
+                        batch.append((0, orjson.dumps(resync).decode(), "resync_required"))
+            else:
+                kind = frame.get("type")
+                if not v2 and kind in V2_ONLY_TYPES:
+                    continue
+                if kind in CONNECTION_FRAME_TYPES:
+                    batch.append((0, orjson.dumps(frame).decode(), kind))
+                    continue
+                seq, text = session.number(frame, now)
             if seq <= connection.skip_through:
                 replay.delivered(seq)  # the client has it from the other replica
                 continue
@@ -1293,26 +1181,6 @@ class SessionManager:
         """Cancel every session at once (app shutdown after drain)."""
         for session in list(self.sessions.values()):
             session.end()
-
-
-def _type_of(text: str) -> object:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return None
-    return value.get("type") if isinstance(value, dict) else None
-
-
-def _mid_turn(text: str) -> bool:
-    """Whether a numbered frame leaves its turn open (a turn ends with a final chunk or an
-    error, then turn_finished for v2)."""
-    try:
-        frame = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return False
-    if not isinstance(frame, dict):
-        return False
-    return frame.get("type") == "turn_started" or frame.get("is_final") is False
 
 
 def retry_after_seconds(value: float) -> str:
