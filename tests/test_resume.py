@@ -65,6 +65,16 @@ class ResumingClient:
             if frame.get("type") == frame_type:
                 return frame
 
+    async def until_all(self, *frame_types: str) -> dict[str, dict[str, Any]]:
+        """Read until a frame of each type has come, in any order; the first of each."""
+        found: dict[str, dict[str, Any]] = {}
+        while len(found) < len(frame_types):
+            frame = await self.next()
+            kind = frame.get("type")
+            if kind in frame_types and kind not in found:
+                found[kind] = frame
+        return found
+
     def tokens(self) -> str:
         return "".join(
             f["token"] or ""
