@@ -205,18 +205,25 @@ class RequestBodyGate:
     """Holds an HTTP response back until the request's body has arrived (bounded).
 
     hypercorn 0.18 (h11) can keep a connection alive only if the request's body had arrived
-    in full when the response ended; otherwise it closes the connection (and before the fix
-    in ``hypercorn_patches.py``, item 3, it wedged it instead: the client's next request never
-    got an answer). Clients such as requests/urllib3 write a request's head and body
-    separately, so now and then the body comes a few milliseconds after the head, and any
-    answer that does not need the body (Quart's automatic ``OPTIONS``, 404, 405, a refusal,
-    a view that never reads it) could go out first: found by schemathesis, about 1 request in
-    600. quart-trio reads the body in its own task whatever the view does, so waiting for it
-    here costs the body's transit time only, and covers every route at once.
+    in full when the response ended; otherwise it means to close the connection, but that
+    close runs in the app's task right after hypercorn queued ``http.disconnect``, which
+    quart-trio answers by cancelling that task: the socket stays open, the late body is
+    dropped, and the client's next request on the connection never gets an answer. Clients
+    such as requests/urllib3 write a request's head and body separately, so now and then the
+    body comes a few milliseconds after the head, and any answer that does not need the body
+    (Quart's automatic ``OPTIONS``, 404, 405, a refusal, a view that never reads it) could go
+    out first: found by schemathesis, about 1 request in 600. quart-trio reads the body in
+    its own task whatever the view does, so waiting for it here costs the body's transit time
+    only, and covers every route at once.
 
-    Not waited for: a body announced larger than ``limit`` (the 413 goes out at once and the
-    connection is closed), more than ``limit`` bytes received (a chunked body without an
-    announced length), nor longer than ``timeout`` seconds in all.
+    (Shielding hypercorn's end of request instead was tried and reverted: with it the short
+    soak test, ``tests/test_soak_short.py``, failed every time with connections left in
+    CLOSE-WAIT, two tasks each.)
+
+    Not waited for: a body announced larger than ``limit`` (the 413 goes out at once with
+    ``Connection: close``, so the client does not reuse the connection), more than ``limit``
+    bytes received (a chunked body without an announced length), nor longer than ``timeout``
+    seconds in all.
     """
 
     def __init__(self, scope: dict[str, Any], limit: int, timeout: float) -> None:
@@ -383,8 +390,12 @@ def create_app(settings: Settings) -> GatewayApp:
 
 
 def _error_handler(status: int, code: str, text: str) -> Any:
+    # A 413 is sent without reading the body: the connection cannot be reused (see
+    # RequestBodyGate), and the client must be told so.
+    headers = {"Connection": "close"} if status == 413 else None
+
     async def handle(_error: Exception) -> Response:
-        return error_response(status, code, text)
+        return error_response(status, code, text, headers)
 
     return handle
 

@@ -23,23 +23,6 @@ while the app is still deciding, and the next answer raises h11's ``LocalProtoco
 ("Can't send data when our state is ERROR") out of the connection. :func:`run` contains such
 errors to their own connection: logged (WARNING, with the exception type), socket closed.
 
-3. ``H11Protocol._maybe_recycle``, the end of an HTTP/1.1 request:
-
-hypercorn runs it inside the app's last ``send()`` (the final ``http.response.body``), so in
-the app's own task, and the first thing it does is queue ``http.disconnect`` for the app.
-quart-trio's message reader takes that as its cue to cancel the nursery that the sending task
-lives in: the rest of ``_maybe_recycle`` runs cancelled and dies at its first checkpoint. When
-the request body had fully arrived that checkpoint comes after ``start_next_cycle`` and the
-connection survives. When the answer went out *before* the body arrived (Quart's automatic
-``OPTIONS`` answer, any view that never reads the body), h11 cannot start the next cycle and
-hypercorn means to close the connection, but the close (``send_eof``) is the checkpoint that is
-cancelled: the socket stays open, the body that arrives later is dropped, and the client's next
-request on that keep-alive connection waits (``PAUSED``) for a wake-up that never comes. The
-client sees no answer until it gives up (schemathesis, ``tests/test_schemathesis.py``: about 1
-request in 600 in long runs; ``tests/test_hostile_regressions.py`` pins it over a socket).
-The fix runs ``_maybe_recycle`` shielded: it only does bookkeeping, queues one event for the
-app and closes or re-arms the connection, none of which waits on the peer.
-
 Applied once, idempotently, by :func:`trio_gateway.server.serve`.
 """
 
@@ -50,7 +33,6 @@ from typing import Any
 
 import trio
 from hypercorn.events import Closed, RawData
-from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.trio import tcp_server
 
 _PATCHED = "_trio_gateway_patched"
@@ -90,21 +72,10 @@ async def run(self: Any) -> None:
 _original_run = tcp_server.TCPServer.run
 
 
-async def maybe_recycle(self: Any) -> None:
-    """``H11Protocol._maybe_recycle`` that the app cannot cancel half-way (see item 3)."""
-    with trio.CancelScope(shield=True):
-        await _original_maybe_recycle(self)
-
-
-_original_maybe_recycle = h11_protocol.H11Protocol._maybe_recycle
-
-
 def apply() -> None:
-    """Install :func:`protocol_send` and :func:`run` on hypercorn's trio ``TCPServer`` and
-    :func:`maybe_recycle` on its HTTP/1.1 protocol (once)."""
+    """Install :func:`protocol_send` and :func:`run` on hypercorn's trio ``TCPServer`` (once)."""
     if getattr(tcp_server.TCPServer.protocol_send, _PATCHED, False):
         return
     setattr(protocol_send, _PATCHED, True)
     tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer.run = run  # type: ignore[method-assign]
-    h11_protocol.H11Protocol._maybe_recycle = maybe_recycle  # type: ignore[method-assign]
