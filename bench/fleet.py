@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
 
 from bench.relay_bench import (
     HOST,
+    UNLIMITED_USER,
     BenchError,
     Child,
     Services,
@@ -57,15 +58,6 @@ __all__ = [
     "runqueue_wait_seconds",
     "runtime_streams",
 ]
-
-# Every client in these proofs is the same "anonymous" user (JWT off), and the per-user caps
-# (20 sockets; 5 messages/s, burst 30) would refuse most of a few hundred sessions: lift them
-# so that what is measured is the relay and the lifecycle, not the limiter.
-UNLIMITED_USER = {
-    "ws_messages_per_second": "10000",
-    "ws_message_burst": "100000",
-    "max_connections_per_user": "100000",
-}
 
 
 def runqueue_wait_seconds(pid: int) -> float:

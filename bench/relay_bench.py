@@ -313,6 +313,16 @@ def spawned(name: str, args: list[str], env: dict[str, str], workdir: Path) -> I
         child.stop()
 
 
+# Every client of these benchmarks is the same "anonymous" user (JWT off), and the per-user caps
+# (20 sockets; 5 messages/s, burst 30) would refuse most of a few hundred sessions: lift them
+# so that what is measured is the relay and the lifecycle, not the limiter.
+UNLIMITED_USER = {
+    "ws_messages_per_second": "10000",
+    "ws_message_burst": "100000",
+    "max_connections_per_user": "100000",
+}
+
+
 def child_env(internal_key: str, **settings: str) -> dict[str, str]:
     """This process's environment without any ``GATEWAY__*`` (they would silently change what
     is measured), plus the internal key, WARNING logs and ``settings`` as ``GATEWAY__NAME``."""
@@ -1243,7 +1253,7 @@ def run_phase(
     profile_dir: Path | None,
 ) -> T:
     """Start a fresh gateway, run ``phase`` against it under trio, stop the gateway."""
-    env = child_env(key, agent_url=runtime.url)
+    env = child_env(key, agent_url=runtime.url, **UNLIMITED_USER)
     with spawned(f"gateway-{name}", ["serve"], env, workdir) as gateway:
         services = Services(runtime, gateway, key)
 
