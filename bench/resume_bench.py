@@ -80,8 +80,9 @@ from wsproto.utilities import LocalProtocolError
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fleet import HOST, UNLIMITED_USER, RawClient, gateway_metrics, percentile
+from bench.fleet import HOST, RawClient, gateway_metrics, percentile
 from bench.relay_bench import (
+    UNLIMITED_USER,
     WS_PATH,
     BenchConfig,
     BenchError,
