@@ -27,6 +27,30 @@ from trio_gateway.settings import Settings
 from .redis_server import RedisServer
 from .scripted_runtime import ScriptedRuntime
 
+
+def _no_pong_after_close() -> None:
+    """Make the tests' client library stop answering pings once it has sent its close.
+
+    trio-websocket 0.12.2 (the newest) answers a server ping that arrives after its own close
+    frame; wsproto refuses (``LocalProtocolError``) and ``open_websocket`` re-raises that as a
+    stray ``trio.Cancelled``. An enclosing cancelled scope then swallowed it, and a test body
+    ended early *and passed* (found in the ownership test: it stopped after its first socket).
+    A server may ping until it sends its own close (RFC 6455), so the client is what is wrong.
+    """
+    from trio_websocket._impl import WebSocketConnection
+    from wsproto.connection import ConnectionState
+
+    original = WebSocketConnection._handle_ping_event
+
+    async def handle_ping(self: Any, event: Any) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            await original(self, event)
+
+    WebSocketConnection._handle_ping_event = handle_ping  # type: ignore[method-assign]
+
+
+_no_pong_after_close()
+
 INTERNAL_KEY = "test-internal-key-0123456789"
 
 
