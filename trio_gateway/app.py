@@ -193,9 +193,13 @@ class GatewayApp(QuartTrio):
                 await _refuse(scope, send, 404, "not_found", "No WebSocket route here")
         elif scope["type"] == "http" and not _host_is_valid(scope):
             await _refuse(scope, send, 400, "invalid_request", "Malformed Host header")
-        elif scope["type"] == "http":
+        elif scope["type"] == "http" and _announces_acceptable_body(
+            scope, self.gateway.settings.max_request_body_bytes
+        ):
+            # Only requests with a body to wait for are gated: a bodiless GET (the REST hot
+            # path) pays for no event and no wrappers.
             settings = self.gateway.settings
-            gate = RequestBodyGate(scope, settings.max_request_body_bytes, settings.request_timeout)
+            gate = RequestBodyGate(settings.max_request_body_bytes, settings.request_timeout)
             await super().__call__(scope, gate.receive(receive), gate.send(send))
         else:
             await super().__call__(scope, receive, send)
@@ -226,13 +230,12 @@ class RequestBodyGate:
     seconds in all.
     """
 
-    def __init__(self, scope: dict[str, Any], limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float) -> None:
+        """A gate for one request that announced a body of at most ``limit`` bytes."""
         self._complete = trio.Event()
         self._limit = limit
         self._timeout = timeout
         self._received = 0
-        if not _announces_acceptable_body(scope, limit):
-            self._complete.set()
 
     def receive(self, receive: Any) -> Any:
         """``receive`` that notes when the whole body (or a disconnect) has come through."""
