@@ -8,7 +8,6 @@ gateways as they like. HTTP routes and the lifespan are quart-trio's; WebSocket 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 from typing import Any
 
@@ -20,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from . import __version__
+from .client_address import address_in
 from .observability import Metrics, request_id_var
 from .openapi import build_openapi, render_docs_html
 from .rest_proxy import (
@@ -384,7 +384,7 @@ def create_app(settings: Settings) -> GatewayApp:
         key_ok = (
             bool(supplied) and bool(internal_key) and hmac.compare_digest(supplied, internal_key)
         )
-        allowed = key_ok or _address_in(remote, metrics_networks)
+        allowed = key_ok or address_in(remote, metrics_networks)
         if not allowed:
             return error_response(403, "forbidden", "Metrics are restricted")
         return Response(generate_latest(gateway.metrics.registry), content_type=CONTENT_TYPE_LATEST)
@@ -401,13 +401,3 @@ def _error_handler(status: int, code: str, text: str) -> Any:
         return error_response(status, code, text, headers)
 
     return handle
-
-
-def _address_in(
-    address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)

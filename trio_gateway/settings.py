@@ -7,11 +7,12 @@ startup with a message that names the variable, instead of surfacing as a strang
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .client_address import Network, parse_networks
 
 ENV_PREFIX = "GATEWAY__"
 PLACEHOLDER_INTERNAL_KEY = "change-me-internal-key"
@@ -205,6 +206,15 @@ class Settings(BaseSettings):
         ),
     )
 
+    trusted_proxies: str = Field(
+        "",
+        description=(
+            "Comma-separated networks of reverse proxies in front of the gateway. Only a peer "
+            "in one of them may name the client's address with X-Forwarded-For (read from the "
+            "right); empty: the TCP peer is always the client."
+        ),
+    )
+
     # --- WebSocket sessions -------------------------------------------------------------------
     ws_heartbeat_interval: float = Field(
         20.0,
@@ -350,24 +360,21 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("metrics_allow")
+    @field_validator("metrics_allow", "trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
-        for item in filter(None, (part.strip() for part in value.split(","))):
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"'{item}' is not an IP network") from None
+        parse_networks(value)  # raises ValueError naming the bad entry
         return value
 
     @property
-    def metrics_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    def metrics_networks(self) -> list[Network]:
         """Parsed ``metrics_allow``."""
-        return [
-            ipaddress.ip_network(item, strict=False)
-            for item in (part.strip() for part in self.metrics_allow.split(","))
-            if item
-        ]
+        return parse_networks(self.metrics_allow)
+
+    @property
+    def trusted_proxy_networks(self) -> list[Network]:
+        """Parsed ``trusted_proxies``."""
+        return parse_networks(self.trusted_proxies)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
