@@ -177,12 +177,23 @@ def test_verdict_and_exit_code() -> None:
     skipped = CheckResult("b", "t", "skipped", "off")
     failed = CheckResult("c", "t", "FAIL", "down")
     assert exit_code([ok, skipped]) == 0
-    assert verdict_line([ok, skipped]) == "verdict: OK (1 checks passed)"
+    assert verdict_line([ok, skipped]) == "verdict: OK (1 check passed)"
     assert exit_code([ok, failed, skipped]) == 1
     assert verdict_line([ok, failed, skipped]) == "verdict: FAIL (1 of 2 checks failed)"
     report = format_report(gateway_settings("http://rt:8001"), [ok, failed])
     assert report.endswith("verdict: FAIL (1 of 2 checks failed)\n")
     assert "[ FAIL  ] c  t: down" in report
+    assert verdict_line([ok, ok]) == "verdict: OK (2 checks passed)"
+
+
+def test_the_report_names_unknown_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY__USE_JWT_AUTHH", "false")
+    ok = CheckResult("a", "t", "ok", "fine")
+    report = format_report(gateway_settings("http://rt:8001"), [ok])
+    assert "unknown variables" in report
+    assert "GATEWAY__USE_JWT_AUTHH (did you mean GATEWAY__USE_JWT_AUTH?)" in report
+    monkeypatch.delenv("GATEWAY__USE_JWT_AUTHH")
+    assert "unknown variables" not in format_report(gateway_settings("http://rt:8001"), [ok])
 
 
 def test_the_redis_wire_format() -> None:

@@ -367,6 +367,21 @@ def test_hypercorn_can_import_the_asgi_app() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"
 
 
+def test_an_unknown_gateway_variable_is_reported_at_startup() -> None:
+    # The hypercorn entry point logs at import, as `serve` does when it starts.
+    result = subprocess.run(
+        [sys.executable, "-c", "import trio_gateway.main"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env({**KEY_ENV, "GATEWAY__USE_JWT_AUTHH": "false", "GATEWAY__LOG_FORMAT": "text"}),
+    )
+    assert result.returncode == 0, result.stderr
+    log = result.stdout + result.stderr
+    assert "unknown setting GATEWAY__USE_JWT_AUTHH" in log
+    assert "did you mean GATEWAY__USE_JWT_AUTH?" in log
+
+
 async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) -> None:
     issuer_file = tmp_path / "state" / "dev-issuer.json"
     env = {DEV_ISSUER_FILE_ENV: str(issuer_file)}

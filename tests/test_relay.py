@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.settings import Settings
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
 from .frames import ide_frame
@@ -133,3 +134,20 @@ async def test_sse_variants_named_events_ids_comments_crlf_and_odd_splits(
             await client.send({"type": "user_message", "content": "variants"})
             frames = await client.turn()
     assert "".join(f["token"] for f in frames) == "aé!"
+
+
+async def test_a_whole_file_in_one_tool_result_reaches_the_runtime_with_default_limits(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> None:
+    # The IDE answers read_file with the whole file in one frame; 5 MiB is a large source file
+    # or log, well under the old gateway's 16 MiB (the default limit here too).
+    content = "x" * (5 * 1024 * 1024)
+    frame = {"type": "tool_result", "call_id": "call_big", "result": {"content": content}}
+    settings = gateway_settings(scripted_runtime.url)
+    assert settings.ws_max_message_bytes == Settings.model_fields["ws_max_message_bytes"].default
+    async with run_gateway(nursery, settings) as running:
+        async with running.connect("big-tool-result") as client:
+            await client.send(frame)
+            answer = await client.turn(timeout=30)
+    assert answer[-1]["type"] == "assistant_message"
+    assert scripted_runtime.requests[-1] == {"session_id": "big-tool-result", "message": frame}

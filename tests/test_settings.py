@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from trio_gateway.settings import Settings, SettingsError, load_settings, render_env_example
+from trio_gateway.settings import (
+    Settings,
+    SettingsError,
+    load_settings,
+    render_env_example,
+    unknown_variables,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,10 +34,10 @@ def test_defaults_match_the_documented_ones() -> None:
     assert settings.use_jwt_auth is True
     assert settings.jwt_issuer == "https://auth.codelab.local"
     assert settings.jwt_audience == "codelab-api"
-    assert settings.effective_jwks_url == "http://127.0.0.1:8002/.well-known/jwks.json"
+    assert settings.effective_jwks_url == "http://127.0.0.1:8003/.well-known/jwks.json"
     assert settings.log_level == "INFO"
     assert settings.ws_heartbeat_interval == 20
-    assert settings.ws_max_message_bytes == 4 * 1024 * 1024
+    assert settings.ws_max_message_bytes == 16 * 1024 * 1024
     assert settings.max_queued_messages == 16
     assert settings.session_grace_seconds == 30
     assert settings.drain_timeout == 30
@@ -113,3 +119,20 @@ def test_the_cli_reports_a_bad_setting_and_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "GATEWAY__REQUEST_TIMEOUT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unknown_gateway_variables_are_named_with_a_hint(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("GATEWAY__LOG_LEVL=DEBUG\nOTHER=1\n")
+    environ = {
+        "GATEWAY__USE_JWT_AUTHH": "false",
+        "gateway__use_jwt_auth": "true",  # known, in any case
+        "GATEWAY__SOMETHING_ELSE": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ, env_file) == [
+        "GATEWAY__LOG_LEVL (did you mean GATEWAY__LOG_LEVEL?)",
+        "GATEWAY__SOMETHING_ELSE",
+        "GATEWAY__USE_JWT_AUTHH (did you mean GATEWAY__USE_JWT_AUTH?)",
+    ]
+    assert unknown_variables({"GATEWAY__PORT": "1"}, tmp_path / "missing") == []

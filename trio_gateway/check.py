@@ -25,7 +25,7 @@ import trio
 from pydantic import SecretStr
 
 from .auth import KeySet
-from .settings import ENV_PREFIX, Settings
+from .settings import ENV_PREFIX, Settings, unknown_variables
 
 __all__ = [
     "EXIT_BAD_CONFIG",
@@ -133,14 +133,18 @@ def verdict_line(results: Sequence[CheckResult]) -> str:
     failed = sum(1 for result in results if not result.passed)
     ran = sum(1 for result in results if result.status != "skipped")
     if failed:
-        return f"verdict: FAIL ({failed} of {ran} checks failed)"
-    return f"verdict: OK ({ran} checks passed)"
+        return f"verdict: FAIL ({failed} of {ran} {'check' if ran == 1 else 'checks'} failed)"
+    return f"verdict: OK ({ran} {'check' if ran == 1 else 'checks'} passed)"
 
 
 def format_report(settings: Settings, results: Sequence[CheckResult]) -> str:
     """The whole report: configuration, one line per check, the verdict line."""
     lines = ["effective configuration:"]
     lines += [f"  {line}" for line in configuration_lines(settings)]
+    unknown = unknown_variables()
+    if unknown:
+        lines += ["", "unknown variables (ignored; a typo leaves its setting at the default):"]
+        lines += [f"  {name}" for name in unknown]
     lines += ["", "checks:"]
     name_width = max((len(result.name) for result in results), default=0)
     for result in results:

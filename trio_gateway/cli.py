@@ -18,7 +18,7 @@ from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
 from .server import serve, tune_gc, wait_for_signal
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings, unknown_variables
 
 logger = logging.getLogger("trio_gateway.cli")
 
@@ -184,7 +184,14 @@ def _port(value: int | None) -> int | None:
     return value
 
 
+def warn_about_unknown_variables() -> None:
+    """Log, as a warning, every ``GATEWAY__*`` variable that is no setting (a likely typo)."""
+    for name in unknown_variables():
+        logger.warning("unknown setting %s is ignored", name, extra={"event": "unknown_setting"})
+
+
 async def _run_serve(settings: Settings, host: str | None, port: int | None) -> None:
+    warn_about_unknown_variables()
     app = create_app(settings)
 
     def announce(binds: list[str]) -> None:

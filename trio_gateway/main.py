@@ -6,11 +6,12 @@ own flags for pings, read timeout and message size (see README).
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from .app import create_app
 from .observability import configure_logging
-from .settings import SettingsError, load_settings
+from .settings import SettingsError, load_settings, unknown_variables
 
 try:
     _settings = load_settings()
@@ -18,4 +19,8 @@ except SettingsError as error:  # pragma: no cover - exercised by the CLI tests
     sys.exit(f"trio-gateway: {error}")
 
 configure_logging(_settings.log_level, _settings.log_format)
+for _name in unknown_variables():
+    logging.getLogger("trio_gateway.server").warning(
+        "unknown setting %s is ignored", _name, extra={"event": "unknown_setting"}
+    )
 app = create_app(_settings)

@@ -7,8 +7,13 @@ startup with a message that names the variable, instead of surfacing as a strang
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -93,7 +98,11 @@ class Settings(BaseSettings):
         True, description="Require a valid access token (JWT from the Auth Service) everywhere."
     )
     auth_service_url: str = Field(
-        "http://127.0.0.1:8002", description="Base URL of the Auth Service."
+        "http://127.0.0.1:8003",
+        description=(
+            "Base URL of the Auth Service (the real one listens on 8003; `trio-gateway demo` "
+            "wires in its own issuer)."
+        ),
     )
     jwks_url: str = Field(
         "", description="JWKS location; empty: AUTH_SERVICE_URL + /.well-known/jwks.json."
@@ -229,10 +238,13 @@ class Settings(BaseSettings):
         5.0, gt=0, le=600, description="Seconds the closing handshake may take before we abort."
     )
     ws_max_message_bytes: int = Field(
-        4 * MiB,
+        16 * MiB,
         ge=1024,
         le=256 * MiB,
-        description="Largest inbound WebSocket message (whole, reassembled); larger closes 1009.",
+        description=(
+            "Largest inbound WebSocket message (whole, reassembled); larger closes 1009. The "
+            "IDE sends a whole file read as one tool_result (the old gateway took 16 MiB)."
+        ),
     )
     ws_slow_client_timeout: float = Field(
         30.0,
@@ -448,6 +460,32 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise SettingsError(describe_validation_error(error)) from None
+
+
+def unknown_variables(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> list[str]:
+    """``GATEWAY__*`` names in the environment (and ``.env``) that are no setting, each with a
+    hint when it looks like a typo: ``GATEWAY__USE_JWT_AUTHH (did you mean
+    GATEWAY__USE_JWT_AUTH?)``.
+
+    pydantic-settings ignores unknown names (``extra="ignore"``: the environment holds plenty
+    that is not ours), so a misspelt variable would silently leave its setting at the default.
+    """
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    names = set(os.environ if environ is None else environ)
+    if env_file is not None and Path(env_file).is_file():
+        names |= {name for name in dotenv_values(env_file, encoding="utf-8") if name}
+    unknown = sorted(
+        name.upper()
+        for name in names
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    )
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        described.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return described
 
 
 def render_env_example() -> str:
