@@ -1,4 +1,4 @@
-"""Frames as the real clients and runtime send them (CONTRACT.md), shared by the tests."""
+"""Frames as the real clients and runtime send them (docs/compatibility.md), shared by the tests."""
 
 from __future__ import annotations
 

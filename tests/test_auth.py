@@ -1,4 +1,4 @@
-"""JWT verification and the JWKS cache (CONTRACT.md section 3), as a specification.
+"""JWT verification and the JWKS cache (docs/compatibility.md §3), as a specification.
 
 Part 1 pins down what :func:`verify_token` accepts and refuses, with fixed times and no I/O.
 Part 2 runs :class:`JWKSCache` against a real HTTP Auth Service stand-in (``jwks_server``) with

@@ -1,4 +1,4 @@
-"""The demo Agent Runtime, specified by talking to it over real HTTP (CONTRACT.md section 1).
+"""The demo Agent Runtime, specified by talking to it over real HTTP (docs/compatibility.md §1).
 
 Every test starts the real server (hypercorn on 127.0.0.1:0) and speaks to it with httpx, the
 same way the gateway does. Pacing is switched off so the whole file runs in seconds.

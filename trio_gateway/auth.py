@@ -1,4 +1,4 @@
-"""JWT verification against the Auth Service's JWKS (CONTRACT.md section 3).
+"""JWT verification against the Auth Service's JWKS (docs/compatibility.md §3).
 
 Two layers:
 
@@ -14,7 +14,7 @@ Two layers:
   401: the client's token may be perfectly fine).
 
 Why not ``jwt.PyJWKClient``: it fetches with blocking urllib (freezing the event loop) and
-refetches on every unknown ``kid`` (see TRIO-NOTES "JWT and JWKS").
+refetches on every unknown ``kid`` (docs/compatibility.md §6).
 
 Two clocks are involved and must not be mixed: token claims (``exp``, ``iat``, ``nbf``) are
 wall-clock epoch seconds (``time.time()``), while cache ages are measured on the cache's
@@ -689,7 +689,7 @@ _PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed2551
 class DevIssuer:
     """A stand-in for the Auth Service: one fresh key pair, its JWKS, and a token minter.
 
-    Tokens look like the Auth Service's (CONTRACT.md section 3). For the demo and tests only:
+    Tokens look like the Auth Service's (docs/compatibility.md §3). For the demo and tests only:
     the private key lives in memory unless saved with :meth:`private_pem` (``trio-gateway
     demo`` saves it for ``trio-gateway token``; see ``dev_auth.py``).
     """

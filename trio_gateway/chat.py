@@ -379,7 +379,7 @@ class ChatCore:
 
     def _on_assistant(self, frame: Mapping[str, Any]) -> Reaction:
         token, content = frame.get("token"), frame.get("content")
-        # The IDE treats a missing is_final as true (CONTRACT 2.2).
+        # The IDE treats a missing is_final as true (docs/compatibility.md §2.2).
         final = frame.get("is_final", True) is not False
         piece = token if isinstance(token, str) else content if isinstance(content, str) else ""
         if final and not isinstance(token, str) and piece == self._streamed and self._streaming:

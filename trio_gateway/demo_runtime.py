@@ -1,4 +1,4 @@
-"""An in-memory Agent Runtime that speaks the real contract (CONTRACT.md section 1).
+"""An in-memory Agent Runtime that speaks the real contract (docs/compatibility.md §1).
 
 The gateway, its tests, its benchmark and ``trio-gateway demo`` talk to this runtime over real
 HTTP, so it implements the whole upstream surface: the SSE turn stream
@@ -286,7 +286,8 @@ class _Session:
     )
     switch_count: int = 0
     pending: OrderedDict[str, _PendingCall] = field(default_factory=OrderedDict)
-    # One turn at a time per session (CONTRACT 1.1): concurrent streams queue here, FIFO.
+    # One turn at a time per session (docs/compatibility.md §1.1): concurrent streams queue
+    # here, FIFO.
     lock: trio.Lock = field(default_factory=trio.Lock)
     open_streams: int = 0  # streams holding or waiting for the lock: never evicted while > 0
     stats: Counter[str] = field(default_factory=Counter)

@@ -113,7 +113,7 @@ class RuntimeClient:
         """Relay one turn: POST the message, hand every batch of chunks to ``deliver``.
 
         All events parsed from one network read are delivered as one batch (the per-token cost
-        must stay tiny; TRIO-NOTES). Returns the number of chunks relayed. Cancelling the
+        must stay tiny; docs/performance.md). Returns the number of chunks relayed. Cancelling the
         caller closes the runtime connection at once.
         """
         body = orjson.dumps({"session_id": session_id, "message": message})
