@@ -369,9 +369,17 @@ async def test_sessions_belong_to_their_creator_on_every_route(secure: Secure) -
         await http.post("/api/v1/sessions", json={"session_id": "m1"}, headers=mallory)
         mine = (await http.get("/api/v1/sessions", headers=alice)).json()
         assert [s["id"] for s in mine["sessions"]] == ["a1"] and mine["total"] == 1
-        # cross-session data is for services only
-        for path in ("/api/v1/events/metrics/sessions", "/api/v1/events/audit-log"):
-            assert (await http.get(path, headers=alice)).status_code == 403
+        # cross-session data shows each caller their own sessions only
+        metrics = await http.get("/api/v1/events/metrics/sessions", headers=alice)
+        assert metrics.status_code == 200
+        assert [s["session_id"] for s in metrics.json()["sessions"]] == ["a1"]
+        assert metrics.json()["total"] == 1
+        for query in ("", "?session_id="):  # an empty filter is no filter
+            events = await http.get(f"/api/v1/events/audit-log{query}", headers=mallory)
+            assert events.status_code == 200, query
+            assert {e["session_id"] for e in events.json()["events"]} == {"m1"}
+        events = await http.get("/api/v1/events/audit-log", headers=alice)
+        assert {e["session_id"] for e in events.json()["events"]} == {"a1"}
 
 
 async def test_the_verified_identity_is_forwarded_to_the_runtime(

@@ -18,7 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import httpx
 import orjson
@@ -65,9 +65,12 @@ class ProxyRoute:
     request_body: str | None = None  # name of the request model in the OpenAPI document
     success_status: int = 200
     query: tuple[tuple[str, str, str], ...] = ()  # (name, type, description)
-    # Cross-session data: only services (internal key) may read it, unless the request names
-    # one session the caller owns in this query parameter.
-    internal_only: bool = False
+    # Cross-session data: the runtime knows no users, so an ordinary caller's answer is
+    # filtered to the sessions they own: ``(list key, session id key)`` of the runtime's JSON
+    # answer. Services (internal key) see everything.
+    own_sessions_in: tuple[str, str] | None = None
+    # A query parameter naming one session: checked for ownership when given (an empty value
+    # means no filter, as at the runtime, and is not forwarded).
     session_query: str | None = None
 
     @property
@@ -93,7 +96,8 @@ ROUTES: tuple[ProxyRoute, ...] = (
         "Switch a session's agent.", per_session=True, request_body="SwitchAgentRequest",
     ),
     ProxyRoute(
-        "GET", "/api/v1/sessions", "/sessions", "List sessions.",
+        "GET", "/api/v1/sessions", "/sessions", "List your sessions.",
+        own_sessions_in=("sessions", "id"),
         query=(
             ("limit", "integer", "Page size."),
             ("offset", "integer", "Page start."),
@@ -129,7 +133,8 @@ ROUTES: tuple[ProxyRoute, ...] = (
     ProxyRoute("GET", "/api/v1/events/metrics", "/events/metrics", "Runtime metrics."),
     ProxyRoute(
         "GET", "/api/v1/events/metrics/sessions", "/events/metrics/sessions",
-        "Per-session metrics summary (services only: it spans every user).", internal_only=True,
+        "Per-session metrics summary of your sessions (services: every session).",
+        own_sessions_in=("sessions", "session_id"),
     ),
     ProxyRoute(
         "GET", "/api/v1/events/metrics/session/{session_id}",
@@ -137,8 +142,9 @@ ROUTES: tuple[ProxyRoute, ...] = (
     ),
     ProxyRoute(
         "GET", "/api/v1/events/audit-log", "/events/audit-log",
-        "Audit log of one of your sessions (session_id required; services may omit it).",
-        internal_only=True, session_query="session_id",
+        "Audit log of your sessions, or of one of them (services: every session). The runtime "
+        "applies limit before the gateway leaves out other users' events.",
+        own_sessions_in=("events", "session_id"), session_query="session_id",
         query=(
             ("session_id", "string", "Only this session."),
             ("event_type", "string", "Only this event type."),
@@ -194,6 +200,21 @@ def _json_object(content: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _forwarded_query(route: ProxyRoute) -> bytes:
+    """The query string for the runtime: the client's, byte for byte, except that an empty
+    session filter (``?session_id=``, "no filter") is left out rather than sent as ``""``."""
+    raw = request.query_string or b""
+    name = route.session_query
+    if name is None or not raw or request.args.get(name, None) != "":
+        return raw
+    kept = [
+        part
+        for part in raw.split(b"&")
+        if unquote_plus(part.partition(b"=")[0].decode("latin-1")) != name
+    ]
+    return b"&".join(kept)
 
 
 def error_response(
@@ -258,15 +279,11 @@ class RestProxy:
             await security.check_owner(session_id, identity)
         if route.session_query is not None:
             values = request.args.getlist(route.session_query)
-            if len(values) > 1 or (values and not valid_session_id(values[0])):
+            if len(values) > 1 or (values and values[0] and not valid_session_id(values[0])):
                 # The runtime may read another value than we checked (first vs last).
                 raise Refusal(400, "invalid_request", f"Give '{route.session_query}' once")
-            if values:
+            if values and values[0]:
                 await security.check_owner(values[0], identity)
-            elif route.internal_only:
-                raise Refusal(403, "forbidden", "This route is reserved to services")
-        elif route.internal_only:
-            raise Refusal(403, "forbidden", "This route is reserved to services")
         return identity
 
     async def _forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
@@ -299,7 +316,7 @@ class RestProxy:
             foreign = await self._refuse_foreign_session_id(body, identity)
             if foreign is not None:
                 return foreign
-        url = httpx.URL(self._base_url + path, query=request.query_string or b"")
+        url = httpx.URL(self._base_url + path, query=_forwarded_query(route))
         timeout = httpx.Timeout(route.timeout) if route.timeout else self._default_timeout
 
         if not await acquire_within(self._slots, self.settings.saturation_wait):
@@ -372,9 +389,11 @@ class RestProxy:
                     await security.claim_session(created["id"], identity)
                 except Refusal as refused:
                     logger.warning("session created but not owned: %s", refused.error)
-        elif route.path == "/api/v1/sessions" and route.method == "GET":
+        elif route.own_sessions_in is not None:
             if upstream.status_code == 200:
-                await self._only_own_sessions(upstream.content, response, identity)
+                await self._only_own_sessions(
+                    upstream.content, response, identity, *route.own_sessions_in
+                )
         elif route.method == "DELETE" and route.per_session and upstream.status_code == 204:
             try:
                 await security.ownership.forget(path_params["session_id"])
@@ -390,17 +409,17 @@ class RestProxy:
                 logger.warning("session used but not owned: %s", refused.error)
 
     async def _only_own_sessions(
-        self, content: bytes, response: Response, identity: Identity
+        self, content: bytes, response: Response, identity: Identity, list_key: str, id_key: str
     ) -> None:
         # The runtime knows no users: the gateway filters its list to the caller's sessions.
         listing = _json_object(content)
-        sessions = listing.get("sessions")
-        if not isinstance(sessions, list):
+        items = listing.get(list_key)
+        if not isinstance(items, list):
             # Fail closed: an unexpected shape must not pass every user's sessions through.
             response.status_code = 502
             response.set_data(
                 orjson.dumps(
-                    {"error": "bad_gateway", "error_description": "Unexpected session list"}
+                    {"error": "bad_gateway", "error_description": f"Unexpected {list_key} list"}
                 )
             )
             return
@@ -413,8 +432,10 @@ class RestProxy:
                 orjson.dumps({"error": refused.error, "error_description": refused.description})
             )
             return
-        listing["sessions"] = [s for s in sessions if isinstance(s, dict) and s.get("id") in mine]
-        listing["total"] = len(listing["sessions"])
+        listing[list_key] = [
+            item for item in items if isinstance(item, dict) and item.get(id_key) in mine
+        ]
+        listing["total"] = len(listing[list_key])
         response.set_data(orjson.dumps(listing))
 
     async def _send(
