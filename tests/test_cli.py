@@ -367,6 +367,22 @@ def test_hypercorn_can_import_the_asgi_app() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"
 
 
+def test_the_hypercorn_entry_point_tunes_the_garbage_collector_too() -> None:
+    code = (
+        "import gc; from trio_gateway.main import app; "
+        "from trio_gateway.server import GC_THRESHOLDS; "
+        "assert gc.get_threshold() == GC_THRESHOLDS, gc.get_threshold(); print('tuned')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(KEY_ENV),
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "tuned", result.stderr
+
+
 def test_an_unknown_gateway_variable_is_reported_at_startup() -> None:
     # The hypercorn entry point logs at import, as `serve` does when it starts.
     result = subprocess.run(

@@ -7,7 +7,7 @@ import io
 import logging
 import secrets
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
@@ -19,6 +19,14 @@ from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
 from .server import serve, tune_gc, wait_for_signal
 from .settings import Settings, SettingsError, load_settings, unknown_variables
+from .workers import (
+    Supervisor,
+    check_worker_settings,
+    parent_gone,
+    parse_worker_count,
+    reserve_address,
+    tag_worker_logs,
+)
 
 logger = logging.getLogger("trio_gateway.cli")
 
@@ -37,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd = commands.add_parser("serve", help="run the gateway (settings from GATEWAY__*)")
     serve_cmd.add_argument("--host", help="bind address (default GATEWAY__HOST)")
     serve_cmd.add_argument("--port", type=int, help="bind port (default GATEWAY__PORT)")
+    serve_cmd.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help=(
+            "worker processes on the one port (SO_REUSEPORT), a number or 'auto' (one per "
+            "core); more than 1 needs GATEWAY__STATE_BACKEND=redis (default 1)"
+        ),
+    )
+    # Internal: how the supervisor of --workers starts each worker.
+    serve_cmd.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
     check_cmd = commands.add_parser(
         "check",
@@ -190,15 +209,42 @@ def warn_about_unknown_variables() -> None:
         logger.warning("unknown setting %s is ignored", name, extra={"event": "unknown_setting"})
 
 
-async def _run_serve(settings: Settings, host: str | None, port: int | None) -> None:
-    warn_about_unknown_variables()
+async def _run_serve(
+    settings: Settings, host: str | None, port: int | None, reuse_port: bool = False
+) -> None:
+    if not reuse_port:  # a worker's supervisor has said it once already
+        warn_about_unknown_variables()
     app = create_app(settings)
 
     def announce(binds: list[str]) -> None:
         logger.info("trio-gateway serving on %s (runtime %s)", ", ".join(binds), settings.agent_url)
 
+    trigger = None
+    if reuse_port:
+
+        async def trigger() -> None:
+            # A worker stops on its signal, or drains by itself once its supervisor is gone.
+            async with trio.open_nursery() as nursery:
+
+                async def then_stop(wait: Callable[[], Awaitable[None]]) -> None:
+                    await wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(then_stop, wait_for_signal)
+                nursery.start_soon(then_stop, parent_gone)
+
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, app, settings, host=host, port=port))
+        binds = await nursery.start(
+            partial(
+                serve,
+                app,
+                settings,
+                host=host,
+                port=port,
+                shutdown_trigger=trigger,
+                reuse_port=reuse_port,
+            )
+        )
         tune_gc()  # a process setting: the serve command only, never in-process test servers
         announce(binds)
 
@@ -416,6 +462,23 @@ def _run_chat(
         return 130
 
 
+async def _run_supervisor(settings: Settings, host: str, port: int | None, workers: int) -> int:
+    """``serve --workers N``: reserve the address, then run and supervise N workers."""
+    warn_about_unknown_variables()
+    reserved = reserve_address(host, settings.port if port is None else port)
+    with reserved:
+        bound_port = reserved.getsockname()[1]
+        where = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+        logger.info(
+            "trio-gateway serving on http://%s with %d workers (runtime %s)",
+            where,
+            workers,
+            settings.agent_url,
+            extra={"event": "workers_serving", "workers": workers},
+        )
+        return await Supervisor(settings, host, bound_port, workers).run()
+
+
 def _load_settings_for(command: str) -> Settings:
     if command == "demo":
         # The demo runs its own runtime with its own key (set in _run_demo): an unset
@@ -457,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         settings = _load_settings_for(args.command)
+        workers = 1
+        if args.command == "serve":
+            workers = parse_worker_count(args.workers)
+            check_worker_settings(settings, workers)
     except SettingsError as error:
         print(f"trio-gateway: {error}", file=sys.stderr)
         return 2
@@ -465,9 +532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, BaseExceptionGroup) as error:
         return _startup_failure(error)
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "serve" and args.reuse_port:
+        tag_worker_logs()
     try:
+        if args.command == "serve" and workers > 1:
+            return trio.run(_run_supervisor, settings, args.host or settings.host, port, workers)
         if args.command == "serve":
-            trio.run(_run_serve, settings, args.host, port)
+            trio.run(_run_serve, settings, args.host, port, args.reuse_port)
         elif args.command == "demo":
             trio.run(_run_demo, settings, args.host, port if port is not None else 8000)
         else:

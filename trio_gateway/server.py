@@ -21,6 +21,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from . import hypercorn_patches
 from .app import GatewayApp
 from .settings import Settings
+from .workers import reuse_port_socket
 
 logger = logging.getLogger("trio_gateway.server")
 
@@ -96,14 +97,24 @@ async def serve(
     host: str | None = None,
     port: int | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns (default: SIGTERM/SIGINT), then drain.
 
     ``task_status`` receives the bound addresses (bind port 0 to let the OS choose).
+    ``reuse_port``: listen with ``SO_REUSEPORT`` beside the other workers of
+    ``trio-gateway serve --workers N`` (see workers.py).
     """
     hypercorn_patches.apply()  # before any connection: see hypercorn_patches.py
     config = build_hypercorn_config(settings, host, port)
+    if reuse_port:
+        bind_host = host if host is not None else settings.host
+        bind_port = settings.port if port is None else port
+        sock = reuse_port_socket(bind_host, bind_port)
+        # hypercorn adopts the descriptor (socket(fileno=...)): detach so that only its
+        # socket object owns and closes it.
+        config.bind = [f"fd://{sock.detach()}"]
     trigger = shutdown_trigger or wait_for_signal
 
     async def drain_then_stop() -> None:

@@ -1,0 +1,249 @@
+"""``trio-gateway serve --workers N``: several processes on one port, drained and restarted
+as one gateway. Real processes, a real redis-server and a real runtime on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+from trio_gateway.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
+from trio_gateway.settings import SettingsError
+from trio_gateway.workers import check_worker_settings, parse_worker_count
+
+from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings
+from .redis_server import REDIS_SERVER, RedisServer, free_port
+
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+
+def test_the_worker_count_is_a_number_or_auto() -> None:
+    assert parse_worker_count("1") == 1
+    assert parse_worker_count("3") == 3
+    assert parse_worker_count("auto") == len(os.sched_getaffinity(0))
+    for bad in ("0", "65", "two", ""):
+        with pytest.raises(SettingsError, match="--workers"):
+            parse_worker_count(bad)
+
+
+def test_several_workers_need_shared_state() -> None:
+    memory = gateway_settings("http://rt:1", state_backend="memory")
+    check_worker_settings(memory, 1)
+    with pytest.raises(SettingsError, match="GATEWAY__STATE_BACKEND=redis"):
+        check_worker_settings(memory, 2)
+    check_worker_settings(gateway_settings("http://rt:1", state_backend="redis"), 2)
+
+
+async def test_serve_refuses_several_workers_without_redis() -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_gateway.cli", "serve", "--workers", "2", "--port", "0"],
+        env={
+            **os.environ,
+            "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
+            "GATEWAY__STATE_BACKEND": "memory",
+        },
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert b"needs GATEWAY__STATE_BACKEND=redis" in result.stderr
+
+
+@dataclass
+class Fleet:
+    """A ``serve --workers N`` process and what its JSON log lines said so far."""
+
+    process: trio.Process
+    port: int
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def read_logs(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for piece in self.process.stderr:
+            buffer += piece
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    self.lines.append({"message": line.decode(errors="replace")})
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def wait_log(self, predicate: Any, count: int = 1, timeout: float = 30) -> None:
+        with trio.fail_after(timeout):
+            while sum(1 for line in self.lines if predicate(line)) < count:
+                await self.changed.wait()
+
+    def worker_pids(self) -> dict[int, int]:
+        """The latest pid of each worker index, from the supervisor's log."""
+        pids: dict[int, int] = {}
+        for line in self.lines:
+            if line.get("event") == "worker_started":
+                pids[line["worker"]] = line["pid"]
+        return pids
+
+    def served_by(self, event: str) -> Counter[int]:
+        return Counter(
+            line["worker"] for line in self.lines if line.get("event") == event and "worker" in line
+        )
+
+
+@asynccontextmanager
+async def fleet(
+    nursery: trio.Nursery, runtime_url: str, redis_url: str, workers: int = 2
+) -> AsyncIterator[Fleet]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY__AGENT_URL": runtime_url,
+        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
+        "GATEWAY__USE_JWT_AUTH": "false",
+        "GATEWAY__STATE_BACKEND": "redis",
+        "GATEWAY__REDIS_URL": redis_url,
+        "GATEWAY__LOG_FORMAT": "json",
+        "GATEWAY__DRAIN_TIMEOUT": "2",
+        "GATEWAY__WS_CLOSE_TIMEOUT": "1",
+    }
+    process = await trio.lowlevel.open_process(
+        [
+            *(sys.executable, "-m", "trio_gateway.cli", "serve", "--workers", str(workers)),
+            *("--host", "127.0.0.1", "--port", str(port)),
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    running = Fleet(process, port)
+    nursery.start_soon(running.read_logs)
+    try:
+        await running.wait_log(lambda line: line.get("event") == "worker_started", workers)
+        # Every worker listening: each says so once hypercorn has bound.
+        await running.wait_log(lambda line: "serving on" in line.get("message", ""), workers + 1)
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.move_on_after(10):
+                await process.wait()
+        for pid in running.worker_pids().values():  # never leave an orphan behind
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+async def slow_runtime(nursery: trio.Nursery) -> AsyncIterator[str]:
+    """The demo runtime with turns of ~2 s (so a drain can catch them mid-turn)."""
+    runtime = create_demo_runtime(
+        DemoRuntimeConfig(internal_api_key=INTERNAL_KEY, token_delay=0.05, think_delay=0.0)
+    )
+    stop = trio.Event()
+    binds = await nursery.start(
+        partial(serve_demo_runtime, runtime, "127.0.0.1", 0, shutdown_trigger=stop.wait)
+    )
+    yield binds[0]
+    stop.set()
+
+
+async def fresh_connection_requests(base_url: str, count: int) -> None:
+    # A new TCP connection per request: the kernel spreads connections, not requests.
+    for _ in range(count):
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            assert (await http.get("/health")).status_code == 200
+
+
+@needs_redis
+async def test_every_worker_serves_requests_and_sessions(
+    nursery: trio.Nursery, slow_runtime: str, redis_server: RedisServer
+) -> None:
+    async with fleet(nursery, slow_runtime, redis_server.url(1)) as running:
+        await fresh_connection_requests(running.base_url, 60)
+        await running.wait_log(lambda line: line.get("event") == "http_access", 60)
+        requests = running.served_by("http_access")
+        assert set(requests) == {0, 1}, requests
+        # SO_REUSEPORT hashes connections: roughly even, never all on one worker.
+        assert min(requests.values()) >= 10, requests
+
+        for number in range(12):
+            ws_url = f"ws://127.0.0.1:{running.port}/api/v1/ws/spread-{number}"
+            async with trio_websocket.open_websocket_url(ws_url) as ws:
+                client = WsClient(ws)
+                await client.send({"type": "user_message", "content": "hi", "role": "user"})
+                frames = await client.turn(timeout=30)
+                assert frames[-1]["is_final"] is True
+        sessions = running.served_by("ws_connected")
+        assert set(sessions) == {0, 1}, sessions
+
+
+@needs_redis
+async def test_a_worker_that_dies_is_started_again(
+    nursery: trio.Nursery, slow_runtime: str, redis_server: RedisServer
+) -> None:
+    async with fleet(nursery, slow_runtime, redis_server.url(2)) as running:
+        victim = running.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        await running.wait_log(
+            lambda line: line.get("event") == "worker_started" and line.get("worker") == 0, 2
+        )
+        assert running.worker_pids()[0] != victim
+        await running.wait_log(lambda line: "serving on" in line.get("message", ""), 4)
+        await fresh_connection_requests(running.base_url, 20)
+        assert running.process.returncode is None
+
+
+@needs_redis
+async def test_sigterm_drains_every_worker_and_clients_get_1012(
+    nursery: trio.Nursery, slow_runtime: str, redis_server: RedisServer
+) -> None:
+    codes: list[int] = []
+    async with fleet(nursery, slow_runtime, redis_server.url(3)) as running:
+        all_mid_turn = trio.Event()
+        mid_turn = 0
+
+        async def session(number: int) -> None:
+            nonlocal mid_turn
+            ws_url = f"ws://127.0.0.1:{running.port}/api/v1/ws/drain-{number}"
+            async with trio_websocket.open_websocket_url(ws_url) as ws:
+                client = WsClient(ws)
+                # A long answer: the drain finds it mid-turn.
+                await client.send({"type": "user_message", "content": "x" * 400, "role": "user"})
+                await client.recv(timeout=20)
+                mid_turn += 1
+                if mid_turn == 8:
+                    all_mid_turn.set()
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await client.recv(timeout=30)
+                codes.append(close_code(closed.value))
+
+        async with trio.open_nursery() as clients:
+            for number in range(8):
+                clients.start_soon(session, number)
+            with trio.fail_after(30):
+                await all_mid_turn.wait()
+            assert set(running.served_by("ws_connected")) == {0, 1}
+            running.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                assert await running.process.wait() == 0
+    assert codes == [1012] * 8
