@@ -1010,12 +1010,18 @@ class SessionManager:
                 replay.delivered(seq)  # the client has it from the other replica
                 continue
             batch.append((seq, text, kind))
-        send_text = connection.ws.send_text
-        for seq, text, kind in batch:
-            await send_text(text)
+        if not batch:
+            return
+
+        def sent(index: int) -> None:
+            # Marked one by one: a socket failing half-way leaves the rest undelivered (and
+            # replayed on resume), never a frame both sent and replayed.
+            seq, _, kind = batch[index]
             if seq:
                 replay.delivered(seq)
             self.count_frame_out(kind)
+
+        await connection.ws.send_texts([text for _, text, _ in batch], sent)
 
     async def _send_direct(self, connection: Connection, frame: Frame) -> None:
         """Send a connection frame (no seq, never replayed) ahead of the session's frames."""
