@@ -70,11 +70,13 @@ async def test_a_reconnect_within_the_grace_period_receives_the_rest_of_the_live
     assert runtime.completed_streams == 1 and runtime.cancelled_streams == 0
 
 
-async def test_a_second_connection_replaces_the_first_which_gets_4409(
+async def test_a_v2_connection_replaces_the_first_which_gets_4409(
     gateway: RunningGateway,
 ) -> None:
+    # A resuming v2 client takes the session over (a v1 second window becomes a viewer
+    # instead: tests/test_windows.py).
     async with gateway.connect("dup") as first:
-        async with gateway.connect("dup") as second:
+        async with gateway.connect("dup", v2=True) as second:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await first.recv()
             assert close_code(closed.value) == 4409

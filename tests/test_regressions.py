@@ -54,7 +54,9 @@ async def test_closing_a_connection_that_floods_frames_leaks_no_server_task(
             flooder = await RawWebSocket.connect(port, "/api/v1/ws/flooded")
             for _ in range(200):  # v1 pings: no reply, so the gateway's reader is the sink
                 await flooder.send_json({"type": "ping"})
-            replacement = await RawWebSocket.connect(port, "/api/v1/ws/flooded")  # 4409
+            replacement = await RawWebSocket.connect(  # v2 replaces the flooder: 4409
+                port, "/api/v1/ws/flooded", subprotocols=["codelab.v2"]
+            )
             with trio.move_on_after(3):
                 await flooder.read_until_closed(timeout=3)
             await flooder.aclose()
@@ -78,9 +80,10 @@ async def test_a_replacement_gets_contiguous_seq_and_ordered_tokens(
         )
         await stuck.send_json({"type": "user_message", "content": "bench 8000"})
         await trio.sleep(0.5)
-        async with gw.connect("replaced") as client:
+        async with gw.connect("replaced", v2=True) as client:  # v2 takes the session over
             frames = await client.turn(timeout=30)
         await stuck.aclose()
+    frames = [f for f in frames if f["type"] == "assistant_message"]
     seqs = [f["seq"] for f in frames]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq +1 per frame, no duplicate"
     indexes = [int(t[1:]) for f in frames for t in f["token"].split()]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,9 @@ logger = logging.getLogger("trio_gateway.session")
 # call ids remembered to refuse a second answer. Old entries go first.
 MAX_PENDING_APPROVALS = 64
 MAX_REMEMBERED_ANSWERS = 1024
+# v1 sockets of one user on one session (the IDE's windows): the live one plus viewers. A
+# socket beyond this closes the oldest viewer (4409), as a second socket did before viewers.
+MAX_SOCKETS_PER_SESSION = 8
 
 
 class Connection:
@@ -99,6 +103,10 @@ class Connection:
         # Cross-replica resume on a follower: frames up to this seq reach the client through
         # the shared stream but were already delivered by the other replica.
         self.skip_through = 0
+        # A v1 viewer (another window on the session): the frames the session's live socket
+        # numbered, encoded, waiting for this socket's writer. Bounded in bytes.
+        self.backlog: deque[str] = deque()
+        self.backlog_bytes = 0
 
     def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the connection to close with ``code``; the connection task does the closing.
@@ -155,6 +163,7 @@ class Session:
         self.following = False  # another replica runs the session; we relay its stream
         self.handoff = False  # our client moved to another replica: finish, then let go
         self.connection: Connection | None = None
+        self.viewers: list[Connection] = []  # v1 windows beside the live socket; see attach
         self.scope = trio.CancelScope()
         self.turn_scope: trio.CancelScope | None = None
         self.lost_frames = 0
@@ -228,8 +237,8 @@ class Session:
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
             logger.exception("session %s failed", self.id)
-            if self.connection is not None:
-                self.connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
+            for connection in self.sockets():
+                connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if self.cluster is not None:
                 await let_go(self, self.cluster)
@@ -237,8 +246,8 @@ class Session:
             dropped = self.queue.clear()
             if dropped:
                 logger.info("session ended with %d queued message(s) dropped", dropped)
-            if self.connection is not None:
-                self.connection.shut(CloseCode.GOING_AWAY, "session ended")
+            for connection in self.sockets():
+                connection.shut(CloseCode.GOING_AWAY, "session ended")
             self.manager._forget(self)
             self.finished.set()
             logger.debug("session %s ended", self.id)
@@ -246,6 +255,11 @@ class Session:
     def end(self) -> None:
         """Cancel the session: its turn, its queue and its connection."""
         self.scope.cancel()
+
+    def sockets(self) -> list[Connection]:
+        """The live socket (if any) and its viewers."""
+        live = [] if self.connection is None else [self.connection]
+        return live + self.viewers
 
     # --- several replicas (lease, follow, hand-off: session_replicas.py) ---------------------
 
@@ -280,27 +294,69 @@ class Session:
         self.pending_attach -= 1
         self._attachment_changed.unpark_all()
 
-    def attach(self, connection: Connection, greeting: Frame | None = None) -> None:
-        """Make ``connection`` the session's live socket, replacing any previous one.
+    def attach(self, connection: Connection, greeting: Frame | None = None) -> bool:
+        """Make ``connection`` the session's live socket, replacing any previous one, or add
+        it as a viewer; returns True for a viewer.
+
+        A v1 socket of the same user as a live v1 socket becomes a viewer (the IDE opens one
+        session in two windows): it gets every numbered frame the live socket gets, in the
+        same order with the same ``seq``, and its messages join the session's one queue. Any
+        other newcomer replaces the live socket and its viewers (4409): a v2 client resuming
+        takes the session over.
 
         ``greeting`` (v2 ``session_ready``) goes out before anything else; the connection's
         writer then replays what the client missed (see ``SessionManager._catch_up``).
         """
         previous = self.connection
+        if (
+            previous is not None
+            and not previous.v2
+            and not connection.v2
+            and not previous.closing
+            and previous.identity.sub == connection.identity.sub
+        ):
+            if len(self.viewers) + 1 >= MAX_SOCKETS_PER_SESSION:
+                oldest = self.viewers.pop(0)
+                oldest.replaced = True
+                oldest.shut(CloseCode.SESSION_REPLACED, "replaced by a newer window")
+            self.viewers.append(connection)
+            connection.wake_writer = self.frames_ready.unpark_all
+            connection.caught_up = True  # a viewer sees the session from now on
+            self._attachment_changed.unpark_all()
+            return True
         if previous is not None:
             previous.replaced = True
             previous.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
             connection.previous_writer_done = previous.writer_done
+        for viewer in self.viewers:
+            viewer.replaced = True
+            viewer.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
+        self.viewers.clear()
         self.connection = connection
         self.handoff = False  # the client came back here
         connection.wake_writer = self.frames_ready.unpark_all
         connection.greeting = greeting
         self._attachment_changed.unpark_all()
         self.frames_ready.unpark_all()
+        return False
 
     def detach(self, connection: Connection) -> None:
-        """Forget ``connection`` (if it is still the live one); queued messages are dropped."""
+        """Forget ``connection``. When the live socket leaves, its oldest viewer takes over
+        (nothing is dropped); when the last one leaves, queued messages are dropped."""
+        if connection in self.viewers:
+            self.viewers.remove(connection)
+            self._attachment_changed.unpark_all()
+            return
         if self.connection is not connection:
+            return
+        if self.viewers:
+            promoted = self.viewers.pop(0)
+            # Its writer sends its backlog, waits for this writer to stop (it may be numbering
+            # a last batch, which it also hands to the viewers), then numbers frames itself.
+            promoted.previous_writer_done = connection.writer_done
+            self.connection = promoted
+            self._attachment_changed.unpark_all()
+            self.frames_ready.unpark_all()
             return
         self.connection = None
         dropped = self.queue.clear()
@@ -481,7 +537,9 @@ class Session:
         # connection detaches. Hard (drain timeout): close now and end the session.
         if self.connection is not None:
             code = self.close_after_turn or CloseCode.SERVICE_RESTART
-            self.connection.shut(code, "server restarting", flush=not hard)
+            # Soft: the viewers follow once the live socket has flushed (see the writer).
+            for connection in self.sockets() if hard else [self.connection]:
+                connection.shut(code, "server restarting", flush=not hard)
             if not hard:
                 return
         self.end()
@@ -501,6 +559,32 @@ class Session:
         frames = self.outbound.take_all()
         self.space_ready.unpark_all()
         return frames
+
+    def to_viewers(self, text: str) -> None:
+        """Hand a numbered frame to every viewer's backlog (the live socket's writer calls
+        this as it numbers); a viewer too far behind is closed rather than let grow."""
+        limit = self.settings.outbound_queue_max_bytes
+        for viewer in self.viewers:
+            if viewer.closing:
+                continue
+            viewer.backlog.append(text)
+            viewer.backlog_bytes += len(text)
+            if viewer.backlog_bytes > limit:
+                self.manager.metrics.limit_hits.labels("slow_viewer").inc()
+                viewer.shut(CloseCode.POLICY_VIOLATION, "client too slow")
+
+    async def wait_backlog(self, connection: Connection) -> list[str] | None:
+        """A viewer's next frames (everything in its backlog), or None once it is no longer a
+        viewer (promoted: it then numbers frames itself) and its backlog is empty, or when it
+        should close after a flush."""
+        while not connection.backlog:
+            if connection.flush_then_close or connection is self.connection:
+                return None
+            await self.frames_ready.park()
+        texts = list(connection.backlog)
+        connection.backlog.clear()
+        connection.backlog_bytes = 0
+        return texts
 
 
 class SessionManager:
@@ -577,9 +661,9 @@ class SessionManager:
         if session is None:
             return
         logger.info("session %s moved to another replica", session_id)
-        if session.connection is not None:
-            session.connection.replaced = True
-            session.connection.shut(
+        for connection in session.sockets():
+            connection.replaced = True
+            connection.shut(
                 CloseCode.SESSION_REPLACED, "replaced by a connection on another gateway replica"
             )
         if session.holds_lease:
@@ -665,13 +749,18 @@ class SessionManager:
                     "heartbeat_interval": self.settings.ws_heartbeat_interval,
                     "max_message_bytes": self.settings.ws_max_message_bytes,
                 }
-            session.attach(connection, greeting)
+            viewer = session.attach(connection, greeting)
             self.metrics.connections_opened.inc()
             logger.info(
-                "websocket connected (v2=%s, reattached=%s)",
+                "websocket connected (v2=%s, reattached=%s, viewer=%s)",
                 v2,
                 reattached,
-                extra={"event": "ws_connected", "protocol": "v2" if v2 else "v1"},
+                viewer,
+                extra={
+                    "event": "ws_connected",
+                    "protocol": "v2" if v2 else "v1",
+                    "viewer": viewer,
+                },
             )
             await self._run_connection(session, connection)
         finally:
@@ -959,17 +1048,42 @@ class SessionManager:
             session.send_control(pong)
 
     async def _writer(self, session: Session, connection: Connection) -> None:
+        was_viewer = connection is not session.connection
+        if was_viewer:
+            # A viewer: send what the live socket numbers until this one takes over.
+            while (texts := await session.wait_backlog(connection)) is not None:
+                await connection.ws.send_texts(texts, self._count_viewed)
+            if connection.flush_then_close and not connection.backlog:
+                connection.shut(connection.close_code)
+                return
         if connection.previous_writer_done is not None:
             # Bounded: the replaced connection's guard aborts a stuck send within
             # ws_close_timeout, after which its writer ends.
             await connection.previous_writer_done.wait()
-        await self._catch_up(session, connection)
+        if was_viewer:
+            # Promoted: the old live socket's last batch is in the backlog too (frames reach
+            # viewers as they are numbered), so nothing numbered is missing or sent twice.
+            if connection.backlog:
+                texts = list(connection.backlog)
+                connection.backlog.clear()
+                await connection.ws.send_texts(texts, self._count_viewed)
+            session.replay.delivered(session.seq)
+        else:
+            await self._catch_up(session, connection)
         while True:
             frames = await session.wait_frames(connection)
             if not frames:
+                if session.close_after_turn is not None:
+                    # A drain: the viewers close once they have what this socket had.
+                    for viewer in session.viewers:
+                        viewer.shut(connection.close_code, connection.close_reason, flush=True)
+                    session.frames_ready.unpark_all()
                 connection.shut(connection.close_code)  # flushed: close now
                 return
             await self._send_frames(session, connection, frames)
+
+    def _count_viewed(self, _index: int) -> None:
+        self.count_frame_out("viewed")
 
     async def _send_frames(
         self, session: Session, connection: Connection, frames: list[Outgoing]
@@ -1009,7 +1123,11 @@ class SessionManager:
             if seq <= connection.skip_through:
                 replay.delivered(seq)  # the client has it from the other replica
                 continue
+            if session.viewers:
+                session.to_viewers(text)
             batch.append((seq, text, kind))
+        if session.viewers:
+            session.frames_ready.unpark_all()
         if not batch:
             return
 
