@@ -4,7 +4,7 @@ from trio_gateway.turn_queue import TurnQueue
 
 
 def test_fifo_order_and_bound() -> None:
-    queue = TurnQueue(limit=2)
+    queue: TurnQueue[dict[str, int]] = TurnQueue(limit=2)
     assert queue.offer({"n": 1}) and queue.offer({"n": 2})
     assert not queue.offer({"n": 3})
     assert queue.pop() == {"n": 1}
@@ -13,11 +13,11 @@ def test_fifo_order_and_bound() -> None:
 
 
 def test_clear_reports_how_many_were_dropped() -> None:
-    queue = TurnQueue(limit=5)
+    queue: TurnQueue[dict[str, int]] = TurnQueue(limit=5)
     queue.offer({})
     queue.offer({})
     assert queue.clear() == 2 and len(queue) == 0
 
 
 def test_zero_limit_refuses_everything() -> None:
-    assert not TurnQueue(limit=0).offer({})
+    assert not TurnQueue[dict[str, int]](limit=0).offer({})

@@ -64,6 +64,7 @@ class Gateway:
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the state backend (Redis client and health), open the HTTP pool and start the
         session manager inside ``nursery``."""
+        warn_about_exposure(self.settings)
         # The state first: the first handshakes already need it. It reports started after one
         # probe, up or down, so a gateway whose Redis is down still starts (not ready).
         self._state_scope = trio.CancelScope()
@@ -166,6 +167,25 @@ class Gateway:
         """Graceful drain: see :meth:`SessionManager.drain`."""
         if self.sessions is not None:
             await self.sessions.drain(timeout)
+
+
+def warn_about_exposure(settings: Settings) -> None:
+    """Say at startup, as a warning, what an operator must not run by accident."""
+    if not settings.use_jwt_auth:
+        logger.warning(
+            "JWT AUTHENTICATION IS OFF (GATEWAY__USE_JWT_AUTH=false): anyone who can reach "
+            "this gateway can use every session and the whole REST API; per-user limits apply "
+            "per client address. Development and tests only.",
+            extra={"event": "auth_disabled"},
+        )
+    elif settings.ws_auth_mode == "session-id":
+        logger.warning(
+            "GATEWAY__WS_AUTH_MODE=session-id: a WebSocket without a token is admitted to any "
+            "session that has an owner, as that owner; whoever knows a session id can use that "
+            "session (as with the old gateway). REST still requires tokens. Switch to "
+            "WS_AUTH_MODE=token once clients send a token on their WebSocket.",
+            extra={"event": "session_id_auth"},
+        )
 
 
 def _json(

@@ -201,6 +201,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.session_id_admissions = Counter(
+            "gateway_websocket_session_id_admissions",
+            "WebSockets admitted without a token because their session has an owner "
+            "(WS_AUTH_MODE=session-id).",
+            registry=r,
+        )
         self.handshakes_refused = Counter(
             "gateway_websocket_handshakes_refused",
             "WebSocket handshakes refused, by HTTP status.",

@@ -52,7 +52,7 @@ from .protocol import (
 )
 from .replay import ReplayBuffer, ReplayGap
 from .runtime_client import RuntimeClient, RuntimeFailure
-from .security import Refusal, Security
+from .security import Refusal, Security, user_headers
 from .session_replicas import keep_lease, let_go, pump_handed_off
 from .settings import Settings
 from .state import StateUnavailable
@@ -81,6 +81,8 @@ class Connection:
         self.v2 = v2
         self.identity = identity
         self.rate_refusals = 0  # consecutive messages refused by the rate limit
+        # Who the runtime is told sent this socket's messages (the verified identity).
+        self.sender_headers = user_headers(identity)
         self.scope = trio.CancelScope()
         self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
@@ -138,7 +140,11 @@ class Session:
         self.manager = manager
         settings = manager.settings
         self.settings = settings
-        self.queue = TurnQueue(settings.max_queued_messages)
+        # Each message with the identity headers of the socket that sent it (X-User-ID and
+        # X-User-Scopes go to the runtime with its turn, as the REST proxy sends them).
+        self.queue: TurnQueue[tuple[dict[str, Any], dict[str, str]]] = TurnQueue(
+            settings.max_queued_messages
+        )
         self.outbound = OutboundQueue(
             settings.outbound_queue_max_bytes, settings.max_pending_control_frames
         )
@@ -376,10 +382,10 @@ class Session:
         self.outbound.put_control(frame)
         self.frames_ready.unpark_all()
 
-    def submit(self, message: dict[str, Any]) -> bool:
+    def submit(self, message: dict[str, Any], sender: dict[str, str] | None = None) -> bool:
         """Queue a runtime-bound message; False when the FIFO is full (caller answers busy)
         or the session is closing for a drain (no new turn may start)."""
-        if self.close_after_turn is not None or not self.queue.offer(message):
+        if self.close_after_turn is not None or not self.queue.offer((message, sender or {})):
             return False
         self._messages_ready.unpark_all()
         return True
@@ -416,17 +422,19 @@ class Session:
         runtime = self.manager.runtime
         await self.lease_ready.wait()  # another replica may still be running this session
         while True:
-            message = self.queue.pop()
-            while message is None:
+            queued = self.queue.pop()
+            while queued is None:
                 await self._messages_ready.park()
-                message = self.queue.pop()
-            await self._run_turn(runtime, message)
+                queued = self.queue.pop()
+            await self._run_turn(runtime, *queued)
             if self.close_after_turn is not None:
                 self._close_for_drain()
                 return
             self.maybe_hand_off()
 
-    async def _run_turn(self, runtime: RuntimeClient, message: dict[str, Any]) -> None:
+    async def _run_turn(
+        self, runtime: RuntimeClient, message: dict[str, Any], sender: dict[str, str]
+    ) -> None:
         self.turn_count += 1
         turn_id = self.turn_count
         self._send_v2({"type": "turn_started", "turn_id": turn_id, "message_type": message["type"]})
@@ -439,7 +447,7 @@ class Session:
         with trio.CancelScope() as turn_scope:
             self.turn_scope = turn_scope
             try:
-                await runtime.stream_turn(self.id, message, self._relay)
+                await runtime.stream_turn(self.id, message, self._relay, sender)
                 if not self._final_seen:
                     # Clients wait for a final chunk (a missing is_final counts as final for
                     # the IDE); a stream that ended cleanly without one would leave v1
@@ -948,6 +956,7 @@ class SessionManager:
             connection.shut(CloseCode.UNAUTHORIZED, "token of another user", flush=True)
             return
         connection.identity = identity
+        connection.sender_headers = user_headers(identity)
         logger.info("token refreshed in band", extra={"event": "auth_refreshed"})
         session._send_to(connection, {"type": "auth_ok", "expires_at": identity.expires_at})
 
@@ -1019,7 +1028,7 @@ class SessionManager:
                     )
                 )
                 return
-            if session.submit(message):
+            if session.submit(message, connection.sender_headers):
                 if call_id is not None:
                     session.record_answer(kind, call_id)
             else:

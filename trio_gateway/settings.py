@@ -144,6 +144,16 @@ class Settings(BaseSettings):
     allow_query_token: bool = Field(
         False, description="Accept ?access_token= on the WebSocket handshake (never logged)."
     )
+    ws_auth_mode: Literal["token", "session-id"] = Field(
+        "token",
+        description=(
+            "token: every WebSocket authenticates with a token (header, subprotocol or first "
+            "auth frame). session-id: a socket with no token whose first frame is not auth is "
+            "admitted to a session that already has an owner, as that owner (the old "
+            "gateway's exposure: the session id is the credential). For today's IDE, which "
+            "sends no token on its WebSocket; REST still needs tokens."
+        ),
+    )
     ws_auth_timeout: float = Field(
         10.0,
         gt=0,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
 
 
-class TurnQueue:
+class TurnQueue(Generic[Item]):
     """Bounded FIFO: one turn runs at a time; up to ``limit`` messages wait behind it.
 
     ``offer`` never blocks: a full queue is the caller's cue to answer ``busy``.
@@ -14,19 +16,19 @@ class TurnQueue:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: deque[dict[str, Any]] = deque()
+        self._items: deque[Item] = deque()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, message: dict[str, Any]) -> bool:
+    def offer(self, message: Item) -> bool:
         """Append ``message`` unless the queue is full; return whether it was accepted."""
         if len(self._items) >= self.limit:
             return False
         self._items.append(message)
         return True
 
-    def pop(self) -> dict[str, Any] | None:
+    def pop(self) -> Item | None:
         """The oldest waiting message, or None when empty."""
         return self._items.popleft() if self._items else None
 

@@ -11,6 +11,7 @@ connection cap. Refusals before the accept are real HTTP answers (401 with
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -20,6 +21,7 @@ import trio
 from .auth import Identity
 from .protocol import SUBPROTOCOL_V2, CloseCode, FrameError, parse_client_frame, valid_session_id
 from .security import Refusal
+from .state import STATE_UNAVAILABLE, StateUnavailable
 from .transport import ConnectionClosed, WebSocketConnection
 
 if TYPE_CHECKING:
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trio_gateway.handshake")
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
+# Identity.client_id of a socket admitted by its session id (WS_AUTH_MODE=session-id).
+SESSION_ID_CLIENT = "session-id"
 _CLOSE_FOR_STATUS = {
     401: CloseCode.UNAUTHORIZED,
     403: CloseCode.FORBIDDEN,
@@ -96,6 +100,8 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
         if offered is not None or not security.enabled:
             identity = await security.identify_header(offered)
             await _authorize(gateway, identity, session_id)
+        elif gateway.settings.ws_auth_mode == "session-id":
+            identity = await _session_owner(gateway, session_id)
     except Refusal as refusal:
         gateway.metrics.handshakes_refused.labels(str(refusal.status)).inc()
         logger.info(
@@ -134,6 +140,38 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
     finally:
         sessions.pending_auth -= 1
     await _serve(gateway, ws, session_id, identity, accepted=True)
+
+
+async def _session_owner(gateway: Gateway, session_id: str) -> Identity | None:
+    """``WS_AUTH_MODE=session-id``: the identity a tokenless socket acts as, or None.
+
+    A session that already has an owner (created or opened by an authenticated user) admits a
+    socket that presents no token, as that owner, for that session only: the session id is the
+    credential, exactly the old gateway's exposure. The socket's messages then count against
+    the owner's caps and rates, and an ``auth`` frame it may still send is an in-band refresh
+    (a token of another user closes it with 4401). An unowned or unknown session gets None:
+    the socket must authenticate with its first frame as in ``token`` mode (4401 otherwise).
+    """
+    security = gateway.security
+    try:
+        owner = await security.ownership.owner(session_id)
+    except StateUnavailable:
+        gateway.metrics.state_backend_failures.labels("owner").inc()
+        raise Refusal(503, "state_unavailable", STATE_UNAVAILABLE, retry_after=5) from None
+    if owner is None:
+        return None
+    gateway.metrics.session_id_admissions.inc()
+    logger.info(
+        "websocket admitted by its session id (WS_AUTH_MODE=session-id)",
+        extra={"event": "ws_session_id_admission", "owner": owner},
+    )
+    settings = gateway.settings
+    return Identity(
+        sub=owner,
+        scopes=frozenset({settings.read_scope, settings.write_scope}),
+        expires_at=math.inf,  # no token to expire; an in-band auth frame sets a real expiry
+        client_id=SESSION_ID_CLIENT,
+    )
 
 
 async def _first_frame_identity(gateway: Gateway, ws: WebSocketConnection) -> Identity:
