@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import threading
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -103,6 +105,34 @@ def encode_frame(
     key = (_MASK * (size // 4 + 1))[:size]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
     return header + _MASK + masked
+
+
+def deflate_payload(data: bytes) -> bytes:
+    """``data`` as a permessage-deflate message payload (RFC 7692: raw deflate, sync flush,
+    the trailing ``00 00 ff ff`` removed), from a fresh context."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    payload = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return payload[:-4]
+
+
+@functools.cache
+def deflate_bomb(inflated_bytes: int) -> bytes:
+    """A permessage-deflate payload that inflates to ``inflated_bytes`` spaces (~1030:1: a
+    256 MiB message in 255 KB), built in 1 MiB steps so it never exists inflated here."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    step = b" " * (1 << 20)
+    parts = []
+    left = inflated_bytes
+    while left > 0:
+        parts.append(compressor.compress(step[: min(left, len(step))]))
+        left -= len(step)
+    parts.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(parts)[:-4]
+
+
+def compressed_frame(payload: bytes, *, opcode: int = OP_TEXT, fin: bool = True) -> bytes:
+    """A client frame with RSV1 set: "this message is compressed" (permessage-deflate)."""
+    return encode_frame(opcode, payload, fin=fin, rsv=4)
 
 
 class WireFrame:
