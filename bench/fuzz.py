@@ -1,9 +1,10 @@
 """Long hostile-input fuzz run with figures: frames, handshakes and tokens against one gateway.
 
-Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes and 500 token
-attempts; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick`` for
-a smoke run. The same harness as ``tests/test_fuzz.py`` (``tests/fuzzing.py``): a gateway in
-front of the demo runtime (and, for tokens, a second one with JWT on and a real JWKS server)
+Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes, 500 token
+attempts and 500 compressed-frame connections; several minutes on two shared cores) or
+``--examples N`` to scale, ``--quick`` for a smoke run. The same harness as
+``tests/test_fuzz.py`` (``tests/fuzzing.py``): a gateway in front of the demo runtime (and, for
+tokens and compressed frames, others with JWT on and a real JWKS server)
 on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns for
 the whole run, hypothesis generating every input. Prints one table; exits 1 if anything was
 wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session problem).
@@ -26,12 +27,19 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.fuzzing import (
+    BOMB_SIZES,
+    CompressedCase,
     FrameBatch,
     FuzzGateway,
     FuzzStats,
+    check_compressed,
+    compressed_cases,
+    deflate_bomb,
+    exchange_compressed,
     exchange_frames,
     frame_batches,
     handshake_requests,
+    peak_rss_bytes,
     raw_request,
 )
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
@@ -103,6 +111,40 @@ def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
         }
 
 
+def fuzz_compressed_frames(examples: int, stats: FuzzStats) -> dict[str, Any]:
+    """Compressed frames (bombs, honest fragmented messages, corrupt deflate data) against a
+    JWT-on gateway with ``WS_COMPRESSION=on``; also the peak RSS this process (the gateway
+    runs in a thread of it) gained during the phase, which bounds what the gateway kept."""
+    for size in BOMB_SIZES:
+        deflate_bomb(size)  # built before the baseline: the client's bombs are not the gateway's
+    failures: list[str] = []
+    ids = itertools.count()
+    with FuzzGateway(jwt=True, ws_compression="on") as gateway:
+        token = gateway.token("fuzz")
+        before = peak_rss_bytes()
+
+        @hypothesis_settings(examples)
+        @given(case=compressed_cases())
+        def cases(case: CompressedCase) -> None:
+            seen = trio.run(exchange_compressed, gateway.port, f"deflate-{next(ids)}", case, token)
+            stats.connections += 1
+            stats.frames_sent += 1 + case.pings
+            stats.count(stats.close_codes, seen.close_code if seen.close_code else "eof")
+            if seen.rejected_status is not None:
+                stats.count(stats.statuses, seen.rejected_status)
+            failures.extend(check_compressed(case, seen)[:3])
+
+        cases()
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+            "failures": failures,
+            "rss_growth_mib": (peak_rss_bytes() - before) / (1 << 20),
+        }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=2000, help="frame connections")
@@ -116,9 +158,13 @@ def main() -> int:
     plain = fuzz_frames_and_handshakes(examples, examples, stats)
     token_stats = FuzzStats()
     secure = fuzz_tokens(max(examples // 4, 50), token_stats)
+    deflate_stats = FuzzStats()
+    deflate = fuzz_compressed_frames(max(examples // 4, 50), deflate_stats)
     duration = time.monotonic() - started
 
-    crashes = int(not plain["alive"]) + int(not secure["alive"])
+    # Bombs of up to 64 MiB each went in: the gateway must have inflated none of them whole.
+    rss_bounded = deflate["rss_growth_mib"] < 48
+    crashes = int(not plain["alive"]) + int(not secure["alive"]) + int(not deflate["alive"])
     problems = (
         stats.problems
         + token_stats.problems
@@ -127,6 +173,10 @@ def main() -> int:
         + plain["control_problems"]
         + secure["control_problems"]
         + secure["failures"]
+        + deflate["error_logs"]
+        + deflate["control_problems"]
+        + deflate["failures"]
+        + ([] if rss_bounded else [f"peak RSS grew {deflate['rss_growth_mib']:.0f} MiB"])
     )
     rows = [
         ("frame connections", stats.connections),
@@ -137,10 +187,16 @@ def main() -> int:
         ("token attempts (JWT on)", token_stats.handshakes),
         ("token answers", dict(sorted(token_stats.statuses.items()))),
         ("first-frame auth closes", dict(sorted(token_stats.close_codes.items()))),
-        ("control turns (exact tokens)", plain["control_turns"] + secure["control_turns"]),
+        ("compressed-frame connections", deflate_stats.connections),
+        ("compressed close codes", dict(sorted(deflate_stats.close_codes.items()))),
+        ("peak RSS growth, compressed phase", f"{deflate['rss_growth_mib']:.1f} MiB"),
+        (
+            "control turns (exact tokens)",
+            plain["control_turns"] + secure["control_turns"] + deflate["control_turns"],
+        ),
         ("contained hypercorn races", plain["contained"]),
         ("crashes", crashes),
-        ("5xx", stats.server_errors + token_stats.server_errors),
+        ("5xx", stats.server_errors + token_stats.server_errors + deflate_stats.server_errors),
         ("problems", len(problems)),
         ("duration", f"{duration:.1f} s"),
     ]

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import threading
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -103,6 +105,34 @@ def encode_frame(
     key = (_MASK * (size // 4 + 1))[:size]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
     return header + _MASK + masked
+
+
+def deflate_payload(data: bytes) -> bytes:
+    """``data`` as a permessage-deflate message payload (RFC 7692: raw deflate, sync flush,
+    the trailing ``00 00 ff ff`` removed), from a fresh context."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    payload = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return payload[:-4]
+
+
+@functools.cache
+def deflate_bomb(inflated_bytes: int) -> bytes:
+    """A permessage-deflate payload that inflates to ``inflated_bytes`` spaces (~1030:1: a
+    256 MiB message in 255 KB), built in 1 MiB steps so it never exists inflated here."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    step = b" " * (1 << 20)
+    parts = []
+    left = inflated_bytes
+    while left > 0:
+        parts.append(compressor.compress(step[: min(left, len(step))]))
+        left -= len(step)
+    parts.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(parts)[:-4]
+
+
+def compressed_frame(payload: bytes, *, opcode: int = OP_TEXT, fin: bool = True) -> bytes:
+    """A client frame with RSV1 set: "this message is compressed" (permessage-deflate)."""
+    return encode_frame(opcode, payload, fin=fin, rsv=4)
 
 
 class WireFrame:
@@ -1123,3 +1153,206 @@ class FuzzStats:
         if problem:
             self.problems.append(problem)
         return problem
+
+
+# --- compressed frames (permessage-deflate on) -------------------------------------------------
+
+# Inflated sizes of the bombs: just over the limit, then far over it. Each payload is built
+# once per process (deflate_bomb is cached); 64 MiB is 64 KB on the wire.
+BOMB_SIZES = [MAX_MESSAGE_BYTES + 1, 1 << 20, 16 << 20, 64 << 20]
+
+
+class CompressedCase:
+    """One connection's compressed traffic and what the gateway must answer.
+
+    ``kind``: ``bomb`` (inflates past the limit: 1009), ``honest`` (v2 pings, compressed,
+    maybe fragmented: one pong each, socket stays open), ``hostile`` (corrupt deflate data,
+    RSV1 where it is not allowed: the socket may be dropped, with a documented code or none).
+    ``authenticated``: token in the handshake; else the first frame is the case itself (bombs,
+    hostile) or a compressed ``auth`` frame first (honest).
+    """
+
+    def __init__(self, kind: str, label: str, data: bytes, *, pings: int = 0, authed: bool) -> None:
+        self.kind = kind
+        self.label = label
+        self.data = data
+        self.pings = pings
+        self.authenticated = authed
+
+    def __repr__(self) -> str:
+        auth = "token" if self.authenticated else "anonymous"
+        return f"CompressedCase({self.kind}/{self.label}, {auth}, {len(self.data)} bytes)"
+
+
+def _fragments(payload: bytes, cuts: list[int], opcode: int = OP_TEXT) -> bytes:
+    """``payload`` (already deflated) as one compressed message in several frames: RSV1 on the
+    first only (RFC 7692 section 6.1)."""
+    pieces = split(payload, cuts)
+    frames = [compressed_frame(pieces[0], opcode=opcode, fin=len(pieces) == 1)]
+    for index, piece in enumerate(pieces[1:], start=1):
+        frames.append(encode_frame(OP_CONT, piece, fin=index == len(pieces) - 1))
+    return b"".join(frames)
+
+
+@st.composite
+def compressed_cases(draw: st.DrawFn) -> CompressedCase:
+    """Compressed traffic for a gateway with ``WS_COMPRESSION=on``."""
+    kind = draw(st.sampled_from(["bomb", "honest", "hostile"]))
+    authed = draw(st.booleans())
+    if kind == "bomb":
+        size = draw(st.sampled_from(BOMB_SIZES))
+        payload = deflate_bomb(size)
+        cuts = draw(st.lists(st.integers(0, len(payload)), max_size=3))
+        return CompressedCase(kind, f"{size}", _fragments(payload, cuts), authed=authed)
+    if kind == "honest":
+        pings = draw(st.integers(1, 4))
+        frames = []
+        for index in range(pings):
+            filler = draw(st.text(max_size=200))
+            text = orjson.dumps({"type": "ping", "id": index, "note": filler})
+            payload = deflate_payload(text)
+            cuts = draw(st.lists(st.integers(0, len(payload)), max_size=3))
+            frames.append(_fragments(payload, cuts))
+        return CompressedCase(kind, "pings", b"".join(frames), pings=pings, authed=authed)
+    label = draw(
+        st.sampled_from(["garbage", "truncated", "bad_utf8", "control_rsv1", "continuation_rsv1",
+                         "binary", "bitflip"])
+    )  # fmt: skip
+    good = deflate_payload(b'{"type":"ping","id":1}')
+    if label == "garbage":
+        data = compressed_frame(draw(st.binary(min_size=1, max_size=300)))
+    elif label == "truncated":
+        data = compressed_frame(good[: draw(st.integers(0, len(good) - 1))])
+    elif label == "bad_utf8":
+        data = compressed_frame(deflate_payload(b'{"type":"ping","x":"\xff\xfe"}'))
+    elif label == "control_rsv1":
+        data = compressed_frame(deflate_payload(b"x"), opcode=OP_PING)
+    elif label == "continuation_rsv1":
+        data = compressed_frame(good, fin=False) + compressed_frame(good, opcode=OP_CONT)
+    elif label == "binary":
+        data = compressed_frame(good, opcode=OP_BINARY)
+    else:
+        flipped = bytearray(good)
+        position = draw(st.integers(0, len(flipped) - 1))
+        flipped[position] ^= 1 << draw(st.integers(0, 7))
+        data = compressed_frame(bytes(flipped))
+    return CompressedCase(kind, label, data, authed=authed)
+
+
+@dataclass
+class CompressedExchange:
+    """What one compressed-frame connection saw."""
+
+    extensions: list[str] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    close_code: int | None = None
+    eof: bool = False
+    rejected_status: int | None = None
+
+
+async def exchange_compressed(
+    port: int, session_id: str, case: CompressedCase, token: str
+) -> CompressedExchange:
+    """Open a v2 session socket offering permessage-deflate, send ``case``, read the answer.
+
+    Honest cases end with a polite close once every pong arrived; the others read until the
+    gateway ends the connection (its close frame is answered, so the gateway need not wait)."""
+    from wsproto.extensions import PerMessageDeflate
+
+    result = CompressedExchange()
+    with trio.fail_after(30):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            ws = WSConnection(ConnectionType.CLIENT)
+            headers = [(b"authorization", f"Bearer {token}".encode())] if case.authenticated else []
+            request = Request(
+                host=f"127.0.0.1:{port}",
+                target=f"/api/v1/ws/{session_id}",
+                subprotocols=[SUBPROTOCOL_V2],
+                extensions=[PerMessageDeflate()],
+                extra_headers=headers,
+            )
+            await stream.send_all(ws.send(request))
+            accepted = False
+            while not accepted:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise ConnectionError("closed during the handshake")
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, AcceptConnection):
+                        accepted = True
+                        result.extensions = [e.name for e in event.extensions]
+                    elif isinstance(event, RejectConnection):
+                        result.rejected_status = event.status_code
+                        return result
+            first = b""
+            if case.kind == "honest" and not case.authenticated:
+                first = compressed_frame(
+                    deflate_payload(orjson.dumps({"type": "auth", "token": token}))
+                )
+            # Dropped while we send: what we read next says how.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(first + case.data)
+
+            def pongs() -> int:
+                return sum(frame.get("type") == "pong" for frame in result.frames)
+
+            while case.kind != "honest" or pongs() < case.pings:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    result.eof = True
+                    break
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, TextMessage):
+                        result.frames.append(orjson.loads(event.data))
+                    elif isinstance(event, CloseConnection):
+                        result.close_code = event.code
+                        with contextlib.suppress(Exception):
+                            await stream.send_all(ws.send(event.response()))
+                if result.close_code is not None and case.kind == "honest":
+                    break
+            if case.kind == "honest" and result.close_code is None:
+                with contextlib.suppress(Exception):
+                    await stream.send_all(ws.send(CloseConnection(code=1000)))
+        finally:
+            await stream.aclose()
+    return result
+
+
+def check_compressed(case: CompressedCase, seen: CompressedExchange) -> list[str]:
+    """What is wrong with the gateway's answer to ``case`` (empty: nothing)."""
+    problems: list[str] = []
+    if seen.rejected_status is not None:
+        return [f"{case!r}: handshake refused with {seen.rejected_status}"]
+    if seen.extensions != ["permessage-deflate"]:
+        problems.append(f"{case!r}: extension not negotiated: {seen.extensions}")
+    if case.kind == "bomb" and seen.close_code != 1009:
+        problems.append(f"{case!r}: closed with {seen.close_code}, want 1009")
+    if case.kind == "honest":
+        pongs = [frame.get("id") for frame in seen.frames if frame.get("type") == "pong"]
+        if pongs != list(range(case.pings)) or seen.close_code is not None:
+            problems.append(f"{case!r}: pongs {pongs}, close {seen.close_code}")
+    if case.kind == "hostile" and seen.close_code not in DOCUMENTED_CLOSE_CODES | {
+        None,
+        1002,
+        1007,
+    }:
+        problems.append(f"{case!r}: undocumented close {seen.close_code}")
+    for frame in seen.frames:
+        if frame.get("type") == "error" and frame.get("code") not in ERROR_CODES:
+            problems.append(f"{case!r}: undocumented error frame {frame}")
+    return problems
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM) in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0

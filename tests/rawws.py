@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket as stdlib_socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -19,12 +20,23 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import Extension
+
+
+class Rejected(ConnectionError):
+    """The handshake got an HTTP answer instead of 101."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(f"rejected {status}")
+        self.status = status
+        self.headers = {name.lower(): value for name, value in headers}
 
 
 class RawWebSocket:
     def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
         self.stream = stream
         self.ws = ws
+        self.extensions: list[Extension] = []  # negotiated in the handshake
         self.close_code: int | None = None
         self.eof = False
         self._pending: list[str] = []
@@ -37,18 +49,30 @@ class RawWebSocket:
         *,
         receive_buffer: int | None = None,
         subprotocols: list[str] | None = None,
+        extensions: Sequence[Extension] | None = None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        source: str | None = None,
     ) -> RawWebSocket:
+        """Open a WebSocket; ``extensions`` are offered (``PerMessageDeflate()``), ``source``
+        binds the client socket to that local address (``127.0.0.2``: another client)."""
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         if receive_buffer is not None:
             # Before connect, so the advertised window stays small: the server's sends block
             # as soon as its own send buffer is full.
             sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, receive_buffer)
+        if source is not None:
+            await sock.bind((source, 0))
         await sock.connect(("127.0.0.1", port))
         stream = trio.SocketStream(sock)
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(
-            ws.send(Request(host=f"127.0.0.1:{port}", target=path, subprotocols=subprotocols or []))
+        request = Request(
+            host=f"127.0.0.1:{port}",
+            target=path,
+            subprotocols=subprotocols or [],
+            extensions=list(extensions or []),
+            extra_headers=extra_headers or [],
         )
+        await stream.send_all(ws.send(request))
         client = cls(stream, ws)
         while True:
             data = await stream.receive_some(65536)
@@ -57,9 +81,14 @@ class RawWebSocket:
             ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, AcceptConnection):
+                    client.extensions = list(event.extensions)
                     return client
                 if isinstance(event, RejectConnection):
-                    raise ConnectionError(f"rejected {event.status_code}")
+                    raise Rejected(event.status_code, event.headers)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Bytes on the wire as they are (hand-made frames)."""
+        await self.stream.send_all(data)
 
     async def send_json(self, frame: dict[str, Any]) -> None:
         await self.stream.send_all(self.ws.send(Message(data=orjson.dumps(frame).decode())))

@@ -744,13 +744,16 @@ async def test_the_internal_key_never_goes_to_the_auth_service(secure: Secure) -
     assert "x-internal-auth" not in secure.jwks.last_headers
 
 
-async def test_sockets_waiting_for_their_auth_frame_count_against_the_global_cap(
+async def test_sockets_waiting_for_their_auth_frame_have_their_own_global_cap(
     nursery: trio.Nursery,
     demo_runtime: tuple[DemoRuntime, str],
     jwks_server: tuple[JWKSServer, DevIssuer],
 ) -> None:
+    """MAX_PENDING_AUTH, not MAX_CONNECTIONS (issue 11; more in test_ws_edge.py)."""
     server, _ = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, max_connections=1, ws_auth_timeout=5.0)
+    settings = secure_settings(
+        demo_runtime[1], server.url, max_connections=1, max_pending_auth=1, ws_auth_timeout=5.0
+    )
     async with run_gateway(nursery, settings) as gw:
         async with trio_websocket.open_websocket_url(gw.ws_url("pending")):
             await trio.sleep(0.2)
@@ -758,6 +761,7 @@ async def test_sockets_waiting_for_their_auth_frame_count_against_the_global_cap
                 async with trio_websocket.open_websocket_url(gw.ws_url("second")):
                     pass
             assert rejected.value.status_code == 503
+            assert b"too_many_pending_auth" in (rejected.value.body or b"")
 
 
 async def test_a_refresh_to_a_read_only_token_closes_4403(secure: Secure) -> None:

@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 
 from . import __version__
 from .client_address import address_in
+from .limits import ConnectionCounter
 from .observability import Metrics, request_id_var
 from .openapi import build_openapi, render_docs_html
 from .rest_proxy import (
@@ -56,6 +57,12 @@ class Gateway:
         self.http: httpx.AsyncClient | None = None
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
+        # Sockets waiting for their first-frame auth, per client address and in total: their
+        # own caps, so anonymous sockets cannot take the connection slots of users.
+        self.pending_auth = ConnectionCounter(
+            settings.max_pending_auth_per_address, settings.max_pending_auth
+        )
+        self.metrics.pending_auth_websockets.set_function(lambda: self.pending_auth.total)
         self._manager_scope: trio.CancelScope | None = None
         self._state_scope: trio.CancelScope | None = None
         self._readiness_lock = trio.Lock()

@@ -23,17 +23,49 @@ while the app is still deciding, and the next answer raises h11's ``LocalProtoco
 ("Can't send data when our state is ERROR") out of the connection. :func:`run` contains such
 errors to their own connection: logged (WARNING, with the exception type), socket closed.
 
+3. WebSocket compression and message size (``GATEWAY__WS_COMPRESSION``):
+
+hypercorn 0.18's ``Handshake.accept`` negotiates ``permessage-deflate`` whenever a client offers
+it, before the app has a say, and wsproto's ``PerMessageDeflate`` inflates each chunk of a frame
+without bound (``decompress(data)``, no ``max_length``): one 255 KB frame became 256 MiB in the
+server before hypercorn's message-size check ran, no token needed. :func:`handshake_accept`
+takes the decision from the server's own hypercorn ``Config`` (the flag
+:func:`set_compression` puts there; settings are per app, this patch is process-wide): off, no
+extension is negotiated whatever the client offers; on, :class:`BoundedPerMessageDeflate`
+inflates at most the message budget. A server whose ``Config`` has no flag (not built by
+``server.build_hypercorn_config``) keeps hypercorn's own behaviour.
+
+:func:`websocket_buffer_extend` fixes the other half: hypercorn's ``WebsocketBuffer.extend``
+stores a chunk *before* checking the size, and once a message was too big it kept appending
+whatever the peer still sent (it closes with 1009, but reads on until the peer answers). It now
+checks first and, once over, drops the buffered message and every later chunk; and
+:func:`ws_stream_handle_events` keeps processing the frames behind a refused message (the
+peer's close among them) instead of leaving them unread. The buffer's
+``max_length`` is the one per-socket message limit: the bounded inflater reads it live, so
+lowering it (first-frame authentication does, see ``transport.py``) bounds both.
+
 Applied once, idempotently, by :func:`trio_gateway.server.serve`.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import zlib
+from collections.abc import Iterable
 from typing import Any
 
 import trio
+from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol import ws_stream
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.trio import tcp_server
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.extensions import Extension, PerMessageDeflate
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.handshake import server_extensions_handshake
 
 _PATCHED = "_trio_gateway_patched"
 logger = logging.getLogger("trio_gateway.hypercorn")
@@ -72,10 +104,191 @@ async def run(self: Any) -> None:
 _original_run = tcp_server.TCPServer.run
 
 
+# --- 3. compression and message size -----------------------------------------------------
+
+# Attribute of hypercorn's Config carrying our per-server decision (absent: not our server).
+COMPRESSION_FLAG = "trio_gateway_ws_compression"
+# WebsocketBuffer.length once a message was refused: every later chunk is refused too.
+_OVERFLOWED = sys.maxsize
+
+
+def set_compression(config: Config, enabled: bool) -> None:
+    """Record on ``config`` whether this server negotiates ``permessage-deflate``."""
+    setattr(config, COMPRESSION_FLAG, enabled)
+
+
+def refuse_message(buffer: Any) -> None:
+    """Mark hypercorn's ``WebsocketBuffer`` as over its limit: what it held is released now and
+    every later chunk raises ``FrameTooLargeError`` (hypercorn then closes with 1009)."""
+    buffer.value = None
+    buffer.length = _OVERFLOWED
+
+
+def websocket_buffer_extend(self: Any, event: Any) -> None:
+    """``WebsocketBuffer.extend`` that checks the size *before* it stores the chunk."""
+    if self.length + len(event.data) > self.max_length:
+        refuse_message(self)
+        raise ws_stream.FrameTooLargeError()
+    _original_buffer_extend(self, event)
+
+
+_original_buffer_extend = ws_stream.WebsocketBuffer.extend
+
+
+async def ws_stream_handle_events(self: Any) -> None:
+    """``WSStream._handle_events`` that goes on after refusing a message as too big.
+
+    hypercorn's own loop ``break``s at the refusal, leaving every frame that came in the same
+    read unprocessed until more data arrives: a client that answered the 1009 with its close
+    frame right behind the rest of the refused message waited for a close that never came.
+    Here the loop continues; the refused message's later chunks are dropped (the buffer stays
+    over its limit, see :func:`websocket_buffer_extend`), pings and the close are answered.
+    Otherwise hypercorn 0.18's code, line for line.
+    """
+    for event in self.connection.events():
+        if isinstance(event, Message):
+            try:
+                self.buffer.extend(event)
+            except ws_stream.FrameTooLargeError:
+                # The first refusal sends the close; later ones are no-ops (wsproto refuses a
+                # second close and _send_wsproto_event ignores that).
+                await self._send_wsproto_event(CloseConnection(code=CloseReason.MESSAGE_TOO_BIG))
+                continue
+            if event.message_finished:
+                await self.app_put(self.buffer.to_message())
+                self.buffer.clear()
+        elif isinstance(event, Ping):
+            await self._send_wsproto_event(event.response())
+        elif isinstance(event, CloseConnection):
+            if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                await self._send_wsproto_event(event.response())
+            await self.send(StreamClosed(stream_id=self.stream_id))
+
+
+_original_handle_events = ws_stream.WSStream._handle_events
+
+
+class BoundedPerMessageDeflate(PerMessageDeflate):
+    """wsproto's ``permessage-deflate`` that never inflates a message past a budget.
+
+    ``buffer`` is the stream's hypercorn ``WebsocketBuffer``: its ``max_length`` (read at every
+    chunk, so a lowered limit applies at once) is the budget of one message, in inflated bytes.
+    Each chunk is inflated with ``max_length`` = what is left of the budget + 1, so no single
+    call can produce more than the budget. When a message would pass it, inflation stops for
+    good (the deflate stream cannot be resumed half-way), the buffer is marked over its limit
+    and empty payloads go up instead: hypercorn's own size check then closes the connection with
+    1009, keeps reading (and dropping) until the peer answers the close, and never delivers the
+    message. Memory per socket therefore stays within one budget here plus one in hypercorn's
+    buffer.
+
+    Nothing is dropped for honest clients: a call stops short only at ``max_length``, and that
+    is exactly the over-budget case; below it zlib has consumed all input (``unconsumed_tail``
+    is empty), which the loop below checks rather than assumes.
+    """
+
+    def __init__(self, buffer: Any) -> None:
+        super().__init__()
+        self._buffer = buffer
+        self._message_bytes = 0  # inflated so far in the current message
+        self._refused = False
+
+    def _refuse(self) -> bytes:
+        self._refused = True
+        self._decompressor = None
+        refuse_message(self._buffer)
+        return b""
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if self._refused:
+            return b""
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data  # not compressed: hypercorn's buffer bounds it
+        decompressor = self._decompressor
+        assert decompressor is not None
+        inflated = bytearray()
+        pending = bytes(data)
+        while pending:
+            left = self._buffer.max_length - self._message_bytes - len(inflated)
+            try:
+                inflated += decompressor.decompress(pending, max(left, 0) + 1)
+            except zlib.error:
+                return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+            if self._message_bytes + len(inflated) > self._buffer.max_length:
+                return self._refuse()
+            pending = decompressor.unconsumed_tail
+        self._message_bytes += len(inflated)
+        return bytes(inflated)
+
+    def frame_inbound_complete(
+        self, proto: FrameDecoder | FrameProtocol, fin: bool
+    ) -> bytes | CloseReason | None:
+        if self._refused:
+            return None
+        # The end-of-message flush only returns output still held back by zlib, which the
+        # bounded calls above leave empty; counted anyway so the budget holds whatever zlib does.
+        result = super().frame_inbound_complete(proto, fin)
+        if isinstance(result, bytes):
+            self._message_bytes += len(result)
+            if self._message_bytes > self._buffer.max_length:
+                return self._refuse()
+        if fin:
+            self._message_bytes = 0
+        return result
+
+
+def handshake_accept(
+    self: Any, subprotocol: str | None, additional_headers: Iterable[tuple[bytes, bytes]]
+) -> tuple[int, list[tuple[bytes, bytes]], Connection]:
+    """``Handshake.accept`` whose extensions follow the server's config (see the module doc).
+
+    hypercorn's own method still does everything else (subprotocol, accept token, headers): it
+    runs with the client's extension offer hidden, so it negotiates nothing, and the answer
+    then gets our extension (or none) added.
+    """
+    enabled = getattr(self, COMPRESSION_FLAG, None)
+    if enabled is None:
+        return _original_handshake_accept(self, subprotocol, additional_headers)
+    offered, self.extensions = self.extensions, None
+    try:
+        status_code, headers, _ = _original_handshake_accept(self, subprotocol, additional_headers)
+    finally:
+        self.extensions = offered
+    extensions: list[Extension] = []
+    if enabled and offered:
+        extensions = [BoundedPerMessageDeflate(getattr(self, _BUFFER))]
+        accepts = server_extensions_handshake(offered, extensions)
+        if accepts:
+            headers.append((b"sec-websocket-extensions", accepts))
+    return status_code, headers, Connection(ConnectionType.SERVER, extensions)
+
+
+_original_handshake_accept = ws_stream.Handshake.accept
+_BUFFER = "trio_gateway_buffer"
+
+
+async def ws_stream_accept(self: Any, message: Any) -> None:
+    """``WSStream._accept`` that hands the server's compression decision and the stream's
+    message buffer to :func:`handshake_accept` (a ``Handshake`` knows neither)."""
+    enabled = getattr(self.config, COMPRESSION_FLAG, None)
+    if enabled is not None:
+        setattr(self.handshake, COMPRESSION_FLAG, enabled)
+        setattr(self.handshake, _BUFFER, self.buffer)
+    await _original_ws_stream_accept(self, message)
+
+
+_original_ws_stream_accept = ws_stream.WSStream._accept
+
+
 def apply() -> None:
-    """Install :func:`protocol_send` and :func:`run` on hypercorn's trio ``TCPServer`` (once)."""
+    """Install the patches above on hypercorn's classes (once)."""
     if getattr(tcp_server.TCPServer.protocol_send, _PATCHED, False):
         return
     setattr(protocol_send, _PATCHED, True)
     tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
     tcp_server.TCPServer.run = run  # type: ignore[method-assign]
+    ws_stream.WebsocketBuffer.extend = websocket_buffer_extend  # type: ignore[method-assign]
+    ws_stream.Handshake.accept = handshake_accept  # type: ignore[method-assign]
+    ws_stream.WSStream._accept = ws_stream_accept  # type: ignore[method-assign]
+    ws_stream.WSStream._handle_events = ws_stream_handle_events  # type: ignore[method-assign]

@@ -192,6 +192,11 @@ class Metrics:
         self.active_sessions = Gauge(
             "gateway_active_sessions", "Live sessions (connected or in grace).", registry=r
         )
+        self.pending_auth_websockets = Gauge(
+            "gateway_pending_auth_websockets",
+            "WebSockets opened without a token, waiting for their first-frame auth.",
+            registry=r,
+        )
         self.connections_opened = Counter(
             "gateway_websocket_connections_opened", "WebSocket connections accepted.", registry=r
         )

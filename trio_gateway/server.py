@@ -71,6 +71,9 @@ def build_hypercorn_config(
     config.websocket_ping_interval = settings.ws_heartbeat_interval
     config.read_timeout = settings.read_timeout  # type: ignore[assignment]
     config.websocket_max_message_size = settings.ws_max_message_bytes
+    # Read per connection by hypercorn_patches.handshake_accept: off never negotiates
+    # permessage-deflate; on inflates within websocket_max_message_size.
+    hypercorn_patches.set_compression(config, settings.ws_compression == "on")
     # By the time hypercorn's own graceful stop starts, our drain has closed every session;
     # what is left are hypercorn's per-connection ping tasks, which only notice a closed
     # socket at their next tick (up to a heartbeat interval). Waiting for them gains nothing.

@@ -607,7 +607,6 @@ class SessionManager:
         self.security = security
         self.sessions: dict[str, Session] = {}
         self.connection_count = 0
-        self.pending_auth = 0  # accepted sockets still waiting for their auth frame
         self.draining = False
         self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
         self._nursery: trio.Nursery | None = None
@@ -699,7 +698,7 @@ class SessionManager:
         """Why a new connection to ``session_id`` must be refused, as (HTTP status, reason)."""
         if self.draining or self._nursery is None:
             return 503, "gateway is shutting down"
-        if self.connection_count + self.pending_auth >= self.settings.max_connections:
+        if self.connection_count >= self.settings.max_connections:
             return 503, "too many open connections"
         if session_id not in self.sessions and len(self.sessions) >= self.settings.max_sessions:
             return 503, "too many live sessions"

@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         ),
     )
     ws_auth_timeout: float = Field(
-        10.0,
+        5.0,
         gt=0,
         le=300,
         description="Seconds a handshake without a token has to send its auth frame.",
@@ -304,6 +304,33 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Live sessions per process (connected or in grace); more get HTTP 503.",
     )
+    # Hostile edge: what a socket may cost before it has authenticated, and compression.
+    max_pending_auth: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Sockets per process waiting for their first-frame auth (opened without a token); "
+            "more get HTTP 503. They do not count against MAX_CONNECTIONS."
+        ),
+    )
+    max_pending_auth_per_address: int = Field(
+        16,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Sockets one client address (see TRUSTED_PROXIES) may hold waiting for their "
+            "first-frame auth; more get HTTP 429."
+        ),
+    )
+    ws_compression: Literal["off", "on"] = Field(
+        "off",
+        description=(
+            "permessage-deflate on WebSockets. off: never negotiated, whatever the client "
+            "offers. on: negotiated, inflation bounded by WS_MAX_MESSAGE_BYTES (costs CPU per "
+            "frame)."
+        ),
+    )
 
     # --- resume and shared state ---------------------------------------------------------------
     replay_max_frames: int = Field(
@@ -405,6 +432,11 @@ class Settings(BaseSettings):
             return value
         value = value.strip()
         return value.lower() if value.lower() in ("auto", "json", "text") else value.upper()
+
+    @field_validator("ws_compression", mode="before")
+    @classmethod
+    def _lower_switch(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("allowed_origins")
     @classmethod

@@ -64,6 +64,65 @@ def find_transport_aborter(send: ASGISend) -> Callable[[], None] | None:
     return abort
 
 
+class FirstMessageLimit:
+    """Until released: hypercorn delivers at most one message of at most ``max_bytes``, then
+    stops reading the socket.
+
+    For a socket that has not authenticated yet (first-frame auth): it may cost one small
+    message, whatever it sends, and an honest client that sends its next (large) message right
+    behind its ``auth`` frame loses nothing - that message waits in the kernel until
+    :meth:`release` restores the normal limit. Lowering the limit only after the first message
+    arrived would be too late: hypercorn assembles each message in its ``WebsocketBuffer``
+    (bounded by ``websocket_max_message_size``) before the app sees it, so the bound has to be
+    on that buffer. Its ``max_length`` is also the budget of the bounded inflater
+    (``hypercorn_patches.BoundedPerMessageDeflate``), so compressed frames are covered too.
+
+    The pause wraps the stream's ``app_put`` (how hypercorn queues events for the app): after a
+    ``websocket.receive`` it waits for :meth:`release`. That waits in hypercorn's read task, so
+    the socket is not read meanwhile (TCP backpressure). :meth:`release` must therefore always
+    run; :class:`WebSocketConnection` also releases on close and abort.
+    """
+
+    def __init__(self, ws_stream: Any, max_bytes: int) -> None:
+        self._stream = ws_stream
+        self._buffer = ws_stream.buffer
+        self._normal_limit = int(self._buffer.max_length)
+        self._buffer.max_length = min(max_bytes, self._normal_limit)
+        self._released = trio.Event()
+        put = ws_stream.app_put
+
+        async def put_then_hold(message: dict[str, Any]) -> None:
+            await put(message)
+            if message.get("type") == "websocket.receive":
+                await self._released.wait()
+
+        ws_stream.app_put = put_then_hold
+        self._put = put
+
+    @classmethod
+    def install(cls, send: ASGISend, max_bytes: int) -> FirstMessageLimit | None:
+        """Install on the hypercorn stream behind ``send``; None on another server (then the
+        limit is only what the server itself enforces). Same path as
+        :func:`find_transport_aborter`: ``send`` is the bound ``WSStream.app_send``."""
+        ws_stream = getattr(send, "__self__", None)
+        buffer = getattr(ws_stream, "buffer", None)
+        if not isinstance(getattr(buffer, "max_length", None), int) or not callable(
+            getattr(ws_stream, "app_put", None)
+        ):
+            return None
+        return cls(ws_stream, max_bytes)
+
+    def release(self, *, restore: bool) -> None:
+        """Resume reading; with ``restore`` the normal message limit applies again (after a
+        successful auth), without it the small one stays (a socket being closed)."""
+        if self._released.is_set():
+            return
+        if restore:
+            self._buffer.max_length = self._normal_limit
+        self._stream.app_put = self._put
+        self._released.set()
+
+
 class WebSocketConnection:
     """One ASGI WebSocket: handshake, receive, send, close, and abort.
 
@@ -84,6 +143,7 @@ class WebSocketConnection:
         self.send_started_at: float | None = None
         self.last_send_at = trio.current_time()
         self._send_finished = trio.lowlevel.ParkingLot()
+        self._first_message_limit: FirstMessageLimit | None = None
 
     @property
     def requested_subprotocols(self) -> list[str]:
@@ -115,6 +175,17 @@ class WebSocketConnection:
         )
         await self._send({"type": "websocket.http.response.body", "body": body})
         self.closed = True
+
+    def limit_first_message(self, max_bytes: int) -> bool:
+        """Before :meth:`accept` of a socket that must authenticate with its first frame:
+        see :class:`FirstMessageLimit`. Returns False when the server offers no way to."""
+        self._first_message_limit = FirstMessageLimit.install(self._send, max_bytes)
+        return self._first_message_limit is not None
+
+    def release_first_message_limit(self, *, restore: bool) -> None:
+        """End :meth:`limit_first_message` (idempotent); ``restore``: full limit again."""
+        if self._first_message_limit is not None:
+            self._first_message_limit.release(restore=restore)
 
     async def accept(self, subprotocol: str | None) -> None:
         """Complete the handshake, echoing ``subprotocol`` when one was chosen."""
@@ -192,11 +263,14 @@ class WebSocketConnection:
         if self.closed:
             return
         self.closed = True
+        # hypercorn must read on to see the peer's answer to our close.
+        self.release_first_message_limit(restore=False)
         await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
     def abort(self) -> bool:
         """Close the underlying socket now, ending any blocked send. Returns False if unable."""
         self.closed = True
+        self.release_first_message_limit(restore=False)
         if self._abort is None:
             return False
         self.aborted = True

@@ -6,6 +6,12 @@ or else a first ``{"type":"auth"}`` frame), the write scope, session ownership a
 connection cap. Refusals before the accept are real HTTP answers (401 with
 ``WWW-Authenticate``, 403, 429, 503); refusals after it (first-frame auth) are close codes
 (4401, 4403, 4429, 1013).
+
+A socket opened without a token is anonymous until its ``auth`` frame, so what it may cost is
+bounded separately: it takes a slot of ``MAX_PENDING_AUTH`` (process) and of
+``MAX_PENDING_AUTH_PER_ADDRESS`` (its client address), not of ``MAX_CONNECTIONS``, for at most
+``WS_AUTH_TIMEOUT``; and only one message of at most :data:`AUTH_FRAME_MAX_BYTES` is read from
+it before it has authenticated (``transport.FirstMessageLimit``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import orjson
 import trio
 
 from .auth import Identity
+from .client_address import client_address
 from .protocol import SUBPROTOCOL_V2, CloseCode, FrameError, parse_client_frame, valid_session_id
 from .security import Refusal
 from .state import STATE_UNAVAILABLE, StateUnavailable
@@ -30,6 +37,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("trio_gateway.handshake")
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
+# Largest first message of a socket that authenticates with its first frame (an auth frame
+# with a token of at most 16 KiB, protocol.md). Larger closes 1009.
+AUTH_FRAME_MAX_BYTES = 16 * 1024 + 256
 # Identity.client_id of a socket admitted by its session id (WS_AUTH_MODE=session-id).
 SESSION_ID_CLIENT = "session-id"
 _CLOSE_FOR_STATUS = {
@@ -97,11 +107,16 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
             raise Refusal(403, "forbidden_origin", "This origin may not open WebSockets")
         offered = handshake_token(scope, gateway.settings.allow_query_token)
         identity = None
+        address = ""
         if offered is not None or not security.enabled:
             identity = await security.identify_header(offered)
             await _authorize(gateway, identity, session_id)
-        elif gateway.settings.ws_auth_mode == "session-id":
-            identity = await _session_owner(gateway, session_id)
+        else:
+            if gateway.settings.ws_auth_mode == "session-id":
+                identity = await _session_owner(gateway, session_id)
+            if identity is None:
+                address = client_address(scope, gateway.settings.trusted_proxy_networks)
+                _admit_pending(gateway, address)  # paired with the release in the finally below
     except Refusal as refusal:
         gateway.metrics.handshakes_refused.labels(str(refusal.status)).inc()
         logger.info(
@@ -118,15 +133,19 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
         return
 
     # No token with the handshake (browsers cannot set headers): accept, then the first
-    # frame must be {"type":"auth","token":...} within ws_auth_timeout. Nothing else is read.
+    # frame must be {"type":"auth","token":...} within ws_auth_timeout. Nothing else is read:
+    # one message of at most AUTH_FRAME_MAX_BYTES, then hypercorn stops reading the socket
+    # until the auth is decided (see transport.FirstMessageLimit).
     v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
-    # Sockets waiting for their auth frame count against MAX_CONNECTIONS (sessions.refusal).
-    sessions.pending_auth += 1
+    authenticated = False
     try:
+        ws.limit_first_message(AUTH_FRAME_MAX_BYTES)
         await ws.accept(SUBPROTOCOL_V2 if v2 else None)
         identity = await _first_frame_identity(gateway, ws)
         await _authorize(gateway, identity, session_id)
+        authenticated = True
     except Refusal as refusal:
+        ws.release_first_message_limit(restore=False)
         code = _CLOSE_FOR_STATUS.get(refusal.status, CloseCode.POLICY_VIOLATION)
         logger.info(
             "websocket closed before auth completed: %s",
@@ -138,7 +157,10 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
     except ConnectionClosed:
         return
     finally:
-        sessions.pending_auth -= 1
+        # Also on cancellation: a socket must never stay paused (hypercorn would keep its
+        # connection task waiting) nor keep its pending slot.
+        ws.release_first_message_limit(restore=authenticated)
+        gateway.pending_auth.release(address)
     await _serve(gateway, ws, session_id, identity, accepted=True)
 
 
@@ -171,6 +193,29 @@ async def _session_owner(gateway: Gateway, session_id: str) -> Identity | None:
         scopes=frozenset({settings.read_scope, settings.write_scope}),
         expires_at=math.inf,  # no token to expire; an in-band auth frame sets a real expiry
         client_id=SESSION_ID_CLIENT,
+    )
+
+
+def _admit_pending(gateway: Gateway, address: str) -> None:
+    """Take a pending-auth slot for ``address`` or raise :class:`Refusal`: 429 when this
+    address holds MAX_PENDING_AUTH_PER_ADDRESS, 503 when the process holds MAX_PENDING_AUTH."""
+    refused = gateway.pending_auth.try_acquire(address)
+    if refused is None:
+        return
+    if refused == "per_user":
+        gateway.metrics.limit_hits.labels("pending_auth_per_address").inc()
+        raise Refusal(
+            429,
+            "too_many_pending_auth",
+            "Too many sockets from this address are waiting for their auth frame",
+            retry_after=gateway.settings.ws_auth_timeout,
+        )
+    gateway.metrics.limit_hits.labels("pending_auth").inc()
+    raise Refusal(
+        503,
+        "too_many_pending_auth",
+        "Too many sockets are waiting for their auth frame; send the token with the handshake",
+        retry_after=gateway.settings.ws_auth_timeout,
     )
 
 
