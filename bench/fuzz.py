@@ -12,6 +12,7 @@ wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session p
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import logging
 import sys
@@ -34,6 +35,7 @@ from tests.fuzzing import (
     handshake_requests,
     raw_request,
 )
+from tests.test_fuzz_lockouts import LIVE_CAP, flood
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
 
@@ -103,6 +105,36 @@ def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
         }
 
 
+def fuzz_lockouts(examples: int) -> dict[str, Any]:
+    """Open/close floods of one client (a fresh gateway per flood, small MAX_SESSIONS): it
+    must never fill the gateway (no 503), hold more than its live-session cap, or keep
+    another client out (``tests/test_fuzz_lockouts.py``)."""
+    outcomes: collections.Counter[Any] = collections.Counter()
+    problems: list[str] = []
+    peak = 0
+
+    @hypothesis_settings(examples)
+    @given(
+        plan=st.lists(
+            st.sampled_from(["close", "close", "garbage", "turn"]), min_size=30, max_size=150
+        ),
+        workers=st.integers(1, 8),
+    )
+    def floods(plan: list[str], workers: int) -> None:
+        nonlocal peak
+        seen, flood_peak, flood_problems = trio.run(flood, plan, workers)
+        outcomes.update(seen)
+        peak = max(peak, flood_peak)
+        problems.extend(flood_problems)
+        if 503 in seen:
+            problems.append(f"a flood of {len(plan)} filled the gateway: {dict(seen)}")
+        if flood_peak > LIVE_CAP:
+            problems.append(f"one client held {flood_peak} live sessions (cap {LIVE_CAP})")
+
+    floods()
+    return {"outcomes": outcomes, "peak": peak, "problems": problems}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=2000, help="frame connections")
@@ -116,6 +148,7 @@ def main() -> int:
     plain = fuzz_frames_and_handshakes(examples, examples, stats)
     token_stats = FuzzStats()
     secure = fuzz_tokens(max(examples // 4, 50), token_stats)
+    lockouts = fuzz_lockouts(max(examples // 100, 5))
     duration = time.monotonic() - started
 
     crashes = int(not plain["alive"]) + int(not secure["alive"])
@@ -127,6 +160,7 @@ def main() -> int:
         + plain["control_problems"]
         + secure["control_problems"]
         + secure["failures"]
+        + lockouts["problems"]
     )
     rows = [
         ("frame connections", stats.connections),
@@ -138,6 +172,8 @@ def main() -> int:
         ("token answers", dict(sorted(token_stats.statuses.items()))),
         ("first-frame auth closes", dict(sorted(token_stats.close_codes.items()))),
         ("control turns (exact tokens)", plain["control_turns"] + secure["control_turns"]),
+        ("session floods: handshakes", dict(sorted(lockouts["outcomes"].items(), key=str))),
+        ("session floods: peak live sessions", f"{lockouts['peak']} (cap {LIVE_CAP})"),
         ("contained hypercorn races", plain["contained"]),
         ("crashes", crashes),
         ("5xx", stats.server_errors + token_stats.server_errors),
