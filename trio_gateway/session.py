@@ -549,12 +549,11 @@ class Session:
         if final:
             if self.hold_detached(size):
                 return True
-        elif not self.lost_frames and self.outbound.fits(size) and self.hold_detached(size):
-            return True
-        if final:
             self._stand_in_final()
-        else:
-            self.lost_frames += 1
+            return False
+        if not self.lost_frames and self.outbound.fits(size) and self.hold_detached(size):
+            return True
+        self.lost_frames += 1
         return False
 
     def _send_to(self, connection: Connection, frame: Frame) -> None:
