@@ -178,6 +178,32 @@ async def test_first_frame_auth_over_the_live_session_cap_closes_4429(
                 assert len(await chat(client)) == 3
 
 
+async def test_first_frame_auth_over_the_handshake_rate_closes_4429(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], issuer: tuple[DevIssuer, str]
+) -> None:
+    settings = gateway_settings(
+        demo_runtime[1],
+        use_jwt_auth=True,
+        jwks_url=issuer[1],
+        ws_handshakes_per_second=0.01,
+        ws_handshake_burst=1,
+    )
+    alice, bob = issuer[0].mint("alice"), issuer[0].mint("bob")
+    async with run_gateway(nursery, settings) as gw:
+        async with gw.connect(
+            "r-1", extra_headers=[(b"Authorization", f"Bearer {alice}".encode())]
+        ):
+            pass
+        async with gw.connect("r-2") as client:
+            await client.send({"type": "auth", "token": alice})
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await client.recv()
+        assert close_code(closed.value) == 4429
+        async with gw.connect("r-bob") as client:
+            await client.send({"type": "auth", "token": bob})
+            assert len(await chat(client)) == 3
+
+
 # --- turnless sessions ------------------------------------------------------------------------
 
 
@@ -367,3 +393,32 @@ async def test_an_oversized_chunk_is_counted_in_full_and_never_rides_on_a_full_q
         frames = await come_back(gw, "rides", rides_seq)
         assert {"type": "resync_required", "reason": "frames_dropped_while_detached"} in frames
         assert "".join(f.get("token", "") for f in frames) == "0" * 90_000 + "done"
+
+
+# --- anonymous callers: the existing per-user caps count per client address too ------------------
+
+
+async def test_with_jwt_off_each_client_address_has_its_own_socket_cap_and_message_rate(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    """Before: every anonymous client was the one user 'anonymous', so one client holding
+    MAX_CONNECTIONS_PER_USER sockets, or spending the message burst, locked out all others."""
+    settings = lockout_settings(
+        demo_runtime[1], max_connections_per_user=2, ws_messages_per_second=0.01, ws_message_burst=2
+    )
+    async with run_gateway(nursery, settings) as gw:
+        alice = from_address(ALICE)
+        async with (
+            gw.connect("a-1", extra_headers=alice) as first,
+            gw.connect("a-2", extra_headers=alice),
+        ):
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with gw.connect("a-3", extra_headers=alice):
+                    pass
+            assert rejected.value.status_code == 429
+            assert rejection_body(rejected.value)["error"] == "too_many_connections"
+            for _ in range(3):  # the third of a burst of 2
+                await first.send({"type": "cancel"})
+            assert (await first.recv())["code"] == "rate_limited"
+            async with gw.connect("b-1", extra_headers=from_address(BOB)) as client:
+                assert len(await chat(client)) == 3  # Bob has his own sockets and messages
