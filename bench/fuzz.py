@@ -13,6 +13,7 @@ wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session p
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import logging
 import sys
@@ -42,6 +43,7 @@ from tests.fuzzing import (
     peak_rss_bytes,
     raw_request,
 )
+from tests.test_fuzz_lockouts import LIVE_CAP, flood
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
 
@@ -145,6 +147,36 @@ def fuzz_compressed_frames(examples: int, stats: FuzzStats) -> dict[str, Any]:
         }
 
 
+def fuzz_lockouts(examples: int) -> dict[str, Any]:
+    """Open/close floods of one client (a fresh gateway per flood, small MAX_SESSIONS): it
+    must never fill the gateway (no 503), hold more than its live-session cap, or keep
+    another client out (``tests/test_fuzz_lockouts.py``)."""
+    outcomes: collections.Counter[Any] = collections.Counter()
+    problems: list[str] = []
+    peak = 0
+
+    @hypothesis_settings(examples)
+    @given(
+        plan=st.lists(
+            st.sampled_from(["close", "close", "garbage", "turn"]), min_size=30, max_size=150
+        ),
+        workers=st.integers(1, 8),
+    )
+    def floods(plan: list[str], workers: int) -> None:
+        nonlocal peak
+        seen, flood_peak, flood_problems = trio.run(flood, plan, workers)
+        outcomes.update(seen)
+        peak = max(peak, flood_peak)
+        problems.extend(flood_problems)
+        if 503 in seen:
+            problems.append(f"a flood of {len(plan)} filled the gateway: {dict(seen)}")
+        if flood_peak > LIVE_CAP:
+            problems.append(f"one client held {flood_peak} live sessions (cap {LIVE_CAP})")
+
+    floods()
+    return {"outcomes": outcomes, "peak": peak, "problems": problems}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=2000, help="frame connections")
@@ -160,6 +192,7 @@ def main() -> int:
     secure = fuzz_tokens(max(examples // 4, 50), token_stats)
     deflate_stats = FuzzStats()
     deflate = fuzz_compressed_frames(max(examples // 4, 50), deflate_stats)
+    lockouts = fuzz_lockouts(max(examples // 100, 5))
     duration = time.monotonic() - started
 
     # Bombs of up to 64 MiB each went in: the gateway must have inflated none of them whole.
@@ -177,6 +210,7 @@ def main() -> int:
         + deflate["control_problems"]
         + deflate["failures"]
         + ([] if rss_bounded else [f"peak RSS grew {deflate['rss_growth_mib']:.0f} MiB"])
+        + lockouts["problems"]
     )
     rows = [
         ("frame connections", stats.connections),
@@ -194,6 +228,8 @@ def main() -> int:
             "control turns (exact tokens)",
             plain["control_turns"] + secure["control_turns"] + deflate["control_turns"],
         ),
+        ("session floods: handshakes", dict(sorted(lockouts["outcomes"].items(), key=str))),
+        ("session floods: peak live sessions", f"{lockouts['peak']} (cap {LIVE_CAP})"),
         ("contained hypercorn races", plain["contained"]),
         ("crashes", crashes),
         ("5xx", stats.server_errors + token_stats.server_errors + deflate_stats.server_errors),

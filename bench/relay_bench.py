@@ -313,13 +313,17 @@ def spawned(name: str, args: list[str], env: dict[str, str], workdir: Path) -> I
         child.stop()
 
 
-# Every client of these benchmarks is the same "anonymous" user (JWT off), and the per-user caps
-# (20 sockets; 5 messages/s, burst 30) would refuse most of a few hundred sessions: lift them
-# so that what is measured is the relay and the lifecycle, not the limiter.
+# Every client of these benchmarks is the same "anonymous" user at one address (JWT off), and
+# the per-user caps (20 sockets; 5 messages/s, burst 30; 5 handshakes/s, burst 60; 100 live
+# sessions) would refuse most of a few hundred sessions: lift them so that what is measured is
+# the relay and the lifecycle, not the limiter.
 UNLIMITED_USER = {
     "ws_messages_per_second": "10000",
     "ws_message_burst": "100000",
     "max_connections_per_user": "100000",
+    "ws_handshakes_per_second": "100000",
+    "ws_handshake_burst": "1000000",
+    "max_live_sessions_per_user": "1000000",
 }
 
 

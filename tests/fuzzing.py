@@ -1040,6 +1040,9 @@ class FuzzGateway:
                 "rest_requests_per_second": 100_000,
                 "rest_request_burst": 1_000_000,
                 "max_connections_per_user": 10_000,
+                "ws_handshakes_per_second": 100_000,
+                "ws_handshake_burst": 1_000_000,
+                "max_live_sessions_per_user": 100_000,
             }
             jwks: JWKSServer | None = None
             if self.jwt:

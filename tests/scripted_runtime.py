@@ -7,6 +7,7 @@ tested against real sockets. A script is chosen by the ``content`` of the relaye
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,8 @@ class Script:
     clean end, an abrupt close, or silence until the client goes away."""
 
     status: int = 200
-    body: list[bytes | float] = field(default_factory=list)
+    # bytes are sent, a float pauses that long, an Event holds the stream until it is set
+    body: Sequence[bytes | float | trio.Event] = field(default_factory=list)
     ending: str = "end"  # "end" | "die" | "hang"
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
@@ -141,6 +143,8 @@ class ScriptedRuntime:
             for piece in script.body:
                 if isinstance(piece, float):
                     await trio.sleep(piece)
+                elif isinstance(piece, trio.Event):
+                    await piece.wait()
                 elif piece:
                     await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
             if script.ending == "end":

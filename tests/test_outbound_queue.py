@@ -105,3 +105,29 @@ def test_numbered_frames_count_like_chunks_and_never_merge() -> None:
     assert not queue.has_space()
     assert queue.take_all() == [token("a"), numbered, token("bc"), numbered]
     assert queue.merged_chunks == 1 and queue.pending_bytes == 0
+
+
+# --- byte budget: oversized chunks, detached drops --------------------------------------------
+
+
+def test_a_chunk_fits_within_the_budget_or_alone_in_an_empty_queue() -> None:
+    queue = OutboundQueue(max_bytes=100, max_control=10)
+    assert queue.fits(100) and queue.fits(10_000)  # empty: even an oversized chunk fits alone
+    queue.put_chunk(token("a"), 60)
+    assert queue.fits(40) and not queue.fits(41)
+    assert not queue.fits(10_000)  # never on top of what waits
+    queue.put_chunk(token("b"), 10_000)  # a caller that ignores fits() still counts it in full
+    assert queue.pending_bytes == 10_060
+
+
+def test_drop_relayed_keeps_gateway_frames_and_reports_a_dropped_final() -> None:
+    queue = OutboundQueue(max_bytes=1000, max_control=10)
+    queue.put_chunk(token("a"), 10)
+    queue.put_control({"type": "turn_started"})
+    queue.put_chunk(token("b"), 10)  # not merged into "a": a control frame sits between
+    assert queue.drop_relayed() == (2, False)
+    assert queue.pending_bytes == 0 and len(queue) == 1
+    queue.put_chunk({"type": "assistant_message", "content": "x", "is_final": True}, 5)
+    queue.put_chunk({"type": "tool_call", "call_id": "c"}, 5)  # no is_final: final for the IDE
+    assert queue.drop_relayed() == (2, True)
+    assert queue.take_all() == [{"type": "turn_started"}]

@@ -556,6 +556,27 @@ async def test_the_rest_rate_spans_replicas(
         assert int(answer.headers["retry-after"]) > 10  # ~100 s for one token at 0.01/s
 
 
+async def test_the_handshake_rate_spans_replicas(
+    replicas: Replicas, issuer: tuple[DevIssuer, str]
+) -> None:
+    alice, bob = issuer[0].mint("alice"), issuer[0].mint("bob")
+    async with replicas(ws_handshakes_per_second=0.01, ws_handshake_burst=3) as (one, two):
+        statuses = []
+        for n, gateway in enumerate((one, two, one, two)):
+            try:
+                async with trio_websocket.open_websocket_url(
+                    gateway.ws_url(f"h{n}"), extra_headers=bearer(alice)
+                ):
+                    statuses.append(101)
+            except trio_websocket.ConnectionRejected as rejected:
+                statuses.append(rejected.status_code)
+        assert statuses == [101, 101, 101, 429]
+        async with trio_websocket.open_websocket_url(
+            one.ws_url("h-bob"), extra_headers=bearer(bob)
+        ):
+            pass  # other users are unaffected
+
+
 async def test_the_message_rate_spans_replicas(
     replicas: Replicas, issuer: tuple[DevIssuer, str]
 ) -> None:

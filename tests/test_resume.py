@@ -95,6 +95,8 @@ async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
         resume_wait_seconds=5,
         outbound_queue_max_bytes=8 * 1024 * 1024,
         ws_heartbeat_interval=30,  # a loaded machine must not turn a slow read into a timeout
+        # Hundreds of cuts, each reconnecting at once: far beyond any real client's reconnects.
+        ws_handshakes_per_second=10_000,
     )
     rng = random.Random(20261127)
     turns, tokens_per_turn = 3, 6000

@@ -278,6 +278,11 @@ class Metrics:
             "Relayed bytes waiting for client sockets, all sessions.",
             registry=r,
         )
+        self.detached_bytes = Gauge(
+            "gateway_detached_bytes",
+            "Relayed bytes held for clients that left (detached sessions), all users.",
+            registry=r,
+        )
         self.auth_failures = Counter(
             "gateway_auth_failures",
             "Refused authentications and authorizations, by reason.",

@@ -103,6 +103,35 @@ class OutboundQueue:
         """True while relayed data stays under the byte budget."""
         return self.pending_bytes < self.max_bytes
 
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more relayed bytes stay within the byte budget.
+
+        A chunk larger than the whole budget fits only into an empty queue: it is then
+        deliverable, and the overshoot is that one chunk on its own, counted in full.
+        """
+        return self.pending_bytes == 0 or self.pending_bytes + size <= self.max_bytes
+
+    def drop_relayed(self) -> tuple[int, bool]:
+        """Discard every relayed entry, keeping the gateway-made ones in order.
+
+        Returns how many entries were dropped and whether one of them ended its turn (a frame
+        whose ``is_final`` is not explicitly false): the caller owes the client a stand-in.
+        """
+        kept: deque[_Entry] = deque()
+        dropped = 0
+        final = False
+        for entry in self._entries:
+            if entry.control:
+                kept.append(entry)
+                continue
+            dropped += 1
+            frame = entry.frame
+            if not isinstance(frame, NumberedFrame) and frame.get("is_final") is not False:
+                final = True
+        self._entries = kept
+        self.pending_bytes = 0
+        return dropped, final
+
     def control_overflow(self) -> bool:
         """True when more control frames wait than a well-behaved client would leave unread."""
         return self.pending_control > self.max_control
@@ -110,9 +139,9 @@ class OutboundQueue:
     def put_chunk(self, frame: Frame, size: int) -> None:
         """Queue a relayed runtime chunk of ``size`` bytes, merging it into the tail if possible.
 
-        The caller enforces the byte budget (it waits for :meth:`has_space` first), so one
-        chunk may overshoot the budget: that is what makes a chunk larger than the whole budget
-        still deliverable.
+        The caller enforces the byte budget (it waits until :meth:`fits` first), so ``size``
+        must be the chunk's real size: a chunk larger than the whole budget then goes into an
+        empty queue only, counted in full, which keeps it deliverable.
         """
         self.pending_bytes += size
         if self._entries and is_mergeable(frame):

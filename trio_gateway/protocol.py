@@ -58,6 +58,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     INVALID_TOKEN = "invalid_token"
     ALREADY_ANSWERED = "already_answered"
+    OUTPUT_DROPPED = "output_dropped"
 
 
 class CloseCode(IntEnum):

@@ -16,8 +16,9 @@ Keys (``P`` is ``REDIS_KEY_PREFIX``; ``docs/scaling.md`` has the full table):
   ``<replica id>:<n>`` per connection, scored by its expiry (ms, Redis time). Each replica
   pushes its members' expiry forward every lease/3; a crashed replica's members lapse after
   ``SESSION_LEASE_SECONDS``. The key itself expires with its last member.
-* ``P rate:<kind>:<user>`` (hash ``tokens``, ``ts``): a token bucket (``kind`` is ``ws`` or
-  ``rest``), expiring once it would have refilled, since an absent bucket is a full one.
+* ``P rate:<kind>:<user>`` (hash ``tokens``, ``ts``): a token bucket (``kind`` is ``ws``,
+  ``rest`` or ``handshake``; with JWT auth off ``<user>`` is ``anonymous@<client address>``),
+  expiring once it would have refilled, since an absent bucket is a full one.
 
 Every call raises :class:`~trio_gateway.state.StateUnavailable` when Redis does not answer.
 """

@@ -22,8 +22,9 @@ STREAM_PATH = "/agent/message/stream"
 MAX_ERROR_BODY = 64 * 1024
 MAX_DETAIL_CHARS = 500
 
-# A batch of relayed chunks and the number of SSE payload bytes they came from.
-Deliver = Callable[[list[dict[str, Any]], int], Awaitable[None]]
+# A batch of relayed chunks and, for each, the number of SSE payload bytes it came from
+# (per chunk, not per batch: one oversized chunk among small ones must be counted as such).
+Deliver = Callable[[list[dict[str, Any]], list[int]], Awaitable[None]]
 
 
 class RuntimeFailure(Exception):
@@ -63,10 +64,10 @@ def _error_detail(body: bytes) -> str | None:
     return " ".join(detail.split())[:MAX_DETAIL_CHARS]
 
 
-def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], int]:
-    """JSON chunks (nulls dropped) of one network read's events, and their payload bytes."""
+def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], list[int]]:
+    """JSON chunks (nulls dropped) of one network read's events, and each one's payload bytes."""
     batch: list[dict[str, Any]] = []
-    size = 0
+    sizes: list[int] = []
     for event in events:
         try:
             chunk = orjson.loads(event.data)
@@ -77,8 +78,8 @@ def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], 
             logger.warning("runtime sent an SSE event that is not a JSON object; skipped")
             continue
         batch.append(_drop_nulls(chunk))
-        size += len(event.data)
-    return batch, size
+        sizes.append(len(event.data))
+    return batch, sizes
 
 
 class RuntimeClient:
@@ -142,15 +143,15 @@ class RuntimeClient:
                         except SSEProtocolError as error:
                             # Relay what was complete before the runaway line, then fail.
                             if error.events:
-                                batch, size = _parse_events(error.events)
+                                batch, sizes = _parse_events(error.events)
                                 if batch:
-                                    await deliver(batch, size)
+                                    await deliver(batch, sizes)
                             raise
                         if events:
-                            batch, size = _parse_events(events)
+                            batch, sizes = _parse_events(events)
                             if batch:
                                 relayed += len(batch)
-                                await deliver(batch, size)
+                                await deliver(batch, sizes)
         except SSEProtocolError:
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime sent a malformed event stream"

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -34,6 +34,7 @@ from .auth import (
     httpx_jwks_fetcher,
     www_authenticate,
 )
+from .client_address import client_address
 from .limits import OriginPolicy, parse_origin_list
 from .observability import Metrics
 from .ownership import MemoryOwnershipStore, OwnershipRefused, OwnershipStore
@@ -106,6 +107,7 @@ class Security:
         self.connections: ConnectionLimiter
         self.ws_rate: RateLimit
         self.rest_rate: RateLimit
+        self.handshake_rate: RateLimit
         if settings.state_backend == "redis":
             self._use_redis(settings, metrics)
         else:
@@ -122,8 +124,12 @@ class Security:
             self.rest_rate = MemoryRateLimiter(
                 settings.rest_requests_per_second, settings.rest_request_burst
             )
+            self.handshake_rate = MemoryRateLimiter(
+                settings.ws_handshakes_per_second, settings.ws_handshake_burst
+            )
             metrics.state_backend_up.set(1)
         self._internal_key = settings.internal_api_key.get_secret_value().encode()
+        self._trusted_proxies = settings.trusted_proxy_networks
         # Recently verified tokens: an IDE sends the same token with every request, and a
         # signature check costs ~0.2 ms. Bounded in size, and in age so that a key withdrawn
         # from the JWKS stops working within VERIFIED_TOKEN_TTL even for cached tokens.
@@ -149,6 +155,9 @@ class Security:
         )
         self.rest_rate = RedisRateLimiter(
             redis, "rest", settings.rest_requests_per_second, settings.rest_request_burst
+        )
+        self.handshake_rate = RedisRateLimiter(
+            redis, "handshake", settings.ws_handshakes_per_second, settings.ws_handshake_burst
         )
         metrics.state_backend_up.set_function(lambda: 1.0 if redis.available else 0.0)
 
@@ -355,12 +364,46 @@ class Security:
 
     # --- connections -----------------------------------------------------------------------
 
-    async def acquire_connection(self, identity: Identity) -> None:
-        """Count one more open WebSocket of ``identity``, or raise :class:`Refusal`: 429 at
-        the per-user cap (across replicas with Redis), 503 when this process is full or the
-        state backend does not answer. Pair every success with :meth:`release_connection`."""
+    def limit_key(self, identity: Identity, scope: dict[str, Any]) -> str:
+        """The key per-user limits of a WebSocket count against: the user, or, with JWT auth
+        off (every caller is the one anonymous principal), the client's address.
+
+        Without it one anonymous client would use up a cap or a rate that every other client
+        shares, and lock them all out. The address is the TCP peer unless a trusted proxy
+        forwarded it (``TRUSTED_PROXIES``). Anonymous keys cannot collide with user ids: they
+        exist only while JWT auth is off, when there are no other users.
+        """
+        if self.enabled:
+            return identity.sub
+        return f"{identity.sub}@{client_address(scope, self._trusted_proxies)}"
+
+    async def check_handshake_rate(self, key: str) -> None:
+        """429 with Retry-After when ``key`` opens WebSockets faster than its handshake rate
+        (shared by every replica with Redis).
+
+        Fails closed (503) when the state backend does not answer: a new socket would need it
+        for the connection cap anyway, and refusing new work is the outage's documented rule.
+        """
         try:
-            refused = await self.connections.try_acquire(identity.sub)
+            allowed, retry_after = await self.handshake_rate.check(key)
+        except StateUnavailable:
+            raise self._state_refusal("handshake_rate") from None
+        if not allowed:
+            self.metrics.limit_hits.labels("ws_handshake_rate").inc()
+            raise Refusal(
+                429,
+                "rate_limited",
+                "Too many WebSocket handshakes for this user; retry later",
+                retry_after=retry_after,
+            )
+
+    async def acquire_connection(self, identity: Identity, key: str | None = None) -> None:
+        """Count one more open WebSocket of ``identity`` (under ``key``, see :meth:`limit_key`;
+        default its ``sub``), or raise :class:`Refusal`: 429 at the per-user cap (across
+        replicas with Redis), 503 when this process is full or the state backend does not
+        answer. Pair every success with :meth:`release_connection` with the same key."""
+        try:
+            refused = await self.connections.try_acquire(identity.sub if key is None else key)
         except StateUnavailable:
             raise self._state_refusal("connections") from None
         if refused is None:
@@ -375,7 +418,7 @@ class Security:
             )
         raise Refusal(503, "unavailable", "too many open connections", retry_after=5)
 
-    async def release_connection(self, identity: Identity) -> None:
+    async def release_connection(self, identity: Identity, key: str | None = None) -> None:
         """Give back a connection granted by :meth:`acquire_connection`.
 
         Safe in a ``finally`` of a cancelled task: shielded, and bounded by RELEASE_TIMEOUT
@@ -384,7 +427,7 @@ class Security:
         """
         with trio.CancelScope(shield=True):
             with trio.move_on_after(RELEASE_TIMEOUT):
-                await self.connections.release(identity.sub)
+                await self.connections.release(identity.sub if key is None else key)
 
     def _refuse_not_owner(self) -> None:
         self.metrics.auth_failures.labels("not_owner").inc()
@@ -414,14 +457,15 @@ class Security:
                 429, "rate_limited", "Too many requests; slow down", retry_after=retry_after
             )
 
-    async def check_message_rate(self, identity: Identity) -> bool:
-        """Whether one more inbound WebSocket message is within the caller's rate.
+    async def check_message_rate(self, identity: Identity, key: str | None = None) -> bool:
+        """Whether one more inbound WebSocket message is within the caller's rate (counted
+        under ``key``, see :meth:`limit_key`; default the identity's ``sub``).
 
         True when the state backend does not answer (fail open): the socket was admitted while
         the state answered, and a Redis outage must not stall sessions that are already live.
         """
         try:
-            allowed, _ = await self.ws_rate.check(identity.sub)
+            allowed, _ = await self.ws_rate.check(identity.sub if key is None else key)
         except StateUnavailable:
             self.metrics.state_backend_failures.labels("ws_rate_fail_open").inc()
             return True

@@ -35,6 +35,7 @@ import orjson
 import trio
 
 from .auth import Identity
+from .detached import DetachedBudget
 from .observability import Metrics, frame_type_label, session_id_var, user_var
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .protocol import (
@@ -76,10 +77,14 @@ MAX_SOCKETS_PER_SESSION = 8
 class Connection:
     """One attached WebSocket and its three tasks (reader, writer, heartbeat)."""
 
-    def __init__(self, ws: WebSocketConnection, v2: bool, identity: Identity) -> None:
+    def __init__(
+        self, ws: WebSocketConnection, v2: bool, identity: Identity, limit_key: str | None = None
+    ) -> None:
         self.ws = ws
         self.v2 = v2
         self.identity = identity
+        # What per-user limits count this socket under (Security.limit_key).
+        self.limit_key = identity.sub if limit_key is None else limit_key
         self.rate_refusals = 0  # consecutive messages refused by the rate limit
         # Who the runtime is told sent this socket's messages (the verified identity).
         self.sender_headers = user_headers(identity)
@@ -135,9 +140,15 @@ class Connection:
 class Session:
     """State and turn runner of one ``session_id``; see the module docstring for lifetimes."""
 
-    def __init__(self, session_id: str, manager: SessionManager) -> None:
+    def __init__(self, session_id: str, manager: SessionManager, limit_key: str = "") -> None:
         self.id = session_id
         self.manager = manager
+        # The per-user limit key of the connection that opened the session: its live-session
+        # slot and its detached bytes are counted there for the session's whole life.
+        self.limit_key = limit_key
+        # Relayed bytes of the outbound queue charged to the user's detached budget (only
+        # while no client is attached; see hold_detached).
+        self.detached_charge = 0
         settings = manager.settings
         self.settings = settings
         # Each message with the identity headers of the socket that sent it (X-User-ID and
@@ -249,6 +260,7 @@ class Session:
             if self.cluster is not None:
                 await let_go(self, self.cluster)
             self.outbound.drop_all()
+            self.release_detached()
             dropped = self.queue.clear()
             if dropped:
                 logger.info("session ended with %d queued message(s) dropped", dropped)
@@ -283,7 +295,7 @@ class Session:
         while True:
             while not unattended():
                 await self._attachment_changed.park()
-            if self.settings.session_grace_seconds <= 0:
+            if self.settings.session_grace_seconds <= 0 or self._nothing_to_resume():
                 self.end()
                 return
             with trio.move_on_after(self.settings.session_grace_seconds) as waited:
@@ -294,6 +306,20 @@ class Session:
                     logger.info("grace period over; cancelling the detached turn")
                 self.end()
                 return
+
+    def _nothing_to_resume(self) -> bool:
+        # A session that never ran a turn holds nothing a returning client could want (its
+        # queued messages were dropped when the client left): it ends with its connection
+        # instead of holding a live-session slot for the grace period. Otherwise opening
+        # and closing sockets fills MAX_SESSIONS with empty sessions. A follower relays
+        # another replica's turns (its turn_count stays 0), and with replicas a session may
+        # have history in the shared stream (its seq starts there): those keep their grace.
+        return (
+            self.turn_count == 0
+            and not self.turn_running
+            and not self.following
+            and (self.cluster is None or self.seq == 0)
+        )
 
     def release_pending(self) -> None:
         """A connection counted in ``pending_attach`` attached or gave up."""
@@ -340,6 +366,8 @@ class Session:
         self.viewers.clear()
         self.connection = connection
         self.handoff = False  # the client came back here
+        # A client reads the queue again: the per-session budget and backpressure bound it.
+        self.release_detached()
         connection.wake_writer = self.frames_ready.unpark_all
         connection.greeting = greeting
         self._attachment_changed.unpark_all()
@@ -368,12 +396,60 @@ class Session:
         dropped = self.queue.clear()
         if dropped:
             logger.info("client gone; dropped %d queued message(s)", dropped)
+        self._charge_queue_on_detach()
         self._attachment_changed.unpark_all()
         self.space_ready.unpark_all()
         self.frames_ready.unpark_all()  # the pump takes over when handed off
         if self.close_after_turn is not None and not self.turn_running:
             self.end()  # drained: nothing left to wait for
         self.maybe_hand_off()
+
+    # --- detached bytes (a per-user budget; see detached.py) ------------------------------------
+
+    def hold_detached(self, size: int) -> bool:
+        """Whether ``size`` more relayed bytes may wait in the queue of this detached session
+        within the user's detached budget (charged if so). The caller checks the per-session
+        budget first where it applies."""
+        manager = self.manager
+        if not manager.detached.try_charge(self.limit_key, size):
+            manager.metrics.limit_hits.labels("detached_bytes_per_user").inc()
+            return False
+        self.detached_charge += size
+        return True
+
+    def release_detached(self) -> None:
+        """Give the user's detached budget back what this session holds (a client attached,
+        the queue was handed on, or the session ended)."""
+        if self.detached_charge:
+            self.manager.detached.release(self.limit_key, self.detached_charge)
+            self.detached_charge = 0
+
+    def _charge_queue_on_detach(self) -> None:
+        # What the client left unread now waits for a reconnect: it counts against the
+        # user's detached budget like frames relayed later. If it does not fit, all of it
+        # goes (a partial replay is no use: the client must resync either way).
+        pending = self.outbound.pending_bytes
+        if not pending or self.hold_detached(pending):
+            return
+        dropped, final = self.outbound.drop_relayed()
+        self.lost_frames += dropped
+        if final:
+            self._stand_in_final()
+        self.space_ready.unpark_all()
+
+    def _stand_in_final(self) -> None:
+        # The turn's last frame did not fit: the client still has to learn that the turn
+        # ended (a v1 client that re-attached waits for is_final), so a small error frame
+        # takes its place. The v2 resync tells where to find the full answer.
+        self.lost_frames += 1
+        self.send_control(
+            error_frame(
+                ErrorCode.OUTPUT_DROPPED,
+                "The end of this answer did not fit the gateway's buffer while the client was "
+                "away; reload the session history",
+                is_final=True,
+            )
+        )
 
     # --- inbound ---------------------------------------------------------------------------
 
@@ -496,31 +572,31 @@ class Session:
         )
         self._send_v2({"type": "turn_finished", "turn_id": turn_id, "status": status.value})
 
-    async def _relay(self, chunks: list[dict[str, Any]], size: int) -> None:
-        # Backpressure: wait for room only while a client is attached. A detached turn keeps
-        # reading so the runtime can finish and persist the answer; what no longer fits is
-        # counted as lost (v2 clients are told to resync when they come back).
-        while not self.outbound.has_space() and self.connection is not None:
+    async def _relay(self, chunks: list[dict[str, Any]], sizes: list[int]) -> None:
+        # Backpressure: wait for room only while a client is attached. Every chunk counts
+        # with its own size, so one chunk larger than the whole budget waits for an empty
+        # queue and is counted in full. A detached turn keeps reading so the runtime can
+        # finish and persist the answer; only what fits the session's and the user's
+        # detached budgets is kept, the rest is counted as lost (v2 clients are told to
+        # resync when they come back).
+        outbound = self.outbound
+        batch_size = sum(sizes)
+        while self.connection is not None and not outbound.fits(batch_size):
             await self.space_ready.park()
-        if not self.outbound.has_space():
-            # Keep what ends the turn (small, and a client that never sees it spins forever).
-            finals = [chunk for chunk in chunks if chunk.get("is_final") is not False]
-            self.lost_frames += len(chunks) - len(finals)
-            if not finals:
-                return
-            chunks = finals
+        detached = self.connection is None
         if not self._first_chunk_seen:
             self._first_chunk_seen = True
             self.manager.metrics.time_to_first_token.observe(
                 trio.current_time() - self._turn_started_at
             )
-        per_chunk = size // len(chunks) + 1
-        outbound = self.outbound
         merged_before = outbound.merged_chunks
-        for chunk in chunks:
-            outbound.put_chunk(chunk, per_chunk)
-            if chunk.get("is_final") is not False:
+        for chunk, size in zip(chunks, sizes, strict=True):
+            final = chunk.get("is_final") is not False
+            if final:
                 self._final_seen = True
+            if detached and not self._keep_detached(size, final):
+                continue
+            outbound.put_chunk(chunk, size)
             if chunk.get("requires_approval") is True and chunk.get("type") == "tool_call":
                 self._note_approval_request(chunk)
         metrics = self.manager.metrics
@@ -528,6 +604,21 @@ class Session:
         if outbound.merged_chunks != merged_before:
             metrics.coalesced_chunks.inc(outbound.merged_chunks - merged_before)
         self.frames_ready.unpark_all()
+
+    def _keep_detached(self, size: int, final: bool) -> bool:
+        # After a gap nothing but what ends the turn is worth holding (the client resyncs
+        # anyway). What ends the turn may overshoot the session's budget (it is usually small,
+        # and a client must see the turn end) but never the user's: if that is full, a small
+        # stand-in takes its place.
+        if final:
+            if self.hold_detached(size):
+                return True
+            self._stand_in_final()
+            return False
+        if not self.lost_frames and self.outbound.fits(size) and self.hold_detached(size):
+            return True
+        self.lost_frames += 1
+        return False
 
     def _send_to(self, connection: Connection, frame: Frame) -> None:
         """Queue a v2-only frame if ``connection`` speaks v2."""
@@ -606,6 +697,10 @@ class SessionManager:
         self.metrics = metrics
         self.security = security
         self.sessions: dict[str, Session] = {}
+        # Live sessions per limit key (user, or anonymous client address), and the bytes
+        # detached sessions hold per key: both per process, like the memory they protect.
+        self.live_sessions: dict[str, int] = {}
+        self.detached = DetachedBudget(settings.detached_bytes_per_user)
         self.connection_count = 0
         self.draining = False
         self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
@@ -617,6 +712,7 @@ class SessionManager:
         metrics.outbound_queue_bytes.set_function(
             lambda: sum(s.outbound.pending_bytes for s in self.sessions.values())
         )
+        metrics.detached_bytes.set_function(lambda: self.detached.total)
         # Pre-bound label children: a labels() lookup per frame would cost a lock and a dict.
         self._frames_out: dict[str, Any] = {}
         self._frames_in: dict[str, Any] = {}
@@ -683,16 +779,42 @@ class SessionManager:
     def _forget(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            key = session.limit_key
+            left = self.live_sessions[key] - 1
+            if left:
+                self.live_sessions[key] = left
+            else:
+                del self.live_sessions[key]
         self._idle.unpark_all()
 
-    def _session_for(self, session_id: str) -> Session:
+    def _session_for(self, session_id: str, limit_key: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
             assert self._nursery is not None, "SessionManager.run() is not running"
-            session = Session(session_id, self)
+            session = Session(session_id, self, limit_key)
             self.sessions[session_id] = session
+            self.live_sessions[limit_key] = self.live_sessions.get(limit_key, 0) + 1
             self._nursery.start_soon(session.run)
         return session
+
+    def live_session_refusal(self, session_id: str, limit_key: str) -> Refusal | None:
+        """429 when a connection to ``session_id`` would open one more live session for
+        ``limit_key`` beyond ``MAX_LIVE_SESSIONS_PER_USER``; re-attaching to a live session
+        is always allowed. Counted in this process (the sessions live here)."""
+        if session_id in self.sessions:
+            return None
+        limit = self.settings.max_live_sessions_per_user
+        if self.live_sessions.get(limit_key, 0) < limit:
+            return None
+        self.metrics.limit_hits.labels("live_sessions_per_user").inc()
+        grace = self.settings.session_grace_seconds
+        return Refusal(
+            429,
+            "too_many_sessions",
+            # Short: it is also a close reason (at most 123 bytes).
+            f"Too many live sessions for this user ({limit}); close one or retry later",
+            retry_after=max(1.0, grace),
+        )
 
     def refusal(self, session_id: str) -> tuple[int, str] | None:
         """Why a new connection to ``session_id`` must be refused, as (HTTP status, reason)."""
@@ -713,15 +835,26 @@ class SessionManager:
         identity: Identity,
         *,
         accepted: bool = False,
+        limit_key: str | None = None,
     ) -> None:
         """Run a WebSocket of an authorized ``identity`` until it closes (accepting it first
-        unless ``accepted``); never raises for the session's errors."""
+        unless ``accepted``); never raises for the session's errors.
+
+        Raises :class:`Refusal` before anything else happens when the socket would open a
+        live session beyond the per-user cap of ``limit_key`` (default the user's id): the
+        caller answers it (HTTP 429 before the accept, close 4429 after).
+        """
+        key = identity.sub if limit_key is None else limit_key
+        # The authoritative check: nothing awaits between it and the session's creation.
+        refused = self.live_session_refusal(session_id, key)
+        if refused is not None:
+            raise refused
         v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
         user_var.set(identity.sub)
         # Bound before the session's and the connection's tasks start: they inherit it.
         session_id_var.set(session_id)
-        session = self._session_for(session_id)
-        connection = Connection(ws, v2, identity)
+        session = self._session_for(session_id, key)
+        connection = Connection(ws, v2, identity, key)
         self.connection_count += 1
         try:
             # accept() yields to other tasks: the session must not end by grace meanwhile.
@@ -743,7 +876,9 @@ class SessionManager:
                     connection.close_code = CloseCode.SERVICE_RESTART
                     connection.close_reason = "server restarting"
                     return
-                session = self._session_for(session_id)
+                # Not checked against the live-session cap again: the session this socket
+                # was admitted for held the slot until a moment ago.
+                session = self._session_for(session_id, key)
             reattached = session.busy
             greeting = None
             if v2:
@@ -907,7 +1042,7 @@ class SessionManager:
     async def _within_rate(self, session: Session, connection: Connection) -> bool:
         # Per-user token bucket on inbound messages: a refused message gets a rate_limited
         # frame; a client that keeps going past a burst's worth of refusals is closed (4429).
-        if await self.security.check_message_rate(connection.identity):
+        if await self.security.check_message_rate(connection.identity, connection.limit_key):
             connection.rate_refusals = 0
             return True
         connection.rate_refusals += 1

@@ -126,6 +126,13 @@ async def _relay_stream(session: Session, frames: list[tuple[int, str]]) -> int:
     for seq, text in frames:
         while not session.outbound.has_space() and session.connection is not None:
             await session.space_ready.park()
+        if session.connection is None and not (
+            session.outbound.fits(len(text)) and session.hold_detached(len(text))
+        ):
+            # No client here and no room in the user's detached budget: the frame stays in
+            # the shared stream only; the seq jump is reported as a loss when a client
+            # attaches (Session.number).
+            continue
         session.outbound.put_numbered(NumberedFrame(seq, text, _type_of(text)), len(text))
     session.frames_ready.unpark_all()
     return frames[-1][0]
@@ -162,6 +169,7 @@ async def pump_handed_off(session: Session) -> None:
         while not (session.handoff and session.connection is None):
             await session.frames_ready.park()
         frames = session.outbound.take_all()
+        session.release_detached()  # the queue is empty: nothing held for a client here
         session.space_ready.unpark_all()
         now = trio.current_time()
         for frame in frames:

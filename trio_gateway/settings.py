@@ -207,6 +207,45 @@ class Settings(BaseSettings):
     rest_request_burst: int = Field(
         60, ge=1, le=1_000_000, description="REST requests a user may send at once."
     )
+    # Lockouts (one user, or one anonymous client address, must not fill what all share).
+    max_live_sessions_per_user: int = Field(
+        100,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Live sessions (connected or in their grace period) one user may hold in this "
+            "process; a handshake that would open one more gets HTTP 429 (close 4429 after "
+            "first-frame auth). With JWT auth off, each client address counts as one user."
+        ),
+    )
+    ws_handshakes_per_second: float = Field(
+        5.0,
+        gt=0,
+        le=100_000,
+        description=(
+            "Sustained WebSocket handshakes per user (per client address with JWT auth off); "
+            "more get HTTP 429 with Retry-After (close 4429 after first-frame auth)."
+        ),
+    )
+    ws_handshake_burst: int = Field(
+        60,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "WebSocket handshakes a user may make at once (every session of an IDE or two "
+            "reconnecting after a restart)."
+        ),
+    )
+    detached_bytes_per_user: int = Field(
+        8 * MiB,
+        ge=0,
+        le=64 * 1024 * MiB,
+        description=(
+            "Relayed bytes all of one user's detached sessions (client gone, turn still "
+            "running) may hold for a reconnect, in this process; what does not fit is dropped "
+            "and the returning client is told to resync."
+        ),
+    )
 
     # --- logging -------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

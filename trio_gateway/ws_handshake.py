@@ -2,8 +2,9 @@
 
 Order: session id, drain and global caps, Origin, then the caller's identity (from the
 ``Authorization`` header, a ``bearer.<token>`` subprotocol entry, an opted-in query parameter,
-or else a first ``{"type":"auth"}`` frame), the write scope, session ownership and the per-user
-connection cap. Refusals before the accept are real HTTP answers (401 with
+or else a first ``{"type":"auth"}`` frame), the write scope, session ownership, then the
+per-user handshake rate, live-session cap and connection cap (per client address with JWT auth
+off). Refusals before the accept are real HTTP answers (401 with
 ``WWW-Authenticate``, 403, 429, 503); refusals after it (first-frame auth) are close codes
 (4401, 4403, 4429, 1013).
 
@@ -250,26 +251,36 @@ async def _serve(
     *,
     accepted: bool,
 ) -> None:
-    security = gateway.security
-    # Count the connection first, claim second: a handshake refused by the cap never claims
-    # (squats) the session id.
+    security, sessions = gateway.security, gateway.sessions
+    assert sessions is not None
+    # Per-user limits count under the user, or the client's address when JWT auth is off.
+    key = security.limit_key(identity, ws.scope)
+    # Rate and live-session cap first, then count the connection, claim last: a handshake
+    # refused by any of them never claims (squats) the session id.
     try:
-        await security.acquire_connection(identity)
+        await security.check_handshake_rate(key)
+        refused = sessions.live_session_refusal(session_id, key)
+        if refused is not None:
+            raise refused
+        await security.acquire_connection(identity, key)
     except Refusal as refusal:
         await _refuse(gateway, ws, refusal, accepted=accepted)
         return
     try:
         try:
             await security.claim_session(session_id, identity)
+            # Checks the live-session cap again, atomically with creating the session (the
+            # claim may have awaited Redis meanwhile).
+            await sessions.serve_connection(
+                ws, session_id, identity, accepted=accepted, limit_key=key
+            )
         except Refusal as refusal:
             await _refuse(gateway, ws, refusal, accepted=accepted)
             return
-        assert gateway.sessions is not None
-        await gateway.sessions.serve_connection(ws, session_id, identity, accepted=accepted)
     finally:
         # Also when the claim (a Redis call) or the session is cancelled: the release is
         # shielded and bounded inside.
-        await security.release_connection(identity)
+        await security.release_connection(identity, key)
 
 
 async def _refuse(
