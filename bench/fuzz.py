@@ -34,6 +34,7 @@ from tests.fuzzing import (
     handshake_requests,
     raw_request,
 )
+from tests.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
 
@@ -103,6 +104,27 @@ def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
         }
 
 
+def fuzz_header_smuggling(examples: int, stats: FuzzStats) -> dict[str, Any]:
+    """REST requests with hostile headers (tests/smuggling.py) against a JWT-off gateway: what
+    reached the demo runtime is checked after each one; leaks are problems."""
+    with FuzzGateway() as gateway:
+
+        @hypothesis_settings(examples)
+        @given(request=smuggling_requests())
+        def smuggle(request: SmugglingRequest) -> None:
+            answer = trio.run(send_smuggling, gateway, request)
+            stats.record_answer(answer)
+            stats.problems += check_smuggling(gateway, request, answer)
+
+        smuggle()
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+        }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=2000, help="frame connections")
@@ -116,16 +138,21 @@ def main() -> int:
     plain = fuzz_frames_and_handshakes(examples, examples, stats)
     token_stats = FuzzStats()
     secure = fuzz_tokens(max(examples // 4, 50), token_stats)
+    smuggling_stats = FuzzStats()
+    smuggling = fuzz_header_smuggling(examples, smuggling_stats)
     duration = time.monotonic() - started
 
-    crashes = int(not plain["alive"]) + int(not secure["alive"])
+    crashes = int(not plain["alive"]) + int(not secure["alive"]) + int(not smuggling["alive"])
     problems = (
         stats.problems
         + token_stats.problems
+        + smuggling_stats.problems
         + plain["error_logs"]
         + secure["error_logs"]
+        + smuggling["error_logs"]
         + plain["control_problems"]
         + secure["control_problems"]
+        + smuggling["control_problems"]
         + secure["failures"]
     )
     rows = [
@@ -137,10 +164,15 @@ def main() -> int:
         ("token attempts (JWT on)", token_stats.handshakes),
         ("token answers", dict(sorted(token_stats.statuses.items()))),
         ("first-frame auth closes", dict(sorted(token_stats.close_codes.items()))),
-        ("control turns (exact tokens)", plain["control_turns"] + secure["control_turns"]),
+        ("header smuggling requests", smuggling_stats.handshakes),
+        ("smuggling answers", dict(sorted(smuggling_stats.statuses.items()))),
+        (
+            "control turns (exact tokens)",
+            plain["control_turns"] + secure["control_turns"] + smuggling["control_turns"],
+        ),
         ("contained hypercorn races", plain["contained"]),
         ("crashes", crashes),
-        ("5xx", stats.server_errors + token_stats.server_errors),
+        ("5xx", stats.server_errors + token_stats.server_errors + smuggling_stats.server_errors),
         ("problems", len(problems)),
         ("duration", f"{duration:.1f} s"),
     ]
