@@ -345,3 +345,15 @@ async def test_a_bad_body_is_400_with_auth_off_too(proxy: Proxy) -> None:
         )
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_request"
     assert len(proxy.runtime.rest_requests) == before
+
+
+def test_the_allow_list_is_the_documented_one() -> None:
+    from pathlib import Path
+
+    from trio_gateway.rest_proxy import FORWARDED_REQUEST_HEADERS
+
+    assert FORWARDED_REQUEST_HEADERS == ALLOWED
+    security = (Path(__file__).parents[1] / "docs" / "security.md").read_text()
+    section = security.split("### Requests the runtime never sees", 1)[1].split("\n##", 1)[0]
+    for name in ALLOWED:
+        assert f"`{name.title()}`" in section, name
