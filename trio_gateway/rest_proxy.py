@@ -266,7 +266,7 @@ def forwarding_headers(
     """
     chain = forwarded_chain(scope, trusted_proxies)
     proto = str(scope.get("scheme") or "http").encode("latin-1")
-    if address_in(peer_address(scope), trusted_proxies):
+    if trusted_proxies and address_in(peer_address(scope), trusted_proxies):
         given = [v for n, v in scope.get("headers") or [] if n.lower() == b"x-forwarded-proto"]
         if len(given) == 1 and given[0].strip().lower() in (b"http", b"https"):
             proto = given[0].strip().lower()
