@@ -43,6 +43,7 @@ from tests.fuzzing import (
     peak_rss_bytes,
     raw_request,
 )
+from tests.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
 from tests.test_fuzz_lockouts import LIVE_CAP, flood
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
@@ -147,6 +148,27 @@ def fuzz_compressed_frames(examples: int, stats: FuzzStats) -> dict[str, Any]:
         }
 
 
+def fuzz_header_smuggling(examples: int, stats: FuzzStats) -> dict[str, Any]:
+    """REST requests with hostile headers (tests/smuggling.py) against a JWT-off gateway: what
+    reached the demo runtime is checked after each one; leaks are problems."""
+    with FuzzGateway() as gateway:
+
+        @hypothesis_settings(examples)
+        @given(request=smuggling_requests())
+        def smuggle(request: SmugglingRequest) -> None:
+            answer = trio.run(send_smuggling, gateway, request)
+            stats.record_answer(answer)
+            stats.problems += check_smuggling(gateway, request, answer)
+
+        smuggle()
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+        }
+
+
 def fuzz_lockouts(examples: int) -> dict[str, Any]:
     """Open/close floods of one client (a fresh gateway per flood, small MAX_SESSIONS): it
     must never fill the gateway (no 503), hold more than its live-session cap, or keep
@@ -193,11 +215,18 @@ def main() -> int:
     deflate_stats = FuzzStats()
     deflate = fuzz_compressed_frames(max(examples // 4, 50), deflate_stats)
     lockouts = fuzz_lockouts(max(examples // 100, 5))
+    smuggling_stats = FuzzStats()
+    smuggling = fuzz_header_smuggling(examples, smuggling_stats)
     duration = time.monotonic() - started
 
     # Bombs of up to 64 MiB each went in: the gateway must have inflated none of them whole.
     rss_bounded = deflate["rss_growth_mib"] < 48
-    crashes = int(not plain["alive"]) + int(not secure["alive"]) + int(not deflate["alive"])
+    crashes = (
+        int(not plain["alive"])
+        + int(not secure["alive"])
+        + int(not deflate["alive"])
+        + int(not smuggling["alive"])
+    )
     problems = (
         stats.problems
         + token_stats.problems
@@ -211,6 +240,9 @@ def main() -> int:
         + deflate["failures"]
         + ([] if rss_bounded else [f"peak RSS grew {deflate['rss_growth_mib']:.0f} MiB"])
         + lockouts["problems"]
+        + smuggling_stats.problems
+        + smuggling["error_logs"]
+        + smuggling["control_problems"]
     )
     rows = [
         ("frame connections", stats.connections),
@@ -226,13 +258,24 @@ def main() -> int:
         ("peak RSS growth, compressed phase", f"{deflate['rss_growth_mib']:.1f} MiB"),
         (
             "control turns (exact tokens)",
-            plain["control_turns"] + secure["control_turns"] + deflate["control_turns"],
+            plain["control_turns"]
+            + secure["control_turns"]
+            + deflate["control_turns"]
+            + smuggling["control_turns"],
         ),
+        ("header smuggling requests", smuggling_stats.handshakes),
+        ("smuggling answers", dict(sorted(smuggling_stats.statuses.items()))),
         ("session floods: handshakes", dict(sorted(lockouts["outcomes"].items(), key=str))),
         ("session floods: peak live sessions", f"{lockouts['peak']} (cap {LIVE_CAP})"),
         ("contained hypercorn races", plain["contained"]),
         ("crashes", crashes),
-        ("5xx", stats.server_errors + token_stats.server_errors + deflate_stats.server_errors),
+        (
+            "5xx",
+            stats.server_errors
+            + token_stats.server_errors
+            + deflate_stats.server_errors
+            + smuggling_stats.server_errors,
+        ),
         ("problems", len(problems)),
         ("duration", f"{duration:.1f} s"),
     ]

@@ -49,7 +49,12 @@ from wsproto.events import (
 )
 
 from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
+from trio_gateway.demo_runtime import (
+    DemoRuntime,
+    DemoRuntimeConfig,
+    create_demo_runtime,
+    serve_demo_runtime,
+)
 from trio_gateway.protocol import (
     CONNECTION_FRAME_TYPES,
     SUBPROTOCOL_V2,
@@ -910,6 +915,7 @@ class FuzzGateway:
         self._idle = False
         self.settings: Settings | None = None
         self.app: Any = None
+        self.runtime: DemoRuntime | None = None  # what reached it: tests/smuggling.py
 
     def __enter__(self) -> FuzzGateway:
         logging.getLogger().addHandler(self.errors)
@@ -1017,6 +1023,7 @@ class FuzzGateway:
                     max_bench_tokens=2000,
                 )
             )
+            self.runtime = runtime
             runtime_binds = await nursery.start(
                 partial(
                     serve_demo_runtime, runtime, "127.0.0.1", 0, shutdown_trigger=self._stop.wait

@@ -51,6 +51,8 @@ class ScriptedRuntime:
         self.scripts: dict[str, Script] = {}  # streaming turns, by message content
         self.rest_scripts: dict[str, Script] = {}  # other requests, by "METHOD /path"
         self.rest_requests: list[tuple[str, dict[str, str], bytes]] = []
+        # Every header line of each REST request, as received (name case, order, repeats).
+        self.rest_header_lines: list[list[tuple[str, str]]] = []
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
         self.open_streams = 0
@@ -72,7 +74,9 @@ class ScriptedRuntime:
     def stop(self) -> None:
         self._scope.cancel()
 
-    async def _read_request(self, stream: trio.SocketStream) -> tuple[dict[str, str], bytes] | None:
+    async def _read_request(
+        self, stream: trio.SocketStream
+    ) -> tuple[dict[str, str], bytes, list[tuple[str, str]]] | None:
         data = b""
         while b"\r\n\r\n" not in data:
             piece = await stream.receive_some(65536)
@@ -82,9 +86,11 @@ class ScriptedRuntime:
         head, _, rest = data.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {}
+        pairs: list[tuple[str, str]] = []
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+            pairs.append((name, value.strip()))
         length = int(headers.get("content-length", "0"))
         while len(rest) < length:
             piece = await stream.receive_some(65536)
@@ -92,17 +98,18 @@ class ScriptedRuntime:
                 return None
             rest += piece
         headers[":request-line"] = lines[0]
-        return headers, rest[:length]
+        return headers, rest[:length], pairs
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             request = await self._read_request(stream)
             if request is None:
                 return
-            headers, body = request
+            headers, body, pairs = request
             method, target = headers[":request-line"].split(" ")[:2]
             if target.split("?", 1)[0] != "/agent/message/stream":
                 self.rest_requests.append((headers[":request-line"], headers, body))
+                self.rest_header_lines.append(pairs)
                 path = target.split("?", 1)[0]
                 script = self.rest_scripts.get(f"{method} {path}") or Script(
                     content_type="application/json", body=[b'{"ok": true}']

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_gateway.client_address import (
     address_in,
     client_address,
+    forwarded_chain,
     forwarded_for,
     parse_networks,
     peer_address,
@@ -72,3 +75,53 @@ def test_networks_parse_and_match() -> None:
     assert parse_networks(" , ") == []
     with pytest.raises(ValueError, match="'nope' is not an IP network"):
         parse_networks("10.0.0.0/8,nope")
+
+
+# --- the chain forwarded upstream as X-Forwarded-For ------------------------------------------
+
+
+def test_the_chain_is_the_peer_alone_unless_the_peer_is_trusted() -> None:
+    assert forwarded_chain(scope("203.0.113.9", "198.51.100.1"), []) == ["203.0.113.9"]
+    assert forwarded_chain(scope("203.0.113.9", "198.51.100.1"), PROXIES) == ["203.0.113.9"]
+    assert forwarded_chain(scope(None, "198.51.100.1"), PROXIES) == ["unknown"]
+
+
+def test_behind_trusted_proxies_the_chain_keeps_what_they_vouch_for_and_appends_the_peer() -> None:
+    assert forwarded_chain(scope("10.1.2.3", "198.51.100.1"), PROXIES) == [
+        "198.51.100.1",
+        "10.1.2.3",
+    ]
+    # A client's own left end is dropped: it starts at the client the proxies named.
+    assert forwarded_chain(scope("10.0.0.1", "1.2.3.4, 198.51.100.7, 10.0.0.2"), PROXIES) == [
+        "198.51.100.7",
+        "10.0.0.2",
+        "10.0.0.1",
+    ]
+    assert forwarded_chain(scope("10.0.0.1", "<script>, 10.0.0.2"), PROXIES) == [
+        "10.0.0.2",
+        "10.0.0.1",
+    ]
+    assert forwarded_chain(scope("10.0.0.1"), PROXIES) == ["10.0.0.1"]
+
+
+_addresses = st.one_of(
+    st.sampled_from(["10.0.0.1", "10.9.9.9", "::1", "198.51.100.7", "203.0.113.9", "1.2.3.4"]),
+    st.ip_addresses().map(str),
+    st.text(max_size=12),
+)
+
+
+@given(
+    peer=st.one_of(st.none(), _addresses),
+    hops=st.lists(_addresses, max_size=5),
+    trusted=st.booleans(),
+)
+def test_the_chain_starts_with_the_client_address_and_ends_with_the_peer(
+    peer: str | None, hops: list[str], trusted: bool
+) -> None:
+    request = scope(peer, *[hop.replace(",", "") for hop in hops])
+    proxies = PROXIES if trusted else []
+    chain = forwarded_chain(request, proxies)
+    assert chain[0] == client_address(request, proxies)
+    assert chain[-1] == peer_address(request)
+    assert all("," not in hop for hop in chain[:-1])

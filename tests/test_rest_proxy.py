@@ -112,13 +112,18 @@ async def test_method_path_query_body_and_content_type_reach_the_runtime(
         "/api/v1/sessions/a%20b%3Fc",
         params={"x": "1", "y": "two words"},
         content=b'{"title": "t"}',
-        headers={"Content-Type": "application/json; charset=utf-8", "X-Custom": "kept"},
+        headers={
+            "Content-Type": "application/json; charset=utf-8",
+            "Accept-Language": "de",
+            "X-Custom": "not on the allow-list",
+        },
     )
     request_line, headers, body = runtime.rest_requests[-1]
     assert request_line.startswith("PATCH /sessions/a%20b%3Fc?x=1&y=two+words ")
     assert body == b'{"title": "t"}'
     assert headers["content-type"] == "application/json; charset=utf-8"
-    assert headers["x-custom"] == "kept"
+    assert headers["accept-language"] == "de"
+    assert "x-custom" not in headers  # an allow-list (see tests/test_rest_smuggling.py)
     assert headers["x-internal-auth"] == INTERNAL_KEY
 
 

@@ -75,3 +75,28 @@ def client_address(scope: dict[str, Any], trusted_proxies: Sequence[Network]) ->
         if not address_in(hop, trusted_proxies):
             return hop
     return address
+
+
+def forwarded_chain(scope: dict[str, Any], trusted_proxies: Sequence[Network]) -> list[str]:
+    """The addresses the gateway can vouch for, client first, its TCP peer last.
+
+    What goes upstream as ``X-Forwarded-For``. Without a trusted peer it is just the peer;
+    behind trusted proxies it is their ``X-Forwarded-For`` walked from the right exactly as
+    :func:`client_address` walks it, up to and including the client, with the peer appended.
+    Whatever a client wrote further left is dropped, so even a runtime that naively reads the
+    leftmost entry gets the address :func:`client_address` chose (always ``chain[0]``).
+    """
+    peer = peer_address(scope)
+    if not trusted_proxies or not address_in(peer, trusted_proxies):
+        return [peer]
+    chain = [peer]
+    for hop in reversed(forwarded_for(scope)):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # a garbled hop: stop at the last address we could check
+        chain.append(hop)
+        if not address_in(hop, trusted_proxies):
+            break
+    chain.reverse()
+    return chain

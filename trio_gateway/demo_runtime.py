@@ -388,6 +388,8 @@ class DemoRuntime:
     * ``completed_streams``: streams that ran to their final chunk.
     * ``stream_requests`` / ``stream_headers``: the JSON body and lower-cased headers of every
       accepted ``POST /agent/message/stream`` (JSON objects only), oldest first, last 1000.
+    * ``rest_headers``: every header line (lower-cased name, value) of each other request, as
+      received, oldest first, last 1000 (the hostile-input proofs check what reached it).
     """
 
     def __init__(self, config: DemoRuntimeConfig) -> None:
@@ -399,6 +401,7 @@ class DemoRuntime:
         self.completed_streams = 0
         self.stream_requests: list[dict[str, Any]] = []
         self.stream_headers: list[dict[str, str]] = []
+        self.rest_headers: deque[list[tuple[str, str]]] = deque(maxlen=MAX_RECORDED_REQUESTS)
         # Ordered by last activity: the first entry is the next to evict.
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._audit: deque[dict[str, Any]] = deque(maxlen=MAX_AUDIT_EVENTS)
@@ -453,6 +456,11 @@ class DemoRuntime:
         that pooled connection then waited for REQUEST_TIMEOUT and its client got 504 (found
         by schemathesis, see tests/test_hostile_regressions.py).
         """
+        if request.path != "/agent/message/stream":
+            self.rest_headers.append(
+                [(name.decode("latin-1").lower(), value.decode("latin-1"))
+                 for name, value in request.scope["headers"]]
+            )  # fmt: skip
         await request.get_data()
 
     async def _check_auth(self) -> TrioResponse | None:

@@ -109,8 +109,10 @@ def _operation(route: ProxyRoute) -> dict[str, Any]:
         },
         "4XX": {
             "description": 'The runtime\'s error (e.g. {"detail": ...}), unchanged; or the '
-            "gateway's own refusal as GatewayError (400 invalid_session_id, 401, 403, 404, "
-            "405, 413, 429 with Retry-After).",
+            "gateway's own refusal as GatewayError (400 invalid_session_id, 400 "
+            "invalid_request for a repeated single-valued header or, on POST /sessions, a body "
+            "that is not a strict UTF-8 JSON object; 401, 403, 404, 405, 413, 415 for a "
+            "Content-Encoding, 429 with Retry-After).",
             "content": _json_content({"type": "object"}),
         },
     }

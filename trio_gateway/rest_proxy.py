@@ -2,8 +2,21 @@
 
 Faithful means: method, path (path parameters re-encoded), query string, body and its content
 type go to the runtime; status, body and content type come back unchanged (201 stays 201, the
-runtime's ``{"detail": ...}`` reaches the client). Hop-by-hop and credential headers are not
-forwarded; ``X-Internal-Auth`` (on the shared client) and ``X-Request-ID`` are added.
+runtime's ``{"detail": ...}`` reaches the client). Bodies go byte for byte; the one body the
+gateway reads, ``POST /sessions`` (to refuse another user's ``session_id``), must be strict
+UTF-8 JSON or the request is refused with 400 before the runtime sees it, so the runtime never
+reads a body the gateway could not check.
+
+Request headers: an allow-list (:data:`FORWARDED_REQUEST_HEADERS`: ``Accept``,
+``Accept-Language``, ``Cache-Control``, ``Content-Type``, ``If-Match``, ``If-Modified-Since``,
+``If-None-Match``, ``If-Unmodified-Since``, ``User-Agent``), minus any named in the request's
+``Connection`` header. Every other client header is dropped: ``X-Forwarded-*``, ``Forwarded``,
+``X-Real-IP``, method overrides, path rewrites (``X-Original-URL``), identity claims
+(``Remote-User``, ``X-User-ID`` in any case or with underscores), ``Remote-Addr``, credentials,
+hop-by-hop headers. The gateway alone sets ``X-Internal-Auth``, ``X-User-ID``,
+``X-User-Scopes``, ``X-Request-ID`` (the client's when sane), ``X-Forwarded-For`` (the client
+and proxies :func:`~trio_gateway.client_address.forwarded_chain` can vouch for, then the TCP
+peer) and ``X-Forwarded-Proto``; ``Host`` and ``Content-Length`` come from httpx.
 
 Failures the gateway itself produces use one JSON shape, ``{"error", "error_description"}``:
 runtime unreachable 502, runtime timeout 504, gateway saturated 503 with ``Retry-After``,
@@ -13,11 +26,13 @@ ownership. A runtime 429 is passed through with its headers.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote_plus
 
 import httpx
@@ -26,6 +41,7 @@ import trio
 from quart import Response, request
 
 from .auth import Identity
+from .client_address import Network, address_in, forwarded_chain, peer_address
 from .limits import acquire_within
 from .observability import Metrics, request_id_var, user_var
 from .protocol import valid_session_id
@@ -39,15 +55,26 @@ API_PREFIX = "/api/v1"
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
-# Never forwarded upstream: hop-by-hop headers (RFC 9110 7.6.1), what httpx sets itself, and
-# the caller's credentials (the runtime trusts X-Internal-Auth, which the gateway sets).
-_DROP_REQUEST_HEADERS = frozenset(
+# Request headers a client may pass to the runtime (lower-case): content negotiation, the
+# body's type, conditional requests and caching (the runtime's ETag/Last-Modified come back),
+# and the client's name for the runtime's logs. An allow-list, not a deny-list: the runtime
+# trusts whoever reaches it with the internal key, so any header it (or a framework in front
+# of it) might read as identity, address, method or path must be the gateway's or absent.
+# Not Accept-Encoding: the gateway reads answers (the session list filter) and serves them
+# itself; compressing the loopback/LAN hop only costs CPU on both ends.
+FORWARDED_REQUEST_HEADERS = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-        "upgrade", "host", "content-length", "authorization", "cookie", "x-internal-auth",
-        "proxy-authorization", "x-request-id", "x-user-id", "x-user-scopes", "accept-encoding",
+        "accept", "accept-language", "cache-control", "content-type", "if-match",
+        "if-modified-since", "if-none-match", "if-unmodified-since", "user-agent",
     }
 )  # fmt: skip
+# At most one field line each (400 otherwise): two could be read differently by the gateway
+# and the runtime (first or last), and these are not lists that may be split over lines.
+SINGLE_REQUEST_HEADERS = frozenset(
+    {"content-type", "if-modified-since", "if-unmodified-since", "user-agent"}
+)
+_FORWARDED = frozenset(name.encode() for name in FORWARDED_REQUEST_HEADERS)
+_SINGLE = frozenset(name.encode() for name in SINGLE_REQUEST_HEADERS)
 # Passed back to the client besides the body and its content type.
 _PASS_RESPONSE_HEADERS = ("retry-after", "location", "etag", "last-modified", "cache-control")
 
@@ -181,13 +208,11 @@ def make_http_client(settings: Settings, transport: httpx.AsyncHTTPTransport) ->
 
 
 def _header_bytes(text: str) -> bytes:
-    """A header name or value as bytes for httpx, which would encode ``str`` as ASCII and fail.
-
-    Incoming header values are latin-1 decoded (ASGI), so latin-1 gives the client's bytes back
-    unchanged; a value we made from a token claim (``X-User-ID``) may need UTF-8. Before this,
-    any non-ASCII octet in a forwarded header made the proxy answer 500 (found by
-    tests/test_fuzz.py).
-    """
+    """A header value the gateway made, as bytes for httpx (which would encode ``str`` as ASCII
+    and fail): latin-1 when it fits, else UTF-8 (a token claim in ``X-User-ID`` may need it).
+    Client headers are forwarded as the scope's bytes and never pass through ``str`` (before
+    that, a non-ASCII octet in a forwarded header made the proxy answer 500, found by
+    tests/test_fuzz.py)."""
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:
@@ -217,6 +242,105 @@ def _forwarded_query(route: ProxyRoute) -> bytes:
     return b"&".join(kept)
 
 
+def select_request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The client's header lines the runtime may see: allow-listed, in order, bytes unchanged.
+
+    ``raw`` is the ASGI scope's header list (the client's bytes; not Quart's ``Headers``, into
+    which Quart puts a ``Remote-Addr`` of its own that a client's ``Remote-Addr`` line then
+    followed). Names listed in ``Connection`` are hop-by-hop (RFC 9110 7.6.1) and never go on,
+    even when allow-listed. Raises :class:`Refusal`: 400 for a repeated single-valued header,
+    415 for a ``Content-Encoding`` (not forwarded, so the runtime would read other bytes than
+    the client meant, and the gateway could not check a body it had to decode first).
+    """
+    raw = list(raw)
+    hop_by_hop: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            hop_by_hop.update(token.strip().lower() for token in value.split(b","))
+    selected: list[tuple[bytes, bytes]] = []
+    seen: set[bytes] = set()
+    for name, value in raw:
+        lower = name.lower()
+        if lower == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            raise Refusal(415, "unsupported_content_encoding", "Send the body uncompressed")
+        if lower not in _FORWARDED or lower in hop_by_hop:
+            continue
+        if lower in _SINGLE:
+            if lower in seen:
+                raise Refusal(
+                    400, "invalid_request", f"Give the {lower.decode().title()} header once"
+                )
+            seen.add(lower)
+        selected.append((lower, value))
+    return selected
+
+
+def forwarding_headers(
+    scope: dict[str, Any], trusted_proxies: list[Network]
+) -> list[tuple[bytes, bytes]]:
+    """``X-Forwarded-For`` and ``X-Forwarded-Proto`` as the gateway vouches for them.
+
+    For: see :func:`~trio_gateway.client_address.forwarded_chain` (just the peer unless the
+    peer is a trusted proxy). Proto: a trusted proxy's own ``X-Forwarded-Proto`` when it is
+    exactly ``http`` or ``https`` (it terminated TLS), else the scheme the gateway was reached
+    with.
+    """
+    chain = forwarded_chain(scope, trusted_proxies)
+    proto = str(scope.get("scheme") or "http").encode("latin-1")
+    if trusted_proxies and address_in(peer_address(scope), trusted_proxies):
+        given = [v for n, v in scope.get("headers") or [] if n.lower() == b"x-forwarded-proto"]
+        if len(given) == 1 and given[0].strip().lower() in (b"http", b"https"):
+            proto = given[0].strip().lower()
+    return [
+        (b"x-forwarded-for", ", ".join(chain).encode("latin-1")),
+        (b"x-forwarded-proto", proto),
+    ]
+
+
+class BodyRefused(Exception):
+    """A body the gateway has to read but cannot trust; carries the 400's description."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise BodyRefused("Duplicate keys in the JSON body")
+    return value
+
+
+def read_json_object(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """A body the gateway inspects, as a JSON object, or :class:`BodyRefused`.
+
+    Strict, so that the runtime cannot read anything else out of the same bytes: UTF-8 only
+    (a declared charset must say so), no BOM, no ``NaN``/``Infinity``, no lone surrogates
+    (orjson refuses all of these), no duplicate keys (the gateway and the runtime might keep
+    different ones), and an object at the top. The caller forwards exactly these bytes.
+    """
+    if content_type is not None:
+        for parameter in content_type.split(";")[1:]:
+            key, _, charset = parameter.partition("=")
+            if key.strip().lower() == "charset" and charset.strip().strip('"').lower() not in (
+                "utf-8",
+                "utf8",
+            ):
+                raise BodyRefused("The JSON body must be UTF-8")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BodyRefused(
+            "The body must be JSON in UTF-8 (no byte order mark, NaN or Infinity)"
+        ) from None
+    if not isinstance(value, dict):
+        raise BodyRefused("The JSON body must be an object")
+    # orjson keeps the last of duplicate keys silently; the stdlib parser can say so. Only on
+    # the few small bodies the gateway inspects (bounded by MAX_REQUEST_BODY_BYTES).
+    try:
+        json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError):  # orjson read it, so only nesting could get here
+        raise BodyRefused("The JSON body is nested too deeply") from None
+    return value
+
+
 def error_response(
     status: int, error: str, description: str, headers: dict[str, str] | None = None
 ) -> Response:
@@ -242,7 +366,8 @@ class RestProxy:
         self._slots = trio.CapacityLimiter(settings.max_concurrent_requests)
         self._default_timeout = httpx.Timeout(settings.request_timeout)
         self._base_url = settings.agent_url
-        self._internal_key = settings.internal_api_key.get_secret_value()
+        self._internal_key = _header_bytes(settings.internal_api_key.get_secret_value())
+        self._trusted_proxies = settings.trusted_proxy_networks
 
     async def forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
         """Proxy the current request along ``route``."""
@@ -289,6 +414,8 @@ class RestProxy:
     async def _forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
         try:
             identity = await self._authorize(route, path_params)
+            # Before the body: a request whose headers are refused is never sent anyway.
+            client_headers = select_request_headers(request.scope["headers"])
         except Refusal as refused:
             return error_response(
                 refused.status, refused.error, refused.description, refused.headers()
@@ -303,19 +430,20 @@ class RestProxy:
         path = route.runtime_path.format(
             **{name: quote(value, safe="") for name, value in path_params.items()}
         )
-        headers = {
-            name: value
-            for name, value in request.headers.items()
-            if name.lower() not in _DROP_REQUEST_HEADERS
-        }
+        headers = client_headers + forwarding_headers(
+            cast(dict[str, Any], request.scope), self._trusted_proxies
+        )
         request_id = request_id_var.get()
         if request_id:
-            headers[REQUEST_ID_HEADER] = request_id
-        headers.update(user_headers(identity))
+            headers.append((b"x-request-id", request_id.encode("ascii")))
+        headers += [
+            (name.lower().encode("ascii"), _header_bytes(value))
+            for name, value in user_headers(identity).items()
+        ]
         if route.method == "POST" and route.path == "/api/v1/sessions" and body:
-            foreign = await self._refuse_foreign_session_id(body, identity)
-            if foreign is not None:
-                return foreign
+            answer = await self._refuse_foreign_session_id(body, identity)
+            if answer is not None:
+                return answer
         url = httpx.URL(self._base_url + path, query=_forwarded_query(route))
         timeout = httpx.Timeout(route.timeout) if route.timeout else self._default_timeout
 
@@ -353,12 +481,21 @@ class RestProxy:
         return response
 
     async def _refuse_foreign_session_id(self, body: bytes, identity: Identity) -> Response | None:
-        # POST /sessions may name its id: refuse one that another user owns.
+        """400 for a body the gateway cannot check, 403 for another user's ``session_id``.
+
+        Fails closed: the body is forwarded only if this strict parse read it (the same bytes
+        go on), so a body in UTF-16, with a ``NaN`` or a BOM (which lenient parsers such as the
+        runtime's may still accept) can no longer carry a foreign id past the check.
+        """
         try:
-            wanted = orjson.loads(body).get("session_id")
-        except (orjson.JSONDecodeError, AttributeError):
-            return None  # the runtime answers bad bodies itself
-        if isinstance(wanted, str) and self.security.enabled:
+            wanted = read_json_object(body, request.headers.get("Content-Type")).get("session_id")
+        except BodyRefused as refused:
+            return error_response(400, "invalid_request", str(refused))
+        if wanted is None:
+            return None  # the runtime picks a new id (read back from its 201)
+        if not isinstance(wanted, str) or not valid_session_id(wanted):
+            return error_response(400, "invalid_session_id", "Malformed session_id in the body")
+        if self.security.enabled:
             try:
                 owner = await self.security.ownership.owner(wanted)
             except StateUnavailable:
@@ -443,20 +580,17 @@ class RestProxy:
         method: str,
         url: httpx.URL,
         body: bytes,
-        headers: dict[str, str],
+        headers: list[tuple[bytes, bytes]],
         timeout: httpx.Timeout,
     ) -> httpx.Response:
         # Straight to the client's transport (its pool), not client.request(): the client
         # layers (auth and redirect handling, cookies, event hooks, URL merging), none of which
         # a proxy wants, cost ~40% of httpx's time per request on this hot path (measured).
         assert self.transport is not None, "the app's connection pool is not open"
-        headers["X-Internal-Auth"] = self._internal_key
         outgoing = httpx.Request(
             method,
             url,
-            headers=[
-                (_header_bytes(name), _header_bytes(value)) for name, value in headers.items()
-            ],
+            headers=[*headers, (b"x-internal-auth", self._internal_key)],
             content=body,
             extensions={"timeout": timeout.as_dict()},
         )
