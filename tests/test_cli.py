@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -22,6 +23,7 @@ import trio
 import trio_websocket
 
 from trio_gateway.auth import DevIssuer, KeySet, TokenPolicy, verify_token
+from trio_gateway.cli import self_command
 from trio_gateway.dev_auth import (
     DEV_ISSUER_FILE_ENV,
     dev_issuer_file,
@@ -35,6 +37,8 @@ from .test_drain import wait_until_serving
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
 KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key-0123456789"}
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 CODING_TURN = {"type": "user_message", "content": "write a hello world in python", "role": "user"}
 
 
@@ -142,6 +146,104 @@ async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         # The issuer the demo saved is private to the user.
         assert stat.S_IMODE(issuer_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(issuer_file.parent.stat().st_mode) & 0o077 == 0
+        assert await stop(process) == 0
+
+
+def test_self_command_names_the_running_executable_quoted(tmp_path: Path) -> None:
+    script = tmp_path / "a venv" / "bin" / "trio-gateway"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    assert self_command(str(script), "/usr/bin/python3") == shlex.quote(str(script))
+    assert "'" in self_command(str(script), "/usr/bin/python3")  # the space is quoted
+    # A relative argv[0] (`.venv/bin/trio-gateway demo`) becomes absolute.
+    relative = os.path.relpath(script)
+    assert self_command(relative, "/usr/bin/python3") == shlex.quote(str(script))
+    # `python -m trio_gateway.cli`: argv[0] is the module's file; the interpreter is named.
+    assert (
+        self_command("/src/trio_gateway/cli.py", "/opt/my py/bin/python")
+        == "'/opt/my py/bin/python' -m trio_gateway.cli"
+    )
+
+
+def demo_launchers() -> list[list[str]]:
+    launchers = [[sys.executable, "-m", "trio_gateway.cli"]]
+    script = Path(sys.executable).parent / "trio-gateway"
+    if script.is_file():
+        # As the README runs it: a path relative to the clone, no activated virtualenv.
+        launchers.append([os.path.relpath(script, ROOT)])
+    return launchers
+
+
+@pytest.mark.parametrize("launcher", demo_launchers(), ids=lambda cmd: Path(cmd[-1]).name)
+async def test_the_demo_banner_prints_commands_that_run_without_an_activated_venv(
+    tmp_path: Path, launcher: list[str]
+) -> None:
+    port = free_port()
+    # The issuer file is the autouse fixture's, in this test's environment: the printed
+    # `token` command inherits it like a user's shell would.
+    process = await trio.lowlevel.open_process(
+        [*launcher, "demo", "--port", str(port)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        banner = await read_banner(process)
+        await wait_until_serving(f"http://127.0.0.1:{port}")
+        match = re.search(r"\$\((.+) token\)", banner)
+        assert match, banner
+        command = match.group(1)
+        assert f"  chat         : {command} chat ws://127.0.0.1:{port} --token-from-demo" in banner
+        # A shell that knows nothing of the virtualenv, in another directory.
+        bare = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in {"VIRTUAL_ENV", "PYTHONPATH"}
+        }
+        bare["PATH"] = "/usr/bin:/bin"
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                ["sh", "-c", f"{command} token"],
+                cwd=tmp_path,
+                env=bare,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 0, result.stderr
+        token = result.stdout.decode().strip()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            agents = await http.get("/api/v1/agents", headers={"Authorization": f"Bearer {token}"})
+        assert agents.status_code == 200
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_the_readme_client_example_runs_as_printed(tmp_path: Path) -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    match = re.search(
+        r"TOKEN=\$\(\.venv/bin/trio-gateway token\) \.venv/bin/python - <<'EOF'\n(.*?\n)EOF\n",
+        quick_start,
+        flags=re.DOTALL,
+    )
+    assert match, "the quick start shows a client example run with the virtualenv's python"
+    async with running_demo(tmp_path / "issuer.json") as (process, port, banner):
+        script = match.group(1).replace("ws://127.0.0.1:8000/", f"ws://127.0.0.1:{port}/")
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-c", script],
+                env=cli_env({"TOKEN": banner_token(banner)}),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 0, result.stderr
+        printed = result.stdout.decode()
+        assert "'agent_switched'" in printed and "'read_file'" in printed
         assert await stop(process) == 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 import secrets
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -241,12 +243,39 @@ async def _run_demo(settings: Settings, host: str, port: int) -> None:
                 jwks_url=jwks_url,
                 issuer_file=str(issuer_file),
                 token=token,
+                command=self_command(),
             ),
             flush=True,
         )
 
 
-def _demo_banner(*, runtime: str, gateway: str, jwks_url: str, issuer_file: str, token: str) -> str:
+def self_command(argv0: str | None = None, executable: str | None = None) -> str:
+    """This very ``trio-gateway``, as a shell command that works from any directory.
+
+    A banner that says ``trio-gateway token`` only works when the virtualenv is activated (or
+    the command is on ``PATH``); the path of the running executable works as printed. Started
+    as a console script, ``argv[0]`` is that script; started as ``python -m trio_gateway.cli``,
+    it is this module's file and the interpreter has to be named. Paths with spaces or other
+    shell characters are quoted.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    script = os.path.abspath(argv0) if argv0 else ""
+    if script and not script.endswith(".py") and os.path.isfile(script):
+        return shlex.quote(script)
+    return shlex.join([executable or "python3", "-m", "trio_gateway.cli"])
+
+
+def _demo_banner(
+    *,
+    runtime: str,
+    gateway: str,
+    jwks_url: str,
+    issuer_file: str,
+    token: str,
+    command: str = "trio-gateway",
+) -> str:
+    """The demo's ready banner; ``command`` is how to run ``trio-gateway`` (see self_command)."""
     base = gateway.replace("http://", "ws://", 1)
     user_message = '{"type":"user_message","content":"write a hello world in python","role":"user"}'
     return (
@@ -254,19 +283,17 @@ def _demo_banner(*, runtime: str, gateway: str, jwks_url: str, issuer_file: str,
         f"  demo runtime : {runtime}\n"
         f"  gateway      : {gateway}\n"
         f"  dev JWKS     : {jwks_url} (issuer saved to {issuer_file})\n"
-        f"  connect to   : {base}/api/v1/ws/<any-session-id>\n"
-        f"  then send    : {user_message}\n"
         f"  access token : {token}\n"
         f"                 (sub {DEMO_SUB}, scopes {' '.join(DEMO_SCOPES)}, valid "
-        f"{DEMO_TOKEN_LIFETIME // 60} min; `trio-gateway token` prints a fresh one)\n"
+        f"{DEMO_TOKEN_LIFETIME // 60} min; `{command} token` prints a fresh one)\n"
         "  authenticate : header       Authorization: Bearer <access token>\n"
         "                 subprotocol  bearer.<access token>\n"
         '                 first frame  {"type":"auth","token":"<access token>"}\n'
-        f"  chat         : trio-gateway chat {base} --token-from-demo\n"
-        f"  try it       : python -m websockets {base}/api/v1/ws/demo\n"
+        f"  chat         : {command} chat {base} --token-from-demo\n"
+        f"  any client   : connect to {base}/api/v1/ws/<any-session-id>\n"
         f'    first send : {{"type":"auth","token":"{token}"}}\n'
         f"    then send  : {user_message}\n"
-        '  REST         : curl -H "Authorization: Bearer $(trio-gateway token)" '
+        f'  REST         : curl -H "Authorization: Bearer $({command} token)" '
         f"{gateway}/api/v1/agents\n"
         "  Ctrl-C to stop.\n"
     )
