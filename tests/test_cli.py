@@ -247,6 +247,51 @@ async def test_the_readme_client_example_runs_as_printed(tmp_path: Path) -> None
         assert await stop(process) == 0
 
 
+async def test_the_demo_log_shows_the_gateways_lines_as_the_gateways(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with log.open("wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_gateway.cli", "demo", "--port", str(port)],
+            env=cli_env({"GATEWAY__LOG_FORMAT": "json"}),
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+        )
+    try:
+        banner = await read_banner(process)
+        await wait_until_serving(f"http://127.0.0.1:{port}")
+        token = banner_token(banner)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            agents = await http.get("/api/v1/agents", headers={"Authorization": f"Bearer {token}"})
+        assert agents.status_code == 200
+        async with trio_websocket.open_websocket_url(
+            f"ws://127.0.0.1:{port}/api/v1/ws/logged",
+            extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
+        ) as ws:
+            await coding_turn(WsClient(ws))
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    # hypercorn's lines under its own names are the gateway's: one "Running on", the gateway's.
+    running = [e["message"] for e in entries if e["message"].startswith("Running on")]
+    gateway_running = [
+        e["message"]
+        for e in entries
+        if e["logger"] == "hypercorn.error" and e["message"].startswith("Running on")
+    ]
+    assert gateway_running == [f"Running on http://127.0.0.1:{port} (CTRL + C to quit)"]
+    assert len(running) == 3  # the demo runtime's and the JWKS server's, under their own names
+    # The gateway's access line for the REST call, with its duration; the demo runtime, which
+    # answered the same path behind it, logs none.
+    access = [e for e in entries if e.get("event") == "http_access"]
+    rest = [e for e in access if e["path"] == "/api/v1/agents"]
+    assert len(rest) == 1 and rest[0]["status"] == "200" and rest[0]["user"] == "demo-user"
+    assert all(isinstance(e["duration_ms"], float) for e in access), access
+
+
 async def test_the_demo_refuses_a_websocket_without_a_token(tmp_path: Path) -> None:
     async with running_demo(tmp_path / "issuer.json") as (process, port, _):
         url = f"ws://127.0.0.1:{port}/api/v1/ws/no-token"

@@ -216,9 +216,10 @@ async def serve_dev_jwks(
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
-    # The logger object itself: a "-" target would install hypercorn's own stderr handler on
-    # the shared "hypercorn.error" logger, doubling every line in the demo process.
-    config.errorlog = logging.getLogger("hypercorn.error")
+    # A logger object of our own, not "-" (which would install hypercorn's own stderr handler)
+    # nor the shared "hypercorn.error": in `trio-gateway demo` this server runs next to the
+    # gateway, and its lines must not pass for the gateway's.
+    config.errorlog = logging.getLogger("trio_gateway.dev_auth.hypercorn")
     # Only the gateway's pooled keep-alive connection can be open at shutdown: don't wait on it.
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
