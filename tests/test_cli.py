@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -486,21 +487,49 @@ async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
             await process.wait()
 
 
-async def test_a_port_in_use_is_a_clear_error() -> None:
+@pytest.mark.parametrize(
+    ("command", "by_env", "advice"),
+    [
+        ("serve", False, "--port or GATEWAY__PORT"),
+        ("serve", True, "--port or GATEWAY__PORT"),
+        ("demo", False, "--port"),
+        ("demo-runtime", False, "--port"),
+        ("dev-issuer", False, "--port"),
+    ],
+)
+async def test_a_port_in_use_is_a_clear_error_naming_the_address(
+    tmp_path: Path, command: str, by_env: bool, advice: str
+) -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
+    env = {**KEY_ENV, DEV_ISSUER_FILE_ENV: str(tmp_path / "issuer.json")}
+    args = [command, "--host", "127.0.0.1"]
+    if by_env:
+        env["GATEWAY__PORT"] = str(port)
+    else:
+        args += ["--port", str(port)]
     try:
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)],
-            env=cli_env(KEY_ENV),
-            capture_stderr=True,
-            check=False,
-        )
+        result = await run_cli(*args, env=env)
     finally:
         await listener.aclose()
     assert result.returncode == 1
-    assert b"Address already in use" in result.stderr
-    assert b"Traceback" not in result.stderr
+    stderr = result.stderr.decode()
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in stderr
+    assert f"another port with {advice}." in stderr
+    assert "Traceback" not in stderr
+    assert "[Errno" not in stderr
+
+
+def test_a_bind_error_of_another_kind_names_the_address_too() -> None:
+    from trio_gateway.cli import _Bind, _bind_advice
+
+    bind = _Bind("::1", 80)
+    denied = _bind_advice(OSError(errno.EACCES, "Permission denied"), bind)
+    assert denied is not None and denied.startswith("cannot listen on [::1]:80: permission")
+    foreign = _bind_advice(OSError(errno.EADDRNOTAVAIL, "x"), _Bind("10.9.9.9", 8000))
+    assert foreign is not None and "10.9.9.9 is not an address of this machine" in foreign
+    # A file the demo could not write is not a listening failure.
+    assert _bind_advice(PermissionError(errno.EACCES, "Permission denied", "/x"), bind) is None
 
 
 def test_hypercorn_can_import_the_asgi_app() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import logging
 import os
@@ -10,6 +11,7 @@ import secrets
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -464,51 +466,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.timeout)
     try:
         port = _port(args.port)
-        if args.command == "dev-issuer":
-            # The issuer is not a gateway: it needs none of the gateway's settings (a missing
-            # internal key must not stop it), only logging defaults.
-            configure_logging("INFO", "auto")
-            trio.run(
-                _run_dev_issuer,
-                args.host,
-                port if port is not None else 8002,
-                args.issuer,
-                args.audience,
-            )
-            return 0
-        settings = _load_settings_for(args.command)
+        if args.command != "dev-issuer":
+            settings = _load_settings_for(args.command)
     except SettingsError as error:
         print(f"trio-gateway: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, BaseExceptionGroup) as error:
-        return _startup_failure(error)
+    if args.command == "dev-issuer":
+        # The issuer is not a gateway: it needs none of the gateway's settings (a missing
+        # internal key must not stop it), only logging defaults.
+        configure_logging("INFO", "auto")
+        bind = _Bind(args.host, port if port is not None else _DEFAULT_PORTS["dev-issuer"])
+        try:
+            trio.run(_run_dev_issuer, bind.host, bind.port, args.issuer, args.audience)
+        except KeyboardInterrupt:
+            return 130
+        except (OSError, BaseExceptionGroup) as error:
+            return _startup_failure(error, bind)
+        return 0
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "serve":
+        bind = _Bind(
+            args.host if args.host is not None else settings.host,
+            port if port is not None else settings.port,
+            "--port or GATEWAY__PORT",
+        )
+    else:
+        bind = _Bind(args.host, port if port is not None else _DEFAULT_PORTS[args.command])
     try:
         if args.command == "serve":
             trio.run(_run_serve, settings, args.host, port)
         elif args.command == "demo":
-            trio.run(_run_demo, settings, args.host, port if port is not None else 8000)
+            trio.run(_run_demo, settings, bind.host, bind.port)
         else:
-            trio.run(_run_demo_runtime, args.host, port if port is not None else 8001, args.instant)
+            trio.run(_run_demo_runtime, bind.host, bind.port, args.instant)
     except KeyboardInterrupt:
         return 130
     except (OSError, BaseExceptionGroup) as error:
-        return _startup_failure(error)
+        return _startup_failure(error, bind)
     return 0
 
 
-def _startup_failure(error: OSError | BaseExceptionGroup[BaseException]) -> int:
+_DEFAULT_PORTS = {"demo": 8000, "demo-runtime": 8001, "dev-issuer": 8002}
+# What cannot listen on an address: the port is taken, the address is not this host's, or a
+# privileged port without the right to bind it.
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+@dataclass(frozen=True)
+class _Bind:
+    """The address a command listens on, and the option that changes its port."""
+
+    host: str
+    port: int
+    port_option: str = "--port"
+
+    def describe(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _bind_advice(error: OSError, bind: _Bind) -> str | None:
+    """A listening failure in words that name the address and what to do; None otherwise.
+
+    The OS's message ("[Errno 98] Address already in use") names neither. A file error
+    (the demo's issuer file) carries a file name and is left as it is.
+    """
+    if error.errno not in _BIND_ERRNOS or error.filename is not None:
+        return None
+    where = bind.describe()
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the address is already in use (another process, "
+            f"perhaps another trio-gateway, listens on port {bind.port}). Stop it, or choose "
+            f"another port with {bind.port_option}."
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot listen on {where}: {bind.host} is not an address of this machine "
+            "(use 127.0.0.1 for this machine only, 0.0.0.0 for every interface)."
+        )
+    return (
+        f"cannot listen on {where}: permission denied (ports below 1024 need privileges; "
+        f"choose another port with {bind.port_option})."
+    )
+
+
+def _startup_failure(error: OSError | BaseExceptionGroup[BaseException], bind: _Bind) -> int:
     """Report a startup OS error in one line and return 1; re-raise anything else.
 
     Failures such as a port in use arrive wrapped in nurseries' exception groups; anything
-    that is not an OS error is a bug and keeps its traceback.
+    that is not an OS error is a bug and keeps its traceback. A failure to listen names the
+    address ``bind`` and what to do about it.
     """
     os_error = _only_os_error(error)
     if os_error is None:
         raise error
-    print(f"trio-gateway: {os_error}", file=sys.stderr)
+    print(f"trio-gateway: {_bind_advice(os_error, bind) or os_error}", file=sys.stderr)
     return 1
 
 
