@@ -543,6 +543,55 @@ def test_hypercorn_can_import_the_asgi_app() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"
 
 
+def hypercorn_launchers() -> list[list[str]]:
+    launchers = [[sys.executable, "-m", "hypercorn"]]
+    script = Path(sys.executable).parent / "hypercorn"
+    if script.is_file():
+        launchers.append([str(script)])
+    return launchers
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("launcher", hypercorn_launchers(), ids=lambda cmd: cmd[-1])
+async def test_plain_hypercorn_with_a_bad_configuration_exits_non_zero(
+    tmp_path: Path, launcher: list[str], workers: str
+) -> None:
+    # hypercorn's supervisor loses a worker's exit status: without trio_gateway.main's help
+    # this ends in status 0 after printing the error.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [*launcher, "-k", "trio", "-w", workers, "-b", "127.0.0.1:0", "trio_gateway.main:app"],
+            cwd=tmp_path,  # no .env here
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert result.returncode == -signal.SIGUSR1  # the documented status: 128 + 10 in a shell
+    stderr = result.stderr.decode()
+    assert "trio-gateway: invalid configuration" in stderr
+    assert "GATEWAY__INTERNAL_API_KEY" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_importing_the_asgi_app_with_a_bad_configuration_exits_2_and_signals_nobody(
+    tmp_path: Path,
+) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    result = subprocess.run(
+        [sys.executable, "-c", "import trio_gateway.main"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 2  # and this test process, its parent, is still here
+    assert "GATEWAY__INTERNAL_API_KEY" in result.stderr
+
+
 async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) -> None:
     issuer_file = tmp_path / "state" / "dev-issuer.json"
     env = {DEV_ISSUER_FILE_ENV: str(issuer_file)}
