@@ -293,6 +293,58 @@ async def test_the_demo_log_shows_the_gateways_lines_as_the_gateways(tmp_path: P
     assert all(isinstance(e["duration_ms"], float) for e in access), access
 
 
+async def test_check_next_to_a_running_demo_checks_the_demo_or_says_how(tmp_path: Path) -> None:
+    issuer_file = tmp_path / "issuer.json"
+    # This shell's settings are not the demo's: no GATEWAY__* at all (no internal key).
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    env[DEV_ISSUER_FILE_ENV] = str(issuer_file)
+    async with running_demo(issuer_file) as (process, port, banner):
+        gateway = f"http://127.0.0.1:{port}"
+        assert "check --demo" in banner
+        plain = await run_check_in(tmp_path, env)
+        assert plain.returncode == 2
+        assert "BAD CONFIGURATION" in plain.stdout.decode()
+        hint = " ".join(plain.stderr.decode().split())
+        assert f"`trio-gateway demo` running at {gateway} (pid {process.pid})" in hint
+        assert "check --demo` checks that one" in hint
+
+        demo = await run_check_in(tmp_path, env, "--demo")
+        report = demo.stdout.decode()
+        assert demo.returncode == 0, report + demo.stderr.decode()
+        assert f"checking the `trio-gateway demo` at {gateway} (pid {process.pid}, running)" in (
+            report
+        )
+        assert re.search(rf"\[  ok   \] demo gateway +{gateway}/health: HTTP 200", report)
+        assert re.search(r"\[  ok   \] agent runtime +http://127\.0\.0\.1:\d+/health", report)
+        assert re.search(r"\[  ok   \] JWKS +http://127\.0\.0\.1:\d+/\.well-known/jwks", report)
+        assert "verdict: OK" in report
+        assert "GATEWAY__USE_JWT_AUTH" in report and "*** (set, 32 characters)" in report
+        assert await stop(process) == 0
+    gone = await run_check_in(tmp_path, env, "--demo")
+    assert gone.returncode == 1
+    assert "NOT running" in gone.stdout.decode()
+
+
+async def test_check_demo_without_a_demo_says_what_to_do(tmp_path: Path) -> None:
+    result = await run_check_in(tmp_path, cli_env(), "--demo")
+    assert result.returncode == 2
+    assert "no `trio-gateway demo` recorded in" in result.stderr.decode()
+
+
+async def run_check_in(
+    cwd: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [sys.executable, "-m", "trio_gateway.cli", "check", "--timeout", "5", *args],
+            cwd=cwd,  # no .env here
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
 async def test_the_demo_refuses_a_websocket_without_a_token(tmp_path: Path) -> None:
     async with running_demo(tmp_path / "issuer.json") as (process, port, _):
         url = f"ws://127.0.0.1:{port}/api/v1/ws/no-token"

@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     check_cmd.add_argument(
+        "--demo",
+        action="store_true",
+        help=(
+            "check the running `trio-gateway demo` with the settings it runs with (its runtime, "
+            "key and JWKS, recorded next to its issuer), not the environment's"
+        ),
+    )
+    check_cmd.add_argument(
         "--timeout",
         type=float,
         default=5.0,
@@ -237,6 +245,16 @@ async def _run_demo(settings: Settings, host: str, port: int) -> None:
                 stop_helpers.set()  # the gateway has drained: stop the runtime and JWKS too
 
         binds = await nursery.start(gateway_then_helpers_stop)
+        # Now that the addresses are known: what `trio-gateway check --demo` needs to check
+        # this demo with the settings it runs with.
+        record = {
+            "pid": os.getpid(),
+            "gateway": binds[0],
+            "agent_url": runtime_binds[0],
+            "internal_api_key": key,
+            "jwks_url": jwks_url,
+        }
+        await trio.to_thread.run_sync(partial(save_dev_issuer, issuer, issuer_file, demo=record))
         token = issuer.mint(DEMO_SUB, scopes=DEMO_SCOPES, lifetime=DEMO_TOKEN_LIFETIME)
         print(
             _demo_banner(
@@ -292,6 +310,7 @@ def _demo_banner(
         "                 subprotocol  bearer.<access token>\n"
         '                 first frame  {"type":"auth","token":"<access token>"}\n'
         f"  chat         : {command} chat {base} --token-from-demo\n"
+        f"  check        : {command} check --demo\n"
         f"  any client   : connect to {base}/api/v1/ws/<any-session-id>\n"
         f'    first send : {{"type":"auth","token":"{token}"}}\n'
         f"    then send  : {user_message}\n"
@@ -346,11 +365,14 @@ async def _run_dev_issuer(host: str, port: int, issuer_name: str, audience: str)
         )
 
 
-async def _run_check(settings: Settings, timeout: float) -> int:
+async def _run_check(settings: Settings, timeout: float, demo_gateway: str | None = None) -> int:
+    from .check import CheckResult, check_http_health, format_report, run_checks
     from .check import exit_code as check_exit_code
-    from .check import format_report, run_checks
 
     results = await run_checks(settings, timeout)
+    if demo_gateway is not None:
+        gateway: CheckResult = await check_http_health("demo gateway", demo_gateway, timeout)
+        results = [gateway, *results]
     print(format_report(settings, results), end="", flush=True)
     return check_exit_code(results)
 
@@ -463,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.reconnect_attempts,
         )
     if args.command == "check":
-        return _check(args.timeout)
+        return _check(args.timeout, demo=args.demo)
     try:
         port = _port(args.port)
         if args.command != "dev-issuer":
@@ -564,23 +586,84 @@ def _startup_failure(error: OSError | BaseExceptionGroup[BaseException], bind: _
     return 1
 
 
-def _check(timeout: float) -> int:
-    """``trio-gateway check``: report on stdout; exit 0 ok, 1 a check failed, 2 bad config."""
+def _check(timeout: float, *, demo: bool = False) -> int:
+    """``trio-gateway check``: report on stdout; exit 0 ok, 1 a check failed, 2 bad config.
+
+    With ``demo``, the settings are those of the running ``trio-gateway demo`` (as ``token``
+    finds it: the issuer file), not the environment's alone.
+    """
     from .check import EXIT_BAD_CONFIG
+    from .dev_auth import dev_issuer_file, load_demo_record
 
     if not timeout > 0:
         print("trio-gateway check: --timeout must be positive", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    record = load_demo_record()
+    demo_gateway: str | None = None
     try:
-        settings = load_settings()
+        if demo:
+            if record is None:
+                print(
+                    f"trio-gateway check: no `trio-gateway demo` recorded in {dev_issuer_file()}: "
+                    "start one first (or check a gateway's own settings without --demo)",
+                    file=sys.stderr,
+                )
+                return EXIT_BAD_CONFIG
+            settings = _demo_settings(record)
+            demo_gateway = str(record["gateway"])
+            state = "running" if _pid_alive(record["pid"]) else "NOT running"
+            print(
+                f"checking the `trio-gateway demo` at {demo_gateway} (pid {record['pid']}, "
+                f"{state}) with the settings it runs with, recorded in {dev_issuer_file()}",
+                flush=True,
+            )
+        else:
+            settings = load_settings()
     except SettingsError as error:
         # The message names variables, never values, so it is safe to print as is.
         print(f"trio-gateway check: {error}", file=sys.stderr)
+        if not demo and record is not None and _pid_alive(record["pid"]):
+            # The usual first-hour mistake: checking "the gateway" next to a running demo,
+            # whose settings are its own, not this shell's.
+            print(
+                f"trio-gateway check: these are this shell's GATEWAY__* settings. The "
+                f"`trio-gateway demo` running at {record['gateway']} (pid {record['pid']}) "
+                f"uses its own: `{self_command()} check --demo` checks that one.",
+                file=sys.stderr,
+            )
         print("verdict: BAD CONFIGURATION (no check was run)", flush=True)
         return EXIT_BAD_CONFIG
     # No configure_logging: stdout is the report, and httpx's per-request INFO lines would
     # only clutter it (warnings still reach stderr through logging's last-resort handler).
-    return trio.run(_run_check, settings, timeout)
+    return trio.run(_run_check, settings, timeout, demo_gateway)
+
+
+def _demo_settings(record: dict[str, object]) -> Settings:
+    """The settings a running ``trio-gateway demo`` runs with (see ``_run_demo``)."""
+    from .dev_auth import load_dev_issuer
+
+    issuer = load_dev_issuer()
+    return load_settings(
+        agent_url=str(record["agent_url"]),
+        internal_api_key=SecretStr(str(record["internal_api_key"])),
+        use_jwt_auth=True,
+        jwks_url=str(record["jwks_url"]),
+        jwt_issuer=issuer.issuer,
+        jwt_audience=issuer.audience,
+    )
+
+
+def _pid_alive(pid: object) -> bool:
+    """True when a process with this pid exists (it may not be ours to signal)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _only_os_error(error: BaseException) -> OSError | None:
