@@ -153,10 +153,11 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "An interactive client speaking protocol v2: type a message, watch the answer "
             "stream, approve or reject tool calls (tools are never executed: the client answers "
-            "with a simulated result), Ctrl-C cancels a running turn, Ctrl-C when idle, Ctrl-D "
-            "or /quit leaves. A dropped connection is resumed without losing or repeating "
-            "output. Example, against `trio-gateway demo`: "
-            "trio-gateway chat ws://127.0.0.1:8000 --token-from-demo"
+            "with a simulated result; Ctrl-C at the question rejects the call), Ctrl-C cancels "
+            "a running turn, Ctrl-C when idle, Ctrl-D or /quit leaves. Reopening a session "
+            "(--session) asks again about tool calls still waiting for approval. A dropped "
+            "connection is resumed without losing or repeating output. Example, against "
+            "`trio-gateway demo`: trio-gateway chat ws://127.0.0.1:8000 --token-from-demo"
         ),
     )
     chat_cmd.add_argument(
