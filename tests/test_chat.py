@@ -25,8 +25,10 @@ import trio_websocket
 from trio_gateway.chat import (
     SIMULATED_RESULT,
     ChatCore,
+    Reaction,
     backoff_delay,
     build_ws_url,
+    pending_approvals_url,
     want_color,
 )
 from trio_gateway.demo_runtime import DemoRuntime
@@ -165,6 +167,55 @@ def test_anything_else_asks_the_approval_question_again() -> None:
     reaction = core.user_line("maybe later")
     assert reaction.send == () and core.pending_approval == "c2"
     assert "please answer y or n" in reaction.text and reaction.text.endswith("[y/N] ")
+
+
+def test_ctrl_c_at_the_approval_question_rejects_and_the_session_goes_on() -> None:
+    core = connected()
+    approval_call(core)
+    core.receive(chunk("turn_finished", 2, turn_id=1, status="completed"))
+    reaction = core.interrupt()
+    # The IDE's rejection: a tool_result carrying error, never leaving the call pending.
+    assert reaction.send == ({"type": "tool_result", "call_id": "c2", "error": "rejected by user"},)
+    assert not reaction.quit and core.pending_approval is None
+    assert "[tool] rejected write_file (Ctrl-C)" in reaction.text
+    # The rejection starts a turn: Ctrl-C now cancels it, and quits only once idle.
+    assert core.interrupt().send == ({"type": "cancel"},)
+
+
+def test_pending_approvals_of_a_reopened_session_are_asked_again() -> None:
+    core = connected()
+    pending = [
+        {"call_id": "c7", "tool_name": "write_file", "arguments": {"path": "a.py"}},
+        {"call_id": "c8", "tool_name": "run_command", "arguments": {"cmd": "ls"}},
+        {"call_id": ""},  # unusable entries are skipped
+        "junk",
+    ]
+    reaction = core.restore_approvals(pending)
+    assert "2 tool call(s) of this session wait for your approval" in reaction.text
+    question = '[approve] run tool write_file with args {"path": "a.py"}? [y/N] '
+    assert reaction.text.endswith(question)
+    assert [call.call_id for call in core.approvals] == ["c7", "c8"]
+    # The same list again (a reconnect), or the live tool_call frame: not asked twice.
+    assert core.restore_approvals(pending) == Reaction()
+    assert approval_call(core, call_id="c7", seq=3) == ""
+    assert core.user_line("y").send[0]["call_id"] == "c7"
+    assert core.user_line("n").send[0] == {
+        "type": "tool_result", "call_id": "c8", "error": "rejected by user"
+    }  # fmt: skip
+    # Answered here but still listed by the runtime (the answer is on its way): not re-asked.
+    assert core.restore_approvals(pending) == Reaction()
+    assert core.restore_approvals(None) == Reaction()
+
+
+def test_the_pending_approvals_url_is_on_the_sessions_gateway() -> None:
+    assert (
+        pending_approvals_url("ws://h:8000/api/v1/ws/a%20b", "a b")
+        == "http://h:8000/api/v1/sessions/a%20b/pending-approvals"
+    )
+    assert (
+        pending_approvals_url("wss://h/gw/api/v1/ws/s1?x=1", "s1")
+        == "https://h/gw/api/v1/sessions/s1/pending-approvals"
+    )
 
 
 def test_a_typed_line_becomes_a_user_message_and_slash_quit_leaves() -> None:
@@ -472,6 +523,55 @@ async def test_rejecting_an_approval_sends_the_rejection_to_the_runtime(
     assert os.listdir(tmp_path) == []
 
 
+async def test_ctrl_c_at_the_approval_question_rejects_the_call_and_keeps_the_session(
+    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str], tmp_path: Path
+) -> None:
+    runtime = demo_runtime[0]
+    async with chat(gateway.ws_base, "--session", "pty-ctrl-c", cwd=tmp_path) as terminal:
+        await coding_turn_until_approval(terminal)
+        terminal.process.send_signal(signal.SIGINT)  # what the terminal does on Ctrl-C
+        await terminal.expect(r"\[tool\] rejected write_file \(Ctrl-C\)")
+        await terminal.expect(r"assistant> Understood, I did not write hello\.py \(rejected by")
+        await terminal.expect("you> ")
+        assert terminal.process.returncode is None  # still chatting
+        await terminal.type("what next?\n")
+        await terminal.expect(r'assistant> You asked: "what next\?"')
+        await terminal.expect("you> ")
+        await terminal.type("/quit\n")
+        assert await terminal.exit_code() == 0
+    messages = runtime_messages(runtime, "pty-ctrl-c")
+    assert messages[2] == {
+        "type": "tool_result", "call_id": messages[2]["call_id"], "error": "rejected by user"
+    }  # fmt: skip
+    assert messages[3]["type"] == "user_message"
+
+
+async def test_a_reopened_session_asks_its_pending_approval_again(
+    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str], tmp_path: Path
+) -> None:
+    runtime = demo_runtime[0]
+    async with chat(gateway.ws_base, "--session", "pty-reopen", cwd=tmp_path) as terminal:
+        await coding_turn_until_approval(terminal)
+        await terminal.type("/quit\n")  # leave without answering: the call stays pending
+        assert await terminal.exit_code() == 0
+    (pending,) = [
+        c for c in runtime._sessions["pty-reopen"].pending.values() if c.requires_approval
+    ]
+    async with chat(gateway.ws_base, "--session", "pty-reopen", cwd=tmp_path) as terminal:
+        await terminal.expect(r"1 tool call\(s\) of this session wait for your approval")
+        await terminal.expect(APPROVAL)
+        await terminal.type("y\n")
+        await terminal.expect(r"approved write_file: simulated result sent")
+        await terminal.expect(r"assistant> Done: wrote hello\.py with a hello-world program\.")
+        await terminal.expect("you> ")
+        assert "[approve]" not in terminal.output.split("approved write_file")[1]
+        await terminal.type("/quit\n")
+        assert await terminal.exit_code() == 0
+    last = runtime_messages(runtime, "pty-reopen")[-1]
+    assert last == {"type": "tool_result", "call_id": pending.call_id, "result": SIMULATED_RESULT}
+    assert os.listdir(tmp_path) == []
+
+
 async def test_ctrl_c_cancels_a_running_turn_and_ctrl_c_when_idle_quits(
     gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str], tmp_path: Path
 ) -> None:
@@ -506,7 +606,7 @@ async def test_the_real_demo_with_a_token_from_the_demo_issuer(tmp_path: Path) -
     work = tmp_path / "work"
     work.mkdir()
     async with running_demo(issuer_file) as (demo, port, banner):
-        assert f"trio-gateway chat ws://127.0.0.1:{port} --token-from-demo" in banner
+        assert f" chat ws://127.0.0.1:{port} --token-from-demo" in banner
         base = f"ws://127.0.0.1:{port}"
         async with chat(base, "--token-from-demo", cwd=work, env=env) as terminal:
             await coding_turn_until_approval(terminal)

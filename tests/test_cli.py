@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import subprocess
@@ -22,6 +24,7 @@ import trio
 import trio_websocket
 
 from trio_gateway.auth import DevIssuer, KeySet, TokenPolicy, verify_token
+from trio_gateway.cli import self_command
 from trio_gateway.dev_auth import (
     DEV_ISSUER_FILE_ENV,
     dev_issuer_file,
@@ -35,6 +38,8 @@ from .test_drain import wait_until_serving
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
 KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key-0123456789"}
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 CODING_TURN = {"type": "user_message", "content": "write a hello world in python", "role": "user"}
 
 
@@ -143,6 +148,201 @@ async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         assert stat.S_IMODE(issuer_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(issuer_file.parent.stat().st_mode) & 0o077 == 0
         assert await stop(process) == 0
+
+
+def test_self_command_names_the_running_executable_quoted(tmp_path: Path) -> None:
+    script = tmp_path / "a venv" / "bin" / "trio-gateway"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    assert self_command(str(script), "/usr/bin/python3") == shlex.quote(str(script))
+    assert "'" in self_command(str(script), "/usr/bin/python3")  # the space is quoted
+    # A relative argv[0] (`.venv/bin/trio-gateway demo`) becomes absolute.
+    relative = os.path.relpath(script)
+    assert self_command(relative, "/usr/bin/python3") == shlex.quote(str(script))
+    # `python -m trio_gateway.cli`: argv[0] is the module's file; the interpreter is named.
+    assert (
+        self_command("/src/trio_gateway/cli.py", "/opt/my py/bin/python")
+        == "'/opt/my py/bin/python' -m trio_gateway.cli"
+    )
+
+
+def demo_launchers() -> list[list[str]]:
+    launchers = [[sys.executable, "-m", "trio_gateway.cli"]]
+    script = Path(sys.executable).parent / "trio-gateway"
+    if script.is_file():
+        # As the README runs it: a path relative to the clone, no activated virtualenv.
+        launchers.append([os.path.relpath(script, ROOT)])
+    return launchers
+
+
+@pytest.mark.parametrize("launcher", demo_launchers(), ids=lambda cmd: Path(cmd[-1]).name)
+async def test_the_demo_banner_prints_commands_that_run_without_an_activated_venv(
+    tmp_path: Path, launcher: list[str]
+) -> None:
+    port = free_port()
+    # The issuer file is the autouse fixture's, in this test's environment: the printed
+    # `token` command inherits it like a user's shell would.
+    process = await trio.lowlevel.open_process(
+        [*launcher, "demo", "--port", str(port)],
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        banner = await read_banner(process)
+        await wait_until_serving(f"http://127.0.0.1:{port}")
+        match = re.search(r"\$\((.+) token\)", banner)
+        assert match, banner
+        command = match.group(1)
+        assert f"  chat         : {command} chat ws://127.0.0.1:{port} --token-from-demo" in banner
+        # A shell that knows nothing of the virtualenv, in another directory.
+        bare = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in {"VIRTUAL_ENV", "PYTHONPATH"}
+        }
+        bare["PATH"] = "/usr/bin:/bin"
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                ["sh", "-c", f"{command} token"],
+                cwd=tmp_path,
+                env=bare,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 0, result.stderr
+        token = result.stdout.decode().strip()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            agents = await http.get("/api/v1/agents", headers={"Authorization": f"Bearer {token}"})
+        assert agents.status_code == 200
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_the_readme_client_example_runs_as_printed(tmp_path: Path) -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    match = re.search(
+        r"TOKEN=\$\(\.venv/bin/trio-gateway token\) \.venv/bin/python - <<'EOF'\n(.*?\n)EOF\n",
+        quick_start,
+        flags=re.DOTALL,
+    )
+    assert match, "the quick start shows a client example run with the virtualenv's python"
+    async with running_demo(tmp_path / "issuer.json") as (process, port, banner):
+        script = match.group(1).replace("ws://127.0.0.1:8000/", f"ws://127.0.0.1:{port}/")
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-c", script],
+                env=cli_env({"TOKEN": banner_token(banner)}),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 0, result.stderr
+        printed = result.stdout.decode()
+        assert "'agent_switched'" in printed and "'read_file'" in printed
+        assert await stop(process) == 0
+
+
+async def test_the_demo_log_shows_the_gateways_lines_as_the_gateways(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with log.open("wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_gateway.cli", "demo", "--port", str(port)],
+            env=cli_env({"GATEWAY__LOG_FORMAT": "json"}),
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+        )
+    try:
+        banner = await read_banner(process)
+        await wait_until_serving(f"http://127.0.0.1:{port}")
+        token = banner_token(banner)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            agents = await http.get("/api/v1/agents", headers={"Authorization": f"Bearer {token}"})
+        assert agents.status_code == 200
+        async with trio_websocket.open_websocket_url(
+            f"ws://127.0.0.1:{port}/api/v1/ws/logged",
+            extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
+        ) as ws:
+            await coding_turn(WsClient(ws))
+        assert await stop(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    # hypercorn's lines under its own names are the gateway's: one "Running on", the gateway's.
+    running = [e["message"] for e in entries if e["message"].startswith("Running on")]
+    gateway_running = [
+        e["message"]
+        for e in entries
+        if e["logger"] == "hypercorn.error" and e["message"].startswith("Running on")
+    ]
+    assert gateway_running == [f"Running on http://127.0.0.1:{port} (CTRL + C to quit)"]
+    assert len(running) == 3  # the demo runtime's and the JWKS server's, under their own names
+    # The gateway's access line for the REST call, with its duration; the demo runtime, which
+    # answered the same path behind it, logs none.
+    access = [e for e in entries if e.get("event") == "http_access"]
+    rest = [e for e in access if e["path"] == "/api/v1/agents"]
+    assert len(rest) == 1 and rest[0]["status"] == "200" and rest[0]["user"] == "demo-user"
+    assert all(isinstance(e["duration_ms"], float) for e in access), access
+
+
+async def test_check_next_to_a_running_demo_checks_the_demo_or_says_how(tmp_path: Path) -> None:
+    issuer_file = tmp_path / "issuer.json"
+    # This shell's settings are not the demo's: no GATEWAY__* at all (no internal key).
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    env[DEV_ISSUER_FILE_ENV] = str(issuer_file)
+    async with running_demo(issuer_file) as (process, port, banner):
+        gateway = f"http://127.0.0.1:{port}"
+        assert "check --demo" in banner
+        plain = await run_check_in(tmp_path, env)
+        assert plain.returncode == 2
+        assert "BAD CONFIGURATION" in plain.stdout.decode()
+        hint = " ".join(plain.stderr.decode().split())
+        assert f"`trio-gateway demo` running at {gateway} (pid {process.pid})" in hint
+        assert "check --demo` checks that one" in hint
+
+        demo = await run_check_in(tmp_path, env, "--demo")
+        report = demo.stdout.decode()
+        assert demo.returncode == 0, report + demo.stderr.decode()
+        assert f"checking the `trio-gateway demo` at {gateway} (pid {process.pid}, running)" in (
+            report
+        )
+        assert re.search(rf"\[  ok   \] demo gateway +{gateway}/health: HTTP 200", report)
+        assert re.search(r"\[  ok   \] agent runtime +http://127\.0\.0\.1:\d+/health", report)
+        assert re.search(r"\[  ok   \] JWKS +http://127\.0\.0\.1:\d+/\.well-known/jwks", report)
+        assert "verdict: OK" in report
+        assert "GATEWAY__USE_JWT_AUTH" in report and "*** (set, 32 characters)" in report
+        assert await stop(process) == 0
+    gone = await run_check_in(tmp_path, env, "--demo")
+    assert gone.returncode == 1
+    assert "NOT running" in gone.stdout.decode()
+
+
+async def test_check_demo_without_a_demo_says_what_to_do(tmp_path: Path) -> None:
+    result = await run_check_in(tmp_path, cli_env(), "--demo")
+    assert result.returncode == 2
+    assert "no `trio-gateway demo` recorded in" in result.stderr.decode()
+
+
+async def run_check_in(
+    cwd: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        return await trio.run_process(
+            [sys.executable, "-m", "trio_gateway.cli", "check", "--timeout", "5", *args],
+            cwd=cwd,  # no .env here
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
 
 
 async def test_the_demo_refuses_a_websocket_without_a_token(tmp_path: Path) -> None:
@@ -339,21 +539,49 @@ async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
             await process.wait()
 
 
-async def test_a_port_in_use_is_a_clear_error() -> None:
+@pytest.mark.parametrize(
+    ("command", "by_env", "advice"),
+    [
+        ("serve", False, "--port or GATEWAY__PORT"),
+        ("serve", True, "--port or GATEWAY__PORT"),
+        ("demo", False, "--port"),
+        ("demo-runtime", False, "--port"),
+        ("dev-issuer", False, "--port"),
+    ],
+)
+async def test_a_port_in_use_is_a_clear_error_naming_the_address(
+    tmp_path: Path, command: str, by_env: bool, advice: str
+) -> None:
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     port = listener.socket.getsockname()[1]
+    env = {**KEY_ENV, DEV_ISSUER_FILE_ENV: str(tmp_path / "issuer.json")}
+    args = [command, "--host", "127.0.0.1"]
+    if by_env:
+        env["GATEWAY__PORT"] = str(port)
+    else:
+        args += ["--port", str(port)]
     try:
-        result = await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)],
-            env=cli_env(KEY_ENV),
-            capture_stderr=True,
-            check=False,
-        )
+        result = await run_cli(*args, env=env)
     finally:
         await listener.aclose()
     assert result.returncode == 1
-    assert b"Address already in use" in result.stderr
-    assert b"Traceback" not in result.stderr
+    stderr = result.stderr.decode()
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in stderr
+    assert f"another port with {advice}." in stderr
+    assert "Traceback" not in stderr
+    assert "[Errno" not in stderr
+
+
+def test_a_bind_error_of_another_kind_names_the_address_too() -> None:
+    from trio_gateway.cli import _Bind, _bind_advice
+
+    bind = _Bind("::1", 80)
+    denied = _bind_advice(OSError(errno.EACCES, "Permission denied"), bind)
+    assert denied is not None and denied.startswith("cannot listen on [::1]:80: permission")
+    foreign = _bind_advice(OSError(errno.EADDRNOTAVAIL, "x"), _Bind("10.9.9.9", 8000))
+    assert foreign is not None and "10.9.9.9 is not an address of this machine" in foreign
+    # A file the demo could not write is not a listening failure.
+    assert _bind_advice(PermissionError(errno.EACCES, "Permission denied", "/x"), bind) is None
 
 
 def test_hypercorn_can_import_the_asgi_app() -> None:
@@ -396,6 +624,55 @@ def test_an_unknown_gateway_variable_is_reported_at_startup() -> None:
     log = result.stdout + result.stderr
     assert "unknown setting GATEWAY__USE_JWT_AUTHH" in log
     assert "did you mean GATEWAY__USE_JWT_AUTH?" in log
+
+
+def hypercorn_launchers() -> list[list[str]]:
+    launchers = [[sys.executable, "-m", "hypercorn"]]
+    script = Path(sys.executable).parent / "hypercorn"
+    if script.is_file():
+        launchers.append([str(script)])
+    return launchers
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("launcher", hypercorn_launchers(), ids=lambda cmd: cmd[-1])
+async def test_plain_hypercorn_with_a_bad_configuration_exits_non_zero(
+    tmp_path: Path, launcher: list[str], workers: str
+) -> None:
+    # hypercorn's supervisor loses a worker's exit status: without trio_gateway.main's help
+    # this ends in status 0 after printing the error.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [*launcher, "-k", "trio", "-w", workers, "-b", "127.0.0.1:0", "trio_gateway.main:app"],
+            cwd=tmp_path,  # no .env here
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert result.returncode == -signal.SIGUSR1  # the documented status: 128 + 10 in a shell
+    stderr = result.stderr.decode()
+    assert "trio-gateway: invalid configuration" in stderr
+    assert "GATEWAY__INTERNAL_API_KEY" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_importing_the_asgi_app_with_a_bad_configuration_exits_2_and_signals_nobody(
+    tmp_path: Path,
+) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
+    result = subprocess.run(
+        [sys.executable, "-c", "import trio_gateway.main"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 2  # and this test process, its parent, is still here
+    assert "GATEWAY__INTERNAL_API_KEY" in result.stderr
 
 
 async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) -> None:

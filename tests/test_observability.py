@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.observability import configure_logging
+from trio_gateway.observability import TextFormatter, configure_logging
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
 
@@ -143,3 +143,51 @@ async def test_metrics_count_live_trio_tasks_so_a_soak_can_see_leaks(
         await client.send({"type": "user_message", "content": "bench 2"})
         await client.turn()
         assert await tasks() > idle  # the session's and the connection's tasks
+
+
+async def get_and_hang_up(port: int, path: str) -> bytes:
+    """GET ``path`` and close as soon as the whole answer is in, the way curl does."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(
+                next(
+                    line.split(b":", 1)[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+    return head
+
+
+async def test_access_lines_have_a_duration_and_one_line_per_request(
+    json_logs: io.StringIO, nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    settings = gateway_settings(demo_runtime[1], log_level="INFO")
+    async with run_gateway(nursery, settings) as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        for n in range(20):
+            assert b" 200 " in await get_and_hang_up(port, f"/health?n={n}")
+            assert b" 200 " in await get_and_hang_up(port, f"/api/v1/agents?n={n}")
+        await trio.sleep(0.2)
+    entries = [orjson.loads(line) for line in json_logs.getvalue().splitlines() if line]
+    access = [e for e in entries if e.get("event") == "http_access"]
+    # One line per request, with its status: a client that hangs up right after reading the
+    # answer must not add a second line without one.
+    assert [e["status"] for e in access if e["path"] == "/health"] == ["200"] * 20
+    assert [e["status"] for e in access if e["path"] == "/api/v1/agents"] == ["200"] * 20
+    for entry in access:
+        assert isinstance(entry["duration_ms"], float) and entry["duration_ms"] >= 0, entry
+
+
+def test_the_text_access_line_shows_the_duration_in_milliseconds() -> None:
+    record = logging.LogRecord("hypercorn.access", logging.INFO, __file__, 1, "%(h)s", None, None)
+    record.args = {"h": "127.0.0.1:5", "r": "GET /health?x=1 1.1", "s": "200", "D": 1234}
+    assert "GET /health 200 1.234ms" in TextFormatter().format(record)

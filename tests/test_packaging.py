@@ -377,6 +377,20 @@ def test_readme_and_ci_install_the_tests_with_the_lock_file() -> None:
     assert pip_installs and all("-c requirements/lock.txt" in line for line in pip_installs)
 
 
+def test_every_pip_install_the_readme_shows_uses_the_lock_file() -> None:
+    # The README says every install uses the lock: the quick start's demo command as well as
+    # its test command, and any other `pip install` of the project or its extras it shows.
+    readme = (ROOT / "README.md").read_text()
+    installs = [
+        line
+        for line in re.findall(r"pip install[^\n`]*", readme)
+        if re.search(r"(^|\s)(-e\s+)?(\.|\"\.\[[a-z,]+\]\")(\s|$)", line)
+    ]
+    assert len(installs) >= 3, installs  # demo, tests, development
+    for line in installs:
+        assert "-c requirements/lock.txt" in line, line
+
+
 def test_the_lock_pins_every_dependency_for_both_pythons() -> None:
     lock = (ROOT / "requirements" / "lock.txt").read_text()
     pins: dict[str, list[str]] = {}

@@ -22,7 +22,7 @@ from . import __version__
 from .client_address import address_in
 from .limits import ConnectionCounter
 from .observability import Metrics, request_id_var
-from .openapi import build_openapi, render_docs_html
+from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
 from .rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
@@ -345,6 +345,7 @@ def create_app(settings: Settings) -> GatewayApp:
     openapi_document = build_openapi()
     openapi_json = orjson.dumps(openapi_document)
     docs_html = render_docs_html(openapi_document)
+    protocol_text = load_protocol_document()
 
     @app.before_serving
     async def _start() -> None:
@@ -402,6 +403,13 @@ def create_app(settings: Settings) -> GatewayApp:
     async def docs() -> Response:
         """Human-readable API documentation."""
         return Response(docs_html, content_type="text/html; charset=utf-8")
+
+    @app.get(PROTOCOL_PATH)
+    async def protocol_document() -> Response:
+        """The WebSocket protocol (Markdown source, shown as text), linked from /docs."""
+        if protocol_text is None:  # an installation without the package data
+            return _json({"error": "not_found", "error_description": "Not packaged"}, 404)
+        return Response(protocol_text, content_type="text/plain; charset=utf-8")
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import httpx
 import trio
 import trio_websocket
 
@@ -43,6 +44,7 @@ __all__ = [
     "backoff_delay",
     "build_ws_url",
     "new_session_id",
+    "pending_approvals_url",
     "run_chat",
     "want_color",
 ]
@@ -152,6 +154,20 @@ def build_ws_url(url: str, session_id: str | None) -> tuple[str, str]:
     return urlunsplit((parts.scheme, parts.netloc, full, parts.query, "")), chosen
 
 
+def pending_approvals_url(ws_url: str, session_id: str) -> str:
+    """The REST URL of a session's pending approvals, on the gateway of ``ws_url``.
+
+    ``ws://host:8000/prefix/api/v1/ws/ID`` becomes
+    ``http://host:8000/prefix/api/v1/sessions/ID/pending-approvals`` (``wss`` becomes ``https``).
+    """
+    parts = urlsplit(ws_url)
+    match = re.fullmatch(r"(.*)/api/v1/ws/[^/]+", parts.path.rstrip("/"))
+    prefix = match.group(1) if match is not None else ""
+    scheme = "https" if parts.scheme == "wss" else "http"
+    path = f"{prefix}/api/v1/sessions/{quote(session_id, safe='')}/pending-approvals"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
 def backoff_delay(attempt: int) -> float:
     """Seconds to wait before reconnect attempt ``attempt`` (1-based): 0.2 s doubling to 5 s."""
     return min(BACKOFF_MAX, BACKOFF_INITIAL * 2.0 ** max(0, attempt - 1))
@@ -194,6 +210,9 @@ class ChatCore:
     resuming: bool = False
     quit_when_idle: bool = False
     approvals: deque[_ToolCall] = field(default_factory=deque)
+    # call_ids answered here: a pending-approvals list fetched before the answer reached the
+    # runtime must not ask about them again.
+    answered: set[str] = field(default_factory=set)
     _streaming: bool = False  # an assistant line is open (tokens printed, no newline yet)
     _streamed: str = ""
     _line_open: bool = False  # the cursor is not at the start of a line
@@ -313,10 +332,16 @@ class ChatCore:
         answer = text.lower()
         if answer not in ("y", "yes", "n", "no", ""):
             return Reaction(self._line("notice", "please answer y or n") + self._ask())
+        return self._decide(approve=answer in ("y", "yes"))
+
+    def _decide(self, *, approve: bool, how: str = "") -> Reaction:
+        """Answer the approval being asked: a simulated result, or the IDE's rejection (a
+        ``tool_result`` carrying ``error``, which the runtime handles as "no")."""
         call = self.approvals.popleft()
+        self.answered.add(call.call_id)
         name = _clean(call.tool_name)
         self.awaiting_start += 1
-        if answer in ("y", "yes"):
+        if approve:
             frame: Frame = {
                 "type": "tool_result",
                 "call_id": call.call_id,
@@ -325,12 +350,45 @@ class ChatCore:
             note = f"[tool] approved {name}: simulated result sent (nothing was executed)"
         else:
             frame = {"type": "tool_result", "call_id": call.call_id, "error": REJECTED_BY_USER}
-            note = f"[tool] rejected {name}"
+            note = f"[tool] rejected {name}{how}"
         return Reaction(self._line("tool", note) + self._prompt_if_idle(), send=(frame,))
 
+    def restore_approvals(self, pending: Any) -> Reaction:
+        """The runtime's pending approvals of this session (the ``pending_approvals`` list of
+        ``GET /api/v1/sessions/{id}/pending-approvals``), fetched when the session is opened.
+
+        A session reopened while a tool call waits for approval asks about it again, as the
+        IDE restores its approval dialogs; calls already asked or answered here are skipped.
+        """
+        if not isinstance(pending, list):
+            return Reaction()
+        known = {call.call_id for call in self.approvals} | self.answered
+        added: list[_ToolCall] = []
+        for item in pending:
+            call_id = item.get("call_id") if isinstance(item, Mapping) else None
+            if not isinstance(call_id, str) or not call_id or call_id in known:
+                continue
+            known.add(call_id)
+            name = item.get("tool_name")
+            added.append(_ToolCall(call_id, str(name) if name else "?", item.get("arguments")))
+        if not added:
+            return Reaction()
+        self.approvals.extend(added)
+        text = self._line(
+            "notice", f"[session] {len(added)} tool call(s) of this session wait for your approval"
+        )
+        return Reaction(text + self._ask())
+
     def interrupt(self) -> Reaction:
-        """Ctrl-C: cancel the running turn; when idle, or at the second Ctrl-C, quit."""
+        """Ctrl-C: at an approval question, reject the tool call (the session goes on); else
+        cancel the running turn; when idle, or at the second Ctrl-C, quit.
+
+        Quitting at the question would leave the call pending on the runtime, the session
+        stuck until someone answers it.
+        """
         self._line_open = True  # the terminal printed ^C on the current line
+        if self.approvals:
+            return self._decide(approve=False, how=" (Ctrl-C)")
         if self.busy and not self.cancel_requested:
             self.cancel_requested = True
             text = self._line("notice", "[cancel] cancelling the turn (Ctrl-C again to quit)")
@@ -341,6 +399,13 @@ class ChatCore:
         """stdin reached its end: quit now, or once the running turn is over."""
         self.quit_when_idle = True
         return self._idle_quit(Reaction(self._line("notice", "[session] end of input")))
+
+    def approvals_unknown(self, why: str) -> Reaction:
+        """The session's pending approvals could not be read (see :meth:`restore_approvals`)."""
+        return Reaction(
+            self._line("notice", f"[session] cannot read pending approvals ({_clean(why)})")
+            + self._prompt_if_idle()
+        )
 
     # --- server side --------------------------------------------------------------------
 
@@ -448,6 +513,8 @@ class ChatCore:
             return Reaction(self._line("error", f"{shown} (no call_id; cannot answer)"))
         call = _ToolCall(call_id, str(name), arguments)
         if frame.get("requires_approval") is True:
+            if any(pending.call_id == call_id for pending in self.approvals):
+                return Reaction()  # already asked: restored from the pending-approvals list
             self.approvals.append(call)
             text = self._line("tool", f"{shown} needs your approval")
             return Reaction(text + (self._ask() if len(self.approvals) == 1 else ""))
@@ -603,6 +670,7 @@ class ChatRunner:
         self._quit = trio.Event()
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._received = False  # the current connection has delivered a frame
+        self._approvals_warned = False  # said once that pending approvals cannot be read
 
     # --- reactions --------------------------------------------------------------------------
 
@@ -761,6 +829,7 @@ class ChatRunner:
         self._ws = ws
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_outbox, ws)
+            nursery.start_soon(self._restore_approvals)
             try:
                 while True:
                     message = await ws.get_message()
@@ -770,6 +839,29 @@ class ChatRunner:
                 return self._closed(closed.reason, True)
             finally:
                 nursery.cancel_scope.cancel()
+
+    async def _restore_approvals(self) -> None:
+        # Like the IDE on connect: tool calls the runtime still waits on (this session was
+        # left at an approval question, or its tool_call was sent while no client listened)
+        # are asked about again. Best effort: a gateway or runtime that cannot say is no
+        # reason to stop chatting; a session the runtime does not know (404) has none.
+        url = pending_approvals_url(self.options.url, self.options.session_id)
+        try:
+            headers = await self._token()
+            async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, trust_env=False) as http:
+                answer = await http.get(url, headers=dict(headers))
+            if answer.status_code == 404:
+                return
+            if answer.status_code != 200:
+                raise ValueError(f"HTTP {answer.status_code}")
+            body = answer.json()
+        except (httpx.HTTPError, OSError, ValueError) as error:
+            if not self._approvals_warned:  # once, not at every reconnect
+                self._approvals_warned = True
+                self._apply(self.core.approvals_unknown(str(error) or type(error).__name__))
+            return
+        pending = body.get("pending_approvals") if isinstance(body, dict) else None
+        self._apply(self.core.restore_approvals(pending))
 
     async def _write_outbox(self, ws: trio_websocket.WebSocketConnection) -> None:
         # The only task that sends on this connection (besides the resume frame, sent before it

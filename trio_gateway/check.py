@@ -33,6 +33,7 @@ __all__ = [
     "EXIT_OK",
     "CheckResult",
     "RedisTarget",
+    "check_http_health",
     "check_jwks",
     "check_redis",
     "check_runtime",
@@ -229,14 +230,25 @@ def redis_commands(target: RedisTarget) -> list[tuple[str, ...]]:
 
 async def check_runtime(settings: Settings, http: httpx.AsyncClient) -> CheckResult:
     """``GET {agent_url}/health`` answers 200 (it is the runtime's one public route)."""
-    url = f"{settings.agent_url}/health"
+    return await _check_health("agent runtime", settings.agent_url, http)
+
+
+async def check_http_health(name: str, base_url: str, timeout: float) -> CheckResult:
+    """``GET {base_url}/health`` answers 200, bounded by ``timeout`` (``check --demo``'s
+    check of the demo's gateway itself)."""
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+        return await _check_health(name, base_url, http)
+
+
+async def _check_health(name: str, base_url: str, http: httpx.AsyncClient) -> CheckResult:
+    url = f"{base_url}/health"
     target = redact_url(url)
     try:
         answer = await http.get(url)
     except httpx.HTTPError as error:
-        return CheckResult("agent runtime", target, "FAIL", _http_error(error))
+        return CheckResult(name, target, "FAIL", _http_error(error))
     if answer.status_code != 200:
-        return CheckResult("agent runtime", target, "FAIL", f"HTTP {answer.status_code}")
+        return CheckResult(name, target, "FAIL", f"HTTP {answer.status_code}")
     detail = "HTTP 200"
     try:
         body = orjson.loads(answer.content)
@@ -246,7 +258,7 @@ async def check_runtime(settings: Settings, http: httpx.AsyncClient) -> CheckRes
         facts = [f"{key} {body[key]}" for key in ("service", "status", "version") if key in body]
         if facts:
             detail += f" ({', '.join(str(fact) for fact in facts)})"
-    return CheckResult("agent runtime", target, "ok", detail)
+    return CheckResult(name, target, "ok", detail)
 
 
 async def check_jwks(settings: Settings, http: httpx.AsyncClient) -> CheckResult:

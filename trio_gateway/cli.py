@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import logging
+import os
 import secrets
+import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -66,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
             "GATEWAY__USE_JWT_AUTH is true) downloads and holds a usable key, and that Redis "
             "(when GATEWAY__STATE_BACKEND=redis) answers PING. Exit status: 0 all checks "
             "passed, 1 a check failed, 2 the configuration is invalid."
+        ),
+    )
+    check_cmd.add_argument(
+        "--demo",
+        action="store_true",
+        help=(
+            "check the running `trio-gateway demo` with the settings it runs with (its runtime, "
+            "key and JWKS, recorded next to its issuer), not the environment's"
         ),
     )
     check_cmd.add_argument(
@@ -160,10 +172,11 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "An interactive client speaking protocol v2: type a message, watch the answer "
             "stream, approve or reject tool calls (tools are never executed: the client answers "
-            "with a simulated result), Ctrl-C cancels a running turn, Ctrl-C when idle, Ctrl-D "
-            "or /quit leaves. A dropped connection is resumed without losing or repeating "
-            "output. Example, against `trio-gateway demo`: "
-            "trio-gateway chat ws://127.0.0.1:8000 --token-from-demo"
+            "with a simulated result; Ctrl-C at the question rejects the call), Ctrl-C cancels "
+            "a running turn, Ctrl-C when idle, Ctrl-D or /quit leaves. Reopening a session "
+            "(--session) asks again about tool calls still waiting for approval. A dropped "
+            "connection is resumed without losing or repeating output. Example, against "
+            "`trio-gateway demo`: trio-gateway chat ws://127.0.0.1:8000 --token-from-demo"
         ),
     )
     chat_cmd.add_argument(
@@ -286,6 +299,16 @@ async def _run_demo(settings: Settings, host: str, port: int) -> None:
                 stop_helpers.set()  # the gateway has drained: stop the runtime and JWKS too
 
         binds = await nursery.start(gateway_then_helpers_stop)
+        # Now that the addresses are known: what `trio-gateway check --demo` needs to check
+        # this demo with the settings it runs with.
+        record = {
+            "pid": os.getpid(),
+            "gateway": binds[0],
+            "agent_url": runtime_binds[0],
+            "internal_api_key": key,
+            "jwks_url": jwks_url,
+        }
+        await trio.to_thread.run_sync(partial(save_dev_issuer, issuer, issuer_file, demo=record))
         token = issuer.mint(DEMO_SUB, scopes=DEMO_SCOPES, lifetime=DEMO_TOKEN_LIFETIME)
         print(
             _demo_banner(
@@ -294,12 +317,39 @@ async def _run_demo(settings: Settings, host: str, port: int) -> None:
                 jwks_url=jwks_url,
                 issuer_file=str(issuer_file),
                 token=token,
+                command=self_command(),
             ),
             flush=True,
         )
 
 
-def _demo_banner(*, runtime: str, gateway: str, jwks_url: str, issuer_file: str, token: str) -> str:
+def self_command(argv0: str | None = None, executable: str | None = None) -> str:
+    """This very ``trio-gateway``, as a shell command that works from any directory.
+
+    A banner that says ``trio-gateway token`` only works when the virtualenv is activated (or
+    the command is on ``PATH``); the path of the running executable works as printed. Started
+    as a console script, ``argv[0]`` is that script; started as ``python -m trio_gateway.cli``,
+    it is this module's file and the interpreter has to be named. Paths with spaces or other
+    shell characters are quoted.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    script = os.path.abspath(argv0) if argv0 else ""
+    if script and not script.endswith(".py") and os.path.isfile(script):
+        return shlex.quote(script)
+    return shlex.join([executable or "python3", "-m", "trio_gateway.cli"])
+
+
+def _demo_banner(
+    *,
+    runtime: str,
+    gateway: str,
+    jwks_url: str,
+    issuer_file: str,
+    token: str,
+    command: str = "trio-gateway",
+) -> str:
+    """The demo's ready banner; ``command`` is how to run ``trio-gateway`` (see self_command)."""
     base = gateway.replace("http://", "ws://", 1)
     user_message = '{"type":"user_message","content":"write a hello world in python","role":"user"}'
     return (
@@ -307,19 +357,18 @@ def _demo_banner(*, runtime: str, gateway: str, jwks_url: str, issuer_file: str,
         f"  demo runtime : {runtime}\n"
         f"  gateway      : {gateway}\n"
         f"  dev JWKS     : {jwks_url} (issuer saved to {issuer_file})\n"
-        f"  connect to   : {base}/api/v1/ws/<any-session-id>\n"
-        f"  then send    : {user_message}\n"
         f"  access token : {token}\n"
         f"                 (sub {DEMO_SUB}, scopes {' '.join(DEMO_SCOPES)}, valid "
-        f"{DEMO_TOKEN_LIFETIME // 60} min; `trio-gateway token` prints a fresh one)\n"
+        f"{DEMO_TOKEN_LIFETIME // 60} min; `{command} token` prints a fresh one)\n"
         "  authenticate : header       Authorization: Bearer <access token>\n"
         "                 subprotocol  bearer.<access token>\n"
         '                 first frame  {"type":"auth","token":"<access token>"}\n'
-        f"  chat         : trio-gateway chat {base} --token-from-demo\n"
-        f"  try it       : python -m websockets {base}/api/v1/ws/demo\n"
+        f"  chat         : {command} chat {base} --token-from-demo\n"
+        f"  check        : {command} check --demo\n"
+        f"  any client   : connect to {base}/api/v1/ws/<any-session-id>\n"
         f'    first send : {{"type":"auth","token":"{token}"}}\n'
         f"    then send  : {user_message}\n"
-        '  REST         : curl -H "Authorization: Bearer $(trio-gateway token)" '
+        f'  REST         : curl -H "Authorization: Bearer $({command} token)" '
         f"{gateway}/api/v1/agents\n"
         "  Ctrl-C to stop.\n"
     )
@@ -370,11 +419,14 @@ async def _run_dev_issuer(host: str, port: int, issuer_name: str, audience: str)
         )
 
 
-async def _run_check(settings: Settings, timeout: float) -> int:
+async def _run_check(settings: Settings, timeout: float, demo_gateway: str | None = None) -> int:
+    from .check import CheckResult, check_http_health, format_report, run_checks
     from .check import exit_code as check_exit_code
-    from .check import format_report, run_checks
 
     results = await run_checks(settings, timeout)
+    if demo_gateway is not None:
+        gateway: CheckResult = await check_http_health("demo gateway", demo_gateway, timeout)
+        results = [gateway, *results]
     print(format_report(settings, results), end="", flush=True)
     return check_exit_code(results)
 
@@ -504,82 +556,193 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.reconnect_attempts,
         )
     if args.command == "check":
-        return _check(args.timeout)
+        return _check(args.timeout, demo=args.demo)
     try:
         port = _port(args.port)
-        if args.command == "dev-issuer":
-            # The issuer is not a gateway: it needs none of the gateway's settings (a missing
-            # internal key must not stop it), only logging defaults.
-            configure_logging("INFO", "auto")
-            trio.run(
-                _run_dev_issuer,
-                args.host,
-                port if port is not None else 8002,
-                args.issuer,
-                args.audience,
-            )
-            return 0
-        settings = _load_settings_for(args.command)
         workers = 1
+        if args.command != "dev-issuer":
+            settings = _load_settings_for(args.command)
         if args.command == "serve":
             workers = parse_worker_count(args.workers)
             check_worker_settings(settings, workers)
     except SettingsError as error:
         print(f"trio-gateway: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, BaseExceptionGroup) as error:
-        return _startup_failure(error)
+    if args.command == "dev-issuer":
+        # The issuer is not a gateway: it needs none of the gateway's settings (a missing
+        # internal key must not stop it), only logging defaults.
+        configure_logging("INFO", "auto")
+        bind = _Bind(args.host, port if port is not None else _DEFAULT_PORTS["dev-issuer"])
+        try:
+            trio.run(_run_dev_issuer, bind.host, bind.port, args.issuer, args.audience)
+        except KeyboardInterrupt:
+            return 130
+        except (OSError, BaseExceptionGroup) as error:
+            return _startup_failure(error, bind)
+        return 0
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "serve" and args.reuse_port:
         tag_worker_logs()
+    if args.command == "serve":
+        bind = _Bind(
+            args.host if args.host is not None else settings.host,
+            port if port is not None else settings.port,
+            "--port or GATEWAY__PORT",
+        )
+    else:
+        bind = _Bind(args.host, port if port is not None else _DEFAULT_PORTS[args.command])
     try:
         if args.command == "serve" and workers > 1:
             return trio.run(_run_supervisor, settings, args.host or settings.host, port, workers)
         if args.command == "serve":
             trio.run(_run_serve, settings, args.host, port, args.reuse_port)
         elif args.command == "demo":
-            trio.run(_run_demo, settings, args.host, port if port is not None else 8000)
+            trio.run(_run_demo, settings, bind.host, bind.port)
         else:
-            trio.run(_run_demo_runtime, args.host, port if port is not None else 8001, args.instant)
+            trio.run(_run_demo_runtime, bind.host, bind.port, args.instant)
     except KeyboardInterrupt:
         return 130
     except (OSError, BaseExceptionGroup) as error:
-        return _startup_failure(error)
+        return _startup_failure(error, bind)
     return 0
 
 
-def _startup_failure(error: OSError | BaseExceptionGroup[BaseException]) -> int:
+_DEFAULT_PORTS = {"demo": 8000, "demo-runtime": 8001, "dev-issuer": 8002}
+# What cannot listen on an address: the port is taken, the address is not this host's, or a
+# privileged port without the right to bind it.
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+@dataclass(frozen=True)
+class _Bind:
+    """The address a command listens on, and the option that changes its port."""
+
+    host: str
+    port: int
+    port_option: str = "--port"
+
+    def describe(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _bind_advice(error: OSError, bind: _Bind) -> str | None:
+    """A listening failure in words that name the address and what to do; None otherwise.
+
+    The OS's message ("[Errno 98] Address already in use") names neither. A file error
+    (the demo's issuer file) carries a file name and is left as it is.
+    """
+    if error.errno not in _BIND_ERRNOS or error.filename is not None:
+        return None
+    where = bind.describe()
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the address is already in use (another process, "
+            f"perhaps another trio-gateway, listens on port {bind.port}). Stop it, or choose "
+            f"another port with {bind.port_option}."
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot listen on {where}: {bind.host} is not an address of this machine "
+            "(use 127.0.0.1 for this machine only, 0.0.0.0 for every interface)."
+        )
+    return (
+        f"cannot listen on {where}: permission denied (ports below 1024 need privileges; "
+        f"choose another port with {bind.port_option})."
+    )
+
+
+def _startup_failure(error: OSError | BaseExceptionGroup[BaseException], bind: _Bind) -> int:
     """Report a startup OS error in one line and return 1; re-raise anything else.
 
     Failures such as a port in use arrive wrapped in nurseries' exception groups; anything
-    that is not an OS error is a bug and keeps its traceback.
+    that is not an OS error is a bug and keeps its traceback. A failure to listen names the
+    address ``bind`` and what to do about it.
     """
     os_error = _only_os_error(error)
     if os_error is None:
         raise error
-    print(f"trio-gateway: {os_error}", file=sys.stderr)
+    print(f"trio-gateway: {_bind_advice(os_error, bind) or os_error}", file=sys.stderr)
     return 1
 
 
-def _check(timeout: float) -> int:
-    """``trio-gateway check``: report on stdout; exit 0 ok, 1 a check failed, 2 bad config."""
+def _check(timeout: float, *, demo: bool = False) -> int:
+    """``trio-gateway check``: report on stdout; exit 0 ok, 1 a check failed, 2 bad config.
+
+    With ``demo``, the settings are those of the running ``trio-gateway demo`` (as ``token``
+    finds it: the issuer file), not the environment's alone.
+    """
     from .check import EXIT_BAD_CONFIG
+    from .dev_auth import dev_issuer_file, load_demo_record
 
     if not timeout > 0:
         print("trio-gateway check: --timeout must be positive", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    record = load_demo_record()
+    demo_gateway: str | None = None
     try:
-        settings = load_settings()
+        if demo:
+            if record is None:
+                print(
+                    f"trio-gateway check: no `trio-gateway demo` recorded in {dev_issuer_file()}: "
+                    "start one first (or check a gateway's own settings without --demo)",
+                    file=sys.stderr,
+                )
+                return EXIT_BAD_CONFIG
+            settings = _demo_settings(record)
+            demo_gateway = str(record["gateway"])
+            state = "running" if _pid_alive(record["pid"]) else "NOT running"
+            print(
+                f"checking the `trio-gateway demo` at {demo_gateway} (pid {record['pid']}, "
+                f"{state}) with the settings it runs with, recorded in {dev_issuer_file()}",
+                flush=True,
+            )
+        else:
+            settings = load_settings()
     except SettingsError as error:
         # The message names variables, never values, so it is safe to print as is.
         print(f"trio-gateway check: {error}", file=sys.stderr)
+        if not demo and record is not None and _pid_alive(record["pid"]):
+            # The usual first-hour mistake: checking "the gateway" next to a running demo,
+            # whose settings are its own, not this shell's.
+            print(
+                f"trio-gateway check: these are this shell's GATEWAY__* settings. The "
+                f"`trio-gateway demo` running at {record['gateway']} (pid {record['pid']}) "
+                f"uses its own: `{self_command()} check --demo` checks that one.",
+                file=sys.stderr,
+            )
         print("verdict: BAD CONFIGURATION (no check was run)", flush=True)
         return EXIT_BAD_CONFIG
     # No configure_logging: stdout is the report, and httpx's per-request INFO lines would
     # only clutter it (warnings still reach stderr through logging's last-resort handler).
-    return trio.run(_run_check, settings, timeout)
+    return trio.run(_run_check, settings, timeout, demo_gateway)
+
+
+def _demo_settings(record: dict[str, object]) -> Settings:
+    """The settings a running ``trio-gateway demo`` runs with (see ``_run_demo``)."""
+    from .dev_auth import load_dev_issuer
+
+    issuer = load_dev_issuer()
+    return load_settings(
+        agent_url=str(record["agent_url"]),
+        internal_api_key=SecretStr(str(record["internal_api_key"])),
+        use_jwt_auth=True,
+        jwks_url=str(record["jwks_url"]),
+        jwt_issuer=issuer.issuer,
+        jwt_audience=issuer.audience,
+    )
+
+
+def _pid_alive(pid: object) -> bool:
+    """True when a process with this pid exists (it may not be ours to signal)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _only_os_error(error: BaseException) -> OSError | None:

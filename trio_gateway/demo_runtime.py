@@ -1183,7 +1183,8 @@ async def serve_demo_runtime(
     # can only report as runtime_stream_broken. The gateway sends its request together with the
     # connect, so a slow first request only means a backed-up runtime: wait for it.
     config.keep_alive_timeout = DEMO_KEEP_ALIVE_TIMEOUT
-    # The logger object itself: a "-" target would install hypercorn's own stderr handler on
-    # the shared "hypercorn.error" logger, doubling every line in the demo process.
-    config.errorlog = logging.getLogger("hypercorn.error")
+    # A logger object of our own, not "-" (which would install hypercorn's own stderr handler)
+    # nor the shared "hypercorn.error": in `trio-gateway demo` this server runs next to the
+    # gateway, and its lines must not pass for the gateway's.
+    config.errorlog = logging.getLogger("trio_gateway.demo_runtime.hypercorn")
     await serve(runtime.app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)

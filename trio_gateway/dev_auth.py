@@ -36,10 +36,12 @@ from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAlgorithm, DevIssuer
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEMO_RECORD_FIELDS",
     "DEV_ISSUER_FILE",
     "DEV_ISSUER_FILE_ENV",
     "JWKS_PATH",
     "dev_issuer_file",
+    "load_demo_record",
     "load_dev_issuer",
     "load_or_create_dev_issuer",
     "save_dev_issuer",
@@ -51,6 +53,10 @@ JWKS_PATH: Final = "/.well-known/jwks.json"
 #: temporary directory).
 DEV_ISSUER_FILE_ENV: Final = "TRIO_GATEWAY_DEV_ISSUER_FILE"
 _FIELDS: Final = ("kid", "algorithm", "issuer", "audience", "private_key_pem")
+#: What ``trio-gateway demo`` records about itself in the issuer file, for ``check --demo``:
+#: its pid, the gateway's URL and the settings it overrides (its runtime's address and key, and
+#: the JWKS it trusts; the issuer and audience are the issuer's own).
+DEMO_RECORD_FIELDS: Final = ("pid", "gateway", "agent_url", "internal_api_key", "jwks_url")
 
 
 def dev_issuer_file(environ: Mapping[str, str] | None = None) -> Path:
@@ -74,21 +80,28 @@ def dev_issuer_file(environ: Mapping[str, str] | None = None) -> Path:
 DEV_ISSUER_FILE: Final[Path] = dev_issuer_file()
 
 
-def save_dev_issuer(issuer: DevIssuer, path: Path | None = None) -> Path:
+def save_dev_issuer(
+    issuer: DevIssuer, path: Path | None = None, *, demo: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``issuer`` (private key included) to ``path``; returns the path written.
 
     The file gets mode 0600 and is replaced atomically (a reader never sees half a file); a
     missing directory is created with mode 0700. Default path: :func:`dev_issuer_file`.
+    ``demo`` is what a running ``trio-gateway demo`` records about itself
+    (:data:`DEMO_RECORD_FIELDS`; read back by :func:`load_demo_record`); it holds the demo
+    runtime's key, which is as private as the signing key next to it.
     """
     target = dev_issuer_file() if path is None else path
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    document = {
+    document: dict[str, Any] = {
         "kid": issuer.kid,
         "algorithm": issuer.algorithm,
         "issuer": issuer.issuer,
         "audience": issuer.audience,
         "private_key_pem": issuer.private_pem().decode("ascii"),
     }
+    if demo is not None:
+        document["demo"] = dict(demo)
     # mkstemp creates the file with mode 0600 in the target's directory (same file system, so
     # the rename below is atomic).
     fd, temp_name = tempfile.mkstemp(
@@ -146,6 +159,24 @@ def load_dev_issuer(path: Path | None = None) -> DevIssuer:
         )
     except (ValueError, UnicodeEncodeError) as exc:
         raise ValueError(f"{source}: unusable private key: {exc}") from None
+
+
+def load_demo_record(path: Path | None = None) -> dict[str, Any] | None:
+    """What the most recent ``trio-gateway demo`` recorded in the issuer file, or None.
+
+    None when there is no file, the file is not readable JSON, or it was written by
+    ``trio-gateway dev-issuer`` (no demo record). The demo may have stopped since: the record
+    holds its ``pid``.
+    """
+    source = dev_issuer_file() if path is None else path
+    try:
+        document: Any = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = document.get("demo") if isinstance(document, dict) else None
+    if not isinstance(record, dict) or not all(name in record for name in DEMO_RECORD_FIELDS):
+        return None
+    return record
 
 
 def load_or_create_dev_issuer(
@@ -216,9 +247,10 @@ async def serve_dev_jwks(
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
-    # The logger object itself: a "-" target would install hypercorn's own stderr handler on
-    # the shared "hypercorn.error" logger, doubling every line in the demo process.
-    config.errorlog = logging.getLogger("hypercorn.error")
+    # A logger object of our own, not "-" (which would install hypercorn's own stderr handler)
+    # nor the shared "hypercorn.error": in `trio-gateway demo` this server runs next to the
+    # gateway, and its lines must not pass for the gateway's.
+    config.errorlog = logging.getLogger("trio_gateway.dev_auth.hypercorn")
     # Only the gateway's pooled keep-alive connection can be open at shutdown: don't wait on it.
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:

@@ -59,7 +59,7 @@ def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
         "method": parts[0] if parts else "",
         "path": path,
         "status": atoms.get("s"),
-        "duration_ms": _number(atoms.get("M")),
+        "duration_ms": _milliseconds(atoms.get("D")),
         "client": atoms.get("h"),
     }
     request_id = atoms.get("{x-request-id}o")
@@ -68,9 +68,10 @@ def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
     return fields
 
 
-def _number(value: object) -> float | None:
+def _milliseconds(microseconds: object) -> float | None:
+    # hypercorn 0.18's `D` atom: the request's duration in whole microseconds.
     try:
-        return float(value)  # type: ignore[arg-type]
+        return round(float(microseconds) / 1000, 3)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
 

@@ -2,13 +2,20 @@
 
 Response bodies of proxied routes are the runtime's own (passed through unchanged), so they are
 described as JSON objects; request bodies, the gateway's own errors and health answers have
-models here.
+models here. Every proxied route declares how to authenticate (a bearer JWT, or a service's
+internal key); the health routes are public.
+
+The WebSocket protocol (``docs/protocol.md``) is shipped inside the package as
+``trio_gateway/protocol.md`` (a test keeps the two identical) and served at
+:data:`PROTOCOL_PATH`, so the ``/docs`` page of a deployed gateway links to a page its readers
+can open.
 """
 
 from __future__ import annotations
 
 import html
-from typing import Any
+from importlib import resources
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,29 +23,79 @@ from . import __version__
 from .protocol import SESSION_ID_MAX_LENGTH
 from .rest_proxy import ROUTES, ProxyRoute
 
+#: Where the gateway serves the WebSocket protocol document (plain text, Markdown source).
+PROTOCOL_PATH: Final = "/docs/protocol.md"
+#: The packaged copy of docs/protocol.md.
+PROTOCOL_RESOURCE: Final = "protocol.md"
+BEARER_SCHEME: Final = "bearerAuth"
+INTERNAL_KEY_SCHEME: Final = "internalKey"
+_SECURITY_SCHEMES: Final[dict[str, Any]] = {
+    BEARER_SCHEME: {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": "An access token of the Auth Service (RS256, checked against its "
+        "JWKS): GET routes need the read scope (GATEWAY__READ_SCOPE, default api:read), the "
+        "others the write scope (GATEWAY__WRITE_SCOPE, default api:write). Not checked when "
+        "the gateway runs with GATEWAY__USE_JWT_AUTH=false.",
+    },
+    INTERNAL_KEY_SCHEME: {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Internal-Auth",
+        "description": "Services only: the runtime's internal key instead of a token, when "
+        "the gateway allows it (GATEWAY__ALLOW_INTERNAL_AUTH=true).",
+    },
+}
+
+
+def load_protocol_document() -> str | None:
+    """The WebSocket protocol document packaged with the gateway, or None if it is missing."""
+    try:
+        return resources.files(__package__).joinpath(PROTOCOL_RESOURCE).read_text("utf-8")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _without_null_defaults(schema: dict[str, Any]) -> None:
+    """Optional fields that may be omitted but not sent as null: no ``default: null``."""
+    for field in schema.get("properties", {}).values():
+        if "default" in field and field["default"] is None:
+            del field["default"]
+
 
 class CreateSessionRequest(BaseModel):
-    """Body of ``POST /api/v1/sessions`` (optional)."""
+    """Body of ``POST /api/v1/sessions`` (optional; without it the runtime picks an id)."""
 
-    model_config = ConfigDict(extra="allow")
-    session_id: str | None = Field(None, description="Use this id instead of a generated one.")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_without_null_defaults)
+    session_id: str = Field(
+        None,  # type: ignore[assignment]
+        min_length=1,
+        max_length=SESSION_ID_MAX_LENGTH,
+        description="Use this id instead of a generated one (409 if it exists).",
+    )
 
 
 class UpdateSessionRequest(BaseModel):
-    """Body of ``PATCH /api/v1/sessions/{session_id}``."""
+    """Body of ``PATCH /api/v1/sessions/{session_id}``: the fields to change."""
 
-    model_config = ConfigDict(extra="allow")
-    title: str | None = None
-    is_active: bool | None = None
+    model_config = ConfigDict(extra="allow", json_schema_extra=_without_null_defaults)
+    title: str | None = Field(None, description="New title; null clears it.")
+    is_active: bool = Field(None, description="Archive (false) or restore (true).")  # type: ignore[assignment]
 
 
 class SwitchAgentRequest(BaseModel):
     """Body of ``POST /api/v1/agents/{session_id}/switch``."""
 
-    model_config = ConfigDict(extra="allow")
-    target_agent: str
-    reason: str | None = None
-    confidence: float | None = None
+    model_config = ConfigDict(extra="allow", json_schema_extra=_without_null_defaults)
+    target_agent: str = Field(description="The agent to switch to, e.g. coder.")
+    reason: str = Field(description="Why; shown in the session's agent history.")
+    confidence: float = Field(
+        None,  # type: ignore[assignment]
+        ge=0,
+        le=1,
+        description="How sure the caller is (0 to 1; the runtime assumes 1).",
+    )
 
 
 class GatewayError(BaseModel):
@@ -130,6 +187,8 @@ def _operation(route: ProxyRoute) -> dict[str, Any]:
         .replace("-", "_"),
         "parameters": parameters,
         "responses": responses,
+        # Either scheme will do (an empty requirement would mean "no authentication").
+        "security": [{BEARER_SCHEME: []}, {INTERNAL_KEY_SCHEME: []}],
     }
     if route.request_body:
         operation["requestBody"] = {
@@ -196,10 +255,11 @@ def build_openapi() -> dict[str, Any]:
             "title": "trio-gateway REST API",
             "version": __version__,
             "description": "REST surface of trio-gateway; proxied routes pass the Agent "
-            "Runtime's answers through unchanged. The WebSocket protocol is in docs/protocol.md.",
+            "Runtime's answers through unchanged. The WebSocket protocol "
+            f"(/api/v1/ws/{{session_id}}) is described at {PROTOCOL_PATH} on this gateway.",
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": _SECURITY_SCHEMES},
     }
 
 
@@ -224,6 +284,9 @@ def render_docs_html(document: dict[str, Any]) -> str:
         f"<h1>{html.escape(info['title'])} {html.escape(info['version'])}</h1>"
         f"<p>{html.escape(info['description'])} Machine-readable: "
         "<a href='/openapi.json'>/openapi.json</a>.</p>"
+        f"<p>The WebSocket protocol: <a href='{PROTOCOL_PATH}'>"
+        f"{PROTOCOL_PATH}</a>. Authentication: <code>Authorization: Bearer &lt;JWT&gt;</code> "
+        "on every <code>/api/v1</code> route except <code>/api/v1/health</code>.</p>"
         "<table><tr><th>Method</th><th>Path</th><th>Summary</th><th>Parameters</th>"
         "<th>Statuses</th></tr>" + "".join(rows) + "</table></body></html>"
     )

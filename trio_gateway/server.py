@@ -13,9 +13,11 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from hypercorn.config import Config
+from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve as hypercorn_serve
 
 from . import hypercorn_patches
@@ -53,6 +55,69 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+#: Set in an HTTP request's ASGI scope once the app has sent the last part of its answer.
+RESPONSE_SENT = "trio_gateway.response_sent"
+
+# hypercorn's access-log format: only for handlers other than ours (observability's formatters
+# build the line from the fields). Duration in microseconds: `D` is hypercorn 0.18's atom for
+# it (`M`, gunicorn's milliseconds, does not exist there and came out as "-").
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(D)sus'
+
+
+class AccessLogger(HypercornLogger):
+    """hypercorn's logger without the second, status-less access line of a finished request.
+
+    hypercorn 0.18 logs a request with no response (status ``-``) when the client's close
+    arrives while the request is not yet marked complete, and it marks it complete only after
+    writing the end of the body, a checkpoint later. A client that hangs up as soon as it has
+    read the answer (curl, health probes) lands in that gap, and every such request got two
+    lines: ``-`` and then the real one. A request whose answer the app had fully sent (see
+    :func:`mark_sent_responses`) gets only the real line; a client that leaves before the
+    answer still gets its ``-`` line.
+    """
+
+    async def access(self, request: Any, response: Any, request_time: float) -> None:
+        if response is None and request.get(RESPONSE_SENT):
+            return
+        await super().access(request, response, request_time)
+
+
+def mark_sent_responses(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """``app`` behind an ASGI layer that sets :data:`RESPONSE_SENT` in an HTTP request's scope
+    once the app has handed over its whole answer (read by :class:`AccessLogger`).
+
+    "Whole" is the last body message, or the last byte of a declared ``Content-Length``:
+    Quart sends the body and then an empty last message, and a client that knows the length
+    may hang up between the two.
+    """
+
+    async def marked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        remaining: int | None = None
+
+        async def marking_send(message: dict[str, Any]) -> None:
+            nonlocal remaining
+            kind = message["type"]
+            if kind == "http.response.start":
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-length" and value.strip().isdigit():
+                        remaining = int(value)
+            elif kind == "http.response.body":
+                if remaining is not None:
+                    remaining -= len(message.get("body", b""))
+                if not message.get("more_body", False) or (
+                    remaining is not None and remaining <= 0
+                ):
+                    scope[RESPONSE_SENT] = True  # before hypercorn's write: the race is inside it
+            await send(message)
+
+        await app(scope, receive, marking_send)
+
+    return marked
+
+
 def build_hypercorn_config(
     settings: Settings, host: str | None = None, port: int | None = None
 ) -> Config:
@@ -65,7 +130,8 @@ def build_hypercorn_config(
     # out in the same format as ours.
     config.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.access_log_format = "%(h)s %(r)s %(s)s %(M)s"
+    config.access_log_format = ACCESS_LOG_FORMAT
+    config.logger_class = AccessLogger
     # Protocol pings every interval; a peer that sends nothing (pongs count) for about two
     # intervals trips the read timeout and is dropped (hypercorn has no pong timeout).
     config.websocket_ping_interval = settings.ws_heartbeat_interval
@@ -125,4 +191,9 @@ async def serve(
         await app.gateway.drain(settings.drain_timeout)
         logger.info("drain complete; stopping")
 
-    await hypercorn_serve(app, config, shutdown_trigger=drain_then_stop, task_status=task_status)
+    await hypercorn_serve(
+        mark_sent_responses(app),
+        config,
+        shutdown_trigger=drain_then_stop,
+        task_status=task_status,
+    )
