@@ -58,11 +58,19 @@ async def test_a_tokenless_ide_socket_chats_on_a_session_its_user_created(
         assert "gateway_websocket_session_id_admissions_total 1.0" in metrics.text
 
 
-@pytest.mark.parametrize("session", ["never-created", "created-by-nobody-yet"])
+@pytest.mark.parametrize("session", ["never-created", "created-by-a-service"])
 async def test_a_tokenless_socket_to_a_session_without_owner_is_refused(
     secure_with: SecureFactory, session: str
 ) -> None:
-    async with secure_with(ws_auth_mode="session-id") as secure:
+    async with secure_with(ws_auth_mode="session-id", allow_internal_auth=True) as secure:
+        if session == "created-by-a-service":  # exists at the runtime, owned by nobody
+            async with secure.http() as http:
+                made = await http.post(
+                    "/api/v1/sessions",
+                    json={"session_id": session},
+                    headers={"X-Internal-Auth": INTERNAL_KEY},
+                )
+            assert made.status_code == 201
         async with secure.ws(session) as ws:
             client = WsClient(ws)
             await client.send(ide_frame("hi"))
@@ -138,3 +146,39 @@ async def test_session_id_mode_and_jwt_off_are_announced_at_startup(
     text = log.getvalue()
     assert '"event":"session_id_auth"' in text and "WS_AUTH_MODE=session-id" in text
     assert '"event":"auth_disabled"' in text and "JWT AUTHENTICATION IS OFF" in text
+
+
+async def test_a_read_only_user_cannot_make_a_session_writable_by_reading_it(
+    secure_with: SecureFactory,
+) -> None:
+    # Reading claims nothing: otherwise a tokenless socket would write as a user who may not.
+    async with secure_with(ws_auth_mode="session-id", allow_internal_auth=True) as secure:
+        reader = secure.token("reader", scopes=["api:read"])
+        async with secure.http() as http:
+            made = await http.post(
+                "/api/v1/sessions",
+                json={"session_id": "ro"},
+                headers={"X-Internal-Auth": INTERNAL_KEY},
+            )
+            assert made.status_code == 201
+            got = await http.get("/api/v1/sessions/ro", headers=secure.headers(reader))
+            assert got.status_code == 200
+        async with secure.ws("ro") as ws:
+            client = WsClient(ws)
+            await client.send(ide_frame("hi"))
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await client.recv()
+        assert close_code(closed.value) == 4401
+        assert secure.runtime.stream_requests == []
+
+
+async def test_a_session_id_socket_tells_the_runtime_only_the_write_scope(
+    secure_with: SecureFactory,
+) -> None:
+    async with secure_with(ws_auth_mode="session-id") as secure:
+        await create_session(secure, secure.token("alice", scopes=["api:read", "api:write"]), "w")
+        async with secure.ws("w") as ws:
+            client = WsClient(ws)
+            await client.send(ide_frame("hi"))
+            await client.turn()
+        assert secure.runtime.stream_headers[-1]["x-user-scopes"] == "api:write"

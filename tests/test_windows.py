@@ -16,7 +16,15 @@ import trio_websocket
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.session import MAX_SOCKETS_PER_SESSION
 
-from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
+from .conftest import (
+    RunningGateway,
+    WsClient,
+    close_code,
+    gateway_settings,
+    port_of,
+    run_gateway,
+)
+from .rawws import RawWebSocket
 
 HI = {"type": "user_message", "content": "hi", "role": "user"}
 
@@ -131,3 +139,50 @@ async def test_a_drain_closes_every_window_with_1012_after_the_turn(
                             frames.append(await window.recv(timeout=20))
                     assert close_code(closed.value) == 1012
                     assert frames and frames[-1]["is_final"] is True, "the turn ended first"
+
+
+async def test_a_stalled_viewer_does_not_cancel_the_live_windows_turn(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    runtime, url = demo_runtime
+    settings = gateway_settings(
+        url,
+        outbound_queue_max_bytes=64 * 1024 * 1024,  # the viewer's byte bound never trips
+        ws_slow_client_timeout=1.0,
+        ws_heartbeat_interval=60.0,
+    )
+    async with run_gateway(nursery, settings) as gw:
+        async with gw.connect("stall") as live:
+            # The second window: same (anonymous) user, v1, never reads.
+            viewer = await RawWebSocket.connect(
+                port_of(gw.base_url), "/api/v1/ws/stall", receive_buffer=4096
+            )
+            await viewers_attached(gw, "stall", 1)
+            await live.send({"type": "user_message", "content": "bench 20000 10000"})
+            frames = await live.turn(timeout=60)
+            assert frames[-1].get("code") != "cancelled", frames[-1]
+            assert runtime.cancelled_streams == 0
+            await viewer.aclose()
+
+
+async def test_a_window_promoted_during_a_drain_is_closed_promptly(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    from trio_gateway.protocol import CloseCode
+
+    settings = gateway_settings(demo_runtime[1], drain_timeout=10.0)
+    async with run_gateway(nursery, settings) as gw:
+        async with gw.connect("promo"), gw.connect("promo") as second:
+            await viewers_attached(gw, "promo", 1)
+            sessions = gw.app.gateway.sessions
+            assert sessions is not None
+            session = sessions.sessions["promo"]
+            assert session.connection is not None
+            # The first window is on its way out (its client closed) as SIGTERM arrives.
+            session.connection.shut(CloseCode.NORMAL)
+            with trio.fail_after(5):  # not the 10 s drain timeout
+                await sessions.drain(10.0)
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    await second.recv(timeout=5)
+            assert close_code(closed.value) == 1012

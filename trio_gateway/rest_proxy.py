@@ -539,11 +539,21 @@ class RestProxy:
                 # reserved for the same user.
                 self.metrics.state_backend_failures.labels("forget").inc()
                 logger.warning("session deleted but its ownership record kept")
-        elif ok and route.per_session:
+        elif ok and route.per_session and identity.has_scopes(self.settings.write_scope):
+            # Only a caller who may write claims a session by using it: with
+            # WS_AUTH_MODE=session-id an owned session admits tokenless sockets that write as
+            # the owner, so a read-only caller must not become one by reading.
             try:
                 await security.claim_session(path_params["session_id"], identity)
             except Refusal as refused:
                 logger.warning("session used but not owned: %s", refused.error)
+        elif ok and route.per_session:
+            # A read-only owner's use still keeps its record alive (SESSION_OWNERSHIP_TTL).
+            try:
+                if await security.ownership.owner(path_params["session_id"]) == identity.sub:
+                    await security.claim_session(path_params["session_id"], identity)
+            except (Refusal, StateUnavailable) as problem:
+                logger.warning("session use not recorded: %s", type(problem).__name__)
 
     async def _only_own_sessions(
         self, content: bytes, response: Response, identity: Identity, list_key: str, id_key: str

@@ -112,6 +112,7 @@ class Connection:
         self.skip_through = 0
         # A v1 viewer (another window on the session): the frames the session's live socket
         # numbered, encoded, waiting for this socket's writer. Bounded in bytes.
+        self.viewer = False  # attached as a viewer (see Session.attach)
         self.backlog: deque[str] = deque()
         self.backlog_bytes = 0
 
@@ -354,6 +355,7 @@ class Session:
             self.viewers.append(connection)
             connection.wake_writer = self.frames_ready.unpark_all
             connection.caught_up = True  # a viewer sees the session from now on
+            connection.viewer = True  # decided here: it may be promoted before its writer runs
             self._attachment_changed.unpark_all()
             return True
         if previous is not None:
@@ -389,6 +391,8 @@ class Session:
             # a last batch, which it also hands to the viewers), then numbers frames itself.
             promoted.previous_writer_done = connection.writer_done
             self.connection = promoted
+            if self.close_after_turn is not None and not self.turn_running:
+                promoted.shut(self.close_after_turn, "server restarting", flush=True)
             self._attachment_changed.unpark_all()
             self.frames_ready.unpark_all()
             return
@@ -667,7 +671,8 @@ class Session:
             if viewer.closing:
                 continue
             viewer.backlog.append(text)
-            viewer.backlog_bytes += len(text)
+            # Bytes, as documented: a frame of non-ASCII text is up to 4x its length.
+            viewer.backlog_bytes += len(text) if text.isascii() else len(text.encode())
             if viewer.backlog_bytes > limit:
                 self.manager.metrics.limit_hits.labels("slow_viewer").inc()
                 viewer.shut(CloseCode.POLICY_VIOLATION, "client too slow")
@@ -1191,12 +1196,12 @@ class SessionManager:
             session.send_control(pong)
 
     async def _writer(self, session: Session, connection: Connection) -> None:
-        was_viewer = connection is not session.connection
+        was_viewer = connection.viewer
         if was_viewer:
             # A viewer: send what the live socket numbers until this one takes over.
             while (texts := await session.wait_backlog(connection)) is not None:
                 await connection.ws.send_texts(texts, self._count_viewed)
-            if connection.flush_then_close and not connection.backlog:
+            if connection is not session.connection:  # closing as a viewer
                 connection.shut(connection.close_code)
                 return
         if connection.previous_writer_done is not None:
@@ -1408,7 +1413,8 @@ class SessionManager:
                     now - started,
                     extra={"event": "limit_hit", "limit": "slow_client"},
                 )
-                session.cancel_turn()
+                if connection is session.connection:  # a stalled viewer holds nobody up
+                    session.cancel_turn()
                 if not ws.abort():
                     logger.error("cannot abort this transport; the slow client stays attached")
                 connection.shut(CloseCode.POLICY_VIOLATION, "client too slow")

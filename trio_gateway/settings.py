@@ -148,10 +148,12 @@ class Settings(BaseSettings):
         "token",
         description=(
             "token: every WebSocket authenticates with a token (header, subprotocol or first "
-            "auth frame). session-id: a socket with no token whose first frame is not auth is "
-            "admitted to a session that already has an owner, as that owner (the old "
-            "gateway's exposure: the session id is the credential). For today's IDE, which "
-            "sends no token on its WebSocket; REST still needs tokens."
+            "auth frame). session-id: a socket with no token at the handshake is admitted to "
+            "a session that already has an owner, as that owner, with the write scope only "
+            "(the old gateway's exposure: the session id is the credential); an auth frame it "
+            "sends is an in-band refresh (another user's token closes it with 4401). Sockets "
+            "to unowned sessions still authenticate with their first frame. For today's IDE, "
+            "which sends no token on its WebSocket; REST still needs tokens."
         ),
     )
     ws_auth_timeout: float = Field(

@@ -46,6 +46,7 @@ RESTART_DELAY_SECONDS = (0.5, 30.0)  # first delay, largest delay (doubling in b
 # are killed.
 EXIT_GRACE_SECONDS = 10.0
 WORKER_INDEX_ENV = "TRIO_GATEWAY_WORKER_INDEX"
+SUPERVISOR_PID_ENV = "TRIO_GATEWAY_SUPERVISOR_PID"
 
 
 def parse_worker_count(value: str) -> int:
@@ -122,8 +123,13 @@ def tag_worker_logs() -> None:
 
 async def parent_gone(interval: float = 1.0) -> None:
     """Return once this process's parent (the supervisor) has gone: a worker must not outlive
-    it, or its port and sessions would be orphaned."""
-    parent = os.getppid()
+    it, or its port and sessions would be orphaned.
+
+    The supervisor's pid comes from the environment it started the worker with, not from
+    ``getppid()`` at this point: a supervisor that died while the worker was still starting
+    would otherwise leave ``init`` as the "parent" and the worker would serve forever."""
+    given = os.environ.get(SUPERVISOR_PID_ENV, "")
+    parent = int(given) if given.isdigit() else os.getppid()
     # Polling: nothing notifies a process portably when its parent dies (an orphan is
     # re-parented, which getppid() shows), and one cheap check a second is plenty.
     while os.getppid() == parent:  # noqa: ASYNC110
@@ -182,18 +188,27 @@ class Supervisor:
                 nursery.cancel_scope.cancel()
         if self.failed:
             return 1
-        return 0 if all(w.exits and w.exits[-1] == 0 for w in self.workers) else 1
+        # A worker stopped by our SIGTERM before it had its handler (still starting) is a
+        # clean stop too.
+        clean = (0, -signal.SIGTERM)
+        return 0 if all(w.exits and w.exits[-1] in clean for w in self.workers) else 1
 
     async def _stop_on_signal(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
-            logger.info(
-                "received %s; draining %d workers",
-                signal.Signals(signum).name,
-                self.count,
-                extra={"event": "workers_draining"},
-            )
-            self.stop()
-            return
+            if not self.stopping:
+                logger.info(
+                    "received %s; draining %d workers (again to stop them at once)",
+                    signal.Signals(signum).name,
+                    self.count,
+                    extra={"event": "workers_draining"},
+                )
+                self.stop()
+                continue
+            # A second signal: the operator does not want to wait for the drain.
+            logger.warning("received %s again; killing the workers", signal.Signals(signum).name)
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    worker.process.kill()
 
     def stop(self) -> None:
         """Ask every worker to drain and exit (SIGTERM); none is restarted after this. Workers
@@ -211,7 +226,11 @@ class Supervisor:
     async def _keep_running(self, worker: _Worker) -> None:
         delay = RESTART_DELAY_SECONDS[0]
         while not self.stopping:
-            env = {**os.environ, WORKER_INDEX_ENV: str(worker.index)}
+            env = {
+                **os.environ,
+                WORKER_INDEX_ENV: str(worker.index),
+                SUPERVISOR_PID_ENV: str(os.getpid()),
+            }
             # Own session: a terminal's Ctrl-C reaches the supervisor only, which then stops
             # the workers once, in order (a second signal would end a worker's drain).
             process = await trio.lowlevel.open_process(

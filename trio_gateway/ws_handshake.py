@@ -189,9 +189,12 @@ async def _session_owner(gateway: Gateway, session_id: str) -> Identity | None:
         extra={"event": "ws_session_id_admission", "owner": owner},
     )
     settings = gateway.settings
+    # Write scope only: what the socket may do. Sessions are owned only through callers with
+    # the write scope (REST claims need it, the WebSocket door requires it), so the owner had
+    # it; the runtime is told no more than that.
     return Identity(
         sub=owner,
-        scopes=frozenset({settings.read_scope, settings.write_scope}),
+        scopes=frozenset({settings.write_scope}),
         expires_at=math.inf,  # no token to expire; an in-band auth frame sets a real expiry
         client_id=SESSION_ID_CLIENT,
     )
