@@ -404,7 +404,7 @@ class Stack:
         return done.stdout + done.stderr
 
     def container(self, service: str) -> str:
-        ids = self("ps", "-q", service).split()
+        ids = self("ps", "-a", "-q", service).split()
         assert ids, f"no container for {service}"
         return ids[0]
 
@@ -501,7 +501,7 @@ async def test_the_compose_stack_serves_a_token_rest_and_a_websocket_turn(stack:
         await trio.sleep(0.3)
     assert state["State"]["Status"] == "exited" and state["State"]["ExitCode"] == 2, state["State"]
     assert state["RestartCount"] == 3, "restart: on-failure:3, then it stays exited"
-    listing = stack("ps", "runtime")
+    listing = stack("ps", "-a", "runtime")
     assert re.search(r"Exit 2|exited \(2\)", listing), listing
     said = stack("logs", "--no-color", "runtime")
     assert "invalid configuration" in said and "GATEWAY__INTERNAL_API_KEY" in said, said
