@@ -37,9 +37,7 @@ FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 
 say() { printf '== standin-images: %s\n' "$*"; }
-loud() {
-    printf '!! standin-images: %s\n' "$*"
-}
+loud() { printf '!! standin-images: %s\n' "$*"; }
 
 if [ "$(id -u)" -ne 0 ]; then
     exec sudo -E "$0" "$@"
@@ -48,15 +46,15 @@ mkdir -p "$CACHE/debs"
 
 # The stand-in label of a local image: "" when the tag is absent, "real" when it has no label.
 image_state() {
-    local label
-    if ! label=$("$DOCKER" image inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$1" \
-        2>/dev/null); then
+    local labels
+    if ! labels=$("$DOCKER" image inspect --format '{{json .Config.Labels}}' "$1" 2>/dev/null)
+    then
         echo ""
-    elif [ -z "$label" ] || [ "$label" = "<no value>" ]; then
-        echo real
-    else
-        echo "$label"
+        return
     fi
+    # {"org.trio-gateway.standin":"1",...} -> 1; no such label (or no labels: null) -> real
+    labels=$(printf '%s' "$labels" | grep -o "\"$LABEL\":\"[^\"]*\"" | cut -d'"' -f4 || true)
+    echo "${labels:-real}"
 }
 
 # A root filesystem tarball from debootstrap, cached. $1 name, $2 packages, $3 hook (a function

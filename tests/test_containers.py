@@ -126,8 +126,11 @@ def host_port(published: str) -> int:
     return int(port)
 
 
-def access_paths(logs: str) -> list[str]:
-    """The paths of the gateway's JSON access lines in ``logs``."""
+def access_paths(logs: str, *, answered_only: bool = False) -> list[str]:
+    """The paths of the gateway's JSON access lines in ``logs``.
+
+    ``answered_only`` leaves out lines with status "-": hypercorn 0.18 adds one when a client
+    closes the connection as soon as it has its answer (a second line for the same request)."""
     paths = []
     for line in logs.splitlines():
         start = line.find("{")
@@ -137,7 +140,11 @@ def access_paths(logs: str) -> list[str]:
             entry = json.loads(line[start:])
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("event") == "http_access":
+        if (
+            isinstance(entry, dict)
+            and entry.get("event") == "http_access"
+            and not (answered_only and entry.get("status") == "-")
+        ):
             paths.append(str(entry.get("path")))
     return paths
 
@@ -372,11 +379,12 @@ async def test_a_read_only_container_without_capabilities_is_healthy_and_drains_
         final = await trio.to_thread.run_sync(wait_exited, gateway, 40)
         assert final["ExitCode"] == 0
         assert time.monotonic() - stopped_at < 30, "drained within the drain timeout"
-        logs = run(["docker", "logs", gateway]).stdout + run(["docker", "logs", gateway]).stderr
+        output = run(["docker", "logs", gateway])
+        logs = output.stdout + output.stderr
         assert "drain complete" in logs
         # The healthcheck probed every 10 s; its successful probes are not access-logged.
-        assert "/health" in access_paths(logs)  # this test's own GET /health is
-        assert access_paths(logs).count("/health") == 1, access_paths(logs)
+        answered = access_paths(logs, answered_only=True)
+        assert answered.count("/health") == 1, answered  # this test's own GET /health
 
 
 # --- compose ---------------------------------------------------------------------------------
