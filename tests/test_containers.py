@@ -215,7 +215,11 @@ def docker(request: pytest.FixtureRequest) -> Docker:
 @pytest.fixture(scope="session")
 def image(docker: Docker) -> str:
     """The image built from the Dockerfile as it is (base images local, never pulled)."""
-    run(["docker", "build", "--pull=false", "-t", IMAGE, "."], timeout=900)
+    label = "org.trio-gateway.container-test=1"
+    run(["docker", "build", "--pull=false", "--label", label, "-t", IMAGE, "."], timeout=900)
+    # The image this build replaced is left untagged: remove it (ours only, by the label), so
+    # repeated runs do not fill the disk. The build cache stays.
+    run(["docker", "image", "prune", "--force", "--filter", f"label={label}"], check=False)
     return IMAGE
 
 
