@@ -15,9 +15,12 @@ COPY pyproject.toml README.md ./
 COPY requirements/lock.txt ./requirements/lock.txt
 COPY trio_gateway ./trio_gateway
 # The project from its own metadata (pyproject.toml), every dependency at the version the lock
-# file pins (-c constrains without installing the test/dev extras).
+# file pins (-c constrains without installing the test/dev extras). Then pip, setuptools and
+# wheel leave the venv: the final image installs nothing at run time, and a package manager in
+# it is only attack surface (tests/test_containers.py checks they are gone).
 RUN python -m venv "$VIRTUAL_ENV" \
-    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir -c requirements/lock.txt .
+    && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir -c requirements/lock.txt . \
+    && "$VIRTUAL_ENV/bin/pip" uninstall --yes pip setuptools wheel
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --create-home --uid 10001 --user-group gateway \
@@ -36,11 +39,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     GATEWAY__LOG_FORMAT=json
 USER gateway
 WORKDIR /home/gateway
-EXPOSE 8000
+# No EXPOSE: the port is configuration (GATEWAY__PORT for the gateway, --port for the dev-issuer
+# and demo-runtime commands the compose file runs from this same image), so an image-wide
+# "8000/tcp" would be wrong for every other command; docker-compose.yml declares each
+# service's port.
 # Liveness only (/health never touches the runtime): a gateway whose runtime is down is still
 # alive, and restarting it would not help. python + urllib because the slim image has no curl.
+# The user agent trio-gateway-healthcheck keeps the probe's 200s out of the access log (one
+# line every 10 s otherwise); a failing probe is still logged.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('GATEWAY__PORT', '8000') + '/health', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen(r.Request('http://127.0.0.1:' + os.environ.get('GATEWAY__PORT', '8000') + '/health', headers={'User-Agent': 'trio-gateway-healthcheck'}), timeout=2)"]
 # Exec form, no shell and no wrapper: trio-gateway is PID 1 and receives SIGTERM itself, so the
 # graceful drain runs (it installs its own SIGTERM/SIGINT handlers, which PID 1 needs).
 CMD ["trio-gateway", "serve"]

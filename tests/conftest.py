@@ -243,3 +243,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """In every run that leaves them out: the container tests exist, and how to run them."""
+    if "container" in str(config.getoption("markexpr")).replace("not container", ""):
+        return None
+    return (
+        "container tests (marker `container`): not selected; run `pytest -m container` "
+        "(needs a Docker daemon; .ci/run does it)"
+    )

@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.observability import TextFormatter, configure_logging
+from trio_gateway.observability import HEALTHCHECK_USER_AGENT, TextFormatter, configure_logging
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
 
@@ -126,6 +126,27 @@ async def test_every_log_line_of_a_session_is_json_with_the_expected_keys(
     assert any(e["path"] == "/api/v1/agents" and e["request_id"] == "req-42" for e in access)
     # frame payloads never reach the logs at INFO
     assert "secret words here" not in json_logs.getvalue()
+
+
+async def test_the_healthchecks_successful_probes_stay_out_of_the_access_log(
+    json_logs: io.StringIO, nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    probe = {"User-Agent": HEALTHCHECK_USER_AGENT}
+    settings = gateway_settings(demo_runtime[1], log_level="INFO")
+    async with run_gateway(nursery, settings) as gw:
+        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+            for _ in range(3):
+                assert (await http.get("/health", headers=probe)).status_code == 200
+            await http.get("/health", headers={"User-Agent": "curl/8"})
+            await http.get("/health?x=1", headers=probe)
+            await http.post("/health", headers=probe)  # 405: not a successful probe
+    entries = [orjson.loads(line) for line in json_logs.getvalue().splitlines() if line]
+    access = [e for e in entries if e.get("event") == "http_access" and e["path"] == "/health"]
+    # The other caller, and the healthcheck's failing request, are logged; its three 200s
+    # and the one with a query (also a 200 to the probe's agent) are not. (Lines with status
+    # "-", which hypercorn adds when a client closes right after its answer, are not counted.)
+    logged = [(e["method"], e["status"]) for e in access if e["status"] != "-"]
+    assert sorted(logged) == [("GET", "200"), ("POST", "405")]
 
 
 async def test_metrics_count_live_trio_tasks_so_a_soak_can_see_leaks(

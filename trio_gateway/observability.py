@@ -45,6 +45,32 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+# The user agent of the container healthchecks (the Dockerfile's HEALTHCHECK and the compose
+# file's): their successful probes of /health are not access-logged.
+HEALTHCHECK_USER_AGENT = "trio-gateway-healthcheck"
+
+
+class _HealthcheckProbeFilter(logging.Filter):
+    """Drops the access line of a healthcheck's successful ``/health`` probe.
+
+    Docker probes every 10 s: logged, that is 8,640 identical lines a day per container,
+    burying the requests that matter. Only the healthcheck's own user agent is concerned, and
+    only a 200 or hypercorn's "-" (hypercorn 0.18 logs a second line with no status when the
+    client closes as soon as it has the answer, as the probe does); a probe that got an error
+    status, and every other caller of /health, are still logged. Docker keeps the probes'
+    own results (``docker inspect`` ``.State.Health``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        return not (
+            record.name == "hypercorn.access"
+            and isinstance(atoms, Mapping)
+            and atoms.get("U") == "/health"
+            and atoms.get("s") in ("200", "-")
+            and atoms.get("{user-agent}i") == HEALTHCHECK_USER_AGENT
+        )
+
+
 def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
     # hypercorn's access logger passes its "atoms" mapping as the record's args. We log the
     # path without its query string: a query may carry a token.
@@ -134,6 +160,7 @@ def configure_logging(
         fmt = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
     handler.addFilter(_ContextFilter())
+    handler.addFilter(_HealthcheckProbeFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
