@@ -35,6 +35,7 @@ from trio_gateway.settings import ENV_PREFIX, Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVICES = {"issuer", "runtime", "gateway"}
 REPLICA_SERVICES = {"redis", "gateway-1", "gateway-2", "nginx"}
+WORKERS_SERVICES = {"gateway-workers", "redis-workers"}
 
 
 # --- a small Dockerfile reader ---------------------------------------------------------------
@@ -210,11 +211,15 @@ def test_every_gateway_variable_the_dockerfile_sets_is_a_valid_setting(
 
 def test_compose_has_the_default_system_and_the_replicas_profile() -> None:
     specs = services()
-    assert set(specs) == DEFAULT_SERVICES | REPLICA_SERVICES
+    assert set(specs) == DEFAULT_SERVICES | REPLICA_SERVICES | WORKERS_SERVICES
     for name in DEFAULT_SERVICES:
         assert "profiles" not in specs[name], f"{name} must start with a plain `compose up`"
     for name in REPLICA_SERVICES:
         assert specs[name]["profiles"] == ["replicas"], name
+    for name in WORKERS_SERVICES:
+        assert specs[name]["profiles"] == ["workers"], name
+    assert specs["gateway-workers"]["command"][-2:] == ["--workers", "auto"]
+    assert specs["gateway-workers"]["environment"]["GATEWAY__STATE_BACKEND"] == "redis"
     assert specs["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
     assert specs["nginx"]["ports"] == ["127.0.0.1:8080:8080"]
     assert specs["nginx"]["image"].startswith("nginx:")
@@ -229,6 +234,7 @@ def test_compose_commands_are_real_trio_gateway_commands() -> None:
         "gateway": "serve",
         "gateway-1": "serve",
         "gateway-2": "serve",
+        "gateway-workers": "serve",
     }
     for name, command_name in expected.items():
         spec = services()[name]
