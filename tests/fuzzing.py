@@ -1010,6 +1010,7 @@ class FuzzGateway:
                 "rest_requests_per_second": 100_000,
                 "rest_request_burst": 1_000_000,
                 "max_connections_per_user": 10_000,
+                "state_backend": "memory",  # nothing kept between fuzz runs
             }
             jwks: JWKSServer | None = None
             if self.jwt:

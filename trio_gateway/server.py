@@ -18,7 +18,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import hypercorn_patches
+from . import hypercorn_patches, sqlite_store
 from .app import GatewayApp
 from .settings import Settings
 
@@ -103,6 +103,9 @@ async def serve(
     ``task_status`` receives the bound addresses (bind port 0 to let the OS choose).
     """
     hypercorn_patches.apply()  # before any connection: see hypercorn_patches.py
+    # An unusable state file stops the start here, as the one error, before the port is bound:
+    # from the app's own startup it would surface wrapped in hypercorn's lifespan failure.
+    await sqlite_store.preflight(settings)
     config = build_hypercorn_config(settings, host, port)
     trigger = shutdown_trigger or wait_for_signal
 
