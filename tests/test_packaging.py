@@ -605,7 +605,8 @@ async def test_the_image_commands_install_and_run_from_a_fresh_virtualenv(tmp_pa
             # `docker compose exec gateway trio-gateway check`: everything reachable.
             check = await run(installed.argv(["trio-gateway", "check"]), gateway_env, cwd)
             assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
-            assert check.stdout.decode().splitlines()[-1] == "verdict: OK (2 checks passed)"
+            # runtime, JWKS and the SQLite state file (Redis is skipped)
+            assert check.stdout.decode().splitlines()[-1] == "verdict: OK (3 checks passed)"
             assert await sigterm(gateway) == 0
         assert await sigterm(runtime) == 0
         assert await sigterm(issuer) == 0
