@@ -28,15 +28,20 @@ RUN useradd --create-home --uid 10001 --user-group gateway \
     && chown gateway:gateway /var/lib/trio-gateway \
     && chmod 0700 /var/lib/trio-gateway
 COPY --from=build /opt/venv /opt/venv
-# /var/lib/trio-gateway exists (owned by the user) so that a named volume mounted there starts
-# with that owner: the dev issuer keeps its key file in it.
+# /var/lib/trio-gateway exists (owned by the user) so that a volume mounted there starts with
+# that owner: the SQLite state file and the dev issuer's key file live in it.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TRIO_GATEWAY_DEV_ISSUER_FILE=/var/lib/trio-gateway/dev-issuer.json \
+    GATEWAY__SQLITE_PATH=/var/lib/trio-gateway/trio-gateway.sqlite3 \
     GATEWAY__HOST=0.0.0.0 \
     GATEWAY__PORT=8000 \
     GATEWAY__LOG_FORMAT=json
+# The gateway's state (session owners, in SQLite) and the dev issuer's key live here: a volume,
+# so they outlive the container and stay writable under --read-only. Mount a named volume to
+# keep them across re-creation (docker-compose.yml does).
+VOLUME ["/var/lib/trio-gateway"]
 USER gateway
 WORKDIR /home/gateway
 # No EXPOSE: the port is configuration (GATEWAY__PORT for the gateway, --port for the dev-issuer

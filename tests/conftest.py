@@ -153,6 +153,17 @@ def close_code(closed: trio_websocket.ConnectionClosed) -> int:
     return int(closed.reason.code)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _state_file_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Gateways that tests start as processes (``trio-gateway serve``, the load bench) use the
+    default backend, sqlite, whose default file is in the working directory: point it at a
+    temporary directory, so that no test leaves a state file in the checkout."""
+    state = tmp_path_factory.mktemp("state") / "trio-gateway.sqlite3"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GATEWAY__SQLITE_PATH", str(state))
+        yield
+
+
 def gateway_settings(agent_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "agent_url": agent_url,
@@ -164,6 +175,9 @@ def gateway_settings(agent_url: str, **overrides: Any) -> Settings:
         "ws_close_timeout": 0.5,
         # Authentication has its own suite (test_security.py); elsewhere it is off.
         "use_jwt_auth": False,
+        # Nothing kept between tests; the SQLite backend has its own tests
+        # (test_sqlite_state.py), which pass state_backend="sqlite" and a tmp_path file.
+        "state_backend": "memory",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -1050,6 +1050,7 @@ class FuzzGateway:
                 "ws_handshakes_per_second": 100_000,
                 "ws_handshake_burst": 1_000_000,
                 "max_live_sessions_per_user": 100_000,
+                "state_backend": "memory",  # nothing kept between fuzz runs
             }
             jwks: JWKSServer | None = None
             if self.jwt:

@@ -233,6 +233,7 @@ async def test_every_check_passes_against_live_dependencies(
         ("agent runtime", "ok"),
         ("JWKS", "ok"),
         ("redis", "ok"),
+        ("sqlite", "skipped"),
     ]
     assert "service agent-runtime" in results[0].detail
     assert jwks[1].kid in results[1].detail
@@ -248,7 +249,7 @@ async def test_checks_that_are_off_are_skipped_not_failed(
         demo_runtime[1], use_jwt_auth=False, auth_service_url=f"http://127.0.0.1:{closed_port()}"
     )
     results = await run_checks(settings)
-    assert [r.status for r in results] == ["ok", "skipped", "skipped"]
+    assert [r.status for r in results] == ["ok", "skipped", "skipped", "skipped"]
     assert exit_code(results) == 0
 
 
@@ -259,8 +260,8 @@ async def test_unreachable_dependencies_fail_with_the_reason() -> None:
         closed_port(),
     )
     results = await run_checks(settings)
-    assert [r.status for r in results] == ["FAIL", "FAIL", "FAIL"]
-    for result in results:
+    assert [r.status for r in results] == ["FAIL", "FAIL", "FAIL", "skipped"]
+    for result in results[:3]:
         assert "refused" in result.detail.lower(), result
         assert REDIS_PASSWORD not in result.target + result.detail
     assert exit_code(results) == 1
@@ -431,10 +432,17 @@ async def test_the_command_exits_1_when_a_check_fails(
     result = await run_check_command(env, tmp_path)
     lines = result.stdout.decode().splitlines()
     assert result.returncode == 1
-    assert lines[-1] == "verdict: FAIL (1 of 2 checks failed)"
+    assert lines[-1] == "verdict: FAIL (1 of 3 checks failed)"
     assert any(line.lstrip().startswith("[ FAIL  ] agent runtime") for line in lines)
     assert any(line.lstrip().startswith("[  ok   ] JWKS") for line in lines)
     assert any(line.lstrip().startswith("[skipped] redis") for line in lines)
+    # the default backend: the state file in the working directory, created at startup
+    assert any(
+        line.split()[:4] == ["[", "ok", "]", "sqlite"]
+        and f"trio-gateway.sqlite3: {tmp_path}/trio-gateway.sqlite3: not there yet" in line
+        for line in lines
+    )
+    assert not (tmp_path / "trio-gateway.sqlite3").exists(), "check changes nothing"
 
 
 @pytest.mark.parametrize(
@@ -475,4 +483,4 @@ async def test_checks_run_concurrently_so_one_slow_dependency_does_not_hide_othe
         demo_runtime[1], state_backend="redis", redis_url=f"redis://127.0.0.1:{port}/0"
     )
     results = await run_checks(settings, timeout=0.5)
-    assert [r.status for r in results] == ["ok", "skipped", "FAIL"]
+    assert [r.status for r in results] == ["ok", "skipped", "FAIL", "skipped"]

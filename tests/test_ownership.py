@@ -1,9 +1,17 @@
-"""Session ownership: the first user to touch a session owns it; the store stays bounded."""
+"""Session ownership: the first user to touch a session owns it; the store stays bounded.
+
+The tests of the store's interface run against both in-process backends, memory and SQLite
+(``store`` fixture): they must give the same answers. SQLite-only behaviour (restarts, several
+processes, the file) is in test_sqlite_state.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +24,34 @@ from trio_gateway.ownership import (
     OwnershipStore,
     check_access,
 )
+from trio_gateway.sqlite_store import SqliteOwnershipStore
+
+Store = MemoryOwnershipStore | SqliteOwnershipStore
+NewStore = Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[NewStore]:
+    """Make stores of one backend, with MemoryOwnershipStore's keyword arguments."""
+    opened: list[SqliteOwnershipStore] = []
+
+    async def make(**kwargs: Any) -> Store:
+        if request.param == "memory":
+            return MemoryOwnershipStore(**kwargs)
+        sqlite = SqliteOwnershipStore(str(tmp_path / f"owners-{len(opened)}.sqlite3"), **kwargs)
+        await sqlite.open()
+        opened.append(sqlite)
+        return sqlite
+
+    yield make
+    for sqlite in opened:
+        await sqlite.aclose()
+
+
+async def size(store: Store) -> int:
+    """How many sessions have an owner on record, whichever the backend."""
+    return len(store) if isinstance(store, MemoryOwnershipStore) else await store.count()
+
 
 # --- check_access ------------------------------------------------------------------------------
 
@@ -31,26 +67,26 @@ def test_only_the_owner_has_access() -> None:
     assert not check_access("alice", "")
 
 
-# --- MemoryOwnershipStore ----------------------------------------------------------------------
+# --- the stores (memory and SQLite) ----------------------------------------------------------
 
 
-def test_memory_store_implements_the_protocol() -> None:
-    store: OwnershipStore = MemoryOwnershipStore()
-    assert isinstance(store, OwnershipStore)
+def test_both_stores_implement_the_protocol(tmp_path: Path) -> None:
+    for store in (MemoryOwnershipStore(), SqliteOwnershipStore(str(tmp_path / "s.sqlite3"))):
+        assert isinstance(store, OwnershipStore)
 
 
-async def test_first_claim_wins_and_later_claims_report_the_owner() -> None:
-    store = MemoryOwnershipStore()
+async def test_first_claim_wins_and_later_claims_report_the_owner(new_store: NewStore) -> None:
+    store = await new_store()
     assert await store.owner("s1") is None
     assert await store.claim("s1", "alice") == "alice"
     assert await store.claim("s1", "bob") == "alice"
     assert await store.claim("s1", "alice") == "alice"
     assert await store.owner("s1") == "alice"
-    assert len(store) == 1
+    assert await size(store) == 1
 
 
-async def test_the_intended_flow_is_check_access_then_claim() -> None:
-    store = MemoryOwnershipStore()
+async def test_the_intended_flow_is_check_access_then_claim(new_store: NewStore) -> None:
+    store = await new_store()
 
     async def admit(user: str) -> bool:
         if not check_access(await store.owner("s1"), user):
@@ -62,8 +98,8 @@ async def test_the_intended_flow_is_check_access_then_claim() -> None:
     assert await admit("alice")
 
 
-async def test_sessions_of_lists_a_users_sessions() -> None:
-    store = MemoryOwnershipStore()
+async def test_sessions_of_lists_a_users_sessions(new_store: NewStore) -> None:
+    store = await new_store()
     await store.claim("s1", "alice")
     await store.claim("s2", "alice")
     await store.claim("s3", "bob")
@@ -73,29 +109,29 @@ async def test_sessions_of_lists_a_users_sessions() -> None:
     assert await store.sessions_of("carol") == frozenset()
 
 
-async def test_sessions_of_returns_a_snapshot() -> None:
-    store = MemoryOwnershipStore()
+async def test_sessions_of_returns_a_snapshot(new_store: NewStore) -> None:
+    store = await new_store()
     await store.claim("s1", "alice")
     snapshot = await store.sessions_of("alice")
     await store.claim("s2", "alice")
     assert snapshot == frozenset({"s1"})
 
 
-async def test_forget_releases_the_session_for_a_new_claim() -> None:
-    store = MemoryOwnershipStore()
+async def test_forget_releases_the_session_for_a_new_claim(new_store: NewStore) -> None:
+    store = await new_store()
     await store.claim("s1", "alice")
     await store.claim("s2", "alice")
     await store.forget("s1")
     assert await store.owner("s1") is None
     assert await store.sessions_of("alice") == frozenset({"s2"})
     assert await store.claim("s1", "bob") == "bob"
-    assert len(store) == 2
+    assert await size(store) == 2
 
 
-async def test_forget_of_an_unknown_session_is_a_no_op() -> None:
-    store = MemoryOwnershipStore()
+async def test_forget_of_an_unknown_session_is_a_no_op(new_store: NewStore) -> None:
+    store = await new_store()
     await store.forget("nope")
-    assert len(store) == 0
+    assert await size(store) == 0
 
 
 async def test_a_user_with_no_sessions_left_is_dropped_entirely() -> None:
@@ -105,22 +141,28 @@ async def test_a_user_with_no_sessions_left_is_dropped_entirely() -> None:
     assert store._by_user == {}
 
 
-async def test_empty_ids_cannot_claim() -> None:
-    store = MemoryOwnershipStore()
+async def test_empty_ids_cannot_claim(new_store: NewStore) -> None:
+    store = await new_store()
     with pytest.raises(ValueError, match="user"):
         await store.claim("s1", "")
     with pytest.raises(ValueError, match="session_id"):
         await store.claim("", "alice")
-    assert len(store) == 0
+    assert await size(store) == 0
 
 
 def test_max_sessions_must_be_positive() -> None:
     with pytest.raises(ValueError):
         MemoryOwnershipStore(max_sessions=0)
+    with pytest.raises(ValueError):
+        SqliteOwnershipStore("unused.sqlite3", max_sessions=0)
+    with pytest.raises(ValueError):
+        SqliteOwnershipStore("unused.sqlite3", max_per_user=0)
 
 
-async def test_a_full_store_refuses_new_claims_and_never_evicts_an_owner() -> None:
-    store = MemoryOwnershipStore(max_sessions=2)
+async def test_a_full_store_refuses_new_claims_and_never_evicts_an_owner(
+    new_store: NewStore,
+) -> None:
+    store = await new_store(max_sessions=2)
     await store.claim("s1", "alice")
     await store.claim("s2", "alice")
     with pytest.raises(OwnershipRefused) as refused:
@@ -132,8 +174,8 @@ async def test_a_full_store_refuses_new_claims_and_never_evicts_an_owner() -> No
     assert await store.claim("s3", "bob") == "bob"
 
 
-async def test_one_user_cannot_fill_the_store() -> None:
-    store = MemoryOwnershipStore(max_sessions=100, max_per_user=3)
+async def test_one_user_cannot_fill_the_store(new_store: NewStore) -> None:
+    store = await new_store(max_sessions=100, max_per_user=3)
     for n in range(3):
         await store.claim(f"s{n}", "mallory")
     with pytest.raises(OwnershipRefused) as refused:
@@ -154,8 +196,8 @@ async def test_memory_stays_bounded_under_many_sessions() -> None:
     assert len(store._by_user) <= 1000
 
 
-async def test_concurrent_claims_have_exactly_one_winner() -> None:
-    store = MemoryOwnershipStore()
+async def test_concurrent_claims_have_exactly_one_winner(new_store: NewStore) -> None:
+    store = await new_store()
     results: list[tuple[str, str]] = []
 
     async def contender(user: str) -> None:
@@ -220,9 +262,11 @@ class FakeClock:
         return self.now
 
 
-async def test_a_record_unused_for_the_idle_ttl_is_forgotten_and_frees_its_users_share() -> None:
+async def test_a_record_unused_for_the_idle_ttl_is_forgotten_and_frees_its_users_share(
+    new_store: NewStore,
+) -> None:
     clock = FakeClock()
-    store = MemoryOwnershipStore(max_per_user=2, idle_ttl=60, clock=clock)
+    store = await new_store(max_per_user=2, idle_ttl=60, clock=clock)
     await store.claim("s1", "alice")
     await store.claim("s2", "alice")
     with pytest.raises(OwnershipRefused):
@@ -232,13 +276,14 @@ async def test_a_record_unused_for_the_idle_ttl_is_forgotten_and_frees_its_users
     clock.now += 2
     assert await store.owner("s1") is None
     assert await store.sessions_of("alice") == frozenset()
-    assert len(store) == 0 and not store._by_user
+    assert await size(store) == 0
+    assert not isinstance(store, MemoryOwnershipStore) or not store._by_user
     assert await store.claim("s3", "alice") == "alice"
 
 
-async def test_using_a_session_keeps_its_record_alive() -> None:
+async def test_using_a_session_keeps_its_record_alive(new_store: NewStore) -> None:
     clock = FakeClock()
-    store = MemoryOwnershipStore(idle_ttl=60, clock=clock)
+    store = await new_store(idle_ttl=60, clock=clock)
     await store.claim("busy", "alice")
     await store.claim("quiet", "alice")
     for _ in range(5):
@@ -251,14 +296,16 @@ async def test_using_a_session_keeps_its_record_alive() -> None:
     assert await store.sessions_of("alice") == frozenset({"busy"})
 
 
-async def test_without_an_idle_ttl_records_are_kept_until_forgotten() -> None:
+async def test_without_an_idle_ttl_records_are_kept_until_forgotten(new_store: NewStore) -> None:
     clock = FakeClock()
-    store = MemoryOwnershipStore(idle_ttl=0, clock=clock)
+    store = await new_store(idle_ttl=0, clock=clock)
     await store.claim("s1", "alice")
     clock.now += 10 * 365 * 86_400
     assert await store.owner("s1") == "alice"
     with pytest.raises(ValueError):
         MemoryOwnershipStore(idle_ttl=-1)
+    with pytest.raises(ValueError):
+        SqliteOwnershipStore("unused.sqlite3", idle_ttl=-1)
 
 
 async def test_expiry_keeps_the_user_index_consistent_under_random_use() -> None:
@@ -275,3 +322,39 @@ async def test_expiry_keeps_the_user_index_consistent_under_random_use() -> None
     indexed = {(s, u) for u, ss in store._by_user.items() for s in ss}
     assert indexed == {(s, record[0]) for s, record in store._owners.items()}
     assert all(clock.now - used < 10 for _, used in store._owners.values())
+
+
+async def test_the_sqlite_store_answers_like_the_memory_store_under_random_use(
+    tmp_path: Path,
+) -> None:
+    # The same random claims, uses, forgets and clock steps against both stores: every answer
+    # (owners, refusals, each user's sessions, the count) must be the same.
+    clock = FakeClock()
+    bounds: dict[str, Any] = {"max_sessions": 30, "max_per_user": 10, "idle_ttl": 20}
+    memory = MemoryOwnershipStore(**bounds, clock=clock)
+    sqlite = SqliteOwnershipStore(str(tmp_path / "owners.sqlite3"), **bounds, clock=clock)
+    await sqlite.open()
+    rng = random.Random(11)
+    refusals = 0
+    try:
+        for _ in range(1_500):
+            clock.now += rng.random() * 0.3
+            sid, user = f"s{rng.randrange(120)}", f"u{rng.randrange(4)}"
+            if rng.random() < 0.05:
+                await memory.forget(sid)
+                await sqlite.forget(sid)
+                continue
+            answers: list[str] = []
+            for store in (memory, sqlite):
+                try:
+                    answers.append(await store.claim(sid, user))
+                except OwnershipRefused as refused:
+                    answers.append(f"refused: {refused.reason}")
+            assert answers[0] == answers[1], (sid, user)
+            refusals += answers[0].startswith("refused")
+            assert await memory.owner(sid) == await sqlite.owner(sid)
+            assert await memory.sessions_of(user) == await sqlite.sessions_of(user)
+        assert len(memory) == await sqlite.count()
+        assert refusals > 0  # the caps were reached, so they were compared too
+    finally:
+        await sqlite.aclose()

@@ -510,6 +510,9 @@ def build_like_docker(tmp_path: Path) -> Installed:
     # Loopback only in tests; the image's 0.0.0.0 is checked statically above.
     run_env["GATEWAY__HOST"] = "127.0.0.1"
     run_env["TRIO_GATEWAY_DEV_ISSUER_FILE"] = str(tmp_path / "state" / "dev-issuer.json")
+    # The image's state volume (/var/lib/trio-gateway) is a directory of the test's here.
+    assert final_env["GATEWAY__SQLITE_PATH"].startswith("/var/lib/trio-gateway/")
+    run_env["GATEWAY__SQLITE_PATH"] = str(tmp_path / "state" / "trio-gateway.sqlite3")
     return Installed(venv, run_env)
 
 
@@ -631,7 +634,8 @@ async def test_the_image_commands_install_and_run_from_a_fresh_virtualenv(tmp_pa
             # `docker compose exec gateway trio-gateway check`: everything reachable.
             check = await run(installed.argv(["trio-gateway", "check"]), gateway_env, cwd)
             assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
-            assert check.stdout.decode().splitlines()[-1] == "verdict: OK (2 checks passed)"
+            # runtime, JWKS and the SQLite state file (Redis is skipped)
+            assert check.stdout.decode().splitlines()[-1] == "verdict: OK (3 checks passed)"
             assert await sigterm(gateway) == 0
         assert await sigterm(runtime) == 0
         assert await sigterm(issuer) == 0

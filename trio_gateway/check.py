@@ -4,7 +4,8 @@ An operator who deploys the gateway wants one command that says "this is what th
 run with, and these are the things it needs that are (not) reachable from here", before real
 users find out. The module is split the usual way: the top half is pure (redaction, formatting,
 the Redis wire format, the verdict) and unit-testable without sockets; the bottom half does the
-I/O (one HTTP GET per HTTP dependency, one TCP exchange with Redis), each bounded by a timeout
+I/O (one HTTP GET per HTTP dependency, one TCP exchange with Redis, a look at the SQLite state
+file), each bounded by a timeout
 and reported as one :class:`CheckResult` rather than an exception.
 
 Exit codes (:func:`exit_code`): 0 every check passed (skipped ones count as passed), 1 at least
@@ -37,6 +38,7 @@ __all__ = [
     "check_jwks",
     "check_redis",
     "check_runtime",
+    "check_sqlite",
     "configuration_lines",
     "encode_redis_command",
     "exit_code",
@@ -292,7 +294,7 @@ async def check_redis(settings: Settings, timeout: float) -> CheckResult:
     """
     if settings.state_backend != "redis":
         shown = redact_url(settings.redis_url.get_secret_value())
-        return CheckResult("redis", shown, "skipped", "STATE_BACKEND is memory")
+        return CheckResult("redis", shown, "skipped", f"STATE_BACKEND is {settings.state_backend}")
     try:
         target = parse_redis_url(settings.redis_url.get_secret_value())
     except ValueError as error:
@@ -328,6 +330,27 @@ async def check_redis(settings: Settings, timeout: float) -> CheckResult:
     return CheckResult("redis", target.display, "ok", "PONG")
 
 
+async def check_sqlite(settings: Settings, timeout: float) -> CheckResult:
+    """The state file (``STATE_BACKEND=sqlite``) can be created, or opened and written, and
+    holds a schema this version knows. Changes nothing (see ``sqlite_store.inspect_database``).
+    """
+    from .sqlite_store import SqliteStateError, inspect_database
+
+    target = settings.sqlite_path
+    if settings.state_backend != "sqlite":
+        return CheckResult(
+            "sqlite", target, "skipped", f"STATE_BACKEND is {settings.state_backend}"
+        )
+    # In a thread, abandoned at the timeout: a file on a hung mount must not hang the check.
+    with trio.move_on_after(timeout):
+        try:
+            detail = await trio.to_thread.run_sync(inspect_database, target, abandon_on_cancel=True)
+        except SqliteStateError as error:
+            return CheckResult("sqlite", target, "FAIL", str(error))
+        return CheckResult("sqlite", target, "ok", detail)
+    return CheckResult("sqlite", target, "FAIL", f"no answer within {timeout:g} s")
+
+
 async def _read_redis_line(stream: trio.abc.Stream) -> str:
     """One CRLF-terminated reply line (status ``+...`` or error ``-...``)."""
     data = b""
@@ -342,8 +365,8 @@ async def _read_redis_line(stream: trio.abc.Stream) -> str:
 
 
 async def run_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> list[CheckResult]:
-    """Run every check concurrently; results in a fixed order (runtime, JWKS, Redis)."""
-    results: list[CheckResult | None] = [None, None, None]
+    """Run every check concurrently; results in a fixed order (runtime, JWKS, Redis, SQLite)."""
+    results: list[CheckResult | None] = [None, None, None, None]
     # trust_env=False: the gateway itself does not use proxy variables to reach its runtime,
     # so neither should the check that claims to reproduce what the gateway sees.
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
@@ -357,10 +380,14 @@ async def run_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> li
         async def redis() -> None:
             results[2] = await check_redis(settings, timeout)
 
+        async def sqlite() -> None:
+            results[3] = await check_sqlite(settings, timeout)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(runtime)
             nursery.start_soon(jwks)
             nursery.start_soon(redis)
+            nursery.start_soon(sqlite)
     return [result for result in results if result is not None]
 
 

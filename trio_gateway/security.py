@@ -5,7 +5,8 @@ Pulls the sans-IO pieces together (``auth`` for tokens, ``limits`` for rates, ca
 refusal is a :class:`Refusal` carrying the HTTP status, a machine code and a safe human text.
 
 Ownership, per-user connection caps and per-user rates live in the state backend chosen by
-``STATE_BACKEND``: in this process (``memory``) or in Redis, shared by every replica
+``STATE_BACKEND``: in this process (``memory``), in this process with ownership kept in a SQLite
+file across restarts (``sqlite``, see ``sqlite_store.py``) or in Redis, shared by every replica
 (``redis``). When Redis does not answer, the trade-off is: nothing new is admitted that would
 need it (handshakes and session routes get 503 / close 1013, "shared state (Redis)
 unavailable"), while traffic already admitted keeps flowing and its rate checks fail open, so
@@ -37,8 +38,9 @@ from .auth import (
 from .client_address import client_address
 from .limits import OriginPolicy, parse_origin_list
 from .observability import Metrics
-from .ownership import MemoryOwnershipStore, OwnershipRefused, OwnershipStore
+from .ownership import OwnershipRefused, OwnershipStore
 from .settings import Settings
+from .sqlite_store import SqliteOwnershipStore, ownership_store_for
 from .state import (
     STATE_UNAVAILABLE,
     ConnectionLimiter,
@@ -111,10 +113,7 @@ class Security:
         if settings.state_backend == "redis":
             self._use_redis(settings, metrics)
         else:
-            self.ownership = MemoryOwnershipStore(
-                max_per_user=settings.max_sessions_per_user,
-                idle_ttl=settings.session_ownership_ttl,
-            )
+            self.ownership = ownership_store_for(settings)  # memory or sqlite
             self.connections = MemoryConnectionLimiter(
                 settings.max_connections_per_user, settings.max_connections
             )
@@ -166,7 +165,11 @@ class Security:
     ) -> None:
         """Run the state backend's background work until cancelled (Redis: the client, its
         health probe, the renewal of this replica's connection entries). Reports started once
-        Redis was probed (up or down); with the memory backend there is nothing to run."""
+        Redis was probed (up or down). SQLite: the file is open (a file that cannot be used
+        fails the startup instead); with the memory backend there is nothing to run."""
+        if isinstance(self.ownership, SqliteOwnershipStore):
+            await self.ownership.run(task_status=task_status)
+            return
         if self.redis is None or self._redis_connections is None:
             task_status.started()
             return

@@ -20,7 +20,7 @@ from hypercorn.config import Config
 from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import hypercorn_patches
+from . import hypercorn_patches, sqlite_store
 from .app import GatewayApp
 from .settings import Settings
 from .workers import reuse_port_socket
@@ -176,6 +176,9 @@ async def serve(
     ``trio-gateway serve --workers N`` (see workers.py).
     """
     hypercorn_patches.apply()  # before any connection: see hypercorn_patches.py
+    # An unusable state file stops the start here, as the one error, before the port is bound:
+    # from the app's own startup it would surface wrapped in hypercorn's lifespan failure.
+    await sqlite_store.preflight(settings)
     config = build_hypercorn_config(settings, host, port)
     if reuse_port:
         bind_host = host if host is not None else settings.host

@@ -401,11 +401,23 @@ class Settings(BaseSettings):
             "the gateway continues live without replaying."
         ),
     )
-    state_backend: Literal["memory", "redis"] = Field(
-        "memory",
+    state_backend: Literal["sqlite", "memory", "redis"] = Field(
+        "sqlite",
         description=(
-            "Where ownership, per-user limits, session leases and replay streams live: memory "
-            "(one process) or redis (several replicas sharing REDIS_URL)."
+            "Where ownership, per-user limits, session leases and replay streams live: sqlite "
+            "(session owners in the file SQLITE_PATH, kept across restarts; the rest in this "
+            "process), memory (all in this process, lost on restart: for tests) or redis "
+            "(several replicas sharing REDIS_URL)."
+        ),
+    )
+    sqlite_path: str = Field(
+        "trio-gateway.sqlite3",
+        min_length=1,
+        max_length=4096,
+        description=(
+            "STATE_BACKEND=sqlite: the file that keeps session owners (created if missing; "
+            "relative paths start at the working directory). Must be on a local disk; several "
+            "gateway processes on one host may share it."
         ),
     )
     redis_url: SecretStr = Field(
@@ -502,6 +514,17 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("sqlite_path")
+    @classmethod
+    def _sqlite_file(cls, value: str) -> str:
+        # A path is opened as a plain file name: ":memory:" would be a database that nothing
+        # shares and a restart loses, which is STATE_BACKEND=memory under another name.
+        if value.strip() != value or not value.strip():
+            raise ValueError("must be a file path without surrounding spaces")
+        if value == ":memory:" or "\x00" in value:
+            raise ValueError("must be a file path (for no file, use STATE_BACKEND=memory)")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
