@@ -20,7 +20,7 @@ peer) and ``X-Forwarded-Proto``; ``Host`` and ``Content-Length`` come from httpx
 
 Failures the gateway itself produces use one JSON shape, ``{"error", "error_description"}``:
 runtime unreachable 502, runtime timeout 504, gateway saturated 503 with ``Retry-After``,
-request body too large 413, shared state (Redis) unavailable 503 on routes that need
+request body too large 413, state backend (Redis or SQLite) unavailable 503 on routes that need
 ownership. A runtime 429 is passed through with its headers.
 """
 

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 #: The description clients get (503 body, 1013 close reason) when the shared state is down.
-STATE_UNAVAILABLE = "shared state (Redis) unavailable"
+STATE_UNAVAILABLE = "the state backend (Redis or SQLite) is unavailable"
 
 
 class StateUnavailable(Exception):
