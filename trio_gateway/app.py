@@ -102,6 +102,8 @@ class Gateway:
         if self.http is not None:
             with trio.CancelScope(shield=True):
                 await self.http.aclose()
+        if self.runtime is not None:
+            await self.runtime.aclose()  # idle pooled turn connections
         # Last: sessions ending above still give their connections back to Redis.
         if self._state_scope is not None:
             self._state_scope.cancel()
