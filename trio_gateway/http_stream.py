@@ -205,7 +205,12 @@ class StreamingResponse:
         The deadline is checked before the read (so time the caller spent between reads, e.g.
         handing a batch on, never counts as silence) and after it (so the caller starts its
         hand-off with a full idle period ahead), and moved only when it is less than the idle
-        timeout away: two clock reads per network read instead of a cancel scope.
+        timeout away: two clock reads per network read instead of a cancel scope. A silence
+        therefore fails after between ``idle_timeout`` and ``idle_timeout + slack`` seconds.
+        The one scope also covers the caller's hand-off between reads: a hand-off blocked for
+        longer than the idle timeout (a client that reads this slowly is aborted by the
+        slow-client watchdog long before: 30 s against 900 s by default) would end the turn
+        with a timeout too.
         """
         scope = self._scope
         idle = self._idle
