@@ -149,6 +149,21 @@ async def test_an_idle_connection_expires_instead_of_being_reused(
     await pool.aclose()
 
 
+async def test_expired_idle_connections_are_closed_without_any_further_request(
+    keepalive: KeepAliveRuntime,
+) -> None:
+    pool = make_pool(keepalive.url, idle_expiry=0.2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        await post(pool, "one")
+        assert pool.idle_connections == 1
+        with trio.fail_after(5):
+            while keepalive.connections[0].open:
+                await trio.sleep(0.02)
+        assert pool.idle_connections == 0
+        await pool.aclose()  # also ends run()
+
+
 async def test_the_pool_is_bounded_under_concurrency(keepalive: KeepAliveRuntime) -> None:
     pool = make_pool(keepalive.url, max_connections=3, max_idle=3)
     async with trio.open_nursery() as nursery:

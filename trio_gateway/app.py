@@ -79,6 +79,7 @@ class Gateway:
         self.proxy.transport = transport
         self.security.start(self.http)
         self.runtime = RuntimeClient(self.settings)
+        nursery.start_soon(self.runtime.run_pool)  # ends with runtime.aclose() in stop()
         self.sessions = SessionManager(self.settings, self.runtime, self.metrics, self.security)
         self._manager_scope = trio.CancelScope()
 

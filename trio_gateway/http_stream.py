@@ -23,7 +23,8 @@ Reuse policy, and why:
 - **Idle expiry** shorter than the servers' keep-alive timeouts (hypercorn and uvicorn close idle
   connections after 5 s): a connection idle longer is closed instead of reused, so the race with
   the server's own close is rare. Expired connections are found at the bottom of the stack (the
-  oldest) on every release and at the top (all expired) on every checkout: amortised O(1).
+  oldest) on every release and at the top (all expired) on every checkout: amortised O(1); a
+  background task (:meth:`ConnectionPool.run`) closes them when no request comes along.
 - **Bounded.** At most ``max_connections`` requests in flight (a slot each; a request that waits
   longer than ``slot_wait`` for one fails with :class:`PoolTimeout`); at most ``max_idle``
   connections kept. A new connection is opened only when no idle one is left, so open
@@ -109,8 +110,9 @@ def _stale_retry_rule() -> None:
 
 def _unusable(fd: int) -> bool:
     """Whether an idle kept-alive connection is readable: EOF (the server closed it), an error
-    or unsolicited bytes. Any of them means it must not carry another request. ``poll`` rather
-    than ``select``: descriptors above 1023 are normal in a gateway."""
+    or unsolicited bytes. Any of them means it must not carry another request (over TLS a late
+    session ticket would count too: at worst a new connection). ``poll`` rather than
+    ``select``: descriptors above 1023 are normal in a gateway."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
@@ -275,6 +277,7 @@ class ConnectionPool:
         self._slots = trio.Semaphore(max_connections)
         self._idle: deque[_Connection] = deque()
         self._closed = False
+        self._reaper = trio.CancelScope()
         # Built once: creating an SSL context loads the CA bundle (~tens of ms).
         self._ssl_context = ssl.create_default_context() if self._tls else None
         # Counters (tests and the benchmark read them).
@@ -292,27 +295,52 @@ class ConnectionPool:
         """Requests holding a slot right now."""
         return self._max_connections - self._slots.value
 
+    async def run(self) -> None:
+        """Close idle connections once they expire, even when no request comes to notice,
+        until :meth:`aclose` (a quiet gateway must not hold sockets the runtime has closed).
+
+        Wakes twice per expiry period; the exact expiry is enforced at checkout anyway."""
+        with self._reaper:
+            while True:
+                await trio.sleep(self._idle_expiry / 2)
+                self._expire(trio.current_time())
+
+    def _expire(self, now: float) -> None:
+        """Close the expired idle connections (the oldest are at the left end)."""
+        idle = self._idle
+        expiry = self._idle_expiry
+        while idle and now - idle[0].idle_since >= expiry:
+            idle.popleft().close()
+
     async def aclose(self) -> None:
-        """Close every idle connection; later releases close theirs instead of pooling."""
+        """Close every idle connection and stop :meth:`run`; later releases close their
+        connections instead of pooling them."""
         self._closed = True
+        self._reaper.cancel()
         while self._idle:
             self._idle.pop().close()
         await trio.lowlevel.checkpoint()
 
     async def _connect(self) -> _Connection:
+        tcp: trio.SocketStream | None = None
         try:
             with trio.fail_after(self._connect_timeout):
                 tcp = await trio.open_tcp_stream(self._host, self._port)
                 stream: trio.abc.Stream = tcp
                 if self._ssl_context is not None:
                     tls = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._host)
-                    await tls.do_handshake()
+                    try:
+                        await tls.do_handshake()
+                    except BaseException:
+                        tcp.socket.close()  # a failed or cancelled handshake leaks no socket
+                        raise
                     stream = tls
         except trio.TooSlowError:
             raise StreamConnectError("connect timed out") from None
         except (OSError, trio.BrokenResourceError) as error:
             raise StreamConnectError(str(error)) from None
         self.opened += 1
+        assert tcp is not None
         return _Connection(stream, tcp.socket)
 
     def _checkout(self) -> _Connection | None:
@@ -346,9 +374,9 @@ class ConnectionPool:
         connection.idle_since = now
         idle = self._idle
         idle.append(connection)
-        expiry = self._idle_expiry
-        while idle and (len(idle) > self._max_idle or now - idle[0].idle_since >= expiry):
+        while len(idle) > self._max_idle:
             idle.popleft().close()
+        self._expire(now)
 
     @asynccontextmanager
     async def stream(
@@ -356,8 +384,9 @@ class ConnectionPool:
     ) -> AsyncIterator[StreamingResponse]:
         """Send one request and yield the response once its head has arrived.
 
-        Everything from the connect to the last body read runs under the idle timeout (no byte
-        for that long: :class:`StreamTimeout`); connect and write have their own timeouts.
+        From the written request to the last body read no silence may last longer than the
+        idle timeout (:class:`StreamTimeout`); connect and write have their own timeouts, and
+        waiting for a free slot longer than ``slot_wait`` raises :class:`PoolTimeout`.
         Cancelling the caller closes the connection at once.
         """
         try:

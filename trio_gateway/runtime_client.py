@@ -122,6 +122,10 @@ class RuntimeClient:
         """The keep-alive pool turns are streamed over."""
         return self._pool
 
+    async def run_pool(self) -> None:
+        """Close expired idle connections in the background until :meth:`aclose`."""
+        await self._pool.run()
+
     async def aclose(self) -> None:
         """Close the pooled idle connections (the app is stopping)."""
         await self._pool.aclose()
