@@ -87,6 +87,7 @@ class Gateway:
         self.proxy.transport = transport
         self.security.start(self.http)
         self.runtime = RuntimeClient(self.settings)
+        nursery.start_soon(self.runtime.run_pool)  # ends with runtime.aclose() in stop()
         self.sessions = SessionManager(self.settings, self.runtime, self.metrics, self.security)
         self._manager_scope = trio.CancelScope()
 
@@ -110,6 +111,8 @@ class Gateway:
         if self.http is not None:
             with trio.CancelScope(shield=True):
                 await self.http.aclose()
+        if self.runtime is not None:
+            await self.runtime.aclose()  # idle pooled turn connections
         # Last: sessions ending above still give their connections back to Redis.
         if self._state_scope is not None:
             self._state_scope.cancel()

@@ -1,20 +1,23 @@
-"""Client of the Agent Runtime's streaming endpoint (HTTP + SSE), over the app's shared pool."""
+"""Client of the Agent Runtime's streaming endpoint (HTTP + SSE), over a keep-alive pool."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from typing import Any
 
 import orjson
-import trio
 
-from .http_stream import StreamBroken, StreamConnectError, StreamingClient, StreamTimeout
-from .limits import acquire_within
+from .http_stream import (
+    ConnectionPool,
+    PoolTimeout,
+    StreamBroken,
+    StreamConnectError,
+    StreamTimeout,
+)
 from .protocol import ErrorCode
 from .settings import Settings
-from .sse import ServerSentEvent, SSEDecoder, SSEProtocolError
+from .sse import SSEProtocolError, SSESplitter
 
 logger = logging.getLogger("trio_gateway.runtime")
 
@@ -64,21 +67,30 @@ def _error_detail(body: bytes) -> str | None:
     return " ".join(detail.split())[:MAX_DETAIL_CHARS]
 
 
-def _parse_events(events: list[ServerSentEvent]) -> tuple[list[dict[str, Any]], list[int]]:
+def _parse_events(payloads: list[bytes | str]) -> tuple[list[dict[str, Any]], list[int]]:
     """JSON chunks (nulls dropped) of one network read's events, and each one's payload bytes."""
     batch: list[dict[str, Any]] = []
     sizes: list[int] = []
-    for event in events:
+    loads = orjson.loads
+    for data in payloads:
         try:
-            chunk = orjson.loads(event.data)
+            chunk = loads(data)
         except orjson.JSONDecodeError:
-            logger.warning("runtime sent an SSE event that is not JSON; skipped")
-            continue
-        if not isinstance(chunk, dict):
+            # orjson refuses invalid UTF-8 in bytes; the SSE standard decodes it with
+            # replacement characters, so a payload from the fast path gets that second chance.
+            if not isinstance(data, bytes):
+                logger.warning("runtime sent an SSE event that is not JSON; skipped")
+                continue
+            try:
+                chunk = loads(data.decode("utf-8", "replace"))
+            except orjson.JSONDecodeError:
+                logger.warning("runtime sent an SSE event that is not JSON; skipped")
+                continue
+        if type(chunk) is not dict:
             logger.warning("runtime sent an SSE event that is not a JSON object; skipped")
             continue
         batch.append(_drop_nulls(chunk))
-        sizes.append(len(event.data))
+        sizes.append(len(data))
     return batch, sizes
 
 
@@ -86,7 +98,7 @@ class RuntimeClient:
     """Streams turns from the runtime and turns every failure into a :class:`RuntimeFailure`."""
 
     def __init__(self, settings: Settings) -> None:
-        self._client = StreamingClient(
+        self._pool = ConnectionPool(
             settings.agent_url,
             default_headers={
                 "X-Internal-Auth": settings.internal_api_key.get_secret_value(),
@@ -95,14 +107,29 @@ class RuntimeClient:
             },
             connect_timeout=settings.request_timeout,
             write_timeout=settings.request_timeout,
-            # The stream *idle* timeout applies to every network read: a stream silent for
-            # longer fails, while a long but lively one never does.
+            # The stream *idle* timeout: a stream silent for longer fails, while a long but
+            # lively one never does.
             idle_timeout=settings.stream_idle_timeout,
+            # Every turn holds one runtime connection for its whole length: cap them.
+            max_connections=settings.runtime_max_connections,
+            max_idle=settings.runtime_pool_max_idle,
+            idle_expiry=settings.runtime_pool_idle_expiry,
+            slot_wait=settings.request_timeout,
         )
         self._idle_timeout = settings.stream_idle_timeout
-        self._wait_for_slot = settings.request_timeout
-        # Every turn holds one runtime connection for its whole length: cap them.
-        self._slots = trio.CapacityLimiter(settings.runtime_max_connections)
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """The keep-alive pool turns are streamed over."""
+        return self._pool
+
+    async def run_pool(self) -> None:
+        """Close expired idle connections in the background until :meth:`aclose`."""
+        await self._pool.run()
+
+    async def aclose(self) -> None:
+        """Close the pooled idle connections (the app is stopping)."""
+        await self._pool.aclose()
 
     async def stream_turn(
         self,
@@ -114,18 +141,14 @@ class RuntimeClient:
         """Relay one turn: POST the message, hand every batch of chunks to ``deliver``.
 
         All events parsed from one network read are delivered as one batch (the per-token cost
-        must stay tiny; docs/performance.md). Returns the number of chunks relayed. Cancelling the
-        caller closes the runtime connection at once.
+        must stay tiny; docs/performance.md). Returns the number of chunks relayed. Cancelling
+        the caller closes the runtime connection at once. ``headers`` are added to the request
+        (the caller's ``X-User-ID`` and ``X-User-Scopes``).
         """
         body = orjson.dumps({"session_id": session_id, "message": message})
         relayed = 0
-        if not await acquire_within(self._slots, self._wait_for_slot):
-            raise RuntimeFailure(
-                ErrorCode.RUNTIME_UNAVAILABLE,
-                "Gateway has no free connection to the runtime; try again shortly",
-            )
         try:
-            async with self._client.post(STREAM_PATH, body, headers or {}) as response:
+            async with self._pool.stream("POST", STREAM_PATH, body, headers or {}) as response:
                 if response.status_code != 200:
                     status = response.status_code
                     detail = _error_detail(await response.read_limited(MAX_ERROR_BODY))
@@ -135,26 +158,33 @@ class RuntimeClient:
                     raise RuntimeFailure(
                         ErrorCode.RUNTIME_ERROR, text, status=status, detail=detail
                     )
-                decoder = SSEDecoder()
-                async with aclosing(response.iter_chunks()) as chunks:
-                    async for piece in chunks:
-                        try:
-                            events = decoder.feed(piece)
-                        except SSEProtocolError as error:
-                            # Relay what was complete before the runaway line, then fail.
-                            if error.events:
-                                batch, sizes = _parse_events(error.events)
-                                if batch:
-                                    await deliver(batch, sizes)
-                            raise
-                        if events:
-                            batch, sizes = _parse_events(events)
+                # The hot loop: one network read -> h11 -> SSE blocks -> JSON -> one batch.
+                # Plain coroutine calls, no async generator, no per-read cancel scope.
+                receive = response.receive_body
+                split = SSESplitter().feed_data
+                while (piece := await receive()) is not None:
+                    try:
+                        payloads = split(piece)
+                    except SSEProtocolError as error:
+                        # Relay what was complete before the runaway line, then fail.
+                        if error.events:
+                            batch, sizes = _parse_events([e.data for e in error.events])
                             if batch:
-                                relayed += len(batch)
                                 await deliver(batch, sizes)
+                        raise
+                    if payloads:
+                        batch, sizes = _parse_events(payloads)
+                        if batch:
+                            relayed += len(batch)
+                            await deliver(batch, sizes)
         except SSEProtocolError:
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime sent a malformed event stream"
+            ) from None
+        except PoolTimeout:
+            raise RuntimeFailure(
+                ErrorCode.RUNTIME_UNAVAILABLE,
+                "Gateway has no free connection to the runtime; try again shortly",
             ) from None
         except StreamConnectError as error:
             logger.info("runtime unreachable: %s", error)
@@ -171,6 +201,4 @@ class RuntimeClient:
             raise RuntimeFailure(
                 ErrorCode.RUNTIME_STREAM_BROKEN, "Agent runtime stream ended unexpectedly"
             ) from None
-        finally:
-            self._slots.release()
         return relayed

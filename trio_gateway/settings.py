@@ -71,6 +71,26 @@ class Settings(BaseSettings):
             "connections."
         ),
     )
+    # Keep-alive pool of turn connections (http_stream.py).
+    runtime_pool_max_idle: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description=(
+            "Idle keep-alive connections to the runtime kept for the next turns (0: a new "
+            "connection per turn); more are closed when released."
+        ),
+    )
+    runtime_pool_idle_expiry: float = Field(
+        4.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds an idle pooled runtime connection may wait before it is closed instead of "
+            "reused. Keep it below the runtime server's keep-alive timeout (hypercorn and "
+            "uvicorn: 5 s) so the server rarely closes a connection just as a turn starts on it."
+        ),
+    )
     max_concurrent_requests: int = Field(
         200,
         ge=1,

@@ -30,7 +30,13 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MAX_LINE_BYTES", "SSEDecoder", "SSEProtocolError", "ServerSentEvent"]
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "SSEDecoder",
+    "SSEProtocolError",
+    "SSESplitter",
+    "ServerSentEvent",
+]
 
 DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
@@ -304,3 +310,161 @@ class SSEDecoder:
         self._last_event_id = last_event_id
         self._block_retry = block_retry
         return events
+
+
+class SSESplitter:
+    """Event payloads of one stream: a fast path for ``data: <payload>\\n\\n`` blocks, the full
+    :class:`SSEDecoder` for everything else, with exactly the decoder's results.
+
+    Today's runtime writes nothing but blocks of exactly ``data: <one JSON object>\\n\\n``. The
+    fast path cuts such blocks out of the bytes with ``bytes.find`` and hands the payload bytes
+    on undecoded (``orjson`` parses bytes). Whatever it does not recognise at a block boundary
+    (a comment, ``event:``/``id:``/``retry:``, multi-line data, a CR anywhere, a leading BOM, a
+    blank line too many, a line over ``max_line_bytes``) goes, from the start of that block, to
+    an :class:`SSEDecoder` set to the state the decoder alone would be in there (no partial
+    block, the last ``id`` in force, past the start of the stream). The fast path takes over
+    again after a read that leaves the decoder at a clean block boundary. The property test in
+    ``tests/test_sse_split.py`` checks the split against the decoder alone for arbitrary byte
+    streams cut at arbitrary points.
+    """
+
+    __slots__ = (
+        "_decoded",
+        "_decoder",
+        "_id",
+        "_max_line_bytes",
+        "_pending",
+        "_pending_len",
+        "_started",
+    )
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        """Create a splitter; it raises :class:`SSEProtocolError` where the decoder would."""
+        if max_line_bytes < 1:
+            raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
+        self._max_line_bytes = max_line_bytes
+        self._decoder: SSEDecoder | None = None  # set while the full decoder is in charge
+        self._pending: list[bytes] = []  # bytes of the current, incomplete block (fast path)
+        self._pending_len = 0
+        self._started = False  # a block went through the fast path: the BOM chance is over
+        self._id: str | None = None  # the last event ID in force (set by the decoder only)
+        self._decoded = False  # the decoder produced (some of) the last feed's events
+
+    def feed_data(self, chunk: bytes) -> list[bytes | str]:
+        """The data of every event completed by ``chunk``: ``bytes`` from the fast path (UTF-8
+        as sent; decode with ``errors="replace"`` to get the decoder's ``str``), ``str`` from
+        the decoder. Event names and IDs are not reported (see :meth:`feed` for them)."""
+        self._decoded = False
+        items = self._feed(chunk)
+        if not self._decoded:
+            return items  # type: ignore[return-value]  # all bytes
+        return [i.data if isinstance(i, ServerSentEvent) else i for i in items]
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """The events completed by ``chunk``, exactly as :meth:`SSEDecoder.feed` returns them."""
+        event_id = self._id  # fast-path events of this feed precede any ID change in it
+        return self._as_events(self._feed(chunk), event_id)
+
+    @staticmethod
+    def _as_events(
+        items: list[bytes | ServerSentEvent], event_id: str | None
+    ) -> list[ServerSentEvent]:
+        return [
+            item
+            if isinstance(item, ServerSentEvent)
+            else ServerSentEvent(item.decode("utf-8", "replace"), id=event_id)
+            for item in items
+        ]
+
+    def _feed(self, chunk: bytes) -> list[bytes | ServerSentEvent]:
+        decoder = self._decoder
+        if decoder is not None:
+            return self._decode(decoder, chunk, [])
+        if self._pending:
+            self._pending.append(chunk)
+            self._pending_len += len(chunk)
+            if b"\n" not in chunk and b"\r" not in chunk:
+                # Cannot end a line: keep it whole, join once a line end arrives.
+                if self._pending_len > self._max_line_bytes:
+                    return self._fall_back(self._take_pending(), [])
+                return []
+            data = self._take_pending()
+        else:
+            data = chunk
+        if (not self._started and data[:1] == b"\xef") or b"\r" in data:
+            return self._fall_back(data, [])  # a possible BOM, or CR line ends
+        out: list[bytes | ServerSentEvent] = []
+        find = data.find
+        max_line = self._max_line_bytes
+        pos = 0
+        while True:
+            end = find(b"\n\n", pos)
+            if end < 0:
+                break
+            if (
+                end - pos > max_line
+                or not data.startswith(b"data: ", pos)
+                or (find(b"\n", pos, end) >= 0)
+            ):
+                return self._fall_back(data[pos:], out)
+            out.append(data[pos + 6 : end])
+            pos = end + 2
+            self._started = True
+        if pos < len(data):
+            rest = data[pos:] if pos else data
+            if len(rest) > max_line:
+                return self._fall_back(rest, out)
+            self._pending = [rest]
+            self._pending_len = len(rest)
+        return out
+
+    def _take_pending(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending = []
+        self._pending_len = 0
+        return data
+
+    def _fall_back(
+        self, data: bytes, out: list[bytes | ServerSentEvent]
+    ) -> list[bytes | ServerSentEvent]:
+        """Hand ``data`` (which starts at a block boundary) to a decoder in the state the
+        decoder alone would be in at that boundary."""
+        decoder = SSEDecoder(self._max_line_bytes)
+        decoder._at_start = not self._started
+        decoder._id_buffer = decoder._last_event_id = self._id
+        self._decoder = decoder
+        return self._decode(decoder, data, out)
+
+    def _decode(
+        self, decoder: SSEDecoder, data: bytes, out: list[bytes | ServerSentEvent]
+    ) -> list[bytes | ServerSentEvent]:
+        self._decoded = True
+        try:
+            events = decoder.feed(data)
+        except SSEProtocolError as error:
+            error.events = self._as_events(out, self._id) + error.events
+            raise
+        out.extend(events)
+        # Back to the fast path only at a clean block boundary: nothing buffered, no field of a
+        # block seen yet, no CRLF half-read, past the stream's start.
+        if (
+            not decoder._pending
+            and not decoder._data
+            and not decoder._event_type
+            and decoder._block_retry is None
+            and not decoder._skip_lf
+            and not decoder._at_start
+        ):
+            self._decoder = None
+            self._id = decoder._id_buffer
+            self._started = True
+        return out
+
+    def close(self) -> list[ServerSentEvent]:
+        """End of stream: an unterminated final event is discarded (see
+        :meth:`SSEDecoder.close`); always ``[]``, like the decoder."""
+        self._pending = []
+        self._pending_len = 0
+        if self._decoder is not None:
+            return self._decoder.close()
+        return []

@@ -1,0 +1,324 @@
+"""Gateway CPU per uncoalescable frame: this tree's gateway against a baseline gateway, paired.
+
+Run ``python bench/frame_cost.py`` (5 pairs, about 2 minutes) or ``--pairs 1 --seconds 3`` for a
+smoke run; ``--baseline REF`` picks the git commit the baseline gateway is built from (default
+``main``), ``--json FILE`` also writes the figures.
+
+What it measures
+----------------
+One demo runtime (``trio-gateway demo-runtime``, this tree) serves both gateways. Each run
+starts a fresh gateway (``python -m trio_gateway.cli serve``, one process, the app in it), opens
+``S`` WebSocket sessions with raw wsproto clients that offer permessage-deflate (as browsers, VS
+Code and most client libraries do; the gateway's hypercorn accepts it) and sends the IDE's
+15-key ``user_message`` frames, nulls included. After one untimed ``bench 1`` turn per session
+(warm-up: the gateway's runtime connections, the interpreters), every session streams
+``bench N R``: N tokens at R tokens/s on the runtime's own schedule, each chunk carrying its own
+``metadata`` (its emit time), so the gateway can never coalesce two tokens into one frame: one
+runtime event in, one WebSocket frame out. The figure is the gateway process's CPU time over
+that window (the sum of field 1, time on a CPU in ns, of ``/proc/<pid>/task/*/schedstat``,
+every thread) divided by the frames the clients received.
+
+Each pair runs the baseline gateway and this tree's gateway side by side, in the same timed
+window, each with its own ``S`` sessions on the same runtime: whatever else the shared machine
+does at that moment (other processes, frequency changes) hits both alike. Measured one after
+the other instead, the runtime's own CPU per event (same code in both runs) moved by +-20%
+between runs, which buried a difference of a few percent. The report gives each pair's figures
+and ratio and the medians; absolute microseconds depend on the machine and its load, the ratio
+within a pair is the steadier figure. The baseline gateway runs the baseline commit's
+``trio_gateway`` package (``git archive`` into a temporary directory, first on ``PYTHONPATH``)
+with the same settings.
+
+Exit status: 0 when the measurement completed, 1 when the benchmark itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request
+from wsproto.extensions import PerMessageDeflate
+
+if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.relay_bench import HOST, UNLIMITED_USER, BenchError, Child, child_env, spawned
+from tests.frames import ide_frame
+
+ROOT = Path(__file__).resolve().parent.parent
+TURN_TIMEOUT = 120.0
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds every thread of ``pid`` has spent on a CPU (``schedstat`` field 1)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that just ended
+    return total
+
+
+class DeflateClient:
+    """A WebSocket client on a bare trio socket that offers permessage-deflate."""
+
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection, deflate: bool) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.deflate = deflate  # negotiated
+        self._text: list[str] = []
+
+    @classmethod
+    async def connect(cls, port: int, path: str) -> DeflateClient:
+        stream = await trio.open_tcp_stream(HOST, port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        request = Request(host=f"{HOST}:{port}", target=path, extensions=[PerMessageDeflate()])
+        await stream.send_all(ws.send(request))
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise BenchError("closed during the handshake")
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return cls(stream, ws, bool(event.extensions))
+                if isinstance(event, RejectConnection):
+                    raise BenchError(f"handshake refused with HTTP {event.status_code}")
+
+    async def send_json(self, frame: dict[str, Any]) -> None:
+        await self.stream.send_all(self.ws.send(Message(data=orjson.dumps(frame).decode())))
+
+    async def turn(self) -> int:
+        """Read frames up to the final one; return how many arrived."""
+        frames = 0
+        with trio.fail_after(TURN_TIMEOUT):
+            while True:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise BenchError("gateway closed the socket mid-turn")
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, Message):
+                        self._text.append(str(event.data))
+                        if not event.message_finished:
+                            continue
+                        frame = orjson.loads("".join(self._text))
+                        self._text = []
+                        frames += 1
+                        if frame.get("type") == "error":
+                            raise BenchError(f"error frame: {frame}")
+                        if frame.get("is_final") is True:
+                            return frames
+                    elif isinstance(event, CloseConnection):
+                        raise BenchError(f"gateway closed with {event.code}")
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(2):
+            await self.stream.send_all(self.ws.send(CloseConnection(code=1000)))
+        await self.stream.aclose()
+
+
+@dataclass
+class Run:
+    """One timed window against one gateway."""
+
+    variant: str
+    frames: int
+    gateway_cpu_s: float
+    runtime_cpu_s: float
+    wall_s: float
+    deflate: bool
+
+    @property
+    def us_per_frame(self) -> float:
+        return 1e6 * self.gateway_cpu_s / self.frames
+
+
+async def open_clients(gateway: Child, count: int) -> list[DeflateClient]:
+    """``count`` sessions on ``gateway`` (distinct ids)."""
+    port = int(gateway.url.rsplit(":", 1)[1])
+    tag = secrets.token_hex(4)
+    return [await DeflateClient.connect(port, f"/api/v1/ws/{tag}-{i}") for i in range(count)]
+
+
+async def turn_all(clients: list[DeflateClient], content: str, rate: int) -> int:
+    """Send ``content`` on every session (starts spread over one token interval) and read
+    every turn to its end; return the frames received."""
+    counts: list[int] = []
+
+    async def one(client: DeflateClient, delay: float) -> None:
+        await trio.sleep(delay)
+        await client.send_json(ide_frame(content))
+        counts.append(await client.turn())
+
+    async with trio.open_nursery() as nursery:
+        for index, client in enumerate(clients):
+            nursery.start_soon(one, client, index / len(clients) / rate)
+    return sum(counts)
+
+
+async def measure(
+    gateways: dict[str, Child], runtime: Child, args: argparse.Namespace
+) -> list[Run]:
+    """Both gateways in the same window: open the sessions, warm up, then time ``bench N R``
+    on every session of both at once, so whatever else the machine does hits both alike."""
+    await runtime.wait_healthy()
+    clients: dict[str, list[DeflateClient]] = {}
+    try:
+        for variant, gateway in gateways.items():
+            await gateway.wait_healthy()
+            clients[variant] = await open_clients(gateway, args.sessions)
+        frames: dict[str, int] = {}
+
+        async def all_turns(content: str) -> None:
+            async def one(variant: str) -> None:
+                frames[variant] = await turn_all(clients[variant], content, args.rate)
+
+            async with trio.open_nursery() as nursery:
+                for variant in gateways:
+                    nursery.start_soon(one, variant)
+
+        await all_turns("bench 1")
+        start = {variant: cpu_ns(gateway.pid) for variant, gateway in gateways.items()}
+        runtime_start = cpu_ns(runtime.pid)
+        wall_start = trio.current_time()
+        await all_turns(f"bench {args.rate * args.seconds} {args.rate}")
+        wall = trio.current_time() - wall_start
+        runtime_cpu = (cpu_ns(runtime.pid) - runtime_start) / 1e9
+        expected = args.sessions * (args.rate * args.seconds + 1)
+        runs = []
+        for variant, gateway in gateways.items():
+            if frames[variant] != expected:
+                raise BenchError(f"{variant}: {frames[variant]} frames, expected {expected}")
+            runs.append(
+                Run(
+                    variant,
+                    frames[variant],
+                    (cpu_ns(gateway.pid) - start[variant]) / 1e9,
+                    runtime_cpu / len(gateways),
+                    wall,
+                    all(c.deflate for c in clients[variant]),
+                )
+            )
+        return runs
+    finally:
+        for group in clients.values():
+            for client in group:
+                await client.aclose()
+
+
+@contextmanager
+def baseline_tree(ref: str) -> Iterator[Path]:
+    """The ``trio_gateway`` package of commit ``ref``, unpacked into a temporary directory."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "trio_gateway"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tempfile.TemporaryDirectory(prefix="frame-cost-base-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    key = secrets.token_urlsafe(24)
+    runs: list[Run] = []
+    settings = {**UNLIMITED_USER}
+    with (
+        tempfile.TemporaryDirectory(prefix="frame-cost-") as tmp,
+        baseline_tree(args.baseline) as base,
+        spawned("runtime", ["demo-runtime"], child_env(key), Path(tmp)) as runtime,
+    ):
+        for pair in range(args.pairs):
+            with ExitStack() as stack:
+                gateways: dict[str, Child] = {}
+                for variant in ("baseline", "tree"):
+                    env = child_env(key, agent_url=runtime.url, **settings)
+                    if variant == "baseline":
+                        paths = [str(base), env.get("PYTHONPATH", "")]
+                        env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+                    gateways[variant] = stack.enter_context(
+                        spawned(f"gateway-{variant}", ["serve"], env, Path(tmp))
+                    )
+                results = trio.run(measure, gateways, runtime, args)
+            runs += results
+            line = ", ".join(
+                f"{r.variant} {r.us_per_frame:6.1f} us/frame{'' if r.deflate else ' (NO deflate)'}"
+                for r in results
+            )
+            ratio = results[1].us_per_frame / results[0].us_per_frame
+            print(
+                f"pair {pair + 1}: {line}; ratio {ratio:.3f} ({results[0].frames} frames each, "
+                f"runtime {1e6 * results[0].runtime_cpu_s / results[0].frames:.0f} us/frame)",
+                flush=True,
+            )
+    return report(runs, args)
+
+
+def report(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
+    tree = [r.us_per_frame for r in runs if r.variant == "tree"]
+    base = [r.us_per_frame for r in runs if r.variant == "baseline"]
+    ratios = [t / b for t, b in zip(tree, base, strict=True)]
+    summary = {
+        "baseline_ref": args.baseline,
+        "sessions": args.sessions,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "baseline_us_per_frame_median": statistics.median(base),
+        "tree_us_per_frame_median": statistics.median(tree),
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "runs": [asdict(r) | {"us_per_frame": r.us_per_frame} for r in runs],
+        "loadavg": os.getloadavg(),
+    }
+    print()
+    print(f"gateway CPU per uncoalescable frame ({args.sessions} sessions x {args.rate} tokens/s")
+    print(f"x {args.seconds} s, permessage-deflate, IDE frames), medians of {len(ratios)} pairs:")
+    print(f"  baseline ({args.baseline}): {summary['baseline_us_per_frame_median']:.1f} us")
+    print(f"  this tree:        {summary['tree_us_per_frame_median']:.1f} us")
+    spread = f"{min(ratios):.3f}..{max(ratios):.3f}"
+    print(f"  tree / baseline:  {summary['ratio_median']:.3f} (pairs {spread})")
+    print(f"  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default="main", help="git ref of the baseline gateway")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--sessions", type=int, default=30, help="sessions per gateway")
+    parser.add_argument("--rate", type=int, default=20, help="tokens/s per session")
+    parser.add_argument("--seconds", type=int, default=8, help="seconds per timed turn")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    try:
+        summary = run(args)
+    except BenchError as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
