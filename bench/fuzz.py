@@ -1,10 +1,12 @@
 """Long hostile-input fuzz run with figures: frames, handshakes and tokens against one gateway.
 
-Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes and 500 token
-attempts; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick`` for
-a smoke run. The same harness as ``tests/test_fuzz.py`` (``tests/fuzzing.py``): a gateway in
-front of the demo runtime (and, for tokens, a second one with JWT on and a real JWKS server)
-on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns for
+Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes, 500 token
+attempts and 500 each of h2c upgrades, CL+TE smuggling attempts and pipelines, plus rounds of
+30 slow heads at once; several minutes on two shared cores) or ``--examples N`` to scale,
+``--quick`` for a smoke run. The same harness as ``tests/test_fuzz.py`` (``tests/fuzzing.py``,
+``tests/fuzzing_http.py``): a gateway in front of the demo runtime (and, for tokens, a second
+one with JWT on and a real JWKS server; for the HTTP edge, a third with a 1 s head timeout) on
+``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns for
 the whole run, hypothesis generating every input. Prints one table; exits 1 if anything was
 wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session problem).
 """
@@ -33,6 +35,19 @@ from tests.fuzzing import (
     frame_batches,
     handshake_requests,
     raw_request,
+)
+from tests.fuzzing_http import (
+    SLOW_HEADS,
+    EdgeStats,
+    check_h2c,
+    check_pipeline,
+    check_smuggling,
+    converse,
+    h2c_requests,
+    pipeline_payload,
+    pipelines,
+    slow_head,
+    smuggling_requests,
 )
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
@@ -103,6 +118,53 @@ def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
         }
 
 
+def fuzz_http_edge(examples: int, stats: EdgeStats) -> dict[str, Any]:
+    """Hostile HTTP/1.1 (issue 11): h2c upgrades and HTTP/2 prefaces, Content-Length +
+    Transfer-Encoding smuggling, pipelined requests, and slow heads (many at once) against one
+    gateway with a 1 s HTTP_HEAD_TIMEOUT. The checks are tests/fuzzing_http.py's."""
+    with FuzzGateway(http_head_timeout=1.0) as gateway:
+
+        @hypothesis_settings(examples)
+        @given(request=h2c_requests())
+        def h2c(request: bytes) -> None:
+            answer = trio.run(converse, gateway.port, request, 2)
+            stats.record("h2c", answer, check_h2c(answer))
+
+        @hypothesis_settings(examples)
+        @given(request=smuggling_requests())
+        def smuggling(request: bytes) -> None:
+            answer = trio.run(converse, gateway.port, request, 2)
+            stats.record("smuggling", answer, check_smuggling(answer))
+
+        @hypothesis_settings(examples)
+        @given(parts=pipelines)
+        def pipelined(parts: list[str]) -> None:
+            answer = trio.run(converse, gateway.port, pipeline_payload(parts), len(parts))
+            stats.record("pipeline", answer, check_pipeline(parts, answer))
+
+        async def slow_heads(rounds: int) -> None:
+            for index in range(rounds):
+
+                async def one(head: bytes, keep_alive: bool) -> None:
+                    problem = await slow_head(gateway.port, head, 0.1, keep_alive)
+                    stats.record("slow head", None, [problem] if problem else [])
+
+                async with trio.open_nursery() as nursery:
+                    for head in SLOW_HEADS * 10:  # 30 at once
+                        nursery.start_soon(one, head, index % 2 == 1)
+
+        h2c()
+        smuggling()
+        pipelined()
+        trio.run(slow_heads, max(2, examples // 100))
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+        }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=2000, help="frame connections")
@@ -116,9 +178,11 @@ def main() -> int:
     plain = fuzz_frames_and_handshakes(examples, examples, stats)
     token_stats = FuzzStats()
     secure = fuzz_tokens(max(examples // 4, 50), token_stats)
+    edge_stats = EdgeStats()
+    edge = fuzz_http_edge(max(examples // 4, 50), edge_stats)
     duration = time.monotonic() - started
 
-    crashes = int(not plain["alive"]) + int(not secure["alive"])
+    crashes = int(not plain["alive"]) + int(not secure["alive"]) + int(not edge["alive"])
     problems = (
         stats.problems
         + token_stats.problems
@@ -127,6 +191,9 @@ def main() -> int:
         + plain["control_problems"]
         + secure["control_problems"]
         + secure["failures"]
+        + edge_stats.problems
+        + edge["error_logs"]
+        + edge["control_problems"]
     )
     rows = [
         ("frame connections", stats.connections),
@@ -137,10 +204,18 @@ def main() -> int:
         ("token attempts (JWT on)", token_stats.handshakes),
         ("token answers", dict(sorted(token_stats.statuses.items()))),
         ("first-frame auth closes", dict(sorted(token_stats.close_codes.items()))),
-        ("control turns (exact tokens)", plain["control_turns"] + secure["control_turns"]),
+        ("HTTP edge attempts", dict(sorted(edge_stats.attempts.items()))),
+        (
+            "HTTP edge answers (closed)",
+            f"{dict(sorted(edge_stats.statuses.items()))} ({edge_stats.closed})",
+        ),
+        (
+            "control turns (exact tokens)",
+            plain["control_turns"] + secure["control_turns"] + edge["control_turns"],
+        ),
         ("contained hypercorn races", plain["contained"]),
         ("crashes", crashes),
-        ("5xx", stats.server_errors + token_stats.server_errors),
+        ("5xx", stats.server_errors + token_stats.server_errors + edge_stats.server_errors),
         ("problems", len(problems)),
         ("duration", f"{duration:.1f} s"),
     ]
