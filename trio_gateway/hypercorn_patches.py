@@ -31,9 +31,10 @@ the app's own task), whether to recycle the connection or close it. It first que
 nursery; the close that follows (``send_eof``) is then cancelled at its first checkpoint. So
 a request with ``Connection: close``, a request whose body had not fully arrived, a CL+TE
 request refused before its body: the answer went out and the socket stayed open until the
-read timeout (41 s), fed one byte at a time for ever by a slow-loris. :func:`protocol_send`
-runs a ``Closed`` event's close in the connection's own nursery instead, where no app can
-cancel it. (Shielding hypercorn's whole end-of-request instead was tried before and left
+read timeout (41 s), fed one byte at a time for ever by a slow-loris. When the task that
+sends a ``Closed`` event is cancelled before the socket is closed, :func:`protocol_send`
+finishes the close in a new task of the connection's own nursery, where no app can cancel it.
+(Shielding hypercorn's whole end-of-request instead was tried before and left
 connections in CLOSE-WAIT: it also shielded the wait to queue ``http.disconnect``. This runs
 only ``send_eof`` and ``aclose``, neither of which waits on the peer.)
 
