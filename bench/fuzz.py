@@ -1,13 +1,16 @@
-"""Long hostile-input fuzz run with figures: frames, handshakes and tokens against one gateway.
+"""Long hostile-input fuzz run with figures: every attack class against real gateways.
 
 Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes, 500 token
-attempts and 500 compressed-frame connections; several minutes on two shared cores) or
-``--examples N`` to scale, ``--quick`` for a smoke run. The same harness as
-``tests/test_fuzz.py`` (``tests/fuzzing.py``): a gateway in front of the demo runtime (and, for
-tokens and compressed frames, others with JWT on and a real JWKS server)
-on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns for
-the whole run, hypothesis generating every input. Prints one table; exits 1 if anything was
-wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session problem).
+attempts, 500 compressed-frame connections, 2,000 header-smuggling requests, session floods,
+and 500 each of h2c upgrades, CL+TE smuggling attempts and pipelines plus rounds of 30 slow
+heads at once; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick``
+for a smoke run. The same harness as the tests (``tests/fuzzing.py``,
+``tests/fuzzing_http.py``, ``tests/smuggling.py``): gateways in front of the demo runtime (JWT
+on with a real JWKS server for tokens and compressed frames; a 1 s head timeout for the HTTP
+edge) on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns
+for the whole run, hypothesis generating every input. Prints one table; exits 1 if anything was
+wrong (a crash, a 5xx, an undocumented answer, an ERROR log, a control-session problem, RSS
+growth from compressed frames).
 """
 
 from __future__ import annotations
@@ -43,6 +46,19 @@ from tests.fuzzing import (
     peak_rss_bytes,
     raw_request,
 )
+from tests.fuzzing_http import (
+    SLOW_HEADS,
+    EdgeStats,
+    check_h2c,
+    check_pipeline,
+    converse,
+    h2c_requests,
+    pipeline_payload,
+    pipelines,
+    slow_head,
+)
+from tests.fuzzing_http import check_smuggling as check_cl_te
+from tests.fuzzing_http import smuggling_requests as cl_te_requests
 from tests.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
 from tests.test_fuzz_lockouts import LIVE_CAP, flood
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
@@ -199,6 +215,53 @@ def fuzz_lockouts(examples: int) -> dict[str, Any]:
     return {"outcomes": outcomes, "peak": peak, "problems": problems}
 
 
+def fuzz_http_edge(examples: int, stats: EdgeStats) -> dict[str, Any]:
+    """Hostile HTTP/1.1 (issue 11): h2c upgrades and HTTP/2 prefaces, Content-Length +
+    Transfer-Encoding smuggling, pipelined requests, and slow heads (many at once) against one
+    gateway with a 1 s HTTP_HEAD_TIMEOUT. The checks are tests/fuzzing_http.py's."""
+    with FuzzGateway(http_head_timeout=1.0) as gateway:
+
+        @hypothesis_settings(examples)
+        @given(request=h2c_requests())
+        def h2c(request: bytes) -> None:
+            answer = trio.run(converse, gateway.port, request, 2)
+            stats.record("h2c", answer, check_h2c(answer))
+
+        @hypothesis_settings(examples)
+        @given(request=cl_te_requests())
+        def smuggling(request: bytes) -> None:
+            answer = trio.run(converse, gateway.port, request, 2)
+            stats.record("smuggling", answer, check_cl_te(answer))
+
+        @hypothesis_settings(examples)
+        @given(parts=pipelines)
+        def pipelined(parts: list[str]) -> None:
+            answer = trio.run(converse, gateway.port, pipeline_payload(parts), len(parts))
+            stats.record("pipeline", answer, check_pipeline(parts, answer))
+
+        async def slow_heads(rounds: int) -> None:
+            for index in range(rounds):
+
+                async def one(head: bytes, keep_alive: bool) -> None:
+                    problem = await slow_head(gateway.port, head, 0.1, keep_alive)
+                    stats.record("slow head", None, [problem] if problem else [])
+
+                async with trio.open_nursery() as nursery:
+                    for head in SLOW_HEADS * 10:  # 30 at once
+                        nursery.start_soon(one, head, index % 2 == 1)
+
+        h2c()
+        smuggling()
+        pipelined()
+        trio.run(slow_heads, max(2, examples // 100))
+        return {
+            "alive": gateway.alive,
+            "error_logs": list(gateway.errors.records),
+            "control_turns": gateway.control.turns,
+            "control_problems": list(gateway.control.problems),
+        }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=2000, help="frame connections")
@@ -217,6 +280,8 @@ def main() -> int:
     lockouts = fuzz_lockouts(max(examples // 100, 5))
     smuggling_stats = FuzzStats()
     smuggling = fuzz_header_smuggling(examples, smuggling_stats)
+    edge_stats = EdgeStats()
+    edge = fuzz_http_edge(max(examples // 4, 50), edge_stats)
     duration = time.monotonic() - started
 
     # Bombs of up to 64 MiB each went in: the gateway must have inflated none of them whole.
@@ -226,6 +291,7 @@ def main() -> int:
         + int(not secure["alive"])
         + int(not deflate["alive"])
         + int(not smuggling["alive"])
+        + int(not edge["alive"])
     )
     problems = (
         stats.problems
@@ -243,6 +309,9 @@ def main() -> int:
         + smuggling_stats.problems
         + smuggling["error_logs"]
         + smuggling["control_problems"]
+        + edge_stats.problems
+        + edge["error_logs"]
+        + edge["control_problems"]
     )
     rows = [
         ("frame connections", stats.connections),
@@ -261,10 +330,16 @@ def main() -> int:
             plain["control_turns"]
             + secure["control_turns"]
             + deflate["control_turns"]
-            + smuggling["control_turns"],
+            + smuggling["control_turns"]
+            + edge["control_turns"],
         ),
         ("header smuggling requests", smuggling_stats.handshakes),
         ("smuggling answers", dict(sorted(smuggling_stats.statuses.items()))),
+        ("HTTP edge attempts", dict(sorted(edge_stats.attempts.items()))),
+        (
+            "HTTP edge answers (closed)",
+            f"{dict(sorted(edge_stats.statuses.items()))} ({edge_stats.closed})",
+        ),
         ("session floods: handshakes", dict(sorted(lockouts["outcomes"].items(), key=str))),
         ("session floods: peak live sessions", f"{lockouts['peak']} (cap {LIVE_CAP})"),
         ("contained hypercorn races", plain["contained"]),
@@ -274,7 +349,8 @@ def main() -> int:
             stats.server_errors
             + token_stats.server_errors
             + deflate_stats.server_errors
-            + smuggling_stats.server_errors,
+            + smuggling_stats.server_errors
+            + edge_stats.server_errors,
         ),
         ("problems", len(problems)),
         ("duration", f"{duration:.1f} s"),

@@ -221,3 +221,43 @@ async def test_serve_installs_the_websocket_patches(gateway: RunningGateway) -> 
     assert WSStream._handle_events is hypercorn_patches.ws_stream_handle_events
     hypercorn_patches.apply()  # idempotent
     assert Handshake.accept is hypercorn_patches.handshake_accept
+
+
+async def test_unpatched_hypercorn_still_switches_to_http2_on_h2c_and_the_preface() -> None:
+    """The behaviour item 5 of the patches removes (if hypercorn drops it, the patch can go)."""
+    import h11
+    from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError
+
+    sent: list[Any] = []
+
+    async def send(event: Any) -> None:
+        sent.append(event)
+
+    protocol: Any = SimpleNamespace(
+        connection=SimpleNamespace(
+            trailing_data=(b"", False), send=lambda event: b"101", their_state=None
+        ),
+        config=SimpleNamespace(response_headers=lambda _: []),
+        send=send,
+    )
+    protocol._send_h11_event = lambda event: send(event)
+    upgrade = h11.Request(
+        method="GET",
+        target="/",
+        headers=[("Host", "x"), ("Upgrade", "h2c"), ("Connection", "Upgrade, HTTP2-Settings")],
+    )
+    with pytest.raises(H2CProtocolRequiredError):
+        await hypercorn_patches._original_check_protocol(protocol, upgrade)
+    preface = h11.Request(method="PRI", target="*", headers=[], http_version="2.0")
+    with pytest.raises(H2ProtocolAssumedError):
+        await hypercorn_patches._original_check_protocol(protocol, preface)
+    # The patched check does neither.
+    await hypercorn_patches.check_protocol(protocol, upgrade)
+    await hypercorn_patches.check_protocol(protocol, preface)
+
+
+async def test_serve_installs_the_protocol_and_reader_patches(gateway: RunningGateway) -> None:
+    from hypercorn.protocol.h11 import H11Protocol
+
+    assert H11Protocol._check_protocol is hypercorn_patches.check_protocol
+    assert TCPServer._read_data is hypercorn_patches.read_data

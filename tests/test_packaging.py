@@ -315,9 +315,11 @@ def test_nginx_proxies_websockets_and_streams_to_the_replicas() -> None:
     conf = nginx_conf()
     code = "\n".join(line.split("#", 1)[0] for line in conf.splitlines())
     assert re.search(r"proxy_http_version\s+1\.1;", code)
-    assert re.search(r"proxy_set_header\s+Upgrade\s+\$http_upgrade;", code)
+    # Upgrade only for WebSockets on the session path (tests/test_nginx_proxy.py runs it).
+    assert re.search(r"proxy_set_header\s+Upgrade\s+\$upgrade_to;", code)
     assert re.search(r"proxy_set_header\s+Connection\s+\$connection_upgrade;", code)
-    assert re.search(r"map\s+\$http_upgrade\s+\$connection_upgrade", code)
+    assert re.search(r'map\s+"\$http_upgrade \$request_uri"\s+\$upgrade_to', code)
+    assert "$http_upgrade;" not in code, "never forward the client's Upgrade as is"
     assert re.search(r"proxy_buffering\s+off;", code)
     read_timeout = re.search(r"proxy_read_timeout\s+(\d+)s;", code)
     assert (

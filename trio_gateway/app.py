@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import httpx
@@ -17,9 +18,10 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .client_address import address_in
+from .client_address import address_in, client_address
 from .limits import ConnectionCounter
 from .observability import Metrics, request_id_var
 from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
@@ -43,6 +45,7 @@ from .ws_handshake import open_session_socket
 logger = logging.getLogger("trio_gateway.app")
 
 WS_PREFIX = "/api/v1/ws/"
+HTTP1_VERSIONS = ("1.0", "1.1")
 READINESS_CACHE_SECONDS = 1.0
 
 
@@ -221,6 +224,25 @@ class GatewayApp(QuartTrio):
             event = await receive()
             if event.get("type") == "websocket.connect":
                 await _refuse(scope, send, 404, "not_found", "No WebSocket route here")
+        elif scope["type"] == "http" and scope.get("http_version") not in HTTP1_VERSIONS:
+            # With hypercorn's HTTP/2 switch disabled (hypercorn_patches.py, item 5), the
+            # cleartext HTTP/2 preface ("PRI * HTTP/2.0") arrives here: HTTP/1.x only.
+            await _refuse(
+                scope, send, 400, "invalid_request", "Only HTTP/1.1 is served", close=True
+            )
+        elif scope["type"] == "http" and _has_ambiguous_framing(scope):
+            # RFC 9112 6.3: Content-Length next to Transfer-Encoding is a smuggling attempt
+            # (a proxy in front may have framed the body by the other header). Refused before
+            # the body, and the connection closed after the answer: what follows on it cannot
+            # be trusted to start where we think it does.
+            await _refuse(
+                scope,
+                send,
+                400,
+                "invalid_request",
+                "Content-Length and Transfer-Encoding together",
+                close=True,
+            )
         elif scope["type"] == "http" and not _host_is_valid(scope):
             await _refuse(scope, send, 400, "invalid_request", "Malformed Host header")
         elif scope["type"] == "http" and _announces_acceptable_body(
@@ -309,6 +331,12 @@ def _announces_acceptable_body(scope: dict[str, Any], limit: int) -> bool:
     return False
 
 
+def _has_ambiguous_framing(scope: dict[str, Any]) -> bool:
+    """Whether the request carries both ``Content-Length`` and ``Transfer-Encoding``."""
+    names = {key.lower() for key, _ in scope.get("headers") or []}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _host_is_valid(scope: dict[str, Any]) -> bool:
     """Whether Quart can route with this request's ``Host`` header.
 
@@ -326,11 +354,22 @@ def _host_is_valid(scope: dict[str, Any]) -> bool:
     return True
 
 
-async def _refuse(scope: dict[str, Any], send: Any, status: int, code: str, text: str) -> None:
-    """Answer ``status`` with the gateway's JSON error body, below Quart (plain ASGI)."""
+async def _refuse(
+    scope: dict[str, Any],
+    send: Any,
+    status: int,
+    code: str,
+    text: str,
+    *,
+    close: bool = False,
+) -> None:
+    """Answer ``status`` with the gateway's JSON error body, below Quart (plain ASGI);
+    ``close``: with ``Connection: close`` (hypercorn then closes the connection)."""
     body = orjson.dumps({"error": code, "error_description": text})
     prefix = "websocket.http" if scope["type"] == "websocket" else "http"
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
     await send({"type": f"{prefix}.response.body", "body": body})
 
@@ -338,12 +377,19 @@ async def _refuse(scope: dict[str, Any], send: Any, status: int, code: str, text
 def create_app(settings: Settings) -> GatewayApp:
     """Build a gateway app from ``settings``. Nothing is shared between two apps."""
     app = GatewayApp(__name__)
+    # No redirect is ever built from the request: Werkzeug's routing answers "//" in a path
+    # (merge_slashes) with a 308 whose Location comes from the Host header, with an HTML body.
+    # Off before any rule is added (rules take the map's value when bound): such paths are
+    # plain 404s. The other redirect source, strict_slashes, only redirects to rules that end
+    # in "/" (none here); the HTTPException handler below turns any redirect into a 404.
+    app.url_map.merge_slashes = False
     app.config["RESPONSE_TIMEOUT"] = None  # streaming and proxy timeouts are ours
     app.config["BODY_TIMEOUT"] = settings.request_timeout
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_body_bytes
     gateway = Gateway(settings)
     app.gateway = gateway
     metrics_networks = settings.metrics_networks
+    trusted_proxies = settings.trusted_proxy_networks
     internal_key = settings.internal_api_key.get_secret_value().encode()
     openapi_document = build_openapi()
     openapi_json = orjson.dumps(openapi_document)
@@ -376,6 +422,9 @@ def create_app(settings: Settings) -> GatewayApp:
         (413, "request_too_large", f"Request body exceeds {settings.max_request_body_bytes} bytes"),
     ):
         app.register_error_handler(status, _error_handler(status, code, text))
+    # Every other HTTP error Quart or Werkzeug raises (400, 408, 415, a redirect should one
+    # ever come back...) in the same JSON shape, never Werkzeug's HTML page.
+    app.register_error_handler(HTTPException, _http_exception_handler)
 
     for route in ROUTES:
         app.add_url_rule(
@@ -418,7 +467,10 @@ def create_app(settings: Settings) -> GatewayApp:
     async def metrics() -> Response:
         """Prometheus metrics, for allowed networks or callers with the internal key."""
         supplied = request.headers.get("X-Internal-Auth", "").encode()
-        remote = request.remote_addr or ""
+        # Behind a reverse proxy on the same host every peer is 127.0.0.1: the address checked
+        # is the client's as trusted proxies forwarded it (GATEWAY__TRUSTED_PROXIES), never a
+        # proxy's own. METRICS_ALLOW empty: the internal key only.
+        remote = client_address(dict(request.scope), trusted_proxies)
         key_ok = (
             bool(supplied) and bool(internal_key) and hmac.compare_digest(supplied, internal_key)
         )
@@ -428,6 +480,18 @@ def create_app(settings: Settings) -> GatewayApp:
         return Response(generate_latest(gateway.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _http_exception_handler(error: HTTPException) -> Response:
+    status = error.code or 500
+    if 300 <= status < 400:  # a routing redirect: the route as asked for does not exist
+        return error_response(404, "not_found", "No such route")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    code = "internal_error" if status >= 500 else "invalid_request"
+    return error_response(status, code, phrase)
 
 
 def _error_handler(status: int, code: str, text: str) -> Any:

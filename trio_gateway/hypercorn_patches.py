@@ -44,6 +44,49 @@ peer's close among them) instead of leaving them unread. The buffer's
 ``max_length`` is the one per-socket message limit: the bounded inflater reads it live, so
 lowering it (first-frame authentication does, see ``transport.py``) bounds both.
 
+4. A connection hypercorn means to close stayed open (``Connection: close`` not honoured):
+
+At the end of an HTTP/1.1 request hypercorn decides, inside the app's last ``send()`` (so in
+the app's own task), whether to recycle the connection or close it. It first queues
+``http.disconnect`` for the app, which quart-trio takes as its cue to cancel the app's
+nursery; the close that follows (``send_eof``) is then cancelled at its first checkpoint. So
+a request with ``Connection: close``, a request whose body had not fully arrived, a CL+TE
+request refused before its body: the answer went out and the socket stayed open until the
+read timeout (41 s), fed one byte at a time for ever by a slow-loris. When the task that
+sends a ``Closed`` event is cancelled before the socket is closed, :func:`protocol_send`
+finishes the close in a new task of the connection's own nursery, where no app can cancel it.
+(Shielding hypercorn's whole end-of-request instead was tried before and left
+connections in CLOSE-WAIT: it also shielded the wait to queue ``http.disconnect``. This runs
+only ``send_eof`` and ``aclose``, neither of which waits on the peer.)
+
+The same cancellation lost the ``Updated(idle=True)`` that re-arms hypercorn's keep-alive timer
+after a recycled request: from the second request on, nothing bounded how long a request head
+may take, and one byte every < 41 s (the per-read timeout) held the connection for ever.
+:func:`protocol_send` applies ``Updated`` events shielded (taking a lock held only by the other
+idle-timer updates, starting or cancelling a task: nothing waits on the peer). With the timer
+working, ``config.keep_alive_timeout`` (``GATEWAY__HTTP_HEAD_TIMEOUT``) bounds the time from a
+connection's opening, or from the end of the previous response, to a complete request head.
+A timer that works has one more consequence: hypercorn's connection task waits for it, so a
+keep-alive connection the client closed kept its socket and two tasks until the timer ran out.
+:func:`read_data` stops the timer as soon as the connection's reader has ended (EOF, read
+timeout, closed): nothing can arrive any more, so there is nothing left for it to time.
+
+5. HTTP/2 in cleartext: ``H11Protocol._check_protocol`` switches the connection to HTTP/2 on
+a request carrying ``Upgrade: h2c`` (answering 101) or on the prior-knowledge preface ``PRI *
+HTTP/2.0``. The gateway is HTTP/1.1 + WebSocket only, and behind a proxy that forwards
+``Upgrade`` the 101 opened a raw tunnel past every proxy rule. :func:`check_protocol` does
+nothing: an ``h2c`` upgrade is an ordinary HTTP/1.1 request (RFC 9110 7.8 lets a server ignore
+``Upgrade``), and the preface reaches the app as an ``HTTP/2.0`` request, which the app
+refuses with 400 and ``Connection: close`` (``GatewayApp``).
+
+6. An answer cut by the request after it: when a client sends bytes h11 cannot take after a
+request (anything after a request answered with ``Connection: close``, a body that breaks its
+framing), hypercorn's reader closes the connection at once, racing the app's answer to the
+request before: the client got half an answer, or none (``tests/test_http_edge.py``: the 400
+for ``Content-Length`` + ``Transfer-Encoding`` with a request smuggled behind it).
+:func:`protocol_send` leaves such a close to the end of the answer in flight, which closes the
+connection anyway (h11 cannot reuse it); what the client sends meanwhile is read and dropped.
+
 Applied once, idempotently, by :func:`trio_gateway.server.serve`.
 """
 
@@ -55,9 +98,11 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol import h11 as h11_protocol
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.trio import tcp_server
@@ -80,8 +125,57 @@ async def protocol_send(self: Any, event: Any) -> None:
                     await self.stream.send_all(event.data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 await self.protocol.handle(Closed())
+    elif isinstance(event, Updated):
+        # Re-arming or stopping the keep-alive timer must happen even in a task that is
+        # being cancelled (item 4): bounded, it waits on nothing but the timer's own lock.
+        with trio.CancelScope(shield=True):
+            await _original_protocol_send(self, event)
+    elif isinstance(event, Closed):
+        if _answer_in_flight(self):
+            return  # item 6: the end of that answer closes the connection
+        try:
+            await _original_protocol_send(self, event)
+        except trio.Cancelled:
+            # The caller's task was cancelled before the socket was closed: the app's task,
+            # cancelled by quart-trio (item 4). Finish the close in a task of the
+            # connection's own, which nothing cancels, then let the cancellation go on.
+            nursery = getattr(getattr(self, "_task_group", None), "_nursery", None)
+            if nursery is not None:
+                nursery.start_soon(_close_connection, self)
+            raise
     else:
         await _original_protocol_send(self, event)
+
+
+def _answer_in_flight(self: Any) -> bool:
+    """Whether the reader gave up on the client (h11 error) while the app's answer to the
+    request before is still to be written (item 6)."""
+    protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+    connection = getattr(protocol, "connection", None)
+    return (
+        isinstance(connection, h11.Connection)
+        and connection.their_state is h11.ERROR
+        and connection.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+        and getattr(protocol, "stream", None) is not None
+    )
+
+
+async def read_data(self: Any) -> None:
+    """``TCPServer._read_data`` that stops the keep-alive timer once reading is over."""
+    try:
+        await _original_read_data(self)
+    finally:
+        with trio.CancelScope(shield=True):
+            await self.idle_task.stop()
+
+
+_original_read_data = tcp_server.TCPServer._read_data
+
+
+async def _close_connection(self: Any) -> None:
+    """What hypercorn does for a ``Closed`` event: close the socket, tell the protocol."""
+    await self._close()
+    await self.protocol.handle(Closed())
 
 
 _original_protocol_send = tcp_server.TCPServer.protocol_send
@@ -281,6 +375,16 @@ async def ws_stream_accept(self: Any, message: Any) -> None:
 _original_ws_stream_accept = ws_stream.WSStream._accept
 
 
+# --- 5. HTTP/2 in cleartext -----------------------------------------------------------
+
+
+async def check_protocol(self: Any, event: Any) -> None:
+    """``H11Protocol._check_protocol`` that never leaves HTTP/1.1 (see item 5)."""
+
+
+_original_check_protocol = h11_protocol.H11Protocol._check_protocol
+
+
 def apply() -> None:
     """Install the patches above on hypercorn's classes (once)."""
     if getattr(tcp_server.TCPServer.protocol_send, _PATCHED, False):
@@ -292,3 +396,5 @@ def apply() -> None:
     ws_stream.Handshake.accept = handshake_accept  # type: ignore[method-assign]
     ws_stream.WSStream._accept = ws_stream_accept  # type: ignore[method-assign]
     ws_stream.WSStream._handle_events = ws_stream_handle_events  # type: ignore[method-assign]
+    tcp_server.TCPServer._read_data = read_data  # type: ignore[method-assign]
+    h11_protocol.H11Protocol._check_protocol = check_protocol  # type: ignore[method-assign]

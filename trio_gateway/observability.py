@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -71,6 +72,25 @@ class _HealthcheckProbeFilter(logging.Filter):
         )
 
 
+# What a text log line must never carry raw: C0 controls (CR and LF forge whole log lines,
+# ESC drives the operator's terminal), DEL, C1 controls (NEL is a line break too), the Unicode
+# line and paragraph separators, and the bidirectional marks, embeddings, overrides and isolates
+# that reorder what a terminal shows ("Trojan source"). A path is percent-decoded by the server,
+# so a client puts any of them in a request line with %0a, %1b, %e2%80%a8 and the like.
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_text(value: object) -> str:
+    """``value`` as text with every control and line-separator character escaped (``\\x0a``,
+    ``\\u2028``): one log field can never become two lines or a terminal escape sequence."""
+    return _UNSAFE_TEXT.sub(_escape_char, str(value))
+
+
 def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
     # hypercorn's access logger passes its "atoms" mapping as the record's args. We log the
     # path without its query string: a query may carry a token.
@@ -79,10 +99,13 @@ def _access_fields(record: logging.LogRecord) -> dict[str, Any] | None:
         return None
     request_line = str(atoms.get("r", ""))
     parts = request_line.split(" ")
-    path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
+    # "m" and "U" are the method and the (decoded) path themselves: a path with a space in it
+    # (%20) would otherwise be cut at the space.
+    method = atoms.get("m", parts[0] if parts else "")
+    path = atoms.get("U", parts[1].split("?", 1)[0] if len(parts) > 1 else "")
     fields: dict[str, Any] = {
         "event": "http_access",
-        "method": parts[0] if parts else "",
+        "method": method,
         "path": path,
         "status": atoms.get("s"),
         "duration_ms": _milliseconds(atoms.get("D")),
@@ -128,26 +151,33 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """A readable line for a terminal, with the same context fields."""
+    """A readable line for a terminal, with the same context fields.
+
+    Every field goes through :func:`escape_text`, so a record is exactly one line whatever a
+    client managed to put in it; a traceback keeps its lines, each indented (escaped within),
+    so that no line of it can pass for a log line of its own.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         access = _access_fields(record)
         message = (
-            f"{access['method']} {access['path']} {access['status']} {access['duration_ms']}ms"
+            " ".join(escape_text(access[key]) for key in ("method", "path", "status"))
+            + f" {escape_text(access['duration_ms'])}ms"
             if access is not None
-            else record.getMessage()
+            else escape_text(record.getMessage())
         )
         context = " ".join(
-            f"{name}={value}"
+            f"{name}={escape_text(value)}"
             for name in ("request_id", "session_id", "user")
             if (value := getattr(record, name, None))
         )
         line = (
-            f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: "
-            f"{message}" + (f"  [{context}]" if context else "")
+            f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
+            f"{escape_text(record.name)}: {message}" + (f"  [{context}]" if context else "")
         )
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            line += "".join(f"\n    {escape_text(part)}" for part in trace.splitlines())
         return line
 
 

@@ -147,6 +147,11 @@ def build_hypercorn_config(
     # ASGI events hypercorn buffers per connection before it stops reading the socket: with
     # the session reader consuming as it goes, this is the whole inbound buffer.
     config.max_app_queue_size = 8
+    # hypercorn's keep-alive timer runs from a connection's opening, and from the end of each
+    # response, until the next request head is complete: so it is also the bound on a slow
+    # request head (slow-loris), once hypercorn_patches.py keeps the timer armed (item 4).
+    # A request being served is not timed by it: long streams and WebSockets are unaffected.
+    config.keep_alive_timeout = settings.http_head_timeout  # type: ignore[assignment]
     config.backlog = LISTEN_BACKLOG
     return config
 

@@ -472,6 +472,16 @@ class Settings(BaseSettings):
     # --- server --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1, description="Bind address of trio-gateway serve.")
     port: int = Field(8000, ge=0, le=65535, description="Bind port of trio-gateway serve.")
+    http_head_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds a connection may take to send a complete request head (or WebSocket "
+            "handshake), counted from its opening or from the end of the previous response; "
+            "an idle keep-alive connection is closed after as long."
+        ),
+    )
     drain_timeout: float = Field(
         30.0,
         ge=0,
