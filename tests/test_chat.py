@@ -357,7 +357,7 @@ def test_a_gateway_without_resume_refusing_the_frame_is_a_notice_not_an_error() 
     core.connection_opened(v2=True)
     refused = chunk("error", 4, code="unsupported_type", error="Unsupported type", is_final=False)
     text = core.receive(refused).text
-    assert "cannot resume" in text and "error>" not in text
+    assert "cannot resume" in text and "error>" not in text and text.endswith("you> ")
     assert "error>" in core.receive({**refused, "seq": 5}).text  # later ones are real errors
 
 
