@@ -18,10 +18,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio_websocket
 
+from trio_gateway.auth import DevIssuer
 from trio_gateway.chat import (
     SIMULATED_RESULT,
     ChatCore,
@@ -29,12 +31,18 @@ from trio_gateway.chat import (
     backoff_delay,
     build_ws_url,
     pending_approvals_url,
+    rest_base_url,
+    session_ws_url,
+    sessions_url,
     want_color,
 )
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.dev_auth import DEV_ISSUER_FILE_ENV
+from trio_gateway.transport import WebSocketConnection
+from trio_gateway.ws_handshake import open_session_socket
 
-from .conftest import RunningGateway, wait_for
+from .conftest import RunningGateway, gateway_settings, run_gateway, wait_for
+from .jwks_server import JWKSServer
 from .test_cli import banner_token, cli_env, running_demo
 
 
@@ -207,6 +215,15 @@ def test_pending_approvals_of_a_reopened_session_are_asked_again() -> None:
     assert core.restore_approvals(None) == Reaction()
 
 
+def test_unreadable_pending_approvals_never_split_a_streaming_answer() -> None:
+    core = connected()
+    core.user_line("hi")
+    assert core.receive(chunk("assistant_message", 1, token="half ", is_final=False)).text
+    assert core.approvals_unknown("HTTP 400") == Reaction()
+    text = core.receive(chunk("assistant_message", 2, token="whole", is_final=True)).text
+    assert text == "whole\n[session] cannot read pending approvals (HTTP 400)\n"
+
+
 def test_the_pending_approvals_url_is_on_the_sessions_gateway() -> None:
     assert (
         pending_approvals_url("ws://h:8000/api/v1/ws/a%20b", "a b")
@@ -300,6 +317,32 @@ def test_resync_required_warns_and_accepts_the_next_seq_whatever_it_is() -> None
     assert core.last_seq == 2
 
 
+def test_a_gateway_that_lost_its_state_is_one_gap_notice_then_the_prompt() -> None:
+    core = connected()
+    core.receive(chunk("turn_finished", 9, turn_id=1, status="completed"))
+    core.connection_opened(v2=True)
+    # A restarted gateway: its session_ready is behind us, then it refuses our resume.
+    text = core.receive(chunk("session_ready", None, last_seq=0, turn_running=False)).text
+    text += core.receive(chunk("resync_required", None, reason="unknown_seq")).text
+    assert text.count("some output may be missing") == 1
+    assert text.endswith("/history\nyou> ")  # the prompt the notices wrote over
+    # The next connection announces its own loss again, once.
+    core.connection_opened(v2=True)
+    text = core.receive(chunk("resync_required", None, reason="frames_lost")).text
+    assert text.count("some output may be missing") == 1
+
+
+def test_after_a_resync_the_next_resume_starts_at_the_gateways_seq() -> None:
+    core = connected()
+    core.receive(chunk("turn_finished", 3, turn_id=1, status="completed"))
+    core.connection_opened(v2=True)
+    core.receive(chunk("session_ready", None, last_seq=7, turn_running=False))
+    core.receive(chunk("resync_required", None, reason="frames_dropped_while_detached"))
+    # Frames 4..7 are gone for good (announced once): asking for them again would only get
+    # the same resync and the same notice at every reconnect.
+    assert core.connection_opened(v2=True).send == ({"type": "resume", "last_seq": 7},)
+
+
 def test_a_session_ready_behind_our_seq_means_the_gateway_lost_state() -> None:
     core = connected()
     core.receive(chunk("assistant_message", 9, token="x", is_final=False))
@@ -314,7 +357,7 @@ def test_a_gateway_without_resume_refusing_the_frame_is_a_notice_not_an_error() 
     core.connection_opened(v2=True)
     refused = chunk("error", 4, code="unsupported_type", error="Unsupported type", is_final=False)
     text = core.receive(refused).text
-    assert "cannot resume" in text and "error>" not in text
+    assert "cannot resume" in text and "error>" not in text and text.endswith("you> ")
     assert "error>" in core.receive({**refused, "seq": 5}).text  # later ones are real errors
 
 
@@ -367,13 +410,24 @@ def test_session_urls_are_built_from_a_base_or_taken_from_a_full_url() -> None:
     assert build_ws_url("ws://h:1/", "a b") == ("ws://h:1/api/v1/ws/a%20b", "a b")
     assert build_ws_url("wss://h/proxy/api/v1/ws", "x") == ("wss://h/proxy/api/v1/ws/x", "x")
     assert build_ws_url("ws://h:1/api/v1/ws/mine", None) == ("ws://h:1/api/v1/ws/mine", "mine")
-    url, session = build_ws_url("ws://h:1", None)
-    assert session.startswith("chat-") and url.endswith(f"/api/v1/ws/{session}")
+    # No id: the base itself (the session is created over REST, then named).
+    assert build_ws_url("ws://h:1", None) == ("ws://h:1", None)
+    assert build_ws_url("wss://h/gw/api/v1/ws/", None) == ("wss://h/gw", None)
+    assert session_ws_url("wss://h/gw", "a/b") == "wss://h/gw/api/v1/ws/a%2Fb"
     for bad in ("http://h:1", "h:1", "ws://"):
         with pytest.raises(ValueError):
             build_ws_url(bad, "x")
     with pytest.raises(ValueError):
         build_ws_url("ws://h:1/api/v1/ws/mine", "other")
+
+
+def test_the_rest_base_is_derived_from_any_form_of_the_websocket_url() -> None:
+    assert rest_base_url("ws://h:8000") == "http://h:8000"
+    assert rest_base_url("wss://h/gw/") == "https://h/gw"
+    assert rest_base_url("wss://h/gw/api/v1/ws/s1?x=1") == "https://h/gw"
+    assert rest_base_url("ws://h:1/api/v1/ws") == "http://h:1"
+    assert sessions_url("wss://h/gw") == "https://h/gw/api/v1/sessions"
+    assert sessions_url("ws://h:1/api/v1/ws/x", "a b") == "http://h:1/api/v1/sessions/a%20b"
 
 
 def test_backoff_doubles_from_a_fifth_of_a_second_to_five_seconds() -> None:
@@ -616,8 +670,12 @@ async def test_the_real_demo_with_a_token_from_the_demo_issuer(tmp_path: Path) -
             await terminal.type("/quit\n")
             assert await terminal.exit_code() == 0
         assert os.listdir(work) == []
-        # A bad token is refused at the handshake: final, no reconnect loop.
+        # A bad token is refused by the REST create, with the gateway's own words...
         async with chat(base, "--token", "not-a-jwt", cwd=work) as terminal:
+            await terminal.expect(r"cannot create a session: HTTP 401 invalid_token: .*refused")
+            assert await terminal.exit_code() == 1
+        # ... and at the handshake of a named session: final, no reconnect loop.
+        async with chat(base, "--session", "s1", "--token", "not-a-jwt", cwd=work) as terminal:
             await terminal.expect(r"refused the connection: HTTP 401")
             assert await terminal.exit_code() == 1
         # The banner's own token works as --token.
@@ -644,6 +702,91 @@ async def test_a_gateway_that_is_not_there_fails_at_once(tmp_path: Path) -> None
     async with chat(f"ws://127.0.0.1:{port}", cwd=tmp_path) as terminal:
         await terminal.expect(r"\[session\] cannot connect")
         assert await terminal.exit_code() == 1
+
+
+async def test_without_a_session_the_chat_creates_one_over_rest_and_opens_that_one(
+    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str], tmp_path: Path
+) -> None:
+    runtime = demo_runtime[0]
+    async with chat(gateway.ws_base, cwd=tmp_path) as terminal:
+        await terminal.expect(rf"creating a session: POST {gateway.base_url}/api/v1/sessions\n")
+        created = (
+            await terminal.expect(r"\[session\] created (\S+) \(come back to it with")
+        ).group(1)
+        await terminal.expect(rf"--session {re.escape(created)}\)")
+        await terminal.expect(rf"connecting to {gateway.ws_base}/api/v1/ws/{re.escape(created)}\n")
+        await terminal.expect("you> ")
+        # The runtime knew the session before any message reached it: the real runtime answers
+        # "session not found" to a message on an id it did not create.
+        async with httpx.AsyncClient() as http:
+            known = await http.get(f"{gateway.base_url}/api/v1/sessions/{created}")
+        assert known.status_code == 200 and runtime_messages(runtime, created) == []
+        await terminal.type("hello\n")
+        await terminal.expect(r'assistant> You asked: "hello"')
+        await terminal.type("/quit\n")
+        assert await terminal.exit_code() == 0
+    # The printed id is the one the socket used.
+    assert [m["content"] for m in runtime_messages(runtime, created)] == ["hello"]
+
+
+@dataclass
+class JwtGateway:
+    gateway: RunningGateway
+    issuer: DevIssuer
+    #: The path of every WebSocket that reached the gateway, handshake refused or not.
+    sockets: list[str]
+
+
+@pytest.fixture
+async def jwt_gateway(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[JwtGateway]:
+    """A gateway with JWT on (a JWKS server playing the Auth Service) counting its sockets."""
+    issuer = DevIssuer()
+    jwks = JWKSServer(issuer.jwks())
+    await nursery.start(jwks.serve)
+    sockets: list[str] = []
+
+    async def counting(gateway: Any, ws: WebSocketConnection) -> None:
+        sockets.append(ws.scope["path"])
+        await open_session_socket(gateway, ws)
+
+    monkeypatch.setattr("trio_gateway.app.open_session_socket", counting)
+    settings = gateway_settings(demo_runtime[1], use_jwt_auth=True, jwks_url=jwks.url)
+    async with run_gateway(nursery, settings) as running:
+        yield JwtGateway(running, issuer, sockets)
+    jwks.stop()
+
+
+NEEDS_TOKEN = r"HTTP 401 .*; the gateway needs a token: --token or --token-from-demo\n"
+
+
+async def test_a_jwt_gateway_without_a_token_is_told_before_any_socket_opens(
+    jwt_gateway: JwtGateway, tmp_path: Path
+) -> None:
+    base = jwt_gateway.gateway.ws_base
+    async with chat(base, cwd=tmp_path) as terminal:
+        await terminal.expect(r"\[session\] cannot create a session: " + NEEDS_TOKEN)
+        assert await terminal.exit_code() == 1
+    # A named session is probed over REST first (the socket would be accepted, wait for a
+    # first-frame auth, then close with 4401 after "connected").
+    async with chat(base, "--session", "mine", cwd=tmp_path) as terminal:
+        await terminal.expect(r"\[session\] " + NEEDS_TOKEN)
+        assert await terminal.exit_code() == 1
+    assert "connected" not in terminal.output
+    assert jwt_gateway.sockets == []
+    # With a token: created over REST, owned by the token's user, and that id is the socket's.
+    token = jwt_gateway.issuer.mint("alice")
+    async with chat(base, "--token", token, cwd=tmp_path) as terminal:
+        created = (await terminal.expect(r"\[session\] created (\S+) ")).group(1)
+        await terminal.expect("you> ")
+        await terminal.type("/quit\n")
+        assert await terminal.exit_code() == 0
+    owner = await jwt_gateway.gateway.app.gateway.security.ownership.owner(created)
+    assert owner == "alice"
+    assert jwt_gateway.sockets == [f"/api/v1/ws/{created}"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -795,6 +938,59 @@ async def test_a_restarting_gateway_is_rejoined_and_lost_output_is_announced(
             terminal.process.send_signal(signal.SIGINT)
             assert await terminal.exit_code() == 0
     assert fake.connections[1].received[0] == {"type": "resume", "last_seq": 3}
+
+
+async def test_each_loss_is_announced_once_and_the_prompt_comes_back(tmp_path: Path) -> None:
+    async def idle_then_dropped(connection: FakeConnection) -> None:
+        async def finish_then_drop() -> None:
+            await connection.send("assistant_message", 4, token="charlie", is_final=True)
+            await connection.send("turn_finished", 5, turn_id=1, status="completed")
+            await connection.drop()  # the client reads the frames before the drop
+
+        await first_turn_then(connection, finish_then_drop)
+
+    async def restarted(connection: FakeConnection) -> None:
+        # What today's gateway does after a restart: a fresh session (seq 0) that cannot
+        # replay what the client saw, so it greets behind the client and refuses its resume.
+        await connection.recv()
+        await connection.send("session_ready", **ready(0))
+        await connection.send("resync_required", reason="unknown_seq")
+        await connection.drop()
+
+    async def frames_dropped(connection: FakeConnection) -> None:
+        await connection.recv()
+        await connection.send("session_ready", **ready(7))
+        await connection.send("resync_required", reason="frames_dropped_while_detached")
+        await connection.drop()
+
+    async def resumes_exactly_from_seven(connection: FakeConnection) -> None:
+        resume = await connection.recv()
+        await connection.send("session_ready", **ready(7))
+        if resume == {"type": "resume", "last_seq": 7}:
+            await connection.send("resumed", from_seq=8, replayed=0)
+        else:  # frames 1..7 are not held any more: the same loss again
+            await connection.send("resync_required", reason="frames_dropped_while_detached")
+        await connection.until_closed()
+
+    scripts = (idle_then_dropped, restarted, frames_dropped, resumes_exactly_from_seven)
+    async with fake_gateway(*scripts) as fake:
+        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
+        async with chat(url, cwd=tmp_path) as terminal:
+            await terminal.expect("you> ")
+            await terminal.type("tell me\n")
+            await terminal.expect(r"charlie\n(?:.*\n)?you> ")  # (maybe: no pending approvals)
+            await terminal.expect(r"reconnecting in 0\.2 s \(attempt 1/10\)\n")
+            await terminal.expect(r"resuming after seq 5\n")
+            await terminal.expect(r"some output may be missing \(the gateway lost the session's")
+            await terminal.expect(r"/history\nyou> ")  # the prompt again, after the notice
+            await terminal.expect(r"resuming after seq 0\n")
+            await terminal.expect(r"some output may be missing \(frames_dropped_while_detached")
+            await terminal.expect(r"/history\nyou> ")
+            await terminal.expect(r"resuming after seq 7\nyou> ")
+            await terminal.type("/quit\n")
+            assert await terminal.exit_code() == 0
+    assert terminal.output.count("some output may be missing") == 2, terminal.output
+    assert fake.connections[3].received[0] == {"type": "resume", "last_seq": 7}
 
 
 async def test_a_final_close_code_ends_the_chat_without_reconnecting(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import codecs
 import json
 import os
 import re
-import secrets
 import signal
 import sys
 from collections import deque
@@ -43,9 +42,12 @@ __all__ = [
     "Reaction",
     "backoff_delay",
     "build_ws_url",
-    "new_session_id",
+    "describe_http_error",
     "pending_approvals_url",
+    "rest_base_url",
     "run_chat",
+    "session_ws_url",
+    "sessions_url",
     "want_color",
 ]
 
@@ -67,6 +69,8 @@ FINAL_CLOSE_CODES: Final[Mapping[int, str]] = {
     4403: "forbidden: the token lacks the write scope or the session belongs to someone else",
     4409: "another connection to this session replaced this one",
 }
+NEEDS_TOKEN: Final = "the gateway needs a token: --token or --token-from-demo"
+TOKEN_REFUSED: Final = "the gateway refused the token (invalid or expired?)"
 #: HTTP statuses of a refused handshake that a retry cannot fix.
 FINAL_HTTP_STATUSES: Final = frozenset({400, 401, 403, 404})
 #: v2 frames without a ``seq``: never dropped as duplicates.
@@ -124,17 +128,15 @@ def want_color(stream: TextIO, *, plain: bool, environ: Mapping[str, str] | None
         return False
 
 
-def new_session_id() -> str:
-    """A fresh random session id."""
-    return f"chat-{secrets.token_hex(8)}"
-
-
-def build_ws_url(url: str, session_id: str | None) -> tuple[str, str]:
-    """The WebSocket URL of a session, and the session id.
+def build_ws_url(url: str, session_id: str | None) -> tuple[str, str | None]:
+    """The WebSocket URL to open, and the session id (None: a session is to be created).
 
     ``url`` is either the gateway's base (``ws://host:8000``, optionally with a path prefix of a
     reverse proxy) or a full session URL (``.../api/v1/ws/<id>``), whose id is used when
-    ``session_id`` is None. Raises :class:`ValueError` for anything else.
+    ``session_id`` is None. With a base and no ``session_id`` the answer is the base itself
+    (without a trailing ``/api/v1/ws``): the session is created over REST first
+    (:func:`create_session`) and :func:`session_ws_url` then names its socket. Raises
+    :class:`ValueError` for anything else.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.netloc:
@@ -147,11 +149,45 @@ def build_ws_url(url: str, session_id: str | None) -> tuple[str, str]:
         return url, match.group(2)
     if path.endswith("/api/v1/ws"):
         path = path[: -len("/api/v1/ws")]
-    chosen = new_session_id() if session_id is None else session_id
-    if not chosen or len(chosen) > 256:
+    base = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    if session_id is None:
+        return base, None
+    return session_ws_url(base, session_id), session_id
+
+
+def _check_session_id(session_id: str) -> None:
+    if not session_id or len(session_id) > 256:
         raise ValueError("a session id must have 1 to 256 characters")
-    full = f"{path}/api/v1/ws/{quote(chosen, safe='')}"
-    return urlunsplit((parts.scheme, parts.netloc, full, parts.query, "")), chosen
+
+
+def session_ws_url(base: str, session_id: str) -> str:
+    """The WebSocket URL of ``session_id`` on the gateway whose WebSocket base is ``base``."""
+    _check_session_id(session_id)
+    parts = urlsplit(base)
+    full = f"{parts.path.rstrip('/')}/api/v1/ws/{quote(session_id, safe='')}"
+    return urlunsplit((parts.scheme, parts.netloc, full, parts.query, ""))
+
+
+def rest_base_url(ws_url: str) -> str:
+    """The gateway's REST base (``http``/``https``, with any proxy prefix) for a WebSocket URL.
+
+    ``ws://host:8000/prefix/api/v1/ws/ID`` (or the base ``ws://host:8000/prefix``) becomes
+    ``http://host:8000/prefix``; ``wss`` becomes ``https``. The query is the socket's own.
+    """
+    parts = urlsplit(ws_url)
+    path = parts.path.rstrip("/")
+    match = re.fullmatch(r"(.*)/api/v1/ws(?:/[^/]+)?", path)
+    prefix: str = match.group(1) if match is not None else path
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, prefix, "", ""))
+
+
+def sessions_url(ws_url: str, session_id: str | None = None, tail: str = "") -> str:
+    """``{rest base}/api/v1/sessions[/{id}{tail}]`` on the gateway of ``ws_url``."""
+    url = f"{rest_base_url(ws_url)}/api/v1/sessions"
+    if session_id is not None:
+        url += f"/{quote(session_id, safe='')}{tail}"
+    return url
 
 
 def pending_approvals_url(ws_url: str, session_id: str) -> str:
@@ -160,12 +196,32 @@ def pending_approvals_url(ws_url: str, session_id: str) -> str:
     ``ws://host:8000/prefix/api/v1/ws/ID`` becomes
     ``http://host:8000/prefix/api/v1/sessions/ID/pending-approvals`` (``wss`` becomes ``https``).
     """
-    parts = urlsplit(ws_url)
-    match = re.fullmatch(r"(.*)/api/v1/ws/[^/]+", parts.path.rstrip("/"))
-    prefix = match.group(1) if match is not None else ""
-    scheme = "https" if parts.scheme == "wss" else "http"
-    path = f"{prefix}/api/v1/sessions/{quote(session_id, safe='')}/pending-approvals"
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
+    return sessions_url(ws_url, session_id, "/pending-approvals")
+
+
+def describe_http_error(answer: httpx.Response) -> str:
+    """A gateway's (or runtime's) error answer as one short line for the user.
+
+    The gateway answers ``{"error", "error_description"}``, the runtime ``{"detail"}``; anything
+    else is shown as the status and the start of the body.
+    """
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    detail = ""
+    if isinstance(body, dict):
+        error, description = body.get("error"), body.get("error_description")
+        parts = [str(part) for part in (error, description) if part]
+        if not parts and body.get("detail"):
+            parts = [str(body["detail"])]
+        detail = ": ".join(parts)
+    if not detail:
+        detail = answer.text.strip()
+    detail = " ".join(_clean(detail).split())
+    if len(detail) > MAX_ARGUMENTS_SHOWN:
+        detail = detail[: MAX_ARGUMENTS_SHOWN - 1] + "…"
+    return f"HTTP {answer.status_code}" + (f" {detail}" if detail else "")
 
 
 def backoff_delay(attempt: int) -> float:
@@ -218,6 +274,14 @@ class ChatCore:
     _line_open: bool = False  # the cursor is not at the start of a line
     _rebase: bool = False  # after resync_required: accept the next seq whatever it is
     _connections: int = 0
+    # Per connection: the gateway's seq when it greeted us (session_ready's last_seq), and
+    # whether a gap was already announced. A gateway that lost its state says so twice (a
+    # session_ready behind our seq, then resync_required for our resume): one loss, one notice.
+    _ready_seq: int | None = None
+    _gap_reported: bool = False
+    # A notice that arrived while an answer streamed (from a REST call running beside the
+    # socket): shown when the answer's line ends instead of splitting it in two.
+    _deferred: str = ""
 
     # --- state --------------------------------------------------------------------------
 
@@ -241,7 +305,8 @@ class ChatCore:
         prefix = "\n" if self._line_open else ""
         self._line_open = False
         self._streaming = False
-        return f"{prefix}{self._paint(style, text)}\n"
+        deferred, self._deferred = self._deferred, ""
+        return f"{prefix}{deferred}{self._paint(style, text)}\n"
 
     def _open(self, text: str) -> str:
         """Text that leaves the cursor on its line (a prompt or a question)."""
@@ -276,9 +341,17 @@ class ChatCore:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def starting(self, url: str) -> Reaction:
-        """The banner printed before the first connection."""
-        session = f"[session] {self.session_id} (come back to it with --session {self.session_id})"
+    def creating(self, url: str) -> Reaction:
+        """Said before the session is created over REST (``POST {url}``)."""
+        return Reaction(self._line("notice", f"[session] creating a session: POST {url}"))
+
+    def starting(self, url: str, *, created: bool = False) -> Reaction:
+        """The banner printed before the first connection (``created``: made over REST)."""
+        how = "created " if created else ""
+        session = (
+            f"[session] {how}{_clean(self.session_id)} "
+            f"(come back to it with --session {_clean(self.session_id)})"
+        )
         return Reaction(
             self._line("notice", session) + self._line("notice", f"[session] connecting to {url}")
         )
@@ -287,6 +360,8 @@ class ChatCore:
         """A connection is open; on a reconnect the ``resume`` frame must be its first frame."""
         self.v2 = v2
         self._connections += 1
+        self._ready_seq = None
+        self._gap_reported = False
         if self._connections == 1:
             protocol = SUBPROTOCOL_V2 if v2 else "v1 (the gateway did not accept codelab.v2)"
             text = self._line("notice", f"[session] connected, protocol {protocol}")
@@ -402,6 +477,11 @@ class ChatCore:
 
     def approvals_unknown(self, why: str) -> Reaction:
         """The session's pending approvals could not be read (see :meth:`restore_approvals`)."""
+        if self._streaming:
+            self._deferred += self._paint(
+                "notice", f"[session] cannot read pending approvals ({_clean(why)})\n"
+            )
+            return Reaction()
         return Reaction(
             self._line("notice", f"[session] cannot read pending approvals ({_clean(why)})")
             + self._prompt_if_idle()
@@ -458,7 +538,8 @@ class ChatCore:
         self._streamed += piece
         self._line_open = True
         if final:
-            text += "\n"
+            text += "\n" + self._deferred
+            self._deferred = ""
             self._line_open = False
             self._streaming = False
         return Reaction(text)
@@ -496,6 +577,7 @@ class ChatCore:
                     "[session] this gateway cannot resume; output sent while disconnected "
                     "may be missing",
                 )
+                + self._prompt_if_idle()
             )
         text = content if isinstance(content, str) and content else error
         message = _clean(str(text)) if text else "unknown error"
@@ -531,19 +613,20 @@ class ChatCore:
         self.turn_active = frame.get("turn_running") is True
         server_seq = frame.get("last_seq")
         text = ""
-        if (
-            isinstance(server_seq, int)
-            and not isinstance(server_seq, bool)
-            and server_seq < self.last_seq
-        ):
+        if isinstance(server_seq, int) and not isinstance(server_seq, bool):
+            self._ready_seq = server_seq
+        if self._ready_seq is not None and self._ready_seq < self.last_seq:
             # The gateway's numbering restarted (its state is gone): what we hold is stale.
-            self.last_seq = server_seq
+            self.last_seq = self._ready_seq
             text += self._missing("the gateway lost the session's earlier frames")
         if frame.get("reattached") is True and self.turn_active and self._connections == 1:
             text += self._line("notice", "[session] a turn of this session is still running")
         return Reaction(text)
 
     def _missing(self, reason: str) -> str:
+        if self._gap_reported:
+            return ""  # this connection's loss is already announced
+        self._gap_reported = True
         return self._line(
             "notice",
             f"[session] some output may be missing ({_clean(reason)}); the full history is at "
@@ -557,8 +640,15 @@ class ChatCore:
     def _on_resync(self, frame: Mapping[str, Any]) -> Reaction:
         self.resuming = False
         self._rebase = True
+        if self._ready_seq is not None:
+            # What the gateway had numbered when it greeted us is shown or lost for good: a
+            # later reconnect resumes after it, instead of asking again for the frames just
+            # declared lost and announcing the same loss once more.
+            self.last_seq = max(self.last_seq, self._ready_seq)
         reason = frame.get("reason")
-        return Reaction(self._missing(str(reason) if reason else "resync required"))
+        text = self._missing(str(reason) if reason else "resync required")
+        # The notices wrote over the prompt: show it again (the resumed frame does the same).
+        return Reaction(text + self._prompt_if_idle())
 
     def _on_turn_started(self, frame: Mapping[str, Any]) -> Reaction:
         self.turn_active = True
@@ -635,8 +725,12 @@ _HANDLERS: Final[Mapping[str, _Handler]] = {
 class ChatOptions:
     """Everything :func:`run_chat` needs, resolved by the command line."""
 
-    url: str  # the session's full WebSocket URL
-    session_id: str
+    #: The session's full WebSocket URL, or the gateway's WebSocket base when ``session_id``
+    #: is None (see :func:`build_ws_url`).
+    url: str
+    #: The session to open; None: create one over REST first (``POST /api/v1/sessions``),
+    #: as the IDE does, because the real runtime knows only sessions created that way.
+    session_id: str | None
     #: Returns a bearer token for each connection attempt (None: connect without one). It may
     #: block (reading a key file), so it runs in a thread.
     token_provider: Callable[[], str] | None = None
@@ -660,7 +754,10 @@ class ChatRunner:
     def __init__(self, options: ChatOptions, *, stdin_fd: int = 0, out: TextIO | None = None):
         """Prepare a run; nothing happens until :meth:`run`."""
         self.options = options
-        self.core = ChatCore(options.session_id, color=options.color)
+        # Known once the session exists (created over REST when options.session_id is None).
+        self.core = ChatCore(options.session_id or "", color=options.color)
+        self._url = options.url
+        self._created = False
         self._stdin_fd = stdin_fd
         self._out = sys.stdout if out is None else out
         # Frames waiting for a connection, oldest first. A frame leaves only once written, so
@@ -688,6 +785,9 @@ class ChatRunner:
 
     async def run(self) -> int:
         """Chat until the user quits (0) or the connection is lost for good (1 or 2)."""
+        # Before any socket: a session the runtime knows, and a token if the gateway wants one.
+        if not await self._open_session():
+            return 1
         exit_code = 0
         async with trio.open_nursery() as nursery:
             # SIGINT is ours from here on: Ctrl-C becomes a cancel frame, not a
@@ -745,8 +845,78 @@ class ChatRunner:
         token = await trio.to_thread.run_sync(provider)
         return [(b"Authorization", f"Bearer {token}".encode())]
 
+    async def _open_session(self) -> bool:
+        """Create the session over REST (no id given), or check that we may open it.
+
+        Both happen before the WebSocket opens, so a gateway that wants a token says so before
+        "connected" (it would accept the socket, wait for a first-frame ``auth`` and close it
+        with 4401 only then). False (said why): nothing to chat with.
+        """
+        if self.options.session_id is None:
+            created = await self._create_session()
+            if created is None:
+                return False
+            self.core.session_id = created
+            self._url = session_ws_url(self.options.url, created)
+            self._created = True
+            return True
+        if self.options.token_provider is None:
+            return await self._probe_session(self.options.session_id)
+        return True  # with a token, the handshake itself answers 401/403
+
+    async def _create_session(self) -> str | None:
+        # As the IDE does: POST /api/v1/sessions without a body (the runtime picks the id),
+        # then open the socket of the id in its 201 answer.
+        url = sessions_url(self.options.url)
+        self._apply(self.core.creating(url))
+        try:
+            headers = await self._token()
+        except (OSError, ValueError) as error:
+            self._apply(self.core.fatal(f"cannot get a token: {error}"))
+            return None
+        try:
+            async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, trust_env=False) as http:
+                answer = await http.post(url, headers=dict(headers))
+        except (httpx.HTTPError, OSError) as error:
+            self._apply(self.core.fatal(f"cannot connect: {error or type(error).__name__}"))
+            return None
+        if answer.status_code == 401:
+            hint = NEEDS_TOKEN if self.options.token_provider is None else TOKEN_REFUSED
+            why = f"cannot create a session: {describe_http_error(answer)}; {hint}"
+            self._apply(self.core.fatal(why))
+            return None
+        if not answer.is_success:
+            why = f"cannot create a session: {describe_http_error(answer)}"
+            self._apply(self.core.fatal(why))
+            return None
+        try:
+            body = answer.json()
+        except ValueError:
+            body = None
+        created = body.get("id") if isinstance(body, dict) else None
+        if not isinstance(created, str) or not 0 < len(created) <= 256:
+            why = f"cannot create a session: HTTP {answer.status_code} without a usable id"
+            self._apply(self.core.fatal(why))
+            return None
+        return created
+
+    async def _probe_session(self, session_id: str) -> bool:
+        # No token: one cheap REST request tells whether the gateway wants one. Anything but a
+        # 401 (JWT off: the runtime's 200 or 404; an unreachable gateway) is left to the
+        # socket, which reports it as it always has.
+        url = sessions_url(self._url, session_id)
+        try:
+            async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, trust_env=False) as http:
+                answer = await http.get(url)
+        except (httpx.HTTPError, OSError):
+            return True
+        if answer.status_code != 401:
+            return True
+        self._apply(self.core.fatal(f"{describe_http_error(answer)}; {NEEDS_TOKEN}"))
+        return False
+
     async def _connection_loop(self) -> int:
-        self._apply(self.core.starting(self.options.url))
+        self._apply(self.core.starting(self._url, created=self._created))
         failures = 0
         ever_opened = False
         while True:
@@ -784,7 +954,7 @@ class ChatRunner:
         self._received = False
         try:
             async with trio_websocket.open_websocket_url(
-                self.options.url,
+                self._url,
                 subprotocols=[SUBPROTOCOL_V2],
                 extra_headers=headers,
                 max_message_size=MAX_MESSAGE_BYTES,
@@ -845,7 +1015,7 @@ class ChatRunner:
         # left at an approval question, or its tool_call was sent while no client listened)
         # are asked about again. Best effort: a gateway or runtime that cannot say is no
         # reason to stop chatting; a session the runtime does not know (404) has none.
-        url = pending_approvals_url(self.options.url, self.options.session_id)
+        url = pending_approvals_url(self._url, self.core.session_id)
         try:
             headers = await self._token()
             async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT, trust_env=False) as http:

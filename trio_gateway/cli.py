@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
             "stream, approve or reject tool calls (tools are never executed: the client answers "
             "with a simulated result; Ctrl-C at the question rejects the call), Ctrl-C cancels "
             "a running turn, Ctrl-C when idle, Ctrl-D or /quit leaves. Reopening a session "
-            "(--session) asks again about tool calls still waiting for approval. A dropped "
+            "(--session) asks again about tool calls still waiting for approval; without "
+            "--session a new session is created over REST first. A dropped "
             "connection is resumed without losing or repeating output. Example, against "
             "`trio-gateway demo`: trio-gateway chat ws://127.0.0.1:8000 --token-from-demo"
         ),
@@ -194,7 +195,12 @@ def _parser() -> argparse.ArgumentParser:
         help="mint a token (like `trio-gateway token`) for the running `trio-gateway demo`",
     )
     chat_cmd.add_argument(
-        "--session", metavar="ID", help="session id to open or resume (default: a new random id)"
+        "--session",
+        metavar="ID",
+        help=(
+            "session id to open or resume (default: create a new session with "
+            "POST /api/v1/sessions, as the IDE does, and print its id)"
+        ),
     )
     chat_cmd.add_argument("--plain", action="store_true", help="no colours")
     chat_cmd.add_argument(
