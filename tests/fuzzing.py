@@ -67,6 +67,7 @@ from trio_gateway.server import serve
 from trio_gateway.settings import Settings
 
 from .jwks_server import JWKSServer
+from .task_tree import format_task_tree
 
 T = TypeVar("T")
 
@@ -1000,6 +1001,10 @@ class FuzzGateway:
             return names
 
         return self.run_sync_in_loop(read)
+
+    def task_tree(self) -> str:
+        """The gateway loop's task tree with where each task waits (tests/task_tree.py)."""
+        return self.run_sync_in_loop(partial(format_task_tree, skip=("serve_demo_runtime",)))
 
     def _main(self) -> None:
         try:

@@ -104,10 +104,13 @@ async def _wait_quiet(gateway: FuzzGateway, baseline: int | None = None) -> None
             await trio.sleep(0.05)
     names = names or await trio.to_thread.run_sync(gateway.task_names)
     more = {n: c - gateway.baseline_names.get(n, 0) for n, c in names.items()}
+    # Where each task waits says why it is still there (tests/task_tree.py).
+    tree = await trio.to_thread.run_sync(gateway.task_tree)
     raise AssertionError(
         f"not quiet: (tasks, sockets, sessions)={gauges}, baseline gateway tasks={baseline}, "
         f"control idle={gateway.control_idle}; tasks beyond the baseline: "
-        f"{ {n: d for n, d in more.items() if d > 0} }; all tasks: {names}"
+        f"{ {n: d for n, d in more.items() if d > 0} }; all tasks: {names}\n"
+        f"task tree:\n{tree}"
     )
 
 

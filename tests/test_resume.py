@@ -17,6 +17,7 @@ from trio_gateway.demo_runtime import DemoRuntime
 from .conftest import gateway_settings, port_of, run_gateway, wait_for
 from .rawws import RawWebSocket
 from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from .task_tree import format_task_tree
 
 V2 = ["codelab.v2"]
 
@@ -46,7 +47,12 @@ class ResumingClient:
     async def next(self) -> dict[str, Any]:
         """The next frame; numbered frames must follow the last one exactly."""
         assert self.ws is not None
-        frame = await self.ws.recv_json()
+        try:
+            frame = await self.ws.recv_json()
+        except trio.TooSlowError:
+            # Say what every task of the gateway (same run) was doing when nothing came.
+            tree = format_task_tree()
+            raise AssertionError(f"no frame after seq {self.last_seq}; tasks:\n{tree}") from None
         if "seq" in frame:
             if self.resynced:  # after resync_required the next seq is the new baseline
                 self.resynced = False
