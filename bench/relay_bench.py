@@ -95,7 +95,7 @@ WS_PATH = "/api/v1/ws/"
 
 TARGET_THROUGHPUT_RATIO = 0.9  # gateway tokens/s >= 0.9 x direct
 TARGET_ADDED_P99_MS = 5.0  # gateway p99 latency - direct p99 latency
-TARGET_IDLE_SESSION_KIB = 64.0  # RSS per idle WebSocket session
+TARGET_IDLE_SESSION_KIB = 40.0  # RSS per idle WebSocket session
 
 STARTUP_TIMEOUT = 30.0  # seconds for a child to answer /health
 ROUND_TIMEOUT = 300.0  # seconds for one throughput round (connect, stream, close)
@@ -1276,6 +1276,16 @@ def run_phase(
             raise
 
 
+def run_memory_only(cfg: BenchConfig) -> MemoryResult:
+    """Only the memory phase (``--memory-only``), on a fresh gateway against a fresh runtime."""
+    key = secrets.token_urlsafe(24)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        workdir = Path(tmp)
+        with spawned("runtime", ["demo-runtime", "--instant"], child_env(key), workdir) as runtime:
+            _log(f"memory: {cfg.idle_sessions} idle sessions")
+            return run_phase("memory", memory_phase, runtime, key, workdir, cfg, None)
+
+
 def run(cfg: BenchConfig, mode: str, profile_dir: Path | None) -> Report:
     """All three phases, each on a fresh gateway, against one runtime."""
     digest = gateway_sources_digest()
@@ -1333,6 +1343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="record the gateway with py-spy during the load phases (perturbs the figures)",
     )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="run only phase 3 (memory per idle session) and print its figures",
+    )
     args = parser.parse_args(argv)
     cfg = BenchConfig.quick() if args.quick else BenchConfig.full()
     if args.profile is not None:
@@ -1348,6 +1363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fd_limit < needed:
         print(f"relay_bench: RLIMIT_NOFILE is {fd_limit}, {needed} needed", file=sys.stderr)
         return 1
+    if args.memory_only:
+        return _main_memory_only(cfg, args.json)
     try:
         report = run(cfg, "quick" if args.quick else "full", args.profile)
     except BaseException as error:
@@ -1363,6 +1380,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
         print(f"\nfigures written to {args.json}")
+    return 0
+
+
+def _main_memory_only(cfg: BenchConfig, json_path: Path | None) -> int:
+    try:
+        memory = run_memory_only(cfg)
+    except BaseException as error:
+        if _interrupted(error):
+            print("relay_bench: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(error, SystemExit):
+            raise
+        failures = "\n".join(f"  {_describe(leaf)}" for leaf in _leaves(error))
+        print(f"relay_bench: FAILED\n{failures}", file=sys.stderr)
+        return 1
+    print(
+        f"{memory.idle_sessions} idle sessions: RSS {memory.rss_before_kib} KiB -> "
+        f"{memory.rss_with_sessions_kib} KiB, {memory.per_session_kib:.1f} KiB/session "
+        f"(target <= {TARGET_IDLE_SESSION_KIB:g}; load average {loadavg()})",
+        flush=True,
+    )
+    if json_path is not None:
+        json_path.write_bytes(orjson.dumps(asdict(memory), option=orjson.OPT_INDENT_2))
     return 0
 
 

@@ -91,13 +91,23 @@ class OutboundQueue:
     def __init__(self, max_bytes: int, max_control: int) -> None:
         self.max_bytes = max_bytes
         self.max_control = max_control
-        self._entries: deque[_Entry] = deque()
+        # () while nothing waits: an empty deque costs ~600 bytes and most sessions sit idle
+        # (docs/performance.md, "Idle memory"); _queue() makes the deque on the first put.
+        self._entries: deque[_Entry] | tuple[()] = ()
         self.pending_bytes = 0
         self.pending_control = 0
         self.merged_chunks = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _queue(self) -> deque[_Entry]:
+        entries = self._entries
+        if isinstance(entries, deque):
+            return entries
+        queue: deque[_Entry] = deque()
+        self._entries = queue
+        return queue
 
     def has_space(self) -> bool:
         """True while relayed data stays under the byte budget."""
@@ -128,7 +138,7 @@ class OutboundQueue:
             frame = entry.frame
             if not isinstance(frame, NumberedFrame) and frame.get("is_final") is not False:
                 final = True
-        self._entries = kept
+        self._entries = kept if kept else ()
         self.pending_bytes = 0
         return dropped, final
 
@@ -144,8 +154,9 @@ class OutboundQueue:
         empty queue only, counted in full, which keeps it deliverable.
         """
         self.pending_bytes += size
-        if self._entries and is_mergeable(frame):
-            tail = self._entries[-1]
+        entries = self._queue()
+        if entries and is_mergeable(frame):
+            tail = entries[-1]
             target = tail.frame
             if (
                 not tail.control
@@ -163,7 +174,7 @@ class OutboundQueue:
                 tail.size += size
                 self.merged_chunks += 1
                 return
-        self._entries.append(_Entry(frame, size, control=False))
+        entries.append(_Entry(frame, size, control=False))
 
     def put_numbered(self, frame: NumberedFrame, size: int) -> None:
         """Queue a frame numbered elsewhere, ``size`` bytes against the budget like a chunk.
@@ -172,22 +183,22 @@ class OutboundQueue:
         :meth:`put_chunk`.
         """
         self.pending_bytes += size
-        self._entries.append(_Entry(frame, size, control=False))
+        self._queue().append(_Entry(frame, size, control=False))
 
     def put_control(self, frame: Frame) -> None:
         """Queue a gateway-made frame; never blocks, never merges."""
         self.pending_control += 1
-        self._entries.append(_Entry(frame, 0, control=True))
+        self._queue().append(_Entry(frame, 0, control=True))
 
     def put_control_front(self, frame: Frame) -> None:
         """Queue a gateway-made frame ahead of everything waiting (greetings on attach)."""
         self.pending_control += 1
-        self._entries.appendleft(_Entry(frame, 0, control=True))
+        self._queue().appendleft(_Entry(frame, 0, control=True))
 
     def take_all(self) -> list[Outgoing]:
         """Remove and return every waiting frame, merged text materialized, budgets released."""
         entries = self._entries
-        self._entries = deque()
+        self._entries = ()
         self.pending_bytes = 0
         self.pending_control = 0
         return [entry.materialize() for entry in entries]

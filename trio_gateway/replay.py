@@ -44,8 +44,9 @@ class ReplayBuffer:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.max_age = max_age
-        # (seq, encoded frame, time appended); seqs are consecutive.
-        self._entries: deque[tuple[int, str, float]] = deque()
+        # (seq, encoded frame, time appended); seqs are consecutive. () until the first
+        # frame: an empty deque costs ~600 bytes and most sessions sit idle.
+        self._entries: deque[tuple[int, str, float]] | tuple[()] = ()
         self.size = 0  # sum of len(text): characters, a cheap stand-in for bytes
         self.last_seq = 0  # highest seq ever appended
         self.delivered_seq = 0  # highest seq a socket accepted
@@ -62,7 +63,10 @@ class ReplayBuffer:
         """Record frame ``seq`` (which must be ``last_seq + 1``) and evict what is out of bounds."""
         if seq != self.last_seq + 1:
             raise ValueError(f"seq {seq} does not follow {self.last_seq}")
-        self._entries.append((seq, text, now))
+        entries = self._entries
+        if not isinstance(entries, deque):
+            entries = self._entries = deque()
+        entries.append((seq, text, now))
         self.size += len(text)
         self.last_seq = seq
         self.trim(now)
@@ -75,6 +79,8 @@ class ReplayBuffer:
     def trim(self, now: float) -> None:
         """Evict the oldest frames beyond the bounds, but never an undelivered one."""
         entries = self._entries
+        if not isinstance(entries, deque):
+            return
         oldest_allowed = now - self.max_age
         while entries:
             seq, text, at = entries[0]
@@ -114,5 +120,5 @@ class ReplayBuffer:
 
     def clear(self) -> None:
         """Forget every frame (the session ended)."""
-        self._entries.clear()
+        self._entries = ()
         self.size = 0

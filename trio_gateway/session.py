@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +74,36 @@ MAX_SOCKETS_PER_SESSION = 8
 
 
 class Connection:
-    """One attached WebSocket and its three tasks (reader, writer, heartbeat)."""
+    """One attached WebSocket and its tasks (reader, writer, heartbeat + close guard)."""
+
+    # Slots: thousands of these live at once (docs/performance.md, "Idle memory").
+    __slots__ = (
+        "backlog",
+        "backlog_bytes",
+        "caught_up",
+        "close_code",
+        "close_reason",
+        "closing",
+        "first_frame_seen",
+        "flush_then_close",
+        "greeting",
+        "identity",
+        "limit_key",
+        "previous_writer_done",
+        "rate_refusals",
+        "replaced",
+        "resume_decided",
+        "resume_from",
+        "scope",
+        "sender_headers",
+        "shut_requested",
+        "skip_through",
+        "v2",
+        "viewer",
+        "wake_writer",
+        "writer_done",
+        "ws",
+    )
 
     def __init__(
         self, ws: WebSocketConnection, v2: bool, identity: Identity, limit_key: str | None = None
@@ -113,7 +141,9 @@ class Connection:
         # A v1 viewer (another window on the session): the frames the session's live socket
         # numbered, encoded, waiting for this socket's writer. Bounded in bytes.
         self.viewer = False  # attached as a viewer (see Session.attach)
-        self.backlog: deque[str] = deque()
+        # A list, not a deque: it is only appended to and emptied whole, and an empty list
+        # costs 56 bytes where an empty deque costs ~600 (every idle socket has one).
+        self.backlog: list[str] = []
         self.backlog_bytes = 0
 
     def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
@@ -140,6 +170,46 @@ class Connection:
 
 class Session:
     """State and turn runner of one ``session_id``; see the module docstring for lifetimes."""
+
+    # Slots: thousands of these live at once (docs/performance.md, "Idle memory").
+    __slots__ = (
+        "_attachment_changed",
+        "_final_seen",
+        "_first_chunk_seen",
+        "_messages_ready",
+        "_nursery",
+        "_turn_runner_started",
+        "_turn_started_at",
+        "answered",
+        "close_after_turn",
+        "cluster",
+        "cluster_failed",
+        "cluster_ready",
+        "connection",
+        "detached_charge",
+        "finished",
+        "following",
+        "frames_ready",
+        "handoff",
+        "holds_lease",
+        "id",
+        "lease_ready",
+        "limit_key",
+        "lost_frames",
+        "manager",
+        "outbound",
+        "pending_approvals",
+        "pending_attach",
+        "queue",
+        "replay",
+        "scope",
+        "seq",
+        "settings",
+        "space_ready",
+        "turn_count",
+        "turn_scope",
+        "viewers",
+    )
 
     def __init__(self, session_id: str, manager: SessionManager, limit_key: str = "") -> None:
         self.id = session_id
@@ -173,10 +243,14 @@ class Session:
         # --- several replicas (STATE_BACKEND=redis); see cluster.py -----------------------
         self.cluster: Cluster | None = manager.cluster
         self.holds_lease = self.cluster is None
-        self.lease_ready = trio.Event()  # turns may run (always, without a cluster)
+        # lease_ready: turns may run; cluster_ready: first lease attempt done, seq base known.
+        # Without a cluster there is nothing to wait for: both are the manager's one pre-set
+        # Event (shared: trio Events are never reset), not two Events per session.
         if self.cluster is None:
-            self.lease_ready.set()
-        self.cluster_ready = trio.Event()  # first lease attempt done, seq base known
+            self.lease_ready = self.cluster_ready = manager.already_set
+        else:
+            self.lease_ready = trio.Event()
+            self.cluster_ready = trio.Event()
         self.cluster_failed = False
         self.following = False  # another replica runs the session; we relay its stream
         self.handoff = False  # our client moved to another replica: finish, then let go
@@ -191,6 +265,8 @@ class Session:
         self._first_chunk_seen = False
         self._final_seen = False
         self.finished = trio.Event()
+        self._nursery: trio.Nursery | None = None  # the session's, while it takes new tasks
+        self._turn_runner_started = False
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
         # frames_ready: frames were queued or the attachment changed (the writer, or the
         # hand-off pump, looks again); space_ready: the queue was emptied or the client left
@@ -247,11 +323,21 @@ class Session:
         try:
             with self.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._turn_runner)
-                    nursery.start_soon(self._grace_timer)
+                    # Memory: an idle session is one task, not three (each trio task costs a
+                    # few KiB). The grace timer runs as the nursery's body, and the turn runner
+                    # starts with the first message (see _start_turn_runner). Either way the
+                    # nursery ends when the grace timer ends the session, and an error in
+                    # either cancels the other, as sibling tasks did.
+                    self._nursery = nursery
+                    if len(self.queue):  # submitted before this task first ran
+                        self._start_turn_runner()
                     if self.cluster is not None:
                         nursery.start_soon(keep_lease, self, self.cluster)
                         nursery.start_soon(pump_handed_off, self)
+                    try:
+                        await self._grace_timer()
+                    finally:
+                        self._nursery = None  # closed to new tasks from here on
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
             logger.exception("session %s failed", self.id)
@@ -467,8 +553,21 @@ class Session:
         or the session is closing for a drain (no new turn may start)."""
         if self.close_after_turn is not None or not self.queue.offer((message, sender or {})):
             return False
-        self._messages_ready.unpark_all()
+        if self._turn_runner_started:
+            self._messages_ready.unpark_all()
+        else:
+            self._start_turn_runner()
         return True
+
+    def _start_turn_runner(self) -> None:
+        # Lazily, at the first message: a session that never runs a turn (most idle IDE
+        # sessions) holds no turn-runner task. Once started it runs for the session's life.
+        # Before run() has opened the nursery, run() starts it; after the nursery closed (the
+        # session is ending) the message is dropped with the queue, as it was before.
+        if self._turn_runner_started or self._nursery is None:
+            return
+        self._turn_runner_started = True
+        self._nursery.start_soon(self._turn_runner)
 
     def already_answered(self, kind: str, call_id: str) -> bool:
         """Whether a ``kind`` answer for ``call_id`` already went to the runtime."""
@@ -711,6 +810,8 @@ class SessionManager:
         self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
         self._nursery: trio.Nursery | None = None
         self._idle = trio.lowlevel.ParkingLot()
+        self.already_set = trio.Event()  # see Session.lease_ready
+        self.already_set.set()
         # Gauges read at scrape time: nothing to maintain on the hot path.
         metrics.active_websockets.set_function(lambda: self.connection_count)
         metrics.active_sessions.set_function(lambda: len(self.sessions))
@@ -936,15 +1037,15 @@ class SessionManager:
     async def _run_connection(self, session: Session, connection: Connection) -> None:
         try:
             async with trio.open_nursery() as guard_nursery:
-                guard_nursery.start_soon(self._abort_if_stuck, connection)
+                guard_nursery.start_soon(self._abort_if_stuck, session, connection)
                 try:
                     with connection.scope:
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(
-                                self._reader, session, connection, nursery.cancel_scope
-                            )
                             nursery.start_soon(self._writer, session, connection)
-                            nursery.start_soon(self._heartbeat, session, connection)
+                            # The reader is the nursery's body rather than a task of its own
+                            # (one task less per idle socket); it ends, fails and is
+                            # cancelled exactly as a sibling of the writer would be.
+                            await self._reader(session, connection, nursery.cancel_scope)
                 finally:
                     guard_nursery.cancel_scope.cancel()
         except* ConnectionClosed:
@@ -956,12 +1057,16 @@ class SessionManager:
             connection.close_code = CloseCode.INTERNAL_ERROR
             connection.close_reason = "internal error"
 
-    async def _abort_if_stuck(self, connection: Connection) -> None:
+    async def _abort_if_stuck(self, session: Session, connection: Connection) -> None:
         # Cancelling the connection's nursery cannot interrupt a writer blocked in hypercorn's
         # shielded send, so the nursery would never exit. This guard sits outside it: once a
         # close is requested (or the whole connection task is cancelled by the server), it
         # gives the in-flight send ws_close_timeout to finish, then aborts the transport.
+        # Until then the same task is the connection's heartbeat (one task less per idle
+        # socket): the heartbeat stops where it stopped as a task of the connection's nursery,
+        # at the close request that cancels that nursery.
         try:
+            await self._heartbeat(session, connection)
             await connection.shut_requested.wait()
         finally:
             with trio.CancelScope(shield=True):
@@ -1387,6 +1492,8 @@ class SessionManager:
         # Watches the writer from outside (its sends are shielded) and, for v2 clients, sends
         # an application heartbeat after a quiet interval. WebSocket protocol pings and
         # dead-peer detection are hypercorn's (ping interval + read timeout, see server.py).
+        # Returns once the connection is asked to close (runs in the guard task, which
+        # outlives the connection's nursery: see _abort_if_stuck).
         ws = connection.ws
         settings = self.settings
         tick = max(0.01, min(settings.ws_heartbeat_interval, settings.ws_slow_client_timeout) / 4)
@@ -1403,7 +1510,10 @@ class SessionManager:
                     check_expiry = False  # keep watching the writer while it flushes
                 else:
                     wait = min(wait, remaining)
-            await trio.sleep(wait)
+            with trio.move_on_after(wait):
+                await connection.shut_requested.wait()
+            if connection.shut_requested.is_set():
+                return
             now = trio.current_time()
             started = ws.send_started_at
             if started is not None and now - started >= settings.ws_slow_client_timeout:

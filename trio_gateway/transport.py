@@ -130,6 +130,23 @@ class WebSocketConnection:
     watchdog outside that task see a send that has been blocked for too long.
     """
 
+    # Slots: one per open socket (docs/performance.md, "Idle memory").
+    __slots__ = (
+        "_abort",
+        "_first_message_limit",
+        "_receive",
+        "_send",
+        "_send_finished",
+        "aborted",
+        "accepted",
+        "closed",
+        "disconnected",
+        "last_send_at",
+        "peer_closed_code",
+        "scope",
+        "send_started_at",
+    )
+
     def __init__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         self.scope = scope
         self._receive = receive

@@ -14,18 +14,27 @@ class TurnQueue(Generic[Item]):
     ``offer`` never blocks: a full queue is the caller's cue to answer ``busy``.
     """
 
+    __slots__ = ("_items", "limit")
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._items: deque[Item] = deque()
+        # Created at the first message: an empty deque costs ~600 bytes, and most sessions
+        # sit idle (docs/performance.md, "Idle memory").
+        self._items: deque[Item] | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return 0 if self._items is None else len(self._items)
 
     def offer(self, message: Item) -> bool:
         """Append ``message`` unless the queue is full; return whether it was accepted."""
-        if len(self._items) >= self.limit:
+        items = self._items
+        if items is None:
+            if self.limit <= 0:
+                return False
+            items = self._items = deque()
+        elif len(items) >= self.limit:
             return False
-        self._items.append(message)
+        items.append(message)
         return True
 
     def pop(self) -> Item | None:
@@ -34,6 +43,7 @@ class TurnQueue(Generic[Item]):
 
     def clear(self) -> int:
         """Drop every waiting message; return how many were dropped."""
-        dropped = len(self._items)
-        self._items.clear()
+        dropped = len(self)
+        if self._items:
+            self._items.clear()
         return dropped
