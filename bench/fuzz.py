@@ -216,7 +216,7 @@ def fuzz_lockouts(examples: int) -> dict[str, Any]:
 
 
 def fuzz_http_edge(examples: int, stats: EdgeStats) -> dict[str, Any]:
-    """Hostile HTTP/1.1 (issue 11): h2c upgrades and HTTP/2 prefaces, Content-Length +
+    """Hostile HTTP/1.1: h2c upgrades and HTTP/2 prefaces, Content-Length +
     Transfer-Encoding smuggling, pipelined requests, and slow heads (many at once) against one
     gateway with a 1 s HTTP_HEAD_TIMEOUT. The checks are tests/fuzzing_http.py's."""
     with FuzzGateway(http_head_timeout=1.0) as gateway:
