@@ -40,6 +40,18 @@ async def create_session(secure: Secure, token: str, session_id: str) -> None:
     assert created.status_code == 201, created.text
 
 
+async def assert_tokenless_ide_socket_refused(secure: Secure, session_id: str) -> None:
+    """A tokenless socket sending the IDE's first frame is closed 4401; nothing reaches the
+    runtime."""
+    async with secure.ws(session_id) as ws:
+        client = WsClient(ws)
+        await client.send(ide_frame("hi"))
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await client.recv()
+    assert close_code(closed.value) == 4401
+    assert secure.runtime.stream_requests == []
+
+
 async def test_a_tokenless_ide_socket_chats_on_a_session_its_user_created(
     secure_with: SecureFactory,
 ) -> None:
@@ -71,13 +83,7 @@ async def test_a_tokenless_socket_to_a_session_without_owner_is_refused(
                     headers={"X-Internal-Auth": INTERNAL_KEY},
                 )
             assert made.status_code == 201
-        async with secure.ws(session) as ws:
-            client = WsClient(ws)
-            await client.send(ide_frame("hi"))
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                await client.recv()
-        assert close_code(closed.value) == 4401
-        assert secure.runtime.stream_requests == []
+        await assert_tokenless_ide_socket_refused(secure, session)
 
 
 async def test_in_session_id_mode_a_first_auth_frame_still_works(
@@ -163,13 +169,7 @@ async def test_a_read_only_user_cannot_make_a_session_writable_by_reading_it(
             assert made.status_code == 201
             got = await http.get("/api/v1/sessions/ro", headers=secure.headers(reader))
             assert got.status_code == 200
-        async with secure.ws("ro") as ws:
-            client = WsClient(ws)
-            await client.send(ide_frame("hi"))
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                await client.recv()
-        assert close_code(closed.value) == 4401
-        assert secure.runtime.stream_requests == []
+        await assert_tokenless_ide_socket_refused(secure, "ro")
 
 
 async def test_a_session_id_socket_tells_the_runtime_only_the_write_scope(
