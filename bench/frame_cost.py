@@ -9,7 +9,8 @@ What it measures
 One demo runtime (``trio-gateway demo-runtime``, this tree) serves both gateways. Each run
 starts a fresh gateway (``python -m trio_gateway.cli serve``, one process, the app in it), opens
 ``S`` WebSocket sessions with raw wsproto clients that offer permessage-deflate (as browsers, VS
-Code and most client libraries do; the gateway's hypercorn accepts it) and sends the IDE's
+Code and most client libraries do; the gateway negotiates it only with
+``GATEWAY__WS_COMPRESSION=on``, an older baseline always did) and sends the IDE's
 15-key ``user_message`` frames, nulls included. After one untimed ``bench 1`` turn per session
 (warm-up: the gateway's runtime connections, the interpreters), every session streams
 ``bench N R``: N tokens at R tokens/s on the runtime's own schedule, each chunk carrying its own
