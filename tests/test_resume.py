@@ -34,6 +34,7 @@ class ResumingClient:
         self.control: list[dict[str, Any]] = []  # connection frames (no seq)
         self.ws: RawWebSocket | None = None
         self.resynced = False
+        self.turns_finished = 0  # turn_finished frames processed, replayed or live
 
     async def connect(self, *, resume: bool) -> dict[str, Any]:
         self.ws = await RawWebSocket.connect(
@@ -64,6 +65,7 @@ class ResumingClient:
             assert frame["seq"] == self.last_seq + 1, (frame, self.last_seq)
             self.last_seq = frame["seq"]
             self.frames.append(frame)
+            self.turns_finished += frame["type"] == "turn_finished"
         else:
             self.control.append(frame)
             self.resynced = self.resynced or frame["type"] == "resync_required"
@@ -124,16 +126,17 @@ async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
             await client.ws.send_json(
                 {"type": "user_message", "content": f"bench {tokens_per_turn}"}
             )
-            while True:
+
+            # Counted over every frame processed: turn_finished may come among the frames
+            # replayed before "resumed" as well as live.
+            while client.turns_finished < turn + 1:
                 # Read a random number of frames, then vanish mid-stream (often in the
                 # middle of a burst the writer coalesced, with more frames in flight).
-                finished = False
                 for _ in range(rng.randint(1, 40)):
-                    frame = await client.next()
-                    if frame["type"] == "turn_finished":
-                        finished = True
+                    await client.next()
+                    if client.turns_finished == turn + 1:
                         break
-                if finished:
+                if client.turns_finished == turn + 1:
                     break
                 assert client.ws is not None
                 client.ws.reset()
