@@ -38,7 +38,7 @@ from trio_gateway.chat import (
 )
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.dev_auth import DEV_ISSUER_FILE_ENV
-from trio_gateway.transport import WebSocketConnection
+from trio_gateway.session.transport import WebSocketConnection
 from trio_gateway.ws_handshake import open_session_socket
 
 from .conftest import RunningGateway, gateway_settings, run_gateway, wait_for

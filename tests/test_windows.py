@@ -14,7 +14,7 @@ import trio
 import trio_websocket
 
 from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.session import MAX_SOCKETS_PER_SESSION
+from trio_gateway.session.session import MAX_SOCKETS_PER_SESSION
 
 from .conftest import (
     RunningGateway,

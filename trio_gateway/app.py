@@ -2,7 +2,7 @@
 
 Everything mutable hangs off the app (``app.gateway``), so tests build as many independent
 gateways as they like. HTTP routes and the lifespan are quart-trio's; WebSocket scopes under
-``/api/v1/ws/`` go straight to the session engine (see ``transport.py`` for why).
+``/api/v1/ws/`` go straight to the session engine (see ``session/transport.py`` for why).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from .rest_proxy import (
 )
 from .runtime_client import RuntimeClient
 from .security import Security
-from .session import SessionManager
+from .session.session import SessionManager
+from .session.transport import WebSocketConnection
 from .settings import Settings
-from .transport import WebSocketConnection
 from .ws_handshake import open_session_socket
 
 logger = logging.getLogger("trio_gateway.app")

@@ -13,13 +13,13 @@ grace period re-attaches to the live turn. Cancelling a session's nursery cancel
 runtime HTTP request is closed) and closes its attached connection.
 
 Backpressure: the turn runner relays runtime chunks into the session's bounded
-:class:`~trio_gateway.outbound.OutboundQueue`; only the connection's writer task touches the
+:class:`~trio_gateway.session.outbound.OutboundQueue`; only the connection's writer task touches the
 socket. hypercorn sends inside a shielded scope, so a client that stops reading blocks the writer
 where no timeout can reach it: the heartbeat task watches ``send_started_at`` from outside and
 aborts the transport after ``ws_slow_client_timeout``.
 
 Several replicas (``STATE_BACKEND=redis``): the session's lease, following another replica's
-stream and the hand-off are in :mod:`trio_gateway.session_replicas`, tasks of the same nursery.
+stream and the hand-off are in :mod:`trio_gateway.session.replicas`, tasks of the same nursery.
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from .auth import Identity
-from .detached import DetachedBudget
-from .observability import Metrics, frame_type_label, session_id_var, user_var
-from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
-from .protocol import (
+from ..auth import Identity
+from ..observability import Metrics, frame_type_label, session_id_var, user_var
+from ..protocol import (
     ANSWER_TYPES,
     CONNECTION_FRAME_TYPES,
     RUNTIME_BOUND_TYPES,
@@ -50,17 +48,19 @@ from .protocol import (
     error_frame,
     parse_client_frame,
 )
+from ..runtime_client import RuntimeClient, RuntimeFailure
+from ..security import Refusal, Security, user_headers
+from ..settings import Settings
+from ..state import StateUnavailable
+from .detached import DetachedBudget
+from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .replay import ReplayBuffer, ReplayGap
-from .runtime_client import RuntimeClient, RuntimeFailure
-from .security import Refusal, Security, user_headers
-from .session_replicas import keep_lease, let_go, pump_handed_off
-from .settings import Settings
-from .state import StateUnavailable
+from .replicas import keep_lease, let_go, pump_handed_off
 from .transport import ConnectionClosed, WebSocketConnection
 from .turn_queue import TurnQueue
 
 if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from .cluster import Cluster
+    from ..cluster import Cluster
 
 logger = logging.getLogger("trio_gateway.session")
 

@@ -1,14 +1,14 @@
 """The session's side of several replicas (``STATE_BACKEND=redis``): lease, follow, hand off.
 
 :mod:`trio_gateway.cluster` is the Redis side (leases, frame streams, takeover notices); this
-module is what one :class:`~trio_gateway.session.Session` does with it (``docs/scaling.md``,
+module is what one :class:`~trio_gateway.session.session.Session` does with it (``docs/scaling.md``,
 "How a session moves between replicas"):
 
 * :func:`keep_lease` decides where the session runs. With the lease, the session runs its
   turns here and publishes every numbered frame to its shared stream. Without it, the session
   *follows*: it relays the lease holder's stream to its own client as
-  :class:`~trio_gateway.outbound.NumberedFrame` entries (they keep the holder's seq) until the
-  holder lets go or its lease expires, then takes over.
+  :class:`~trio_gateway.session.outbound.NumberedFrame` entries (they keep the holder's seq)
+  until the holder lets go or its lease expires, then takes over.
 * :func:`pump_handed_off` numbers and publishes the frames of a session whose client moved to
   another replica (nobody here sends them), so that replica's follower gets them.
 * :func:`let_go` publishes what is left and releases the lease when the session ends.
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 import orjson
 import trio
 
+from ..protocol import CONNECTION_FRAME_TYPES, ErrorCode, error_frame
+from ..state import StateUnavailable
 from .outbound import NumberedFrame
-from .protocol import CONNECTION_FRAME_TYPES, ErrorCode, error_frame
-from .state import StateUnavailable
 
 if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from .cluster import Cluster
+    from ..cluster import Cluster
     from .session import Session
 
 __all__ = ["keep_lease", "let_go", "pump_handed_off"]
