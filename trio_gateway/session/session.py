@@ -19,7 +19,8 @@ where no timeout can reach it: the heartbeat task watches ``send_started_at`` fr
 aborts the transport after ``ws_slow_client_timeout``.
 
 Several replicas (``STATE_BACKEND=redis``): the session's lease, following another replica's
-stream and the hand-off are in :mod:`trio_gateway.session.replicas`, tasks of the same nursery.
+stream and the hand-off are its lease's (:mod:`trio_gateway.session.replicas`), tasks of the same
+nursery; with one replica the lease is a shared one that does nothing.
 """
 
 from __future__ import annotations
@@ -51,11 +52,10 @@ from ..protocol import (
 from ..runtime_client import RuntimeClient, RuntimeFailure
 from ..security import Refusal, Security, user_headers
 from ..settings import Settings
-from ..state import StateUnavailable
 from .detached import DetachedBudget
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .replay import ReplayBuffer, ReplayGap
-from .replicas import keep_lease, let_go, pump_handed_off
+from .replicas import Lease, SessionLease, SoloLease
 from .transport import ConnectionClosed, WebSocketConnection
 from .turn_queue import TurnQueue
 
@@ -182,18 +182,12 @@ class Session:
         "_turn_started_at",
         "answered",
         "close_after_turn",
-        "cluster",
-        "cluster_failed",
-        "cluster_ready",
         "connection",
         "detached_charge",
         "finished",
-        "following",
         "frames_ready",
-        "handoff",
-        "holds_lease",
         "id",
-        "lease_ready",
+        "lease",
         "limit_key",
         "lost_frames",
         "manager",
@@ -240,20 +234,9 @@ class Session:
         self.pending_approvals: dict[str, Frame] = {}
         self.answered: dict[tuple[str, str], None] = {}  # (frame type, call_id), oldest first
         self.turn_count = 0
-        # --- several replicas (STATE_BACKEND=redis); see cluster.py -----------------------
-        self.cluster: Cluster | None = manager.cluster
-        self.holds_lease = self.cluster is None
-        # lease_ready: turns may run; cluster_ready: first lease attempt done, seq base known.
-        # Without a cluster there is nothing to wait for: both are the manager's one pre-set
-        # Event (shared: trio Events are never reset), not two Events per session.
-        if self.cluster is None:
-            self.lease_ready = self.cluster_ready = manager.already_set
-        else:
-            self.lease_ready = trio.Event()
-            self.cluster_ready = trio.Event()
-        self.cluster_failed = False
-        self.following = False  # another replica runs the session; we relay its stream
-        self.handoff = False  # our client moved to another replica: finish, then let go
+        # Where the session runs when replicas share state (replicas.py); with one replica
+        # the manager's one do-nothing lease, shared by every session.
+        self.lease: Lease = manager.lease_for(self)
         self.connection: Connection | None = None
         self.viewers: list[Connection] = []  # v1 windows beside the live socket; see attach
         self.scope = trio.CancelScope()
@@ -289,6 +272,18 @@ class Session:
         """A turn runs or messages wait."""
         return self.turn_running or len(self.queue) > 0
 
+    @property
+    def attached(self) -> bool:
+        """Whether a client's socket is attached here."""
+        return self.connection is not None
+
+    def continue_after(self, seq: int) -> None:
+        """Number the next frame after ``seq`` (earlier frames of this session were numbered
+        by another replica); nothing happens when numbering is already past it."""
+        if seq > self.seq:
+            self.seq = seq
+            self.replay.restart_at(seq)
+
     def next_seq(self) -> int:
         """Allocate the next per-session frame sequence number."""
         self.seq += 1
@@ -312,8 +307,7 @@ class Session:
         frame["seq"] = seq
         text = orjson.dumps(frame).decode()
         self.replay.append(seq, text, now)
-        if self.cluster is not None:
-            self.cluster.publish(self.id, seq, text)
+        self.lease.publish(seq, text)
         return seq, text
 
     # --- lifetime --------------------------------------------------------------------------
@@ -331,9 +325,7 @@ class Session:
                     self._nursery = nursery
                     if len(self.queue):  # submitted before this task first ran
                         self._start_turn_runner()
-                    if self.cluster is not None:
-                        nursery.start_soon(keep_lease, self, self.cluster)
-                        nursery.start_soon(pump_handed_off, self)
+                    self.lease.start(nursery)
                     try:
                         await self._grace_timer()
                     finally:
@@ -344,8 +336,7 @@ class Session:
             for connection in self.sockets():
                 connection.shut(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            if self.cluster is not None:
-                await let_go(self, self.cluster)
+            await self.lease.let_go()
             self.outbound.drop_all()
             self.release_detached()
             dropped = self.queue.clear()
@@ -366,11 +357,26 @@ class Session:
         live = [] if self.connection is None else [self.connection]
         return live + self.viewers
 
-    # --- several replicas (lease, follow, hand-off: session_replicas.py) ---------------------
+    # --- several replicas (lease, follow, hand-off: replicas.py) ----------------------------
 
     def maybe_hand_off(self) -> None:
         """End a handed-off session once it is idle (its lease goes to the new replica)."""
-        if self.handoff and self.connection is None and not self.busy and not len(self.outbound):
+        if (
+            self.lease.handoff
+            and self.connection is None
+            and not self.busy
+            and not len(self.outbound)
+        ):
+            self.end()
+
+    def moved_away(self) -> None:
+        """Another replica now serves this session's client (its sockets here are closed).
+        If we run the session, finish its turn there (frames go to the shared stream) and
+        let go; a follower has nothing to relay and ends."""
+        if self.lease.hand_off():
+            self.frames_ready.unpark_all()
+            self.maybe_hand_off()
+        else:
             self.end()
 
     async def _grace_timer(self) -> None:
@@ -404,8 +410,8 @@ class Session:
         return (
             self.turn_count == 0
             and not self.turn_running
-            and not self.following
-            and (self.cluster is None or self.seq == 0)
+            and not self.lease.following
+            and (not self.lease.shared or self.seq == 0)
         )
 
     def release_pending(self) -> None:
@@ -453,7 +459,7 @@ class Session:
             viewer.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
         self.viewers.clear()
         self.connection = connection
-        self.handoff = False  # the client came back here
+        self.lease.came_back()  # the client came back here
         # A client reads the queue again: the per-session budget and backpressure bound it.
         self.release_detached()
         connection.wake_writer = self.frames_ready.unpark_all
@@ -599,7 +605,7 @@ class Session:
 
     async def _turn_runner(self) -> None:
         runtime = self.manager.runtime
-        await self.lease_ready.wait()  # another replica may still be running this session
+        await self.lease.lease_ready.wait()  # another replica may still be running this session
         while True:
             queued = self.queue.pop()
             while queued is None:
@@ -810,8 +816,9 @@ class SessionManager:
         self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
         self._nursery: trio.Nursery | None = None
         self._idle = trio.lowlevel.ParkingLot()
-        self.already_set = trio.Event()  # see Session.lease_ready
+        self.already_set = trio.Event()  # see SoloLease
         self.already_set.set()
+        self._solo_lease = SoloLease(self.already_set)
         # Gauges read at scrape time: nothing to maintain on the hot path.
         metrics.active_websockets.set_function(lambda: self.connection_count)
         metrics.active_sessions.set_function(lambda: len(self.sessions))
@@ -822,6 +829,13 @@ class SessionManager:
         # Pre-bound label children: a labels() lookup per frame would cost a lock and a dict.
         self._frames_out: dict[str, Any] = {}
         self._frames_in: dict[str, Any] = {}
+
+    def lease_for(self, session: Session) -> Lease:
+        """The lease of a new session: its own when replicas share state, else the shared
+        one that does nothing."""
+        if self.cluster is None:
+            return self._solo_lease
+        return SessionLease(session, self.cluster, self.settings.session_lease_seconds)
 
     def count_frame_out(self, frame_type: object) -> None:
         """Count one frame sent to a client."""
@@ -875,12 +889,7 @@ class SessionManager:
             connection.shut(
                 CloseCode.SESSION_REPLACED, "replaced by a connection on another gateway replica"
             )
-        if session.holds_lease:
-            session.handoff = True
-            session.frames_ready.unpark_all()
-            session.maybe_hand_off()
-        else:
-            session.end()  # a follower whose client left has nothing to relay
+        session.moved_away()
 
     def _forget(self, session: Session) -> None:
         if self.sessions.get(session.id) is session:
@@ -968,7 +977,7 @@ class SessionManager:
             try:
                 if not accepted:
                     await ws.accept(SUBPROTOCOL_V2 if v2 else None)
-                if self.cluster is not None and not await self._join_cluster(session):
+                if not await session.lease.join():
                     connection.close_code = CloseCode.TRY_AGAIN_LATER
                     connection.close_reason = "shared state (Redis) unavailable"
                     self.metrics.limit_hits.labels("state_unavailable").inc()
@@ -1017,22 +1026,6 @@ class SessionManager:
             session.detach(connection)
             await self._finish_connection(connection)
             self._idle.unpark_all()
-
-    async def _join_cluster(self, session: Session) -> bool:
-        # Several replicas: wait (bounded) until the session knows whether it runs here or
-        # follows another replica, then tell the other replicas to let this client's session
-        # go. Without Redis we cannot keep the guarantees: refuse (1013) rather than guess.
-        assert self.cluster is not None
-        with trio.move_on_after(self.cluster.timeout * 3):
-            await session.cluster_ready.wait()
-        if not session.cluster_ready.is_set() or session.cluster_failed:
-            return False
-        try:
-            await self.cluster.announce_connection(session.id)
-        except StateUnavailable as error:
-            logger.warning("cannot announce a connection: %s", error)
-            return False
-        return True
 
     async def _run_connection(self, session: Session, connection: Connection) -> None:
         try:
@@ -1418,8 +1411,9 @@ class SessionManager:
             if resume_from is None
             else session.replay.since(resume_from, now)
         )
-        if isinstance(replay, ReplayGap) and resume_from is not None and session.cluster:
-            replay = await self._replay_from_stream(session, connection, resume_from, replay)
+        if isinstance(replay, ReplayGap) and resume_from is not None:
+            # Frames this replica does not hold may be in the shared stream (replicas.py).
+            replay, connection.skip_through = await session.lease.replay_after(resume_from, replay)
         gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
         frames = [] if isinstance(replay, ReplayGap) else replay
         if session.lost_frames:
@@ -1452,31 +1446,6 @@ class SessionManager:
             )
             resumed = {"type": "resumed", "from_seq": resume_from + 1, "replayed": len(frames)}
             await self._send_direct(connection, resumed)
-
-    async def _replay_from_stream(
-        self, session: Session, connection: Connection, last_seq: int, gap: ReplayGap
-    ) -> list[tuple[int, str]] | ReplayGap:
-        # Frames this replica does not hold may be in the shared stream: those numbered by
-        # the replica that ran the session before (or runs it now, when we follow it).
-        assert session.cluster is not None
-        local = session.replay
-        try:
-            if gap is ReplayGap.UNKNOWN_SEQ:
-                # Following another replica: the client may have seen frames that reached
-                # the stream after this session started; they arrive here through the follower
-                # and are skipped, not sent twice.
-                if session.following and last_seq <= await session.cluster.last_seq(session.id):
-                    connection.skip_through = last_seq
-                    return []
-                return gap
-            need = local.first_seq - 1  # what the local buffer cannot give
-            older = await session.cluster.read_after(session.id, last_seq, need - last_seq)
-        except StateUnavailable:
-            return gap
-        if [seq for seq, _ in older] != list(range(last_seq + 1, need + 1)):
-            return gap  # trimmed or expired there too: never a partial replay
-        newer = local.since(need, trio.current_time())
-        return gap if isinstance(newer, ReplayGap) else older + newer
 
     def _late_resume(self, session: Session, connection: Connection, last_seq: int) -> None:
         # The writer did not wait (the session had no history when the socket attached), so
