@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 
-from trio_gateway.session.session import Connection, Session
+from trio_gateway.session.connection import Connection
+from trio_gateway.session.session import Session
 
 from .conftest import RunningGateway, task_names, wait_for
 

@@ -8,7 +8,7 @@ import trio_websocket
 
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.protocol import parse_client_frame
-from trio_gateway.session import session as session_module
+from trio_gateway.session import connection as session_module
 
 from .conftest import (
     RunningGateway,

@@ -37,7 +37,7 @@ from .rest_proxy import (
 )
 from .runtime_client import RuntimeClient
 from .security import Security
-from .session.session import SessionManager
+from .session.manager import SessionManager
 from .session.transport import WebSocketConnection
 from .settings import Settings
 from .ws_handshake import open_session_socket

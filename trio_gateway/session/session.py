@@ -1,66 +1,44 @@
-"""The session engine: one WebSocket session, its turns, its connection, and their lifetimes.
+"""One session: its turns, their numbering, approvals, and its attached sockets.
 
 Structure (each box is a nursery; cancelling a box tears down everything inside it)::
 
-    SessionManager nursery (app lifetime)
-      └─ Session nursery ........ turn runner, grace timer    (lives through reconnects)
+    SessionManager nursery (app lifetime)                         manager.py
+      └─ Session nursery ........ grace timer, turn runner,       here
+                                  lease tasks (replicas.py)       (lives through reconnects)
     ASGI connection task
-      └─ Connection nursery ..... reader, writer, heartbeat   (one per WebSocket)
+      └─ Connection nursery ..... reader, writer, guard           connection.py (one per socket)
 
 A session outlives its connection for ``session_grace_seconds`` so that a turn running when the
 client dropped can finish (the runtime persists the answer) and a client reconnecting within the
 grace period re-attaches to the live turn. Cancelling a session's nursery cancels its turn (the
 runtime HTTP request is closed) and closes its attached connection.
 
-Backpressure: the turn runner relays runtime chunks into the session's bounded
-:class:`~trio_gateway.session.outbound.OutboundQueue`; only the connection's writer task touches the
-socket. hypercorn sends inside a shielded scope, so a client that stops reading blocks the writer
-where no timeout can reach it: the heartbeat task watches ``send_started_at`` from outside and
-aborts the transport after ``ws_slow_client_timeout``.
-
-Several replicas (``STATE_BACKEND=redis``): the session's lease, following another replica's
-stream and the hand-off are its lease's (:mod:`trio_gateway.session.replicas`), tasks of the same
-nursery; with one replica the lease is a shared one that does nothing.
+The turn runner relays runtime chunks into the session's bounded
+:class:`~trio_gateway.session.outbound.OutboundQueue`; only a connection's writer touches the
+socket. With several replicas the session's lease (replicas.py) follows, takes over and hands
+off; with one, the lease is a shared one that does nothing. A session works against
+:class:`Socket` and :class:`SessionHost`, so it imports neither connection.py nor manager.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import trio
 
 from ..auth import Identity
-from ..observability import Metrics, frame_type_label, session_id_var, user_var
-from ..protocol import (
-    ANSWER_TYPES,
-    CONNECTION_FRAME_TYPES,
-    RUNTIME_BOUND_TYPES,
-    SUBPROTOCOL_V2,
-    V2_ONLY_TYPES,
-    CloseCode,
-    ErrorCode,
-    FrameError,
-    TurnStatus,
-    error_frame,
-    parse_client_frame,
-)
+from ..observability import Metrics
+from ..protocol import CloseCode, ErrorCode, TurnStatus, error_frame
 from ..runtime_client import RuntimeClient, RuntimeFailure
-from ..security import Refusal, Security, user_headers
 from ..settings import Settings
 from .detached import DetachedBudget
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
-from .replay import ReplayBuffer, ReplayGap
-from .replicas import Lease, SessionLease, SoloLease
-from .transport import ConnectionClosed, WebSocketConnection
+from .replay import ReplayBuffer
+from .replicas import Lease
 from .turn_queue import TurnQueue
-
-if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from ..cluster import Cluster
 
 logger = logging.getLogger("trio_gateway.session")
 
@@ -73,99 +51,49 @@ MAX_REMEMBERED_ANSWERS = 1024
 MAX_SOCKETS_PER_SESSION = 8
 
 
-class Connection:
-    """One attached WebSocket and its tasks (reader, writer, heartbeat + close guard)."""
+class Socket(Protocol):
+    """What a session needs of an attached socket (``connection.Connection`` is one)."""
 
-    # Slots: thousands of these live at once (docs/performance.md, "Idle memory").
-    __slots__ = (
-        "backlog",
-        "backlog_bytes",
-        "caught_up",
-        "close_code",
-        "close_reason",
-        "closing",
-        "first_frame_seen",
-        "flush_then_close",
-        "greeting",
-        "identity",
-        "limit_key",
-        "previous_writer_done",
-        "rate_refusals",
-        "replaced",
-        "resume_decided",
-        "resume_from",
-        "scope",
-        "sender_headers",
-        "shut_requested",
-        "skip_through",
-        "v2",
-        "viewer",
-        "wake_writer",
-        "writer_done",
-        "ws",
-    )
+    @property
+    def v2(self) -> bool: ...
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def flush_then_close(self) -> bool: ...
+    @property
+    def writer_done(self) -> trio.Event: ...
+    @property
+    def backlog(self) -> list[str]: ...
 
-    def __init__(
-        self, ws: WebSocketConnection, v2: bool, identity: Identity, limit_key: str | None = None
-    ) -> None:
-        self.ws = ws
-        self.v2 = v2
-        self.identity = identity
-        # What per-user limits count this socket under (Security.limit_key).
-        self.limit_key = identity.sub if limit_key is None else limit_key
-        self.rate_refusals = 0  # consecutive messages refused by the rate limit
-        # Who the runtime is told sent this socket's messages (the verified identity).
-        self.sender_headers = user_headers(identity)
-        self.scope = trio.CancelScope()
-        self.close_code: int = CloseCode.NORMAL
-        self.close_reason = ""
-        self.closing = False
-        self.flush_then_close = False
-        self.replaced = False
-        self.shut_requested = trio.Event()
-        self.wake_writer: Callable[[], object] = lambda: None
-        # Writers take turns: a replacement's writer starts only once the previous writer of
-        # the session has stopped, so frames and seq numbers never interleave between them.
-        self.writer_done = trio.Event()
-        self.previous_writer_done: trio.Event | None = None
-        # Resume (v2): the greeting goes out first; then, on a session with history, the writer
-        # waits (bounded) for the client's first frame, which may be {"type":"resume"}.
-        self.greeting: Frame | None = None
-        self.first_frame_seen = False
-        self.resume_from: int | None = None
-        self.resume_decided = trio.Event()
-        self.caught_up = False  # the writer has replayed and now sends live frames
-        # Cross-replica resume on a follower: frames up to this seq reach the client through
-        # the shared stream but were already delivered by the other replica.
-        self.skip_through = 0
-        # A v1 viewer (another window on the session): the frames the session's live socket
-        # numbered, encoded, waiting for this socket's writer. Bounded in bytes.
-        self.viewer = False  # attached as a viewer (see Session.attach)
-        # A list, not a deque: it is only appended to and emptied whole, and an empty list
-        # costs 56 bytes where an empty deque costs ~600 (every idle socket has one).
-        self.backlog: list[str] = []
-        self.backlog_bytes = 0
+    def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None: ...
+    def replace(self, reason: str) -> None: ...
+    def become_live(
+        self,
+        wake: Callable[[], object],
+        greeting: Frame | None,
+        previous_writer_done: trio.Event | None,
+    ) -> None: ...
+    def become_viewer(self, wake: Callable[[], object]) -> None: ...
+    def promote(self, previous_writer_done: trio.Event) -> None: ...
+    def add_to_backlog(self, text: str, limit: int) -> bool: ...
 
-    def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
-        """Ask the connection to close with ``code``; the connection task does the closing.
 
-        ``flush=True`` lets the writer send every frame already queued first (a drain closes a
-        session *after* its turn's last frames). The first code wins: a session ending after a
-        drain must not turn 1012 into 1001; a later hard shut only stops the flush.
-        """
-        self.resume_decided.set()  # a closing socket waits for nothing
-        if not self.closing:
-            self.closing = True
-            self.close_code = code
-            self.close_reason = reason
-            if flush:
-                self.flush_then_close = True
-                self.wake_writer()
-                return
-        elif flush:
-            return
-        self.shut_requested.set()
-        self.scope.cancel()
+class SessionHost(Protocol):
+    """What a session needs of the app (``manager.SessionManager`` is one)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def runtime(self) -> RuntimeClient: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def detached(self) -> DetachedBudget: ...
+
+    def lease_for(self, session: Session) -> Lease: ...
+    def session_ended(self, session: Session) -> None: ...
 
 
 class Session:
@@ -186,11 +114,11 @@ class Session:
         "detached_charge",
         "finished",
         "frames_ready",
+        "host",
         "id",
         "lease",
         "limit_key",
         "lost_frames",
-        "manager",
         "outbound",
         "pending_approvals",
         "pending_attach",
@@ -205,16 +133,16 @@ class Session:
         "viewers",
     )
 
-    def __init__(self, session_id: str, manager: SessionManager, limit_key: str = "") -> None:
+    def __init__(self, session_id: str, host: SessionHost, limit_key: str = "") -> None:
         self.id = session_id
-        self.manager = manager
+        self.host = host
         # The per-user limit key of the connection that opened the session: its live-session
         # slot and its detached bytes are counted there for the session's whole life.
         self.limit_key = limit_key
         # Relayed bytes of the outbound queue charged to the user's detached budget (only
         # while no client is attached; see hold_detached).
         self.detached_charge = 0
-        settings = manager.settings
+        settings = host.settings
         self.settings = settings
         # Each message with the identity headers of the socket that sent it (X-User-ID and
         # X-User-Scopes go to the runtime with its turn, as the REST proxy sends them).
@@ -236,9 +164,9 @@ class Session:
         self.turn_count = 0
         # Where the session runs when replicas share state (replicas.py); with one replica
         # the manager's one do-nothing lease, shared by every session.
-        self.lease: Lease = manager.lease_for(self)
-        self.connection: Connection | None = None
-        self.viewers: list[Connection] = []  # v1 windows beside the live socket; see attach
+        self.lease: Lease = host.lease_for(self)
+        self.connection: Socket | None = None
+        self.viewers: list[Socket] = []  # v1 windows beside the live socket; see attach
         self.scope = trio.CancelScope()
         self.turn_scope: trio.CancelScope | None = None
         self.lost_frames = 0
@@ -344,7 +272,7 @@ class Session:
                 logger.info("session ended with %d queued message(s) dropped", dropped)
             for connection in self.sockets():
                 connection.shut(CloseCode.GOING_AWAY, "session ended")
-            self.manager._forget(self)
+            self.host.session_ended(self)
             self.finished.set()
             logger.debug("session %s ended", self.id)
 
@@ -352,7 +280,7 @@ class Session:
         """Cancel the session: its turn, its queue and its connection."""
         self.scope.cancel()
 
-    def sockets(self) -> list[Connection]:
+    def sockets(self) -> list[Socket]:
         """The live socket (if any) and its viewers."""
         live = [] if self.connection is None else [self.connection]
         return live + self.viewers
@@ -414,12 +342,17 @@ class Session:
             and (not self.lease.shared or self.seq == 0)
         )
 
+    def expect_attach(self) -> None:
+        """A connection was accepted for this session and will attach (or give up: then
+        :meth:`release_pending`); meanwhile the session does not end by grace."""
+        self.pending_attach += 1
+
     def release_pending(self) -> None:
         """A connection counted in ``pending_attach`` attached or gave up."""
         self.pending_attach -= 1
         self._attachment_changed.unpark_all()
 
-    def attach(self, connection: Connection, greeting: Frame | None = None) -> bool:
+    def attach(self, connection: Socket, greeting: Frame | None = None) -> bool:
         """Make ``connection`` the session's live socket, replacing any previous one, or add
         it as a viewer; returns True for a viewer.
 
@@ -430,7 +363,7 @@ class Session:
         takes the session over.
 
         ``greeting`` (v2 ``session_ready``) goes out before anything else; the connection's
-        writer then replays what the client missed (see ``SessionManager._catch_up``).
+        writer then replays what the client missed (see ``Connection._catch_up``).
         """
         previous = self.connection
         if (
@@ -441,34 +374,31 @@ class Session:
             and previous.identity.sub == connection.identity.sub
         ):
             if len(self.viewers) + 1 >= MAX_SOCKETS_PER_SESSION:
-                oldest = self.viewers.pop(0)
-                oldest.replaced = True
-                oldest.shut(CloseCode.SESSION_REPLACED, "replaced by a newer window")
+                self.viewers.pop(0).replace("replaced by a newer window")
             self.viewers.append(connection)
-            connection.wake_writer = self.frames_ready.unpark_all
-            connection.caught_up = True  # a viewer sees the session from now on
-            connection.viewer = True  # decided here: it may be promoted before its writer runs
+            connection.become_viewer(self.frames_ready.unpark_all)
             self._attachment_changed.unpark_all()
             return True
         if previous is not None:
-            previous.replaced = True
-            previous.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
-            connection.previous_writer_done = previous.writer_done
+            previous.replace("replaced by a newer connection")
         for viewer in self.viewers:
-            viewer.replaced = True
-            viewer.shut(CloseCode.SESSION_REPLACED, "replaced by a newer connection")
+            viewer.replace("replaced by a newer connection")
         self.viewers.clear()
         self.connection = connection
         self.lease.came_back()  # the client came back here
         # A client reads the queue again: the per-session budget and backpressure bound it.
         self.release_detached()
-        connection.wake_writer = self.frames_ready.unpark_all
-        connection.greeting = greeting
+        # Writers take turns: this one starts once the replaced socket's writer stopped.
+        connection.become_live(
+            self.frames_ready.unpark_all,
+            greeting,
+            None if previous is None else previous.writer_done,
+        )
         self._attachment_changed.unpark_all()
         self.frames_ready.unpark_all()
         return False
 
-    def detach(self, connection: Connection) -> None:
+    def detach(self, connection: Socket) -> None:
         """Forget ``connection``. When the live socket leaves, its oldest viewer takes over
         (nothing is dropped); when the last one leaves, queued messages are dropped."""
         if connection in self.viewers:
@@ -481,7 +411,7 @@ class Session:
             promoted = self.viewers.pop(0)
             # Its writer sends its backlog, waits for this writer to stop (it may be numbering
             # a last batch, which it also hands to the viewers), then numbers frames itself.
-            promoted.previous_writer_done = connection.writer_done
+            promoted.promote(connection.writer_done)
             self.connection = promoted
             if self.close_after_turn is not None and not self.turn_running:
                 promoted.shut(self.close_after_turn, "server restarting", flush=True)
@@ -506,9 +436,9 @@ class Session:
         """Whether ``size`` more relayed bytes may wait in the queue of this detached session
         within the user's detached budget (charged if so). The caller checks the per-session
         budget first where it applies."""
-        manager = self.manager
-        if not manager.detached.try_charge(self.limit_key, size):
-            manager.metrics.limit_hits.labels("detached_bytes_per_user").inc()
+        host = self.host
+        if not host.detached.try_charge(self.limit_key, size):
+            host.metrics.limit_hits.labels("detached_bytes_per_user").inc()
             return False
         self.detached_charge += size
         return True
@@ -517,7 +447,7 @@ class Session:
         """Give the user's detached budget back what this session holds (a client attached,
         the queue was handed on, or the session ended)."""
         if self.detached_charge:
-            self.manager.detached.release(self.limit_key, self.detached_charge)
+            self.host.detached.release(self.limit_key, self.detached_charge)
             self.detached_charge = 0
 
     def _charge_queue_on_detach(self) -> None:
@@ -532,6 +462,11 @@ class Session:
         if final:
             self._stand_in_final()
         self.space_ready.unpark_all()
+
+    def take_lost_frames(self) -> int:
+        """How many frames were lost since the last call (the caller tells the client)."""
+        lost, self.lost_frames = self.lost_frames, 0
+        return lost
 
     def _stand_in_final(self) -> None:
         # The turn's last frame did not fit: the client still has to learn that the turn
@@ -586,6 +521,12 @@ class Session:
             del self.answered[next(iter(self.answered))]
         self.pending_approvals.pop(call_id, None)
 
+    def requeue_pending_approvals(self) -> None:
+        """Queue the unanswered approval requests again, ahead of everything else (oldest
+        first): a client reloading history after a resync may still have to answer them."""
+        for request in reversed(self.pending_approvals.values()):
+            self.outbound.put_control_front(dict(request))
+
     def _note_approval_request(self, chunk: Frame) -> None:
         call_id = chunk.get("call_id")
         if isinstance(call_id, str) and call_id:
@@ -604,7 +545,7 @@ class Session:
     # --- turn runner -----------------------------------------------------------------------
 
     async def _turn_runner(self) -> None:
-        runtime = self.manager.runtime
+        runtime = self.host.runtime
         await self.lease.lease_ready.wait()  # another replica may still be running this session
         while True:
             queued = self.queue.pop()
@@ -613,7 +554,7 @@ class Session:
                 queued = self.queue.pop()
             await self._run_turn(runtime, *queued)
             if self.close_after_turn is not None:
-                self._close_for_drain()
+                self.close_for_drain()
                 return
             self.maybe_hand_off()
 
@@ -628,7 +569,7 @@ class Session:
         self._turn_started_at = started
         self._first_chunk_seen = False
         self._final_seen = False
-        metrics = self.manager.metrics
+        metrics = self.host.metrics
         with trio.CancelScope() as turn_scope:
             self.turn_scope = turn_scope
             try:
@@ -695,7 +636,7 @@ class Session:
         detached = self.connection is None
         if not self._first_chunk_seen:
             self._first_chunk_seen = True
-            self.manager.metrics.time_to_first_token.observe(
+            self.host.metrics.time_to_first_token.observe(
                 trio.current_time() - self._turn_started_at
             )
         merged_before = outbound.merged_chunks
@@ -708,7 +649,7 @@ class Session:
             outbound.put_chunk(chunk, size)
             if chunk.get("requires_approval") is True and chunk.get("type") == "tool_call":
                 self._note_approval_request(chunk)
-        metrics = self.manager.metrics
+        metrics = self.host.metrics
         metrics.chunks_relayed.inc(len(chunks))
         if outbound.merged_chunks != merged_before:
             metrics.coalesced_chunks.inc(outbound.merged_chunks - merged_before)
@@ -729,20 +670,23 @@ class Session:
         self.lost_frames += 1
         return False
 
-    def _send_to(self, connection: Connection, frame: Frame) -> None:
-        """Queue a v2-only frame if ``connection`` speaks v2."""
-        if connection.v2:
-            self.send_control(frame)
-
     def _send_v2(self, frame: Frame) -> None:
         # Queued while detached too: a v2 client that re-attaches learns how the turn ended.
         # The writer drops v2-only frames for v1 connections.
         if self.connection is None or self.connection.v2:
             self.send_control(frame)
 
-    def _close_for_drain(self, *, hard: bool = False) -> None:
-        # Soft: flush what is queued, then close with 1012; the session ends when the
-        # connection detaches. Hard (drain timeout): close now and end the session.
+    def begin_drain(self) -> None:
+        """The gateway drains: no new turn starts (queued messages are dropped) and the
+        session closes with 1012 once its running turn, if any, has ended."""
+        self.close_after_turn = CloseCode.SERVICE_RESTART
+        self.queue.clear()
+        if not self.turn_running:
+            self.close_for_drain()
+
+    def close_for_drain(self, *, hard: bool = False) -> None:
+        """Soft: flush what is queued, then close with 1012; the session ends when the
+        connection detaches. Hard (drain timeout): close now and end the session."""
         if self.connection is not None:
             code = self.close_after_turn or CloseCode.SERVICE_RESTART
             # Soft: the viewers follow once the live socket has flushed (see the writer).
@@ -754,7 +698,7 @@ class Session:
 
     # --- writer side -----------------------------------------------------------------------
 
-    async def wait_frames(self, connection: Connection) -> list[Outgoing]:
+    async def wait_frames(self, connection: Socket) -> list[Outgoing]:
         """Block until frames are waiting, take them all, and wake a blocked producer.
 
         Returns an empty list when ``connection`` was asked to close after a flush and
@@ -775,766 +719,6 @@ class Session:
         for viewer in self.viewers:
             if viewer.closing:
                 continue
-            viewer.backlog.append(text)
-            # Bytes, as documented: a frame of non-ASCII text is up to 4x its length.
-            viewer.backlog_bytes += len(text) if text.isascii() else len(text.encode())
-            if viewer.backlog_bytes > limit:
-                self.manager.metrics.limit_hits.labels("slow_viewer").inc()
+            if not viewer.add_to_backlog(text, limit):
+                self.host.metrics.limit_hits.labels("slow_viewer").inc()
                 viewer.shut(CloseCode.POLICY_VIOLATION, "client too slow")
-
-    async def wait_backlog(self, connection: Connection) -> list[str] | None:
-        """A viewer's next frames (everything in its backlog), or None once it is no longer a
-        viewer (promoted: it then numbers frames itself) and its backlog is empty, or when it
-        should close after a flush."""
-        while not connection.backlog:
-            if connection.flush_then_close or connection is self.connection:
-                return None
-            await self.frames_ready.park()
-        texts = list(connection.backlog)
-        connection.backlog.clear()
-        connection.backlog_bytes = 0
-        return texts
-
-
-class SessionManager:
-    """All sessions of one app, the connection entry point, limits and drain."""
-
-    def __init__(
-        self, settings: Settings, runtime: RuntimeClient, metrics: Metrics, security: Security
-    ) -> None:
-        self.settings = settings
-        self.runtime = runtime
-        self.metrics = metrics
-        self.security = security
-        self.sessions: dict[str, Session] = {}
-        # Live sessions per limit key (user, or anonymous client address), and the bytes
-        # detached sessions hold per key: both per process, like the memory they protect.
-        self.live_sessions: dict[str, int] = {}
-        self.detached = DetachedBudget(settings.detached_bytes_per_user)
-        self.connection_count = 0
-        self.draining = False
-        self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
-        self._nursery: trio.Nursery | None = None
-        self._idle = trio.lowlevel.ParkingLot()
-        self.already_set = trio.Event()  # see SoloLease
-        self.already_set.set()
-        self._solo_lease = SoloLease(self.already_set)
-        # Gauges read at scrape time: nothing to maintain on the hot path.
-        metrics.active_websockets.set_function(lambda: self.connection_count)
-        metrics.active_sessions.set_function(lambda: len(self.sessions))
-        metrics.outbound_queue_bytes.set_function(
-            lambda: sum(s.outbound.pending_bytes for s in self.sessions.values())
-        )
-        metrics.detached_bytes.set_function(lambda: self.detached.total)
-        # Pre-bound label children: a labels() lookup per frame would cost a lock and a dict.
-        self._frames_out: dict[str, Any] = {}
-        self._frames_in: dict[str, Any] = {}
-
-    def lease_for(self, session: Session) -> Lease:
-        """The lease of a new session: its own when replicas share state, else the shared
-        one that does nothing."""
-        if self.cluster is None:
-            return self._solo_lease
-        return SessionLease(session, self.cluster, self.settings.session_lease_seconds)
-
-    def count_frame_out(self, frame_type: object) -> None:
-        """Count one frame sent to a client."""
-        label = frame_type_label(frame_type)
-        child = self._frames_out.get(label)
-        if child is None:
-            child = self._frames_out[label] = self.metrics.frames_out.labels(label)
-        child.inc()
-
-    def count_frame_in(self, frame_type: object) -> None:
-        """Count one frame received from a client."""
-        label = frame_type_label(frame_type)
-        child = self._frames_in.get(label)
-        if child is None:
-            child = self._frames_in[label] = self.metrics.frames_in.labels(label)
-        child.inc()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host every session's nursery; runs for the app's lifetime."""
-        async with trio.open_nursery() as nursery:
-            if self.cluster is not None:
-                failures = self.metrics.state_backend_failures.labels("stream_append")
-                self.cluster.on_append_failure = failures.inc
-                await nursery.start(self.cluster.listen, self.on_takeover)
-                nursery.start_soon(self.cluster.run_publisher)
-            self._nursery = nursery
-            nursery.start_soon(self._expire_replays)
-            task_status.started()
-            await trio.sleep_forever()
-
-    async def _expire_replays(self) -> None:
-        # Replay buffers are trimmed when a frame is appended; a session that went quiet
-        # would keep its last burst forever. The age bound is the grace period, so a sweep
-        # every few seconds keeps idle sessions' memory at what they hold live.
-        interval = min(5.0, max(0.5, self.settings.session_grace_seconds / 4))
-        while True:
-            await trio.sleep(interval)
-            now = trio.current_time()
-            for session in list(self.sessions.values()):
-                session.replay.trim(now)
-
-    def on_takeover(self, session_id: str) -> None:
-        """Another replica now serves this session's client: close ours with 4409 and, if we
-        run the session, finish its turn there (frames go to the shared stream) and let go."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            return
-        logger.info("session %s moved to another replica", session_id)
-        for connection in session.sockets():
-            connection.replaced = True
-            connection.shut(
-                CloseCode.SESSION_REPLACED, "replaced by a connection on another gateway replica"
-            )
-        session.moved_away()
-
-    def _forget(self, session: Session) -> None:
-        if self.sessions.get(session.id) is session:
-            del self.sessions[session.id]
-            key = session.limit_key
-            left = self.live_sessions[key] - 1
-            if left:
-                self.live_sessions[key] = left
-            else:
-                del self.live_sessions[key]
-        self._idle.unpark_all()
-
-    def _session_for(self, session_id: str, limit_key: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            assert self._nursery is not None, "SessionManager.run() is not running"
-            session = Session(session_id, self, limit_key)
-            self.sessions[session_id] = session
-            self.live_sessions[limit_key] = self.live_sessions.get(limit_key, 0) + 1
-            self._nursery.start_soon(session.run)
-        return session
-
-    def live_session_refusal(self, session_id: str, limit_key: str) -> Refusal | None:
-        """429 when a connection to ``session_id`` would open one more live session for
-        ``limit_key`` beyond ``MAX_LIVE_SESSIONS_PER_USER``; re-attaching to a live session
-        is always allowed. Counted in this process (the sessions live here)."""
-        if session_id in self.sessions:
-            return None
-        limit = self.settings.max_live_sessions_per_user
-        if self.live_sessions.get(limit_key, 0) < limit:
-            return None
-        self.metrics.limit_hits.labels("live_sessions_per_user").inc()
-        grace = self.settings.session_grace_seconds
-        return Refusal(
-            429,
-            "too_many_sessions",
-            # Short: it is also a close reason (at most 123 bytes).
-            f"Too many live sessions for this user ({limit}); close one or retry later",
-            retry_after=max(1.0, grace),
-        )
-
-    def refusal(self, session_id: str) -> tuple[int, str] | None:
-        """Why a new connection to ``session_id`` must be refused, as (HTTP status, reason)."""
-        if self.draining or self._nursery is None:
-            return 503, "gateway is shutting down"
-        if self.connection_count >= self.settings.max_connections:
-            return 503, "too many open connections"
-        if session_id not in self.sessions and len(self.sessions) >= self.settings.max_sessions:
-            return 503, "too many live sessions"
-        return None
-
-    # --- one connection ----------------------------------------------------------------------
-
-    async def serve_connection(
-        self,
-        ws: WebSocketConnection,
-        session_id: str,
-        identity: Identity,
-        *,
-        accepted: bool = False,
-        limit_key: str | None = None,
-    ) -> None:
-        """Run a WebSocket of an authorized ``identity`` until it closes (accepting it first
-        unless ``accepted``); never raises for the session's errors.
-
-        Raises :class:`Refusal` before anything else happens when the socket would open a
-        live session beyond the per-user cap of ``limit_key`` (default the user's id): the
-        caller answers it (HTTP 429 before the accept, close 4429 after).
-        """
-        key = identity.sub if limit_key is None else limit_key
-        # The authoritative check: nothing awaits between it and the session's creation.
-        refused = self.live_session_refusal(session_id, key)
-        if refused is not None:
-            raise refused
-        v2 = SUBPROTOCOL_V2 in ws.requested_subprotocols
-        user_var.set(identity.sub)
-        # Bound before the session's and the connection's tasks start: they inherit it.
-        session_id_var.set(session_id)
-        session = self._session_for(session_id, key)
-        connection = Connection(ws, v2, identity, key)
-        self.connection_count += 1
-        try:
-            # accept() yields to other tasks: the session must not end by grace meanwhile.
-            session.pending_attach += 1
-            try:
-                if not accepted:
-                    await ws.accept(SUBPROTOCOL_V2 if v2 else None)
-                if not await session.lease.join():
-                    connection.close_code = CloseCode.TRY_AGAIN_LATER
-                    connection.close_reason = "shared state (Redis) unavailable"
-                    self.metrics.limit_hits.labels("state_unavailable").inc()
-                    return
-            finally:
-                session.release_pending()
-            if session.scope.cancel_called or self.sessions.get(session_id) is not session:
-                # It ended anyway (drain, operator): never attach to a session without a
-                # turn runner. No await between here and attach.
-                if self.draining:
-                    connection.close_code = CloseCode.SERVICE_RESTART
-                    connection.close_reason = "server restarting"
-                    return
-                # Not checked against the live-session cap again: the session this socket
-                # was admitted for held the slot until a moment ago.
-                session = self._session_for(session_id, key)
-            reattached = session.busy
-            greeting = None
-            if v2:
-                greeting = {
-                    "type": "session_ready",
-                    "session_id": session_id,
-                    "protocol": SUBPROTOCOL_V2,
-                    "turn_running": session.turn_running,
-                    "reattached": reattached,
-                    "heartbeat_interval": self.settings.ws_heartbeat_interval,
-                    "max_message_bytes": self.settings.ws_max_message_bytes,
-                }
-            viewer = session.attach(connection, greeting)
-            self.metrics.connections_opened.inc()
-            logger.info(
-                "websocket connected (v2=%s, reattached=%s, viewer=%s)",
-                v2,
-                reattached,
-                viewer,
-                extra={
-                    "event": "ws_connected",
-                    "protocol": "v2" if v2 else "v1",
-                    "viewer": viewer,
-                },
-            )
-            await self._run_connection(session, connection)
-        finally:
-            connection.writer_done.set()
-            self.connection_count -= 1
-            session.detach(connection)
-            await self._finish_connection(connection)
-            self._idle.unpark_all()
-
-    async def _run_connection(self, session: Session, connection: Connection) -> None:
-        try:
-            async with trio.open_nursery() as guard_nursery:
-                guard_nursery.start_soon(self._abort_if_stuck, session, connection)
-                try:
-                    with connection.scope:
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._writer, session, connection)
-                            # The reader is the nursery's body rather than a task of its own
-                            # (one task less per idle socket); it ends, fails and is
-                            # cancelled exactly as a sibling of the writer would be.
-                            await self._reader(session, connection, nursery.cancel_scope)
-                finally:
-                    guard_nursery.cancel_scope.cancel()
-        except* ConnectionClosed:
-            pass
-        except* Exception:
-            # Anything else is a bug: log it with its traceback and close with 1011 rather than
-            # the normal 1000 Quart/hypercorn would send. Other sessions are unaffected.
-            logger.exception("session connection failed")
-            connection.close_code = CloseCode.INTERNAL_ERROR
-            connection.close_reason = "internal error"
-
-    async def _abort_if_stuck(self, session: Session, connection: Connection) -> None:
-        # Cancelling the connection's nursery cannot interrupt a writer blocked in hypercorn's
-        # shielded send, so the nursery would never exit. This guard sits outside it: once a
-        # close is requested (or the whole connection task is cancelled by the server), it
-        # gives the in-flight send ws_close_timeout to finish, then aborts the transport.
-        # Until then the same task is the connection's heartbeat (one task less per idle
-        # socket): the heartbeat stops where it stopped as a task of the connection's nursery,
-        # at the close request that cancels that nursery.
-        try:
-            await self._heartbeat(session, connection)
-            await connection.shut_requested.wait()
-        finally:
-            with trio.CancelScope(shield=True):
-                ws = connection.ws
-                with trio.move_on_after(self.settings.ws_close_timeout):
-                    while ws.send_started_at is not None:
-                        await ws.wait_send_finished()
-                if ws.send_started_at is not None:
-                    logger.warning("send still blocked after close was requested; aborting")
-                    ws.abort()
-
-    async def _finish_connection(self, connection: Connection) -> None:
-        ws = connection.ws
-        peer_closed = ws.closed and not ws.aborted
-        # Runs while the connection task may be cancelled (server shutdown): finish() is
-        # shielded and bounded, so the client still gets a proper close code.
-        await ws.finish(
-            connection.close_code, self.settings.ws_close_timeout, connection.close_reason
-        )
-        if ws.aborted:
-            code = "aborted"
-        elif peer_closed:
-            code = str(ws.peer_closed_code or 1005)
-        else:
-            code = str(int(connection.close_code))
-        self.metrics.connections_closed.labels(code).inc()
-        logger.info(
-            "websocket closed (%s by %s)",
-            code,
-            "client" if peer_closed else "gateway",
-            extra={
-                "event": "ws_closed",
-                "close_code": code,
-                "by": "client" if peer_closed else "gateway",
-            },
-        )
-
-    async def _reader(
-        self, session: Session, connection: Connection, nursery_scope: trio.CancelScope
-    ) -> None:
-        ws = connection.ws
-        max_bytes = self.settings.ws_max_message_bytes
-        try:
-            while True:
-                data = await ws.receive()
-                if not connection.first_frame_seen and self._first_frame_resumes(
-                    session, connection, data
-                ):
-                    continue
-                if not await self._within_rate(session, connection):
-                    if connection.closing:
-                        return
-                    continue
-                if isinstance(data, bytes):
-                    self.count_frame_in("binary")
-                    session.send_control(
-                        error_frame(
-                            ErrorCode.BINARY_NOT_SUPPORTED,
-                            "Binary frames are not supported; send JSON text frames",
-                            is_final=False,
-                        )
-                    )
-                elif len(data) > max_bytes and len(data.encode()) > max_bytes:
-                    self.metrics.limit_hits.labels("message_size").inc()
-                    connection.shut(CloseCode.MESSAGE_TOO_BIG, "message too big")
-                    return
-                else:
-                    await self._handle_text(session, connection, data)
-                if session.outbound.control_overflow():
-                    self.metrics.limit_hits.labels("unread_control_frames").inc()
-                    logger.warning(
-                        "client leaves too many gateway frames unread; closing",
-                        extra={"event": "limit_hit", "limit": "unread_control_frames"},
-                    )
-                    connection.shut(CloseCode.POLICY_VIOLATION, "too many unread frames")
-                    return
-        except ConnectionClosed:
-            # shut() rather than a bare cancel: it also arms the guard, which aborts a writer
-            # still blocked in a shielded send to this (half-)closed peer.
-            connection.shut(connection.close_code)
-            nursery_scope.cancel()
-
-    async def _within_rate(self, session: Session, connection: Connection) -> bool:
-        # Per-user token bucket on inbound messages: a refused message gets a rate_limited
-        # frame; a client that keeps going past a burst's worth of refusals is closed (4429).
-        if await self.security.check_message_rate(connection.identity, connection.limit_key):
-            connection.rate_refusals = 0
-            return True
-        connection.rate_refusals += 1
-        if connection.rate_refusals > self.settings.ws_message_burst:
-            logger.warning(
-                "client ignores the message rate limit; closing",
-                extra={"event": "limit_hit", "limit": "ws_message_rate"},
-            )
-            connection.shut(CloseCode.RATE_LIMITED, "rate limit exceeded", flush=True)
-            return False
-        session.send_control(
-            error_frame(
-                ErrorCode.RATE_LIMITED,
-                "Too many messages; this one was dropped, slow down",
-                is_final=False,
-            )
-        )
-        return False
-
-    async def _refresh_identity(self, session: Session, connection: Connection, token: str) -> None:
-        # In-band token refresh: a fresh token of the same user extends the socket's life.
-        try:
-            identity = await self.security.identify_token(token)
-        except Refusal as refused:
-            session.send_control(
-                error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
-            )
-            return
-        try:
-            self.security.require_scope(identity, self.settings.write_scope)
-        except Refusal as refused:
-            session.send_control(
-                error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
-            )
-            connection.shut(CloseCode.FORBIDDEN, "token lacks the write scope", flush=True)
-            return
-        if identity.sub != connection.identity.sub:
-            session.send_control(
-                error_frame(
-                    ErrorCode.INVALID_TOKEN,
-                    "The new token belongs to another user",
-                    is_final=False,
-                )
-            )
-            connection.shut(CloseCode.UNAUTHORIZED, "token of another user", flush=True)
-            return
-        connection.identity = identity
-        connection.sender_headers = user_headers(identity)
-        logger.info("token refreshed in band", extra={"event": "auth_refreshed"})
-        session._send_to(connection, {"type": "auth_ok", "expires_at": identity.expires_at})
-
-    def _first_frame_resumes(
-        self, session: Session, connection: Connection, data: str | bytes
-    ) -> bool:
-        # The first frame decides whether the writer replays. A resume is handled here, before
-        # the message rate limit: it costs no runtime call, there is one per connection, and a
-        # client reconnecting through a flaky network must not lose its replay to the limiter.
-        # Any other first frame ends the writer's wait and takes the normal path.
-        connection.first_frame_seen = True
-        if isinstance(data, str) and len(data) <= 1024 and "resume" in data:
-            try:
-                message = parse_client_frame(data)
-            except FrameError:
-                message = {}
-            if message.get("type") == "resume":
-                self.count_frame_in("resume")
-                self._handle_resume(session, connection, message["last_seq"], first=True)
-                return True
-        connection.resume_decided.set()
-        return False
-
-    def _handle_resume(
-        self, session: Session, connection: Connection, last_seq: int, *, first: bool
-    ) -> None:
-        if not connection.v2:
-            text = "resume needs protocol v2 (subprotocol codelab.v2)"
-        elif not first:
-            text = "resume is accepted only as the first frame of a connection"
-        else:
-            connection.resume_from = last_seq
-            connection.resume_decided.set()
-            if connection.caught_up:
-                self._late_resume(session, connection, last_seq)
-            return
-        connection.resume_decided.set()
-        session.send_control(error_frame(ErrorCode.INVALID_MESSAGE, text, is_final=False))
-
-    async def _handle_text(self, session: Session, connection: Connection, text: str) -> None:
-        try:
-            message = parse_client_frame(text)
-        except FrameError as refused:
-            self.count_frame_in("invalid")
-            logger.info(
-                "refused a client frame: %s",
-                refused.code.value,
-                extra={"event": "frame_refused", "code": refused.code.value},
-            )
-            session.send_control(error_frame(refused.code, refused.message, is_final=False))
-            return
-        kind = message["type"]
-        self.count_frame_in(kind)
-        if kind == "resume":
-            self._handle_resume(session, connection, message["last_seq"], first=False)
-            return
-        if connection.closing and kind != "cancel":
-            return  # closing (e.g. token expired): nothing new starts on this socket
-        if kind in RUNTIME_BOUND_TYPES:
-            call_id = message.get("call_id") if kind in ANSWER_TYPES else None
-            if call_id is not None and session.already_answered(kind, call_id):
-                session.send_control(
-                    error_frame(
-                        ErrorCode.ALREADY_ANSWERED,
-                        f"Tool call '{call_id[:64]}' was already answered; this "
-                        f"{kind} was not forwarded",
-                        is_final=False,
-                        call_id=call_id,
-                    )
-                )
-                return
-            if session.submit(message, connection.sender_headers):
-                if call_id is not None:
-                    session.record_answer(kind, call_id)
-            else:
-                if session.close_after_turn is not None:
-                    text = "The gateway is restarting; reconnect and send the message again"
-                else:
-                    self.metrics.limit_hits.labels("queued_messages").inc()
-                    text = (
-                        f"Too many messages waiting ({self.settings.max_queued_messages}); "
-                        "wait for the current turn to finish"
-                    )
-                session.send_control(error_frame(ErrorCode.BUSY, text, is_final=False))
-        elif kind == "cancel":
-            running, dropped = session.cancel_turn()
-            logger.info("client cancel (turn running=%s, dropped=%d)", running, dropped)
-            if connection.v2:
-                session.send_control(
-                    {"type": "cancel_ack", "turn_cancelled": running, "dropped_messages": dropped}
-                )
-        elif kind == "auth":
-            await self._refresh_identity(session, connection, message["token"])
-        elif kind == "ping" and connection.v2:
-            pong: Frame = {"type": "pong"}
-            if "id" in message:
-                pong["id"] = message["id"]
-            session.send_control(pong)
-
-    async def _writer(self, session: Session, connection: Connection) -> None:
-        was_viewer = connection.viewer
-        if was_viewer:
-            # A viewer: send what the live socket numbers until this one takes over.
-            while (texts := await session.wait_backlog(connection)) is not None:
-                await connection.ws.send_texts(texts, self._count_viewed)
-            if connection is not session.connection:  # closing as a viewer
-                connection.shut(connection.close_code)
-                return
-        if connection.previous_writer_done is not None:
-            # Bounded: the replaced connection's guard aborts a stuck send within
-            # ws_close_timeout, after which its writer ends.
-            await connection.previous_writer_done.wait()
-        if was_viewer:
-            # Promoted: the old live socket's last batch is in the backlog too (frames reach
-            # viewers as they are numbered), so nothing numbered is missing or sent twice.
-            if connection.backlog:
-                texts = list(connection.backlog)
-                connection.backlog.clear()
-                await connection.ws.send_texts(texts, self._count_viewed)
-            session.replay.delivered(session.seq)
-        else:
-            await self._catch_up(session, connection)
-        while True:
-            frames = await session.wait_frames(connection)
-            if not frames:
-                if session.close_after_turn is not None:
-                    # A drain: the viewers close once they have what this socket had.
-                    for viewer in session.viewers:
-                        viewer.shut(connection.close_code, connection.close_reason, flush=True)
-                    session.frames_ready.unpark_all()
-                connection.shut(connection.close_code)  # flushed: close now
-                return
-            await self._send_frames(session, connection, frames)
-
-    def _count_viewed(self, _index: int) -> None:
-        self.count_frame_out("viewed")
-
-    async def _send_frames(
-        self, session: Session, connection: Connection, frames: list[Outgoing]
-    ) -> None:
-        # Number, encode and record every frame of the batch *before* the first write: if the
-        # socket fails half-way (or this task is cancelled at a checkpoint), the rest are in
-        # the replay buffer as undelivered and the next connection of the session gets them.
-        replay = session.replay
-        now = trio.current_time()
-        v2 = connection.v2
-        batch: list[tuple[int, str, object]] = []
-        for frame in frames:
-            if isinstance(frame, NumberedFrame):
-                # Another replica numbered it (we follow its shared stream): it keeps its seq.
-                kind = frame.kind
-                if not v2 and kind in V2_ONLY_TYPES:
-                    # Numbered elsewhere: keep the seq line unbroken.
-                    replay.delivered(session.number(frame, now)[0])
-                    continue
-                seq, text = session.number(frame, now)
-                if session.lost_frames:
-                    # The shared stream jumped (a failed append): say so before the next
-                    # frame, never a silent gap. v1 clients cannot resync; they reload
-                    # history anyway.
-                    session.lost_frames = 0
-                    if v2:
-                        resync = {"type": "resync_required", "reason": "frames_lost"}
-                        batch.append((0, orjson.dumps(resync).decode(), "resync_required"))
-            else:
-                kind = frame.get("type")
-                if not v2 and kind in V2_ONLY_TYPES:
-                    continue
-                if kind in CONNECTION_FRAME_TYPES:
-                    batch.append((0, orjson.dumps(frame).decode(), kind))
-                    continue
-                seq, text = session.number(frame, now)
-            if seq <= connection.skip_through:
-                replay.delivered(seq)  # the client has it from the other replica
-                continue
-            if session.viewers:
-                session.to_viewers(text)
-            batch.append((seq, text, kind))
-        if session.viewers:
-            session.frames_ready.unpark_all()
-        if not batch:
-            return
-
-        def sent(index: int) -> None:
-            # Marked one by one: a socket failing half-way leaves the rest undelivered (and
-            # replayed on resume), never a frame both sent and replayed.
-            seq, _, kind = batch[index]
-            if seq:
-                replay.delivered(seq)
-            self.count_frame_out(kind)
-
-        await connection.ws.send_texts([text for _, text, _ in batch], sent)
-
-    async def _send_direct(self, connection: Connection, frame: Frame) -> None:
-        """Send a connection frame (no seq, never replayed) ahead of the session's frames."""
-        await connection.ws.send_text(orjson.dumps(frame).decode())
-        self.count_frame_out(frame.get("type"))
-
-    async def _catch_up(self, session: Session, connection: Connection) -> None:
-        # Runs once per connection, before live frames: greeting, then what the client missed.
-        # Exact replay or an explicit resync, never a silent gap (docs/protocol.md "Resume").
-        ws = connection.ws
-        if connection.greeting is not None:
-            connection.greeting["last_seq"] = session.seq
-            await self._send_direct(connection, connection.greeting)
-            if session.seq or len(session.outbound) or session.busy:
-                # A session with history: let the client say where it stopped first. Any
-                # first frame, a close, or resume_wait_seconds end the wait.
-                with trio.move_on_after(self.settings.resume_wait_seconds):
-                    await connection.resume_decided.wait()
-        now = trio.current_time()
-        resume_from = connection.resume_from
-        replay = (
-            session.replay.undelivered(now)
-            if resume_from is None
-            else session.replay.since(resume_from, now)
-        )
-        if isinstance(replay, ReplayGap) and resume_from is not None:
-            # Frames this replica does not hold may be in the shared stream (replicas.py).
-            replay, connection.skip_through = await session.lease.replay_after(resume_from, replay)
-        gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
-        frames = [] if isinstance(replay, ReplayGap) else replay
-        if session.lost_frames:
-            logger.warning(
-                "%d frame(s) of a detached turn did not fit the buffer", session.lost_frames
-            )
-            gap = "frames_dropped_while_detached"  # the numbered frames before it still count
-            session.lost_frames = 0
-        for seq, text in frames:
-            await ws.send_text(text)
-            session.replay.delivered(seq)
-            self.count_frame_out("replayed")
-        connection.caught_up = True
-        if not connection.v2:
-            return  # v1 clients reload history on reconnect (no resync frame for them)
-        if gap is not None:
-            logger.info("client must resync: %s", gap, extra={"event": "resync", "reason": gap})
-            self.metrics.resumes.labels("resync").inc()
-            await self._send_direct(connection, {"type": "resync_required", "reason": gap})
-            # What a client reloading history may still have to answer comes first.
-            for request in reversed(session.pending_approvals.values()):
-                session.outbound.put_control_front(dict(request))
-        elif resume_from is not None:
-            self.metrics.resumes.labels("exact").inc()
-            logger.info(
-                "resumed after seq %d (%d frame(s) replayed)",
-                resume_from,
-                len(frames),
-                extra={"event": "resumed", "replayed": len(frames)},
-            )
-            resumed = {"type": "resumed", "from_seq": resume_from + 1, "replayed": len(frames)}
-            await self._send_direct(connection, resumed)
-
-    def _late_resume(self, session: Session, connection: Connection, last_seq: int) -> None:
-        # The writer did not wait (the session had no history when the socket attached), so
-        # nothing numbered has been sent on this socket: only "nothing to replay" is exact.
-        if last_seq == session.seq and not len(session.outbound):
-            self.metrics.resumes.labels("exact").inc()
-            session.send_control({"type": "resumed", "from_seq": last_seq + 1, "replayed": 0})
-        else:
-            self.metrics.resumes.labels("resync").inc()
-            session.send_control({"type": "resync_required", "reason": ReplayGap.UNKNOWN_SEQ})
-
-    async def _heartbeat(self, session: Session, connection: Connection) -> None:
-        # Watches the writer from outside (its sends are shielded) and, for v2 clients, sends
-        # an application heartbeat after a quiet interval. WebSocket protocol pings and
-        # dead-peer detection are hypercorn's (ping interval + read timeout, see server.py).
-        # Returns once the connection is asked to close (runs in the guard task, which
-        # outlives the connection's nursery: see _abort_if_stuck).
-        ws = connection.ws
-        settings = self.settings
-        tick = max(0.01, min(settings.ws_heartbeat_interval, settings.ws_slow_client_timeout) / 4)
-        check_expiry = self.security.enabled
-        while True:
-            wait = tick
-            if check_expiry:
-                # Tokens expire on live sockets too (plus the leeway); an in-band refresh
-                # moves expires_at, which this loop re-reads every round.
-                remaining = connection.identity.expires_at + settings.jwt_leeway - time.time()
-                if remaining <= 0:
-                    logger.info("token expired on a live socket", extra={"event": "auth_expired"})
-                    connection.shut(CloseCode.UNAUTHORIZED, "token expired", flush=True)
-                    check_expiry = False  # keep watching the writer while it flushes
-                else:
-                    wait = min(wait, remaining)
-            with trio.move_on_after(wait):
-                await connection.shut_requested.wait()
-            if connection.shut_requested.is_set():
-                return
-            now = trio.current_time()
-            started = ws.send_started_at
-            if started is not None and now - started >= settings.ws_slow_client_timeout:
-                self.metrics.limit_hits.labels("slow_client").inc()
-                logger.warning(
-                    "client stopped reading for %.1f s; closing",
-                    now - started,
-                    extra={"event": "limit_hit", "limit": "slow_client"},
-                )
-                if connection is session.connection:  # a stalled viewer holds nobody up
-                    session.cancel_turn()
-                if not ws.abort():
-                    logger.error("cannot abort this transport; the slow client stays attached")
-                connection.shut(CloseCode.POLICY_VIOLATION, "client too slow")
-                return
-            quiet = now - ws.last_send_at >= settings.ws_heartbeat_interval
-            if connection.v2 and quiet and started is None and not len(session.outbound):
-                session.send_control({"type": "heartbeat"})
-
-    # --- drain -------------------------------------------------------------------------------
-
-    async def drain(self, timeout: float) -> None:
-        """Refuse new sessions, close each live one with 1012 once its turn ends, and after
-        ``timeout`` cancel whatever is still running. Returns when no session is left."""
-        self.draining = True
-        logger.info("draining %d session(s), timeout %.1f s", len(self.sessions), timeout)
-        for session in list(self.sessions.values()):
-            session.close_after_turn = CloseCode.SERVICE_RESTART
-            session.queue.clear()
-            if not session.turn_running:
-                session._close_for_drain()
-        with trio.move_on_after(timeout):
-            while self.sessions or self.connection_count:
-                await self._idle.park()
-        for session in list(self.sessions.values()):
-            session._close_for_drain(hard=True)
-        with trio.move_on_after(self.settings.ws_close_timeout + 1):
-            while self.sessions or self.connection_count:
-                await self._idle.park()
-        if self.sessions or self.connection_count:
-            logger.error(
-                "drain left %d session(s), %d connection(s)",
-                len(self.sessions),
-                self.connection_count,
-            )
-
-    def stop(self) -> None:
-        """Cancel every session at once (app shutdown after drain)."""
-        for session in list(self.sessions.values()):
-            session.end()
-
-
-def retry_after_seconds(value: float) -> str:
-    """Format a Retry-After header value."""
-    return str(max(1, math.ceil(value)))
