@@ -100,7 +100,8 @@ class Gateway:
                 if self.security.redis is not None:
                     from .cluster import Cluster  # imports coredis: only for the redis backend
 
-                    self.sessions.cluster = Cluster.for_settings(self.security.redis, self.settings)
+                    cluster = Cluster.for_settings(self.security.redis, self.settings)
+                    self.sessions.share_state(cluster)
                 await self.sessions.run(task_status=task_status)
 
         await nursery.start(run_manager)

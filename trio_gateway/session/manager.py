@@ -49,7 +49,7 @@ class SessionManager:
         self.detached = DetachedBudget(settings.detached_bytes_per_user)
         self.connection_count = 0
         self.draining = False
-        self.cluster: Cluster | None = None  # set by the app when STATE_BACKEND=redis
+        self.cluster: Cluster | None = None  # see share_state
         self._nursery: trio.Nursery | None = None
         self._idle = trio.lowlevel.ParkingLot()
         self.already_set = trio.Event()  # see SoloLease
@@ -65,6 +65,11 @@ class SessionManager:
         # Pre-bound label children: a labels() lookup per frame would cost a lock and a dict.
         self._frames_out: dict[str, Any] = {}
         self._frames_in: dict[str, Any] = {}
+
+    def share_state(self, cluster: Cluster) -> None:
+        """Run sessions across replicas through ``cluster`` (``STATE_BACKEND=redis``); called
+        by the app before :meth:`run`."""
+        self.cluster = cluster
 
     def lease_for(self, session: Session) -> Lease:
         """The lease of a new session: its own when replicas share state, else the shared
