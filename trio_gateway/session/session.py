@@ -181,7 +181,7 @@ class Session:
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
         # frames_ready: frames were queued or the attachment changed (the writer, or the
         # hand-off pump, looks again); space_ready: the queue was emptied or the client left
-        # (a producer over the byte budget looks again). Public: session_replicas.py relays
+        # (a producer over the byte budget looks again). Public: the lease (replicas.py) relays
         # and pumps frames with them too.
         self.frames_ready = trio.lowlevel.ParkingLot()
         self.space_ready = trio.lowlevel.ParkingLot()
