@@ -630,7 +630,7 @@ class RestProxy:
     def _too_large(self) -> Response:
         self.metrics.limit_hits.labels("request_body").inc()
         # The body is not read (or not all of it): the connection cannot be reused, and the
-        # client is told so (see RequestBodyGate in app.py).
+        # client is told so (see request_gate.RequestBodyGate).
         return error_response(
             413,
             "request_too_large",

@@ -27,13 +27,20 @@ import trio
 
 from .auth import Identity
 from .client_address import client_address
-from .protocol import SUBPROTOCOL_V2, CloseCode, FrameError, parse_client_frame, valid_session_id
+from .protocol import (
+    SUBPROTOCOL_V2,
+    WS_PREFIX,
+    CloseCode,
+    FrameError,
+    parse_client_frame,
+    valid_session_id,
+)
 from .security import Refusal
 from .session.transport import ConnectionClosed, WebSocketConnection
 from .state import STATE_UNAVAILABLE, StateUnavailable
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .gateway import Gateway
 
 logger = logging.getLogger("trio_gateway.handshake")
 
@@ -93,7 +100,7 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
     except ConnectionClosed:
         return
     scope = ws.scope
-    session_id = scope["path"][len("/api/v1/ws/") :]
+    session_id = scope["path"][len(WS_PREFIX) :]
     sessions, security = gateway.sessions, gateway.security
     try:
         if not valid_session_id(session_id):
