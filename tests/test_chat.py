@@ -38,8 +38,8 @@ from trio_gateway.chat import (
 )
 from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.dev_auth import DEV_ISSUER_FILE_ENV
+from trio_gateway.edge.ws_handshake import open_session_socket
 from trio_gateway.session.transport import WebSocketConnection
-from trio_gateway.ws_handshake import open_session_socket
 
 from .conftest import RunningGateway, gateway_settings, run_gateway, wait_for
 from .jwks_server import JWKSServer

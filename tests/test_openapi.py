@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
+from trio_gateway.edge.rest_proxy import ROUTES
 from trio_gateway.openapi import PROTOCOL_PATH, build_openapi
-from trio_gateway.rest_proxy import ROUTES
 
 from .conftest import RunningGateway
 

@@ -354,7 +354,7 @@ async def test_a_bad_body_is_400_with_auth_off_too(proxy: Proxy) -> None:
 def test_the_allow_list_is_the_documented_one() -> None:
     from pathlib import Path
 
-    from trio_gateway.rest_proxy import FORWARDED_REQUEST_HEADERS
+    from trio_gateway.edge.rest_proxy import FORWARDED_REQUEST_HEADERS
 
     assert FORWARDED_REQUEST_HEADERS == ALLOWED
     security = (Path(__file__).parents[1] / "docs" / "security.md").read_text()

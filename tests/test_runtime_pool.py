@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.http_stream import (
+from trio_gateway.upstream.http_stream import (
     ConnectionPool,
     PoolTimeout,
     StreamBroken,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.sse import ServerSentEvent, SSEDecoder, SSEProtocolError
+from trio_gateway.upstream.sse import ServerSentEvent, SSEDecoder, SSEProtocolError
 
 BOM = b"\xef\xbb\xbf"
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.sse import ServerSentEvent, SSEDecoder, SSEProtocolError, SSESplitter
+from trio_gateway.upstream.sse import ServerSentEvent, SSEDecoder, SSEProtocolError, SSESplitter
 
 from .test_sse import BOM, byte_soup, cuts_for, split_at
 

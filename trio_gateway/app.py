@@ -2,8 +2,8 @@
 
 Everything mutable hangs off the app (``app.gateway``), so tests build as many independent
 gateways as they like. HTTP routes and the lifespan are quart-trio's; WebSocket scopes under
-``WS_PREFIX`` go straight to the door (``ws_handshake.py``, see ``session/transport.py`` for why);
-the per-app state is :class:`~trio_gateway.gateway.Gateway`.
+``WS_PREFIX`` go straight to the door (``edge/ws_handshake.py``, see ``session/transport.py``
+for why); the per-app state is :class:`~trio_gateway.gateway.Gateway`.
 """
 
 from __future__ import annotations
@@ -20,28 +20,28 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .client_address import address_in, client_address
-from .gateway import Gateway
-from .observability import request_id_var
-from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
-from .protocol import WS_PREFIX
-from .request_gate import (
+from .edge.client_address import address_in, client_address
+from .edge.request_gate import (
     RequestBodyGate,
     announces_acceptable_body,
     has_ambiguous_framing,
     host_is_valid,
     refuse,
 )
-from .rest_proxy import (
+from .edge.rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
     error_response,
     incoming_request_id,
     route_handler,
 )
+from .edge.ws_handshake import open_session_socket
+from .gateway import Gateway
+from .observability import request_id_var
+from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
+from .protocol import WS_PREFIX
 from .session.transport import WebSocketConnection
 from .settings import Settings
-from .ws_handshake import open_session_socket
 
 logger = logging.getLogger("trio_gateway.app")
 

@@ -14,13 +14,13 @@ import httpx
 import trio
 
 from . import __version__
+from .edge.rest_proxy import RestProxy, make_http_client, make_transport
 from .limits import ConnectionCounter
 from .observability import Metrics
-from .rest_proxy import RestProxy, make_http_client, make_transport
-from .runtime_client import RuntimeClient
 from .security import Security
 from .session.manager import SessionManager
 from .settings import Settings
+from .upstream.runtime_client import RuntimeClient
 
 logger = logging.getLogger("trio_gateway.app")
 

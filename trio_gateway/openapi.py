@@ -20,8 +20,8 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
+from .edge.rest_proxy import ROUTES, ProxyRoute
 from .protocol import SESSION_ID_MAX_LENGTH
-from .rest_proxy import ROUTES, ProxyRoute
 
 #: Where the gateway serves the WebSocket protocol document (plain text, Markdown source).
 PROTOCOL_PATH: Final = "/docs/protocol.md"

@@ -35,7 +35,7 @@ from .auth import (
     httpx_jwks_fetcher,
     www_authenticate,
 )
-from .client_address import client_address
+from .edge.client_address import client_address
 from .limits import OriginPolicy, parse_origin_list
 from .observability import Metrics
 from .ownership import OwnershipRefused, OwnershipStore

@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .client_address import Network, parse_networks
+from .edge.client_address import Network, parse_networks
 
 ENV_PREFIX = "GATEWAY__"
 PLACEHOLDER_INTERNAL_KEY = "change-me-internal-key"
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
             "connections."
         ),
     )
-    # Keep-alive pool of turn connections (http_stream.py).
+    # Keep-alive pool of turn connections (upstream/http_stream.py).
     runtime_pool_max_idle: int = Field(
         100,
         ge=0,

@@ -17,9 +17,9 @@ import trio
 from ..auth import Identity
 from ..observability import Metrics, frame_type_label, session_id_var, user_var
 from ..protocol import SUBPROTOCOL_V2, CloseCode
-from ..runtime_client import RuntimeClient
 from ..security import Refusal, Security
 from ..settings import Settings
+from ..upstream.runtime_client import RuntimeClient
 from .connection import Connection
 from .detached import DetachedBudget
 from .replicas import Lease, SessionLease, SoloLease

@@ -32,8 +32,8 @@ import trio
 from ..auth import Identity
 from ..observability import Metrics
 from ..protocol import CloseCode, ErrorCode, TurnStatus, error_frame
-from ..runtime_client import RuntimeClient, RuntimeFailure
 from ..settings import Settings
+from ..upstream.runtime_client import RuntimeClient, RuntimeFailure
 from .detached import DetachedBudget
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .replay import ReplayBuffer

@@ -25,9 +25,8 @@ from urllib.parse import parse_qs
 import orjson
 import trio
 
-from .auth import Identity
-from .client_address import client_address
-from .protocol import (
+from ..auth import Identity
+from ..protocol import (
     SUBPROTOCOL_V2,
     WS_PREFIX,
     CloseCode,
@@ -35,12 +34,13 @@ from .protocol import (
     parse_client_frame,
     valid_session_id,
 )
-from .security import Refusal
-from .session.transport import ConnectionClosed, WebSocketConnection
-from .state import STATE_UNAVAILABLE, StateUnavailable
+from ..security import Refusal
+from ..session.transport import ConnectionClosed, WebSocketConnection
+from ..state import STATE_UNAVAILABLE, StateUnavailable
+from .client_address import client_address
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from ..gateway import Gateway
 
 logger = logging.getLogger("trio_gateway.handshake")
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from ..protocol import ErrorCode
+from ..settings import Settings
 from .http_stream import (
     ConnectionPool,
     PoolTimeout,
@@ -15,8 +17,6 @@ from .http_stream import (
     StreamConnectError,
     StreamTimeout,
 )
-from .protocol import ErrorCode
-from .settings import Settings
 from .sse import SSEProtocolError, SSESplitter
 
 logger = logging.getLogger("trio_gateway.runtime")
