@@ -364,8 +364,8 @@ async def _read_response(pieces: list[bytes]) -> tuple[int, bytes, bool]:
             body = []
             while (piece := await response.receive_body()) is not None:
                 body.append(piece)
-    state = connection.h11
-    reusable = state.our_state is h11.DONE and state.their_state is h11.DONE
+    # The pool's own decision (h11 alone calls a body ended by EOF "DONE" too).
+    reusable = pool._reusable(connection)
     return response.status_code, b"".join(body), reusable
 
 

@@ -35,10 +35,11 @@ Reuse policy, and why:
   connection at once (closing is also what cancels a turn at the runtime).
 - **Stale-connection retry**, see :func:`_stale_retry_rule`.
 
-The REST proxy can use the same pool next: ``async with pool.stream(method, path, body,
-headers) as response`` then ``await response.read_limited(limit)`` (a complete small body leaves
-the connection reusable); its request headers go in ``headers``, status and headers come back on
-the response. Idempotent methods could be retried more liberally than this rule allows.
+One pool per app carries both the turns (``runtime_client.py``) and the REST proxy
+(``edge/rest_proxy.py``), under one connection cap: ``async with pool.stream(method, path,
+body, headers, idle_timeout=..., slot_wait=...) as response``, then either
+``receive_body()`` per network read (a turn's SSE) or ``read_limited(limit)`` (a REST answer;
+a complete small body leaves the connection reusable).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from __future__ import annotations
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
@@ -59,6 +60,13 @@ MAX_READ = 65536
 # idle_timeout + slack, and a lively stream moves the deadline (a heap update, ~3 us) at most once
 # per ``slack`` seconds instead of paying a new cancel scope (~10 us) on every read.
 MAX_IDLE_SLACK = 5.0
+# Methods a server must be able to receive twice (RFC 9110 9.2.1 "safe"): a request of these may
+# be sent again after any failure before the first response byte.
+RETRY_SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+# Extra request headers: a mapping of text, or the client's header lines as bytes (forwarded
+# unchanged by the REST proxy).
+RequestHeaders = Mapping[str, str] | Sequence[tuple[bytes, bytes]]
 
 
 class StreamConnectError(Exception):
@@ -88,24 +96,38 @@ def _stale_retry_rule() -> None:
 
     1. it went out on a *reused* connection (a fresh connection that fails is not stale: the
        failure is reported);
-    2. not a single byte of the response has arrived (a POST whose response started is never
-       retried, whatever happens next);
-    3. the failure shows the server did not read the request, which on a kept-alive connection
-       means it had closed (or was closing) the connection when the request arrived:
+    2. not a single byte of the response has arrived (a request whose response started is
+       never retried, whatever happens next);
+    3. the failure shows that the request may safely be sent again:
 
-       - writing the request failed (the connection was found closed, reset or broken before or
-         while writing), or
-       - the first read returned EOF (the server closed without answering), or was reset
-         (ECONNRESET/EPIPE: a server that closes a socket with unread bytes in its receive buffer,
-         our request, makes the kernel send a reset).
+       - for every method: writing the request failed (the connection was found closed, reset
+         or broken before or while writing: the server cannot have read a whole request), or
+         the first read was reset (ECONNRESET/EPIPE: a server that closes a socket with unread
+         bytes in its receive buffer, our request, makes the kernel send a reset);
+       - for ``GET`` and ``HEAD`` only (:data:`RETRY_SAFE_METHODS`): also when the first read
+         returned EOF. A server may have read a request, acted on it and then closed without
+         answering (a crash, a worker recycled): a POST, PATCH or DELETE that met a clean EOF
+         may have been processed, so it is reported (502) rather than sent twice; a safe
+         method changes nothing, so it goes again.
 
     A timeout is never a reason (the server may be working on the request). Before a reused
     connection is even written to, it is polled: any readiness on an idle connection (EOF, a
     reset, bytes nobody asked for) discards it without sending anything, so the retry only
-    covers the race where the server closes while the request is in flight. This is the rule of
-    Go's net/http and urllib3 for non-idempotent requests on reused connections: a server that
-    closes an idle keep-alive connection has not read what arrived after its decision to close.
+    covers the race where the server closes while the request is in flight. This is close to
+    the rule of Go's net/http for requests on reused connections: a server that closes an idle
+    keep-alive connection has not read what arrived after its decision to close.
     """
+
+
+def _framed_by_close(response: h11.Response) -> bool:
+    """Whether the body of ``response`` (to a request that is not HEAD) runs until the server
+    closes the connection (RFC 9112 6.3, item 8)."""
+    if response.status_code in (204, 304):
+        return False
+    for name, _ in response.headers:
+        if name in (b"content-length", b"transfer-encoding"):  # h11 lower-cases names
+            return False
+    return True
 
 
 def _unusable(fd: int) -> bool:
@@ -121,13 +143,16 @@ def _unusable(fd: int) -> bool:
 class _Connection:
     """One TCP (or TLS) connection to the server and its h11 state."""
 
-    __slots__ = ("h11", "idle_since", "sock", "stream")
+    __slots__ = ("framed_by_close", "h11", "idle_since", "sock", "stream")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         self.stream = stream
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        # The last response's body ended with the connection (no Content-Length, not chunked):
+        # h11 still reports both sides DONE at that EOF, but the connection is gone.
+        self.framed_by_close = False
 
     def close(self) -> None:
         """Close at once, without waiting for the peer (synchronous: usable while cancelled)."""
@@ -363,12 +388,22 @@ class ConnectionPool:
             return connection
         return None
 
+    @staticmethod
+    def _reusable(connection: _Connection) -> bool:
+        """Whether ``connection``'s exchange ended cleanly and it may carry another request."""
+        state = connection.h11
+        return (
+            state.our_state is h11.DONE
+            and state.their_state is h11.DONE
+            and not connection.framed_by_close
+        )
+
     def _release(self, connection: _Connection) -> None:
         """Pool ``connection`` if its exchange ended cleanly and h11 allows reuse, else close."""
-        state = connection.h11
-        if self._closed or state.our_state is not h11.DONE or state.their_state is not h11.DONE:
+        if self._closed or not self._reusable(connection):
             connection.close()
             return
+        state = connection.h11
         state.start_next_cycle()
         now = trio.current_time()
         connection.idle_since = now
@@ -380,20 +415,31 @@ class ConnectionPool:
 
     @asynccontextmanager
     async def stream(
-        self, method: str, path: str, body: bytes, headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: RequestHeaders,
+        *,
+        idle_timeout: float | None = None,
+        slot_wait: float | None = None,
     ) -> AsyncIterator[StreamingResponse]:
         """Send one request and yield the response once its head has arrived.
 
-        From the written request to the last body read no silence may last longer than the
-        idle timeout (:class:`StreamTimeout`); connect and write have their own timeouts, and
-        waiting for a free slot longer than ``slot_wait`` raises :class:`PoolTimeout`.
-        Cancelling the caller closes the connection at once.
+        ``path`` is the target (with its query string), below the base URL's path. From the
+        written request to the last body read no silence may last longer than the idle timeout
+        (:class:`StreamTimeout`; ``idle_timeout`` overrides the pool's for this request);
+        connect and write have their own timeouts, and waiting for a free slot longer than
+        ``slot_wait`` (default: the pool's) raises :class:`PoolTimeout`. Cancelling the caller
+        closes the connection at once.
         """
+        idle = self._idle_timeout if idle_timeout is None else idle_timeout
+        retry_safe = method in RETRY_SAFE_METHODS
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             acquired = False
-            with trio.move_on_after(self._slot_wait):
+            with trio.move_on_after(self._slot_wait if slot_wait is None else slot_wait):
                 await self._slots.acquire()
                 acquired = True
             if not acquired:
@@ -411,14 +457,18 @@ class ConnectionPool:
                     self.reused += 1
                 request = self._encode(connection.h11, method, path, body, headers)
                 try:
-                    response = await self._exchange(connection, request, reused, scope)
+                    response = await self._exchange(
+                        connection, request, reused, scope, retry_safe=retry_safe, idle=idle
+                    )
                 except _StaleConnection:
                     self.retried += 1
                     connection.close()
                     connection = None
                     connection = await self._connect()
                     request = self._encode(connection.h11, method, path, body, headers)
-                    response = await self._exchange(connection, request, False, scope)
+                    response = await self._exchange(
+                        connection, request, False, scope, retry_safe=retry_safe, idle=idle
+                    )
                 yield response
             if scope.cancelled_caught:
                 raise StreamTimeout("no data within the idle timeout")
@@ -433,15 +483,17 @@ class ConnectionPool:
         method: str,
         path: str,
         body: bytes,
-        headers: dict[str, str],
+        headers: RequestHeaders,
     ) -> bytes:
+        extra = headers.items() if isinstance(headers, Mapping) else headers
         request = h11.Request(
             method=method,
             target=self._prefix + path,
-            headers=[
+            # h11 takes str or bytes per line (bytes: the client's header lines, unchanged).
+            headers=[  # type: ignore[arg-type]
                 *self._base_headers,
                 ("Content-Length", str(len(body))),
-                *headers.items(),
+                *extra,
             ],
         )
         payload = state.send(request)
@@ -450,9 +502,20 @@ class ConnectionPool:
         return payload + state.send(h11.EndOfMessage())  # type: ignore[operator]
 
     async def _exchange(
-        self, connection: _Connection, request: bytes, reused: bool, scope: trio.CancelScope
+        self,
+        connection: _Connection,
+        request: bytes,
+        reused: bool,
+        scope: trio.CancelScope,
+        *,
+        retry_safe: bool = False,
+        idle: float | None = None,
     ) -> StreamingResponse:
-        """Write the request and read the response head (see :func:`_stale_retry_rule`)."""
+        """Write the request and read the response head (see :func:`_stale_retry_rule`;
+        ``retry_safe``: the method may be sent twice; ``idle``: the idle timeout, default the
+        pool's)."""
+        if idle is None:
+            idle = self._idle_timeout
         stream = connection.stream
         try:
             with trio.fail_after(self._write_timeout):
@@ -463,7 +526,6 @@ class ConnectionPool:
             if reused:
                 raise _StaleConnection from None
             raise StreamBroken(str(error)) from None
-        idle = self._idle_timeout
         scope.deadline = trio.current_time() + idle + min(idle / 4, MAX_IDLE_SLACK)
         state = connection.h11
         received = False
@@ -473,7 +535,8 @@ class ConnectionPool:
             except h11.RemoteProtocolError as error:
                 raise StreamBroken(str(error)) from None
             if isinstance(event, h11.Response):
-                return StreamingResponse(connection, event, scope, self._idle_timeout)
+                connection.framed_by_close = _framed_by_close(event)
+                return StreamingResponse(connection, event, scope, idle)
             if isinstance(event, h11.ConnectionClosed):
                 raise StreamBroken("connection closed before a response")
             if event is h11.NEED_DATA:
@@ -483,8 +546,8 @@ class ConnectionPool:
                     if reused and not received:
                         raise _StaleConnection from None
                     raise StreamBroken(str(error)) from None
-                if not data and reused and not received:
-                    raise _StaleConnection
+                if not data and reused and not received and retry_safe:
+                    raise _StaleConnection  # EOF: see rule 3 (may have been processed)
                 received = True
                 try:
                     state.receive_data(data)  # type: ignore[arg-type]  # bytearray is fine
@@ -494,8 +557,10 @@ class ConnectionPool:
 
 
 __all__ = [
+    "RETRY_SAFE_METHODS",
     "ConnectionPool",
     "PoolTimeout",
+    "RequestHeaders",
     "StreamBroken",
     "StreamConnectError",
     "StreamTimeout",
