@@ -14,6 +14,10 @@ requests without a JSON body, the path) picks a misbehaviour:
 * ``hang``: send the head and one event, then stay silent until the client goes away;
 * ``slow``: answer after 50 ms (to keep connections busy).
 
+``drop_next = N`` makes the next N requests (whatever they say) be read in full and then left
+unanswered: the connection is closed cleanly (FIN), as by a server that processed a request
+and died, or whose keep-alive timer fired just after reading it.
+
 It records every connection and every request on it, so tests can say "N turns on one
 connection" and "this request reached the server exactly once".
 """
@@ -38,6 +42,7 @@ class Served:
 
     index: int
     requests: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)  # "METHOD target" of each request
     open: bool = True
 
 
@@ -50,6 +55,7 @@ class KeepAliveRuntime:
         self.open_now = 0
         self.most_open = 0
         self.port = 0
+        self.drop_next = 0
         self._scope = trio.CancelScope()
 
     @property
@@ -88,7 +94,12 @@ class KeepAliveRuntime:
                     return
                 target, payload = request
                 served.requests.append(payload)
-                content = str((payload.get("message") or {}).get("content") or target)
+                served.targets.append(target)
+                if self.drop_next > 0:
+                    self.drop_next -= 1
+                    return  # read in full, never answered: the finally closes (FIN)
+                path = target.partition(" ")[2]
+                content = str((payload.get("message") or {}).get("content") or path)
                 if not await self._answer(stream, connection, content):
                     return
                 connection.start_next_cycle()
@@ -111,7 +122,7 @@ class KeepAliveRuntime:
                 connection.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
-                target = event.target.decode()
+                target = f"{event.method.decode()} {event.target.decode()}"
             elif isinstance(event, h11.Data):
                 body += bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):

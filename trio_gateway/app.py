@@ -90,14 +90,19 @@ class GatewayApp(QuartTrio):
             )
         elif scope["type"] == "http" and not host_is_valid(scope):
             await refuse(scope, send, 400, "invalid_request", "Malformed Host header")
-        elif scope["type"] == "http" and announces_acceptable_body(
-            scope, self.gateway.settings.max_request_body_bytes
-        ):
+        elif scope["type"] == "http":
+            settings = self.gateway.settings
             # Only requests with a body to wait for are gated: a bodiless GET (the REST hot
             # path) pays for no event and no wrappers.
-            settings = self.gateway.settings
-            gate = RequestBodyGate(settings.max_request_body_bytes, settings.request_timeout)
-            await super().__call__(scope, gate.receive(receive), gate.send(send))
+            if announces_acceptable_body(scope, settings.max_request_body_bytes):
+                gate = RequestBodyGate(settings.max_request_body_bytes, settings.request_timeout)
+                receive, send = gate.receive(receive), gate.send(send)
+            door = self.gateway.rest_door
+            matched = door.match(scope["method"], scope["path"])
+            if matched is not None:  # a proxied route: plain ASGI, below Quart (rest_door.py)
+                await door.serve(matched[0], matched[1], scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 
@@ -135,7 +140,7 @@ def create_app(settings: Settings) -> GatewayApp:
     @app.before_request
     async def _bind_request_id() -> None:
         # Quart runs hooks and the view in one task: the id is visible to both and to logs.
-        request_id_var.set(incoming_request_id())
+        request_id_var.set(incoming_request_id(request.headers.get(REQUEST_ID_HEADER)))
 
     @app.after_request
     async def _return_request_id(response: Response) -> Response:

@@ -14,27 +14,46 @@ import httpx
 import trio
 
 from . import __version__
-from .edge.rest_proxy import RestProxy, make_http_client, make_transport
+from .edge.rest_door import RestDoor
+from .edge.rest_proxy import RestProxy
 from .limits import ConnectionCounter
 from .observability import Metrics
 from .security import Security
 from .session.manager import SessionManager
 from .settings import Settings
-from .upstream.runtime_client import RuntimeClient
+from .upstream.http_stream import ConnectionPool
+from .upstream.runtime_client import RuntimeClient, make_runtime_pool
 
 logger = logging.getLogger("trio_gateway.app")
 
 READINESS_CACHE_SECONDS = 1.0
 
 
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The app's httpx client, for what is not hot: JWKS fetches and the readiness probe (turns
+    and proxied REST go over the runtime pool)."""
+    return httpx.AsyncClient(
+        base_url=settings.agent_url,
+        timeout=httpx.Timeout(settings.request_timeout),
+        limits=httpx.Limits(max_connections=10, max_keepalive_connections=2),
+        # No default X-Internal-Auth: this client also fetches the JWKS from the Auth
+        # Service, which must never see the runtime's key. Callers add it per request.
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
 class Gateway:
-    """The per-app state: settings, the shared HTTP client, the runtime client, the sessions."""
+    """The per-app state: settings, the runtime pool (turns and REST), the httpx client (JWKS,
+    readiness), the runtime client, the REST proxy and its door, the sessions."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.security = Security(settings, self.metrics)
         self.proxy = RestProxy(settings, self.metrics, self.security)
+        self.rest_door = RestDoor(self.proxy)
+        self.pool: ConnectionPool | None = None
         self.http: httpx.AsyncClient | None = None
         self.runtime: RuntimeClient | None = None
         self.sessions: SessionManager | None = None
@@ -63,12 +82,14 @@ class Gateway:
                 await self.security.run_state(task_status=task_status)
 
         await nursery.start(run_state)
-        transport = make_transport(self.settings)
-        self.http = make_http_client(self.settings, transport)
-        self.proxy.transport = transport
+        self.http = make_http_client(self.settings)
         self.security.start(self.http)
-        self.runtime = RuntimeClient(self.settings)
-        nursery.start_soon(self.runtime.run_pool)  # ends with runtime.aclose() in stop()
+        # One pool for turns and proxied REST: one connection cap, and REST reuses connections
+        # turns left idle (and the other way round).
+        self.pool = make_runtime_pool(self.settings)
+        nursery.start_soon(self.pool.run)  # ends with pool.aclose() in stop()
+        self.proxy.pool = self.pool
+        self.runtime = RuntimeClient(self.settings, self.pool)
         self.sessions = SessionManager(self.settings, self.runtime, self.metrics, self.security)
         self._manager_scope = trio.CancelScope()
 
@@ -93,8 +114,8 @@ class Gateway:
         if self.http is not None:
             with trio.CancelScope(shield=True):
                 await self.http.aclose()
-        if self.runtime is not None:
-            await self.runtime.aclose()  # idle pooled turn connections
+        if self.pool is not None:
+            await self.pool.aclose()  # idle pooled runtime connections
         # Last: sessions ending above still give their connections back to Redis.
         if self._state_scope is not None:
             self._state_scope.cancel()

@@ -66,12 +66,13 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description=(
-            "Cap on turns streaming at once (each holds its own runtime connection; more wait up "
-            "to REQUEST_TIMEOUT, then fail with runtime_unavailable) and on pooled REST "
-            "connections."
+            "Cap on runtime connections in use at once, turns and proxied REST requests together "
+            "(one pool: a streaming turn holds its connection for its whole length; a turn waits "
+            "up to REQUEST_TIMEOUT for one, then fails with runtime_unavailable; a REST request "
+            "waits SATURATION_WAIT, then gets 503)."
         ),
     )
-    # Keep-alive pool of turn connections (upstream/http_stream.py).
+    # Keep-alive pool of runtime connections, turns and REST (upstream/http_stream.py).
     runtime_pool_max_idle: int = Field(
         100,
         ge=0,
@@ -104,6 +105,16 @@ class Settings(BaseSettings):
         description=(
             "Seconds a REST request may wait for a free slot when MAX_CONCURRENT_REQUESTS are "
             "in flight before it gets 503 with Retry-After."
+        ),
+    )
+    # REST answers read from the runtime (edge/rest_proxy.py).
+    max_response_body_bytes: int = Field(
+        16 * MiB,
+        ge=1024,
+        le=1024 * MiB,
+        description=(
+            "Largest runtime answer the REST proxy reads (it holds each in memory, at most "
+            "MAX_CONCURRENT_REQUESTS at once); a larger one gets 502 response_too_large."
         ),
     )
     max_request_body_bytes: int = Field(

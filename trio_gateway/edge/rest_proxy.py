@@ -16,7 +16,9 @@ Request headers: an allow-list (:data:`FORWARDED_REQUEST_HEADERS`: ``Accept``,
 hop-by-hop headers. The gateway alone sets ``X-Internal-Auth``, ``X-User-ID``,
 ``X-User-Scopes``, ``X-Request-ID`` (the client's when sane), ``X-Forwarded-For`` (the client
 and proxies :func:`~trio_gateway.edge.client_address.forwarded_chain` can vouch for, then the TCP
-peer) and ``X-Forwarded-Proto``; ``Host`` and ``Content-Length`` come from httpx.
+peer) and ``X-Forwarded-Proto``; ``Host`` and ``Content-Length`` come from the runtime pool
+(``upstream/http_stream.py``, shared with turns; a stale pooled connection is retried by its
+rule). The hot path is served below Quart, as plain ASGI (``rest_door.py``).
 
 Failures the gateway itself produces use one JSON shape, ``{"error", "error_description"}``:
 runtime unreachable 502, runtime timeout 504, gateway saturated 503 with ``Retry-After``,
@@ -30,12 +32,11 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, cast
-from urllib.parse import quote, unquote_plus
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote_plus
 
-import httpx
 import orjson
 import trio
 from quart import Response, request
@@ -47,6 +48,13 @@ from ..protocol import valid_session_id
 from ..security import INTERNAL, Refusal, Security, user_headers
 from ..settings import Settings
 from ..state import STATE_UNAVAILABLE, StateUnavailable
+from ..upstream.http_stream import (
+    ConnectionPool,
+    PoolTimeout,
+    StreamBroken,
+    StreamConnectError,
+    StreamTimeout,
+)
 from .client_address import Network, address_in, forwarded_chain, peer_address
 
 logger = logging.getLogger("trio_gateway.rest")
@@ -182,33 +190,8 @@ ROUTES: tuple[ProxyRoute, ...] = (
 )  # fmt: skip
 
 
-def make_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
-    """The app's one connection pool to the runtime (keep-alive, limits from settings)."""
-    return httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(
-            max_connections=settings.runtime_max_connections,
-            max_keepalive_connections=min(settings.runtime_max_connections, 100),
-        ),
-        trust_env=False,
-    )
-
-
-def make_http_client(settings: Settings, transport: httpx.AsyncHTTPTransport) -> httpx.AsyncClient:
-    """The app's one HTTP client, over ``transport``; the proxy sends through the transport
-    itself (see :meth:`RestProxy._send`), health checks and JWKS fetches through the client."""
-    return httpx.AsyncClient(
-        base_url=settings.agent_url,
-        transport=transport,
-        timeout=httpx.Timeout(settings.request_timeout),
-        # No default X-Internal-Auth: this client also fetches the JWKS from the Auth
-        # Service, which must never see the runtime's key. Callers add it per request.
-        follow_redirects=False,
-        trust_env=False,
-    )
-
-
 def _header_bytes(text: str) -> bytes:
-    """A header value the gateway made, as bytes for httpx (which would encode ``str`` as ASCII
+    """A header value the gateway made, as bytes for h11 (which would encode ``str`` as ASCII
     and fail): latin-1 when it fits, else UTF-8 (a token claim in ``X-User-ID`` may need it).
     Client headers are forwarded as the scope's bytes and never pass through ``str`` (before
     that, a non-ASCII octet in a forwarded header made the proxy answer 500, found by
@@ -227,12 +210,31 @@ def _json_object(content: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _forwarded_query(route: ProxyRoute) -> bytes:
+def header_value(scope: dict[str, Any], name: bytes) -> str | None:
+    """The first ``name`` header line of the request (``name`` lower-case), as latin-1 text."""
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def query_values(raw: bytes, name: str) -> list[str]:
+    """Every value of the query parameter ``name`` in the raw query string, in order (escapes
+    decoded as UTF-8 with bad octets replaced, blank values kept, as Werkzeug's ``args``)."""
+    # Text in, not bytes: parse_qsl's bytes mode re-encodes as ASCII and fails on the first
+    # percent-escaped non-ASCII octet (found by tests/test_schemathesis.py).
+    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, errors="replace")
+    return [value for key, value in pairs if key == name]
+
+
+def _forwarded_query(route: ProxyRoute, raw: bytes) -> bytes:
     """The query string for the runtime: the client's, byte for byte, except that an empty
     session filter (``?session_id=``, "no filter") is left out rather than sent as ``""``."""
-    raw = request.query_string or b""
     name = route.session_query
-    if name is None or not raw or request.args.get(name, None) != "":
+    if name is None or not raw:
+        return raw
+    values = query_values(raw, name)
+    if not values or values[0] != "":
         return raw
     kept = [
         part
@@ -341,55 +343,109 @@ def read_json_object(body: bytes, content_type: str | None) -> dict[str, Any]:
     return value
 
 
+@dataclass(slots=True)
+class Answer:
+    """A proxied request's response, framework-free: the ASGI door (``rest_door.py``) sends it,
+    the Quart fallback route wraps it in a Quart ``Response``."""
+
+    status: int
+    body: bytes
+    content_type: str | None = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)  # besides Content-Type/-Length
+
+
+class AnswerNow(Exception):
+    """Raised by a body reader to answer at once (e.g. 408 when the body is too slow)."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer.status)
+        self.answer = answer
+
+
+# Reads the request's body: at most a little over ``limit`` bytes (more means 413), or
+# raises :class:`AnswerNow`.
+BodyReader = Callable[[int], Awaitable[bytes]]
+
+
+def error_answer(
+    status: int, error: str, description: str, headers: dict[str, str] | None = None
+) -> Answer:
+    """The JSON error shape of every failure the gateway itself produces."""
+    body = orjson.dumps({"error": error, "error_description": description})
+    return Answer(status, body, "application/json", dict(headers) if headers else {})
+
+
 def error_response(
     status: int, error: str, description: str, headers: dict[str, str] | None = None
 ) -> Response:
-    """The JSON error shape of every failure the gateway itself produces."""
-    body = orjson.dumps({"error": error, "error_description": description})
-    return Response(body, status=status, content_type="application/json", headers=headers)
+    """:func:`error_answer` as a Quart response (for Quart's own routes and error handlers)."""
+    return answer_response(error_answer(status, error, description, headers))
 
 
-def incoming_request_id() -> str:
+def answer_response(answer: Answer) -> Response:
+    """An :class:`Answer` as a Quart response."""
+    response = Response(
+        answer.body, status=answer.status, headers=answer.headers, content_type=answer.content_type
+    )
+    if answer.content_type is None:
+        response.headers.pop("Content-Type", None)
+    return response
+
+
+def incoming_request_id(supplied: str | None) -> str:
     """The client's X-Request-ID when it is sane (short, no odd characters), else a new one."""
-    supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    return supplied if _SANE_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+    if supplied and _SANE_REQUEST_ID.match(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+class ResponseTooLarge(Exception):
+    """The runtime's answer exceeds ``MAX_RESPONSE_BODY_BYTES``."""
 
 
 class RestProxy:
-    """Forwards the routes of :data:`ROUTES` over the app's pooled HTTP client."""
+    """Forwards the routes of :data:`ROUTES` over the app's runtime pool (shared with turns).
+
+    Framework-free: :meth:`forward` takes the request's ASGI scope and a body reader and
+    returns an :class:`Answer`, so the same code serves the raw ASGI door (the hot path, below
+    Quart) and the Quart fallback routes (``HEAD``, and anything the door does not match).
+    """
 
     def __init__(self, settings: Settings, metrics: Metrics, security: Security) -> None:
         self.settings = settings
         self.metrics = metrics
         self.security = security
-        self.transport: httpx.AsyncHTTPTransport | None = None
+        self.pool: ConnectionPool | None = None  # the app's, set when the app starts
         self._slots = trio.CapacityLimiter(settings.max_concurrent_requests)
-        self._default_timeout = httpx.Timeout(settings.request_timeout)
-        self._base_url = settings.agent_url
-        self._internal_key = _header_bytes(settings.internal_api_key.get_secret_value())
         self._trusted_proxies = settings.trusted_proxy_networks
 
-    async def forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
-        """Proxy the current request along ``route``."""
+    async def forward(
+        self,
+        route: ProxyRoute,
+        path_params: dict[str, str],
+        scope: dict[str, Any],
+        read_body: BodyReader,
+    ) -> Answer:
+        """Proxy the request of ``scope`` along ``route``; metrics count every answer."""
         started = trio.current_time()
-        response = await self._forward(route, path_params)
-        self.metrics.rest_requests.labels(
-            route.template, route.method, str(response.status_code)
-        ).inc()
+        answer = await self._forward(route, path_params, scope, read_body)
+        self.metrics.rest_requests.labels(route.template, route.method, str(answer.status)).inc()
         self.metrics.rest_latency.labels(route.template).observe(trio.current_time() - started)
-        return response
+        return answer
 
-    async def _authorize(self, route: ProxyRoute, path_params: dict[str, str]) -> Identity:
+    async def _authorize(
+        self, route: ProxyRoute, path_params: dict[str, str], scope: dict[str, Any]
+    ) -> Identity:
         """Who is calling and whether they may use ``route``; raises :class:`Refusal`."""
         security = self.security
-        internal = security.internal_caller(request.headers.get("X-Internal-Auth"))
+        internal = security.internal_caller(header_value(scope, b"x-internal-auth"))
         if internal:
             identity = INTERNAL
         else:
-            identity = await security.identify_header(request.headers.get("Authorization"))
+            identity = await security.identify_header(header_value(scope, b"authorization"))
         user_var.set(identity.sub)
-        scope = self.settings.read_scope if route.method == "GET" else self.settings.write_scope
-        security.require_scope(identity, scope)
+        required = self.settings.read_scope if route.method == "GET" else self.settings.write_scope
+        security.require_scope(identity, required)
         session_id = path_params.get("session_id")
         if session_id is not None and not valid_session_id(session_id):
             raise Refusal(400, "invalid_session_id", "Malformed session id")
@@ -403,7 +459,7 @@ class RestProxy:
         if session_id is not None:
             await security.check_owner(session_id, identity)
         if route.session_query is not None:
-            values = request.args.getlist(route.session_query)
+            values = query_values(scope.get("query_string") or b"", route.session_query)
             if len(values) > 1 or (values and values[0] and not valid_session_id(values[0])):
                 # The runtime may read another value than we checked (first vs last).
                 raise Refusal(400, "invalid_request", f"Give '{route.session_query}' once")
@@ -411,28 +467,37 @@ class RestProxy:
                 await security.check_owner(values[0], identity)
         return identity
 
-    async def _forward(self, route: ProxyRoute, path_params: dict[str, str]) -> Response:
+    async def _forward(
+        self,
+        route: ProxyRoute,
+        path_params: dict[str, str],
+        scope: dict[str, Any],
+        read_body: BodyReader,
+    ) -> Answer:
         try:
-            identity = await self._authorize(route, path_params)
+            identity = await self._authorize(route, path_params, scope)
             # Before the body: a request whose headers are refused is never sent anyway.
-            client_headers = select_request_headers(request.scope["headers"])
+            client_headers = select_request_headers(scope["headers"])
         except Refusal as refused:
-            return error_response(
+            return error_answer(
                 refused.status, refused.error, refused.description, refused.headers()
             )
-        length = request.content_length
-        if length is not None and length > self.settings.max_request_body_bytes:
+        limit = self.settings.max_request_body_bytes
+        length = header_value(scope, b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:
             return self._too_large()
-        body = await request.get_data(cache=False)
-        assert isinstance(body, bytes)
-        if len(body) > self.settings.max_request_body_bytes:
+        try:
+            body = await read_body(limit)
+        except AnswerNow as now:
+            return now.answer
+        if len(body) > limit:
             return self._too_large()
         path = route.runtime_path.format(
             **{name: quote(value, safe="") for name, value in path_params.items()}
         )
-        headers = client_headers + forwarding_headers(
-            cast(dict[str, Any], request.scope), self._trusted_proxies
-        )
+        query = _forwarded_query(route, scope.get("query_string") or b"")
+        target = f"{path}?{query.decode('latin-1')}" if query else path
+        headers = client_headers + forwarding_headers(scope, self._trusted_proxies)
         request_id = request_id_var.get()
         if request_id:
             headers.append((b"x-request-id", request_id.encode("ascii")))
@@ -441,46 +506,84 @@ class RestProxy:
             for name, value in user_headers(identity).items()
         ]
         if route.method == "POST" and route.path == "/api/v1/sessions" and body:
-            answer = await self._refuse_foreign_session_id(body, identity)
-            if answer is not None:
-                return answer
-        url = httpx.URL(self._base_url + path, query=_forwarded_query(route))
-        timeout = httpx.Timeout(route.timeout) if route.timeout else self._default_timeout
+            refusal = await self._refuse_foreign_session_id(body, identity, scope)
+            if refusal is not None:
+                return refusal
 
         if not await acquire_within(self._slots, self.settings.saturation_wait):
-            self.metrics.limit_hits.labels("concurrent_requests").inc()
-            logger.warning(
-                "REST proxy saturated",
-                extra={"event": "limit_hit", "limit": "concurrent_requests"},
-            )
-            return error_response(
-                503,
-                "saturated",
-                "The gateway is handling too many requests; retry shortly",
-                {"Retry-After": "1"},
-            )
+            return self._saturated()
         try:
-            upstream = await self._send(route.method, url, body, headers, timeout)
-        except httpx.TimeoutException:
+            status, upstream_headers, content = await self._exchange(route, target, body, headers)
+        except PoolTimeout:  # every runtime connection is in use (turns and REST together)
+            return self._saturated()
+        except StreamTimeout:
             logger.warning("runtime timed out", extra={"event": "runtime_timeout"})
-            return error_response(
-                504, "runtime_timeout", "The agent runtime did not answer in time"
+            return error_answer(504, "runtime_timeout", "The agent runtime did not answer in time")
+        except ResponseTooLarge:
+            self.metrics.limit_hits.labels("response_body").inc()
+            logger.warning(
+                "runtime answer too large",
+                extra={"event": "limit_hit", "limit": "response_body"},
             )
-        except httpx.TransportError as error:
+            return error_answer(
+                502,
+                "response_too_large",
+                f"The agent runtime's answer exceeds {self.settings.max_response_body_bytes} bytes",
+            )
+        except (StreamConnectError, StreamBroken) as error:
+            # Also a malformed answer (h11 refused it): the runtime is not usable as a peer.
             logger.warning(
                 "runtime unreachable: %s",
                 type(error).__name__,
                 extra={"event": "runtime_unreachable"},
             )
-            return error_response(502, "runtime_unavailable", "The agent runtime is unreachable")
+            return error_answer(502, "runtime_unavailable", "The agent runtime is unreachable")
         finally:
             self._slots.release()
-        response = self._relay_response(upstream)
+        answer = _relay(status, upstream_headers, content)
         if self.security.enabled and identity is not INTERNAL:
-            await self._record_ownership(route, path_params, upstream, response, identity)
-        return response
+            await self._record_ownership(route, path_params, status, content, answer, identity)
+        return answer
 
-    async def _refuse_foreign_session_id(self, body: bytes, identity: Identity) -> Response | None:
+    async def _exchange(
+        self, route: ProxyRoute, target: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send the request on the pool and read the whole answer (bounded)."""
+        assert self.pool is not None, "the app's connection pool is not open"
+        limit = self.settings.max_response_body_bytes
+        timeout = route.timeout or self.settings.request_timeout
+        async with self.pool.stream(
+            route.method,
+            target,
+            body,
+            headers,
+            idle_timeout=timeout,
+            slot_wait=self.settings.saturation_wait,
+        ) as response:
+            # One byte over the limit is enough to know; the half-read connection is then
+            # closed, not pooled (the pool reuses only answers read to their end).
+            content = await response.read_limited(limit + 1)
+            status, upstream_headers = response.status_code, response.headers
+        if len(content) > limit:
+            raise ResponseTooLarge
+        return status, upstream_headers, content
+
+    def _saturated(self) -> Answer:
+        self.metrics.limit_hits.labels("concurrent_requests").inc()
+        logger.warning(
+            "REST proxy saturated",
+            extra={"event": "limit_hit", "limit": "concurrent_requests"},
+        )
+        return error_answer(
+            503,
+            "saturated",
+            "The gateway is handling too many requests; retry shortly",
+            {"Retry-After": "1"},
+        )
+
+    async def _refuse_foreign_session_id(
+        self, body: bytes, identity: Identity, scope: dict[str, Any]
+    ) -> Answer | None:
         """400 for a body the gateway cannot check, 403 for another user's ``session_id``.
 
         Fails closed: the body is forwarded only if this strict parse read it (the same bytes
@@ -488,50 +591,49 @@ class RestProxy:
         runtime's may still accept) can no longer carry a foreign id past the check.
         """
         try:
-            wanted = read_json_object(body, request.headers.get("Content-Type")).get("session_id")
+            wanted = read_json_object(body, header_value(scope, b"content-type")).get("session_id")
         except BodyRefused as refused:
-            return error_response(400, "invalid_request", str(refused))
+            return error_answer(400, "invalid_request", str(refused))
         if wanted is None:
             return None  # the runtime picks a new id (read back from its 201)
         if not isinstance(wanted, str) or not valid_session_id(wanted):
-            return error_response(400, "invalid_session_id", "Malformed session_id in the body")
+            return error_answer(400, "invalid_session_id", "Malformed session_id in the body")
         if self.security.enabled:
             try:
                 owner = await self.security.ownership.owner(wanted)
             except StateUnavailable:
                 self.metrics.state_backend_failures.labels("owner").inc()
-                return error_response(
+                return error_answer(
                     503, "state_unavailable", STATE_UNAVAILABLE, {"Retry-After": "5"}
                 )
             if owner is not None and owner != identity.sub:
-                return error_response(403, "forbidden", "This session belongs to another user")
+                return error_answer(403, "forbidden", "This session belongs to another user")
         return None
 
     async def _record_ownership(
         self,
         route: ProxyRoute,
         path_params: dict[str, str],
-        upstream: httpx.Response,
-        response: Response,
+        status: int,
+        content: bytes,
+        answer: Answer,
         identity: Identity,
     ) -> None:
         # Claims follow the runtime's answer: only sessions that exist get an owner (a 404 for a
         # made-up id claims nothing, so ids cannot be squatted through the REST door).
         security = self.security
-        ok = 200 <= upstream.status_code < 300
+        ok = 200 <= status < 300
         if route.path == "/api/v1/sessions" and route.method == "POST":
-            created = _json_object(upstream.content)
-            if upstream.status_code == 201 and isinstance(created.get("id"), str):
+            created = _json_object(content)
+            if status == 201 and isinstance(created.get("id"), str):
                 try:
                     await security.claim_session(created["id"], identity)
                 except Refusal as refused:
                     logger.warning("session created but not owned: %s", refused.error)
         elif route.own_sessions_in is not None:
-            if upstream.status_code == 200:
-                await self._only_own_sessions(
-                    upstream.content, response, identity, *route.own_sessions_in
-                )
-        elif route.method == "DELETE" and route.per_session and upstream.status_code == 204:
+            if status == 200:
+                await self._only_own_sessions(content, answer, identity, *route.own_sessions_in)
+        elif route.method == "DELETE" and route.per_session and status == 204:
             try:
                 await security.ownership.forget(path_params["session_id"])
             except StateUnavailable:
@@ -556,82 +658,38 @@ class RestProxy:
                 logger.warning("session use not recorded: %s", type(problem).__name__)
 
     async def _only_own_sessions(
-        self, content: bytes, response: Response, identity: Identity, list_key: str, id_key: str
+        self, content: bytes, answer: Answer, identity: Identity, list_key: str, id_key: str
     ) -> None:
         # The runtime knows no users: the gateway filters its list to the caller's sessions.
         listing = _json_object(content)
         items = listing.get(list_key)
         if not isinstance(items, list):
             # Fail closed: an unexpected shape must not pass every user's sessions through.
-            response.status_code = 502
-            response.set_data(
-                orjson.dumps(
-                    {"error": "bad_gateway", "error_description": f"Unexpected {list_key} list"}
-                )
+            answer.status = 502
+            answer.body = orjson.dumps(
+                {"error": "bad_gateway", "error_description": f"Unexpected {list_key} list"}
             )
             return
         try:
             mine = await self.security.owned_sessions(identity)
         except Refusal as refused:  # fail closed: without ownership nothing can be shown
-            response.status_code = refused.status
-            response.headers.update(refused.headers())
-            response.set_data(
-                orjson.dumps({"error": refused.error, "error_description": refused.description})
+            answer.status = refused.status
+            answer.headers.update(refused.headers())
+            answer.body = orjson.dumps(
+                {"error": refused.error, "error_description": refused.description}
             )
             return
         listing[list_key] = [
             item for item in items if isinstance(item, dict) and item.get(id_key) in mine
         ]
         listing["total"] = len(listing[list_key])
-        response.set_data(orjson.dumps(listing))
+        answer.body = orjson.dumps(listing)
 
-    async def _send(
-        self,
-        method: str,
-        url: httpx.URL,
-        body: bytes,
-        headers: list[tuple[bytes, bytes]],
-        timeout: httpx.Timeout,
-    ) -> httpx.Response:
-        # Straight to the client's transport (its pool), not client.request(): the client
-        # layers (auth and redirect handling, cookies, event hooks, URL merging), none of which
-        # a proxy wants, cost ~40% of httpx's time per request on this hot path (measured).
-        assert self.transport is not None, "the app's connection pool is not open"
-        outgoing = httpx.Request(
-            method,
-            url,
-            headers=[*headers, (b"x-internal-auth", self._internal_key)],
-            content=body,
-            extensions={"timeout": timeout.as_dict()},
-        )
-        response = await self.transport.handle_async_request(outgoing)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
-
-    def _relay_response(self, upstream: httpx.Response) -> Response:
-        headers = {
-            name: upstream.headers[name]
-            for name in _PASS_RESPONSE_HEADERS
-            if name in upstream.headers
-        }
-        response = Response(
-            upstream.content,
-            status=upstream.status_code,
-            headers=headers,
-            content_type=upstream.headers.get("content-type"),
-        )
-        if not upstream.content and upstream.status_code in (204, 304):
-            response.headers.pop("Content-Type", None)
-        return response
-
-    def _too_large(self) -> Response:
+    def _too_large(self) -> Answer:
         self.metrics.limit_hits.labels("request_body").inc()
         # The body is not read (or not all of it): the connection cannot be reused, and the
         # client is told so (see request_gate.RequestBodyGate).
-        return error_response(
+        return error_answer(
             413,
             "request_too_large",
             f"Request body exceeds {self.settings.max_request_body_bytes} bytes",
@@ -639,11 +697,29 @@ class RestProxy:
         )
 
 
+def _relay(status: int, headers: dict[str, str], content: bytes) -> Answer:
+    """The runtime's answer for the client: status, body, its content type (none if it sent
+    none) and the headers of :data:`_PASS_RESPONSE_HEADERS`."""
+    passed = {name: headers[name] for name in _PASS_RESPONSE_HEADERS if name in headers}
+    content_type = headers.get("content-type")
+    if not content and status in (204, 304):
+        content_type = None
+    return Answer(status, content, content_type, passed)
+
+
 def route_handler(proxy: RestProxy, route: ProxyRoute) -> Any:
-    """A Quart view function for ``route``."""
+    """A Quart view function for ``route``: the fallback for what the ASGI door does not serve
+    (``HEAD`` of a GET route, paths Werkzeug matches differently). Quart reads the body (its
+    own limit and timeout, 413/408 through the app's error handlers)."""
 
     async def view(**path_params: str) -> Response:
-        return await proxy.forward(route, path_params)
+        async def read_body(_limit: int) -> bytes:
+            body = await request.get_data(cache=False)
+            assert isinstance(body, bytes)
+            return body
+
+        answer = await proxy.forward(route, path_params, dict(request.scope), read_body)
+        return answer_response(answer)
 
     view.__name__ = f"proxy_{route.method.lower()}_{route.path}"
     view.__doc__ = route.summary

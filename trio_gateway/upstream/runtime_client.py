@@ -1,4 +1,5 @@
-"""Client of the Agent Runtime's streaming endpoint (HTTP + SSE), over a keep-alive pool."""
+"""Client of the Agent Runtime's streaming endpoint (HTTP + SSE), over the app's keep-alive pool
+(:func:`make_runtime_pool`: one per app, shared with the REST proxy)."""
 
 from __future__ import annotations
 
@@ -94,28 +95,39 @@ def _parse_events(payloads: list[bytes | str]) -> tuple[list[dict[str, Any]], li
     return batch, sizes
 
 
+# Headers of every turn request besides the pool's own (Host, X-Internal-Auth).
+_TURN_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+
+
+def make_runtime_pool(settings: Settings) -> ConnectionPool:
+    """The app's one keep-alive pool to the runtime, for turns and proxied REST alike.
+
+    One pool, so that one cap (``RUNTIME_MAX_CONNECTIONS``) bounds every connection the gateway
+    opens to the runtime, and so that REST requests reuse connections turns left idle.
+    """
+    return ConnectionPool(
+        settings.agent_url,
+        # Only what every request carries: the Auth Service is never reached through this pool.
+        default_headers={"X-Internal-Auth": settings.internal_api_key.get_secret_value()},
+        connect_timeout=settings.request_timeout,
+        write_timeout=settings.request_timeout,
+        # The turns' stream *idle* timeout: a stream silent for longer fails, while a long but
+        # lively one never does. REST requests pass their own (REQUEST_TIMEOUT).
+        idle_timeout=settings.stream_idle_timeout,
+        # Every turn holds one runtime connection for its whole length: cap them.
+        max_connections=settings.runtime_max_connections,
+        max_idle=settings.runtime_pool_max_idle,
+        idle_expiry=settings.runtime_pool_idle_expiry,
+        slot_wait=settings.request_timeout,
+    )
+
+
 class RuntimeClient:
     """Streams turns from the runtime and turns every failure into a :class:`RuntimeFailure`."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._pool = ConnectionPool(
-            settings.agent_url,
-            default_headers={
-                "X-Internal-Auth": settings.internal_api_key.get_secret_value(),
-                "Content-Type": "application/json",
-                "Accept": "text/event-stream",
-            },
-            connect_timeout=settings.request_timeout,
-            write_timeout=settings.request_timeout,
-            # The stream *idle* timeout: a stream silent for longer fails, while a long but
-            # lively one never does.
-            idle_timeout=settings.stream_idle_timeout,
-            # Every turn holds one runtime connection for its whole length: cap them.
-            max_connections=settings.runtime_max_connections,
-            max_idle=settings.runtime_pool_max_idle,
-            idle_expiry=settings.runtime_pool_idle_expiry,
-            slot_wait=settings.request_timeout,
-        )
+    def __init__(self, settings: Settings, pool: ConnectionPool | None = None) -> None:
+        """A client over ``pool`` (the app's), or over a pool of its own when none is given."""
+        self._pool = make_runtime_pool(settings) if pool is None else pool
         self._idle_timeout = settings.stream_idle_timeout
 
     @property
@@ -147,8 +159,9 @@ class RuntimeClient:
         """
         body = orjson.dumps({"session_id": session_id, "message": message})
         relayed = 0
+        request_headers = {**_TURN_HEADERS, **headers} if headers else _TURN_HEADERS
         try:
-            async with self._pool.stream("POST", STREAM_PATH, body, headers or {}) as response:
+            async with self._pool.stream("POST", STREAM_PATH, body, request_headers) as response:
                 if response.status_code != 200:
                     status = response.status_code
                     detail = _error_detail(await response.read_limited(MAX_ERROR_BODY))
