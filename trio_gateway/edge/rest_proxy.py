@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -396,7 +396,8 @@ def incoming_request_id(supplied: str | None) -> str:
     """The client's X-Request-ID when it is sane (short, no odd characters), else a new one."""
     if supplied and _SANE_REQUEST_ID.match(supplied):
         return supplied
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex at a fraction of its cost.
+    return os.urandom(16).hex()
 
 
 class ResponseTooLarge(Exception):
@@ -418,6 +419,11 @@ class RestProxy:
         self.pool: ConnectionPool | None = None  # the app's, set when the app starts
         self._slots = trio.CapacityLimiter(settings.max_concurrent_requests)
         self._trusted_proxies = settings.trusted_proxy_networks
+        # Labelled metric children, looked up once: ``labels()`` takes a lock and builds a key
+        # on every call (~5 us each on the hot path). Bounded: routes x statuses seen.
+        # Keyed by strings (cached hashes), not by the route (a dataclass hashes every field).
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     async def forward(
         self,
@@ -429,8 +435,17 @@ class RestProxy:
         """Proxy the request of ``scope`` along ``route``; metrics count every answer."""
         started = trio.current_time()
         answer = await self._forward(route, path_params, scope, read_body)
-        self.metrics.rest_requests.labels(route.template, route.method, str(answer.status)).inc()
-        self.metrics.rest_latency.labels(route.template).observe(trio.current_time() - started)
+        key = (route.template, route.method, answer.status)
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = self.metrics.rest_requests.labels(
+                route.template, route.method, str(answer.status)
+            )
+        counter.inc()
+        timer = self._timed.get(route.template)
+        if timer is None:
+            timer = self._timed[route.template] = self.metrics.rest_latency.labels(route.template)
+        timer.observe(trio.current_time() - started)
         return answer
 
     async def _authorize(
