@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from trio_gateway.edge.rest_proxy import ROUTES
+from trio_gateway.edge.rest_routes import ROUTES
 from trio_gateway.openapi import PROTOCOL_PATH, build_openapi
 
 from .conftest import RunningGateway

@@ -14,7 +14,7 @@ import trio
 
 from trio_gateway.app import create_app
 from trio_gateway.edge.rest_door import RestDoor
-from trio_gateway.edge.rest_proxy import ROUTES
+from trio_gateway.edge.rest_routes import ROUTES
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
 from .keepalive_runtime import KeepAliveRuntime

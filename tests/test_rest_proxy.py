@@ -297,7 +297,7 @@ async def test_readiness_with_a_healthy_runtime(http: httpx.AsyncClient) -> None
 
 
 async def test_the_openapi_document_covers_every_route(http: httpx.AsyncClient) -> None:
-    from trio_gateway.edge.rest_proxy import ROUTES
+    from trio_gateway.edge.rest_routes import ROUTES
 
     document = (await http.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.")

@@ -30,11 +30,11 @@ from .edge.request_gate import (
 )
 from .edge.rest_proxy import (
     REQUEST_ID_HEADER,
-    ROUTES,
     error_response,
     incoming_request_id,
     route_handler,
 )
+from .edge.rest_routes import ROUTES
 from .edge.ws_handshake import open_session_socket
 from .gateway import Gateway
 from .observability import request_id_var

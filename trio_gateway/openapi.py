@@ -20,7 +20,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
-from .edge.rest_proxy import ROUTES, ProxyRoute
+from .edge.rest_routes import ROUTES, ProxyRoute
 from .protocol import SESSION_ID_MAX_LENGTH
 
 #: Where the gateway serves the WebSocket protocol document (plain text, Markdown source).

@@ -1,4 +1,4 @@
-"""The REST door: the proxied routes of :data:`~trio_gateway.edge.rest_proxy.ROUTES`, served as
+"""The REST door: the proxied routes of :data:`~trio_gateway.edge.rest_routes.ROUTES`, served as
 plain ASGI from the app's ``__call__`` (as the WebSocket door is), below Quart.
 
 Why below Quart: on the proxy's hot path (a small ``GET``) Quart's request and response
@@ -24,15 +24,14 @@ from ..observability import request_id_var
 from .request_gate import announces_acceptable_body
 from .rest_proxy import (
     REQUEST_ID_HEADER,
-    ROUTES,
     Answer,
     AnswerNow,
-    ProxyRoute,
     RestProxy,
     error_answer,
     header_value,
     incoming_request_id,
 )
+from .rest_routes import ROUTES, ProxyRoute
 
 logger = logging.getLogger("trio_gateway.rest")
 
