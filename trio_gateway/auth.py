@@ -62,7 +62,7 @@ __all__ = [
     "www_authenticate",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trio_gateway.auth")
 
 DEFAULT_ISSUER: Final = "https://auth.codelab.local"
 DEFAULT_AUDIENCE: Final = "codelab-api"

@@ -33,7 +33,7 @@ from quart_trio import QuartTrio
 
 from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAlgorithm, DevIssuer
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trio_gateway.dev_auth")
 
 __all__ = [
     "DEMO_RECORD_FIELDS",
@@ -230,7 +230,9 @@ async def serve_dev_jwks(
     ``http://127.0.0.1:43211/.well-known/jwks.json`` (port 0 lets the OS choose).
     """
     body = json.dumps(issuer.jwks()).encode()
-    app = QuartTrio(__name__)
+    # The name is the app's logger name, kept stable wherever this module lives; the root path
+    # is given so that Quart does not look for it (nor for a static folder) in the cwd.
+    app = QuartTrio("trio_gateway.dev_auth", root_path=os.path.dirname(__file__))
 
     async def jwks() -> Response:
         return Response(
