@@ -49,12 +49,6 @@ from wsproto.events import (
 )
 
 from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import (
-    DemoRuntime,
-    DemoRuntimeConfig,
-    create_demo_runtime,
-    serve_demo_runtime,
-)
 from trio_gateway.protocol import (
     CONNECTION_FRAME_TYPES,
     SUBPROTOCOL_V2,
@@ -65,6 +59,12 @@ from trio_gateway.protocol import (
 )
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings
+from trio_gateway.tools.demo_runtime import (
+    DemoRuntime,
+    DemoRuntimeConfig,
+    create_demo_runtime,
+    serve_demo_runtime,
+)
 
 from .jwks_server import JWKSServer
 from .task_tree import format_task_tree

@@ -24,7 +24,7 @@ import trio
 import trio_websocket
 
 from trio_gateway.auth import DevIssuer
-from trio_gateway.chat import (
+from trio_gateway.tools.chat import (
     SIMULATED_RESULT,
     ChatCore,
     Reaction,
@@ -36,8 +36,8 @@ from trio_gateway.chat import (
     sessions_url,
     want_color,
 )
-from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.dev_auth import DEV_ISSUER_FILE_ENV
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV
 from trio_gateway.transport import WebSocketConnection
 from trio_gateway.ws_handshake import open_session_socket
 

@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from tests.frames import CHUNK_FIELDS, ide_frame
-from trio_gateway import demo_runtime as demo_runtime_module
-from trio_gateway.demo_runtime import (
+from trio_gateway.tools import demo_runtime as demo_runtime_module
+from trio_gateway.tools.demo_runtime import (
     DemoRuntime,
     DemoRuntimeConfig,
     create_demo_runtime,

@@ -7,8 +7,8 @@ import trio
 import trio_websocket
 
 from trio_gateway import session as session_module
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.protocol import parse_client_frame
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import (
     RunningGateway,

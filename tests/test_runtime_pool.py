@@ -20,7 +20,6 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.http_stream import (
     ConnectionPool,
     PoolTimeout,
@@ -29,6 +28,7 @@ from trio_gateway.http_stream import (
     StreamTimeout,
     _Connection,
 )
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, gateway_settings, run_gateway
 from .keepalive_runtime import FINAL, KeepAliveRuntime

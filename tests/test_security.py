@@ -19,8 +19,8 @@ import trio
 import trio_websocket
 
 from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.observability import JsonFormatter, _ContextFilter
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import (
     INTERNAL_KEY,

@@ -19,10 +19,10 @@ from pydantic import SecretStr
 
 from .app import create_app
 from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
-from .chat import MAX_RECONNECT_ATTEMPTS
 from .observability import configure_logging
 from .server import serve, tune_gc, wait_for_signal
 from .settings import Settings, SettingsError, load_settings, unknown_variables
+from .tools.chat import MAX_RECONNECT_ATTEMPTS
 from .workers import (
     Supervisor,
     check_worker_settings,
@@ -270,8 +270,8 @@ async def _run_serve(
 
 async def _run_demo(settings: Settings, host: str, port: int) -> None:
     from .auth import DevIssuer
-    from .demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
-    from .dev_auth import save_dev_issuer, serve_dev_jwks
+    from .tools.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
+    from .tools.dev_auth import save_dev_issuer, serve_dev_jwks
 
     key = secrets.token_urlsafe(24)
     runtime = create_demo_runtime(DemoRuntimeConfig(internal_api_key=key))
@@ -381,7 +381,7 @@ def _demo_banner(
 
 
 async def _run_demo_runtime(host: str, port: int, instant: bool) -> None:
-    from .demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
+    from .tools.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
 
     settings_key = load_settings().internal_api_key.get_secret_value()
     runtime = create_demo_runtime(DemoRuntimeConfig(internal_api_key=settings_key, instant=instant))
@@ -400,13 +400,13 @@ def mint_demo_token(
     Raises :class:`FileNotFoundError` or :class:`ValueError` (no usable issuer file: the
     message tells the user what to do) and :class:`OSError` (the file cannot be read).
     """
-    from .dev_auth import load_dev_issuer
+    from .tools.dev_auth import load_dev_issuer
 
     return load_dev_issuer().mint(sub, scopes=scopes, lifetime=lifetime)
 
 
 async def _run_dev_issuer(host: str, port: int, issuer_name: str, audience: str) -> None:
-    from .dev_auth import dev_issuer_file, load_or_create_dev_issuer, serve_dev_jwks
+    from .tools.dev_auth import dev_issuer_file, load_or_create_dev_issuer, serve_dev_jwks
 
     path = dev_issuer_file()
     # Key generation and file I/O are blocking: keep them off the event loop.
@@ -426,8 +426,8 @@ async def _run_dev_issuer(host: str, port: int, issuer_name: str, audience: str)
 
 
 async def _run_check(settings: Settings, timeout: float, demo_gateway: str | None = None) -> int:
-    from .check import CheckResult, check_http_health, format_report, run_checks
-    from .check import exit_code as check_exit_code
+    from .tools.check import CheckResult, check_http_health, format_report, run_checks
+    from .tools.check import exit_code as check_exit_code
 
     results = await run_checks(settings, timeout)
     if demo_gateway is not None:
@@ -474,7 +474,7 @@ def _run_chat(
     attempts: int,
 ) -> int:
     """``trio-gateway chat``: the interactive client; usage errors exit 2 before connecting."""
-    from .chat import ChatOptions, build_ws_url, run_chat, want_color
+    from .tools.chat import ChatOptions, build_ws_url, run_chat, want_color
 
     def fail(message: str) -> int:
         print(f"trio-gateway chat: {' '.join(message.split())}", file=sys.stderr)
@@ -677,8 +677,8 @@ def _check(timeout: float, *, demo: bool = False) -> int:
     With ``demo``, the settings are those of the running ``trio-gateway demo`` (as ``token``
     finds it: the issuer file), not the environment's alone.
     """
-    from .check import EXIT_BAD_CONFIG
-    from .dev_auth import dev_issuer_file, load_demo_record
+    from .tools.check import EXIT_BAD_CONFIG
+    from .tools.dev_auth import dev_issuer_file, load_demo_record
 
     if not timeout > 0:
         print("trio-gateway check: --timeout must be positive", file=sys.stderr)
@@ -725,7 +725,7 @@ def _check(timeout: float, *, demo: bool = False) -> int:
 
 def _demo_settings(record: dict[str, object]) -> Settings:
     """The settings a running ``trio-gateway demo`` runs with (see ``_run_demo``)."""
-    from .dev_auth import load_dev_issuer
+    from .tools.dev_auth import load_dev_issuer
 
     issuer = load_dev_issuer()
     return load_settings(
