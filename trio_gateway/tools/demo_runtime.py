@@ -53,7 +53,7 @@ __all__ = [
     "serve_demo_runtime",
 ]
 
-logger = logging.getLogger("trio_gateway.tools.demo_runtime")
+logger = logging.getLogger("trio_gateway.demo_runtime")
 
 
 def _client_gone_errors() -> tuple[type[Exception], ...]:
@@ -419,7 +419,7 @@ class DemoRuntime:
     def _build_app(self) -> QuartTrio:
         # The name is the app's logger name, kept stable wherever this module lives; the root
         # path is given so that Quart does not look for it (nor for a static folder) in the cwd.
-        app = QuartTrio("trio_gateway.tools.demo_runtime", root_path=os.path.dirname(__file__))
+        app = QuartTrio("trio_gateway.demo_runtime", root_path=os.path.dirname(__file__))
         app.before_request(self._read_body)
         app.before_request(self._check_auth)
         app.register_error_handler(ApiError, self._api_error)

@@ -33,7 +33,7 @@ from quart_trio import QuartTrio
 
 from ..auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAlgorithm, DevIssuer
 
-logger = logging.getLogger("trio_gateway.tools.dev_auth")
+logger = logging.getLogger("trio_gateway.dev_auth")
 
 __all__ = [
     "DEMO_RECORD_FIELDS",
@@ -232,7 +232,7 @@ async def serve_dev_jwks(
     body = json.dumps(issuer.jwks()).encode()
     # The name is the app's logger name, kept stable wherever this module lives; the root path
     # is given so that Quart does not look for it (nor for a static folder) in the cwd.
-    app = QuartTrio("trio_gateway.tools.dev_auth", root_path=os.path.dirname(__file__))
+    app = QuartTrio("trio_gateway.dev_auth", root_path=os.path.dirname(__file__))
 
     async def jwks() -> Response:
         return Response(
