@@ -48,7 +48,6 @@ from wsproto.events import (
     TextMessage,
 )
 
-from trio_gateway.auth import DevIssuer
 from trio_gateway.protocol import (
     CONNECTION_FRAME_TYPES,
     SUBPROTOCOL_V2,
@@ -65,6 +64,7 @@ from trio_gateway.tools.demo_runtime import (
     create_demo_runtime,
     serve_demo_runtime,
 )
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
 from .task_tree import format_task_tree

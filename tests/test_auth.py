@@ -24,7 +24,6 @@ import trio
 from trio_gateway.auth import (
     AUTH_REASONS,
     AuthError,
-    DevIssuer,
     Identity,
     JWKSCache,
     JWKSUnavailable,
@@ -36,6 +35,7 @@ from trio_gateway.auth import (
     verify_token,
     www_authenticate,
 )
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
 

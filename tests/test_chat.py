@@ -23,7 +23,6 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
 from trio_gateway.tools.chat import (
     SIMULATED_RESULT,
     ChatCore,
@@ -37,7 +36,7 @@ from trio_gateway.tools.chat import (
     want_color,
 )
 from trio_gateway.tools.demo_runtime import DemoRuntime
-from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV
+from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV, DevIssuer
 from trio_gateway.transport import WebSocketConnection
 from trio_gateway.ws_handshake import open_session_socket
 

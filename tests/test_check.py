@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import trio
 
-from trio_gateway.auth import DevIssuer
 from trio_gateway.settings import Settings
 from trio_gateway.tools.check import (
     CheckResult,
@@ -35,6 +34,7 @@ from trio_gateway.tools.check import (
     verdict_line,
 )
 from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, gateway_settings
 from .jwks_server import JWKSServer

@@ -23,10 +23,11 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer, KeySet, TokenPolicy, verify_token
+from trio_gateway.auth import KeySet, TokenPolicy, verify_token
 from trio_gateway.cli import self_command
 from trio_gateway.tools.dev_auth import (
     DEV_ISSUER_FILE_ENV,
+    DevIssuer,
     dev_issuer_file,
     load_dev_issuer,
     save_dev_issuer,

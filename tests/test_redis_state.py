@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer, Identity
+from trio_gateway.auth import Identity
 from trio_gateway.limits import RateLimiter
 from trio_gateway.observability import Metrics
 from trio_gateway.ownership import OwnershipRefused, OwnershipStore
@@ -45,6 +45,7 @@ from trio_gateway.state import (
     StateUnavailable,
 )
 from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
 from .jwks_server import JWKSServer

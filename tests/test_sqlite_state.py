@@ -26,7 +26,6 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
 from trio_gateway.settings import Settings, SettingsError, load_settings
 from trio_gateway.sqlite_store import (
     SCHEMA_VERSION,
@@ -37,6 +36,7 @@ from trio_gateway.sqlite_store import (
 )
 from trio_gateway.state import StateUnavailable
 from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
 from .jwks_server import JWKSServer

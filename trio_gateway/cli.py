@@ -269,9 +269,8 @@ async def _run_serve(
 
 
 async def _run_demo(settings: Settings, host: str, port: int) -> None:
-    from .auth import DevIssuer
     from .tools.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
-    from .tools.dev_auth import save_dev_issuer, serve_dev_jwks
+    from .tools.dev_auth import DevIssuer, save_dev_issuer, serve_dev_jwks
 
     key = secrets.token_urlsafe(24)
     runtime = create_demo_runtime(DemoRuntimeConfig(internal_api_key=key))
