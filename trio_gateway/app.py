@@ -25,6 +25,7 @@ from .client_address import address_in, client_address
 from .limits import ConnectionCounter
 from .observability import Metrics, request_id_var
 from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
+from .protocol import WS_PATH
 from .rest_proxy import (
     REQUEST_ID_HEADER,
     ROUTES,
@@ -44,7 +45,7 @@ from .ws_handshake import open_session_socket
 
 logger = logging.getLogger("trio_gateway.app")
 
-WS_PREFIX = "/api/v1/ws/"
+WS_PREFIX = f"{WS_PATH}/"
 HTTP1_VERSIONS = ("1.0", "1.1")
 READINESS_CACHE_SECONDS = 1.0
 
