@@ -987,7 +987,7 @@ class FuzzGateway:
             names: dict[str, int] = {}
 
             def walk(task: trio.lowlevel.Task, server: str) -> None:
-                if task.name.endswith(("demo_runtime.serve_demo_runtime", "server.serve")):
+                if task.name.endswith(("demo_runtime.app.serve_demo_runtime", "server.serve")):
                     server = task.name.rsplit(".", 1)[-1]
                 name = f"{server}: {task.name}" if server else task.name
                 names[name] = names.get(name, 0) + 1
