@@ -21,7 +21,7 @@ import jwt
 import pytest
 import trio
 
-from trio_gateway.auth import (
+from trio_gateway.security.auth import (
     AUTH_REASONS,
     AuthError,
     Identity,

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import KeySet, TokenPolicy, verify_token
+from trio_gateway.security.auth import KeySet, TokenPolicy, verify_token
 from trio_gateway.tools.commands import self_command
 from trio_gateway.tools.dev_auth import (
     DEV_ISSUER_FILE_ENV,

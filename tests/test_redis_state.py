@@ -24,8 +24,6 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import Identity
-from trio_gateway.limits import RateLimiter
 from trio_gateway.observability import Metrics
 from trio_gateway.ownership import OwnershipRefused, OwnershipStore
 from trio_gateway.redis_state import RedisState
@@ -34,7 +32,9 @@ from trio_gateway.redis_stores import (
     RedisOwnershipStore,
     RedisRateLimiter,
 )
-from trio_gateway.security import Refusal, Security
+from trio_gateway.security.auth import Identity
+from trio_gateway.security.limits import RateLimiter
+from trio_gateway.security.security import Refusal, Security
 from trio_gateway.settings import Settings
 from trio_gateway.state import (
     STATE_UNAVAILABLE,

@@ -22,7 +22,6 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__
 from .client_address import address_in, client_address
-from .limits import ConnectionCounter
 from .observability import Metrics, request_id_var
 from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
 from .protocol import WS_PATH
@@ -37,7 +36,8 @@ from .rest_proxy import (
     route_handler,
 )
 from .runtime_client import RuntimeClient
-from .security import Security
+from .security.limits import ConnectionCounter
+from .security.security import Security
 from .session import SessionManager
 from .settings import Settings
 from .transport import WebSocketConnection

@@ -15,8 +15,8 @@ import trio
 from pydantic import SecretStr
 
 from .app import create_app
-from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 from .observability import configure_logging
+from .security.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 from .server import serve, tune_gc, wait_for_signal
 from .settings import Settings, SettingsError, load_settings, unknown_variables
 from .tools.chat import MAX_RECONNECT_ATTEMPTS

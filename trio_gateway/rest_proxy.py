@@ -40,12 +40,12 @@ import orjson
 import trio
 from quart import Response, request
 
-from .auth import Identity
 from .client_address import Network, address_in, forwarded_chain, peer_address
-from .limits import acquire_within
 from .observability import Metrics, request_id_var, user_var
 from .protocol import valid_session_id
-from .security import INTERNAL, Refusal, Security, user_headers
+from .security.auth import Identity
+from .security.limits import acquire_within
+from .security.security import INTERNAL, Refusal, Security, user_headers
 from .settings import Settings
 from .state import STATE_UNAVAILABLE, StateUnavailable
 

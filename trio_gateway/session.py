@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import trio
 
-from .auth import Identity
 from .detached import DetachedBudget
 from .observability import Metrics, frame_type_label, session_id_var, user_var
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
@@ -52,7 +51,8 @@ from .protocol import (
 )
 from .replay import ReplayBuffer, ReplayGap
 from .runtime_client import RuntimeClient, RuntimeFailure
-from .security import Refusal, Security, user_headers
+from .security.auth import Identity
+from .security.security import Refusal, Security, user_headers
 from .session_replicas import keep_lease, let_go, pump_handed_off
 from .settings import Settings
 from .state import StateUnavailable

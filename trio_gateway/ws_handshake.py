@@ -25,10 +25,10 @@ from urllib.parse import parse_qs
 import orjson
 import trio
 
-from .auth import Identity
 from .client_address import client_address
 from .protocol import SUBPROTOCOL_V2, CloseCode, FrameError, parse_client_frame, valid_session_id
-from .security import Refusal
+from .security.auth import Identity
+from .security.security import Refusal
 from .state import STATE_UNAVAILABLE, StateUnavailable
 from .transport import ConnectionClosed, WebSocketConnection
 

@@ -25,7 +25,7 @@ import orjson
 import trio
 from pydantic import SecretStr
 
-from ..auth import KeySet
+from ..security.auth import KeySet
 from ..settings import ENV_PREFIX, Settings, unknown_variables
 
 __all__ = [

@@ -40,7 +40,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from quart import Response
 from quart_trio import QuartTrio
 
-from ..auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, MIN_RSA_BITS
+from ..security.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, MIN_RSA_BITS
 
 logger = logging.getLogger("trio_gateway.dev_auth")
 
