@@ -25,18 +25,18 @@ import trio
 import trio_websocket
 
 from trio_gateway.observability import Metrics
-from trio_gateway.ownership import OwnershipRefused, OwnershipStore
-from trio_gateway.redis_state import RedisState
-from trio_gateway.redis_stores import (
-    RedisConnectionLimiter,
-    RedisOwnershipStore,
-    RedisRateLimiter,
-)
 from trio_gateway.security.auth import Identity
 from trio_gateway.security.limits import RateLimiter
 from trio_gateway.security.security import Refusal, Security
 from trio_gateway.settings import Settings
-from trio_gateway.state import (
+from trio_gateway.state.ownership import OwnershipRefused, OwnershipStore
+from trio_gateway.state.redis_state import RedisState
+from trio_gateway.state.redis_stores import (
+    RedisConnectionLimiter,
+    RedisOwnershipStore,
+    RedisRateLimiter,
+)
+from trio_gateway.state.state import (
     STATE_UNAVAILABLE,
     ConnectionLimiter,
     MemoryConnectionLimiter,

@@ -99,7 +99,9 @@ class Gateway:
             assert self.sessions is not None and self._manager_scope is not None
             with self._manager_scope:
                 if self.security.redis is not None:
-                    from .cluster import Cluster  # imports coredis: only for the redis backend
+                    from .state.cluster import (
+                        Cluster,  # imports coredis: only for the redis backend
+                    )
 
                     self.sessions.cluster = Cluster.for_settings(self.security.redis, self.settings)
                 await self.sessions.run(task_status=task_status)

@@ -47,7 +47,7 @@ from .security.auth import Identity
 from .security.limits import acquire_within
 from .security.security import INTERNAL, Refusal, Security, user_headers
 from .settings import Settings
-from .state import STATE_UNAVAILABLE, StateUnavailable
+from .state.state import STATE_UNAVAILABLE, StateUnavailable
 
 logger = logging.getLogger("trio_gateway.rest")
 

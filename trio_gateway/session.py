@@ -55,12 +55,12 @@ from .security.auth import Identity
 from .security.security import Refusal, Security, user_headers
 from .session_replicas import keep_lease, let_go, pump_handed_off
 from .settings import Settings
-from .state import StateUnavailable
+from .state.state import StateUnavailable
 from .transport import ConnectionClosed, WebSocketConnection
 from .turn_queue import TurnQueue
 
 if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from .cluster import Cluster
+    from .state.cluster import Cluster
 
 logger = logging.getLogger("trio_gateway.session")
 

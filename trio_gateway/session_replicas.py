@@ -1,6 +1,6 @@
 """The session's side of several replicas (``STATE_BACKEND=redis``): lease, follow, hand off.
 
-:mod:`trio_gateway.cluster` is the Redis side (leases, frame streams, takeover notices); this
+:mod:`trio_gateway.state.cluster` is the Redis side (leases, frame streams, takeover notices); this
 module is what one :class:`~trio_gateway.session.Session` does with it (``docs/scaling.md``,
 "How a session moves between replicas"):
 
@@ -28,11 +28,11 @@ import trio
 
 from .outbound import NumberedFrame
 from .protocol import CONNECTION_FRAME_TYPES, ErrorCode, error_frame
-from .state import StateUnavailable
+from .state.state import StateUnavailable
 
 if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from .cluster import Cluster
     from .session import Session
+    from .state.cluster import Cluster
 
 __all__ = ["keep_lease", "let_go", "pump_handed_off"]
 

@@ -27,10 +27,10 @@ import trio
 
 from ..client_address import client_address
 from ..observability import Metrics
-from ..ownership import OwnershipRefused, OwnershipStore
 from ..settings import Settings
-from ..sqlite_store import SqliteOwnershipStore, ownership_store_for
-from ..state import (
+from ..state.ownership import OwnershipRefused, OwnershipStore
+from ..state.sqlite_store import SqliteOwnershipStore, ownership_store_for
+from ..state.state import (
     STATE_UNAVAILABLE,
     ConnectionLimiter,
     MemoryConnectionLimiter,
@@ -51,8 +51,8 @@ from .auth import (
 from .limits import OriginPolicy, parse_origin_list
 
 if TYPE_CHECKING:
-    from ..redis_state import RedisState
-    from ..redis_stores import RedisConnectionLimiter
+    from ..state.redis_state import RedisState
+    from ..state.redis_stores import RedisConnectionLimiter
 
 logger = logging.getLogger("trio_gateway.security")
 
@@ -136,8 +136,12 @@ class Security:
 
     def _use_redis(self, settings: Settings, metrics: Metrics) -> None:
         # Imported here so that a memory-only deployment never loads the Redis client.
-        from ..redis_state import RedisState
-        from ..redis_stores import RedisConnectionLimiter, RedisOwnershipStore, RedisRateLimiter
+        from ..state.redis_state import RedisState
+        from ..state.redis_stores import (
+            RedisConnectionLimiter,
+            RedisOwnershipStore,
+            RedisRateLimiter,
+        )
 
         redis = self.redis = RedisState(settings)
         self.ownership = RedisOwnershipStore(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Protocol, runtime_checkable
 
-from .security.limits import ConnectionCounter, ConnectionRefusal, RateLimiter
+from ..security.limits import ConnectionCounter, ConnectionRefusal, RateLimiter
 
 __all__ = [
     "STATE_UNAVAILABLE",
