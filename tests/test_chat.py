@@ -23,6 +23,7 @@ import pytest
 import trio
 import trio_websocket
 
+from trio_gateway.session.transport import WebSocketConnection
 from trio_gateway.tools.chat import (
     SIMULATED_RESULT,
     ChatCore,
@@ -37,7 +38,6 @@ from trio_gateway.tools.chat import (
 )
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV, DevIssuer
-from trio_gateway.transport import WebSocketConnection
 from trio_gateway.ws_handshake import open_session_socket
 
 from .conftest import RunningGateway, gateway_settings, run_gateway, wait_for

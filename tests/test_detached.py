@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_gateway.detached import DetachedBudget
+from trio_gateway.session.detached import DetachedBudget
 
 
 def test_charges_up_to_the_limit_per_key_and_refuses_beyond() -> None:

@@ -26,7 +26,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.session import SessionManager
+from trio_gateway.session.manager import SessionManager
 from trio_gateway.tools.demo_runtime import (
     DemoRuntimeConfig,
     create_demo_runtime,

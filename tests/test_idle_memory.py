@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack
 import pytest
 import trio
 
-from trio_gateway.session import Connection, Session
+from trio_gateway.session.connection import Connection
+from trio_gateway.session.session import Session
 
 from .conftest import RunningGateway, task_names, wait_for
 
@@ -65,7 +66,7 @@ async def test_an_idle_session_allocates_no_queue_or_replay_storage(
         assert session.replay._entries == ()
         assert session.connection.backlog == []
         # Without a cluster the lease and cluster events are one shared pre-set Event.
-        assert session.lease_ready is manager.already_set is session.cluster_ready
+        assert session.lease.lease_ready is manager.already_set is session.lease.cluster_ready
 
 
 @pytest.mark.parametrize("cls", [Session, Connection])

@@ -17,7 +17,8 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.session import Session, SessionManager
+from trio_gateway.session.manager import SessionManager
+from trio_gateway.session.session import Session
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 

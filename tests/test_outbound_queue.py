@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trio_gateway.outbound import Frame, NumberedFrame, OutboundQueue, is_mergeable
+from trio_gateway.session.outbound import Frame, NumberedFrame, OutboundQueue, is_mergeable
 
 
 def token(text: str, **extra: object) -> dict[str, object]:

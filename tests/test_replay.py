@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trio_gateway.replay import ReplayBuffer, ReplayGap
+from trio_gateway.session.replay import ReplayBuffer, ReplayGap
 
 
 def filled(count: int, *, max_frames: int = 100, max_bytes: int = 10_000) -> ReplayBuffer:

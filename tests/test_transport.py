@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_gateway.transport import ConnectionClosed, WebSocketConnection
+from trio_gateway.session.transport import ConnectionClosed, WebSocketConnection
 
 
 class ScriptedSend:

@@ -1,6 +1,6 @@
 """The per-session FIFO of runtime-bound messages."""
 
-from trio_gateway.turn_queue import TurnQueue
+from trio_gateway.session.turn_queue import TurnQueue
 
 
 def test_fifo_order_and_bound() -> None:

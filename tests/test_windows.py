@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.session import MAX_SOCKETS_PER_SESSION
+from trio_gateway.session.session import MAX_SOCKETS_PER_SESSION
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import (

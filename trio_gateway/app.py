@@ -2,7 +2,7 @@
 
 Everything mutable hangs off the app (``app.gateway``), so tests build as many independent
 gateways as they like. HTTP routes and the lifespan are quart-trio's; WebSocket scopes under
-``/api/v1/ws/`` go straight to the session engine (see ``transport.py`` for why).
+``/api/v1/ws/`` go straight to the session engine (see ``session/transport.py`` for why).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from .rest_proxy import (
 from .runtime_client import RuntimeClient
 from .security.limits import ConnectionCounter
 from .security.security import Security
-from .session import SessionManager
+from .session.manager import SessionManager
+from .session.transport import WebSocketConnection
 from .settings import Settings
-from .transport import WebSocketConnection
 from .ws_handshake import open_session_socket
 
 logger = logging.getLogger("trio_gateway.app")
@@ -103,7 +103,8 @@ class Gateway:
                         Cluster,  # imports coredis: only for the redis backend
                     )
 
-                    self.sessions.cluster = Cluster.for_settings(self.security.redis, self.settings)
+                    cluster = Cluster.for_settings(self.security.redis, self.settings)
+                    self.sessions.share_state(cluster)
                 await self.sessions.run(task_status=task_status)
 
         await nursery.start(run_manager)

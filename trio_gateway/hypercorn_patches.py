@@ -42,7 +42,7 @@ checks first and, once over, drops the buffered message and every later chunk; a
 :func:`ws_stream_handle_events` keeps processing the frames behind a refused message (the
 peer's close among them) instead of leaving them unread. The buffer's
 ``max_length`` is the one per-socket message limit: the bounded inflater reads it live, so
-lowering it (first-frame authentication does, see ``transport.py``) bounds both.
+lowering it (first-frame authentication does, see ``session/transport.py``) bounds both.
 
 4. A connection hypercorn means to close stayed open (``Connection: close`` not honoured):
 

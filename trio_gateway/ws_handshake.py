@@ -29,8 +29,8 @@ from .client_address import client_address
 from .protocol import SUBPROTOCOL_V2, CloseCode, FrameError, parse_client_frame, valid_session_id
 from .security.auth import Identity
 from .security.security import Refusal
+from .session.transport import ConnectionClosed, WebSocketConnection
 from .state.state import STATE_UNAVAILABLE, StateUnavailable
-from .transport import ConnectionClosed, WebSocketConnection
 
 if TYPE_CHECKING:
     from .app import Gateway
