@@ -129,7 +129,10 @@ def baseline_package(ref: str) -> Iterator[str]:
 
 def make_client(package: str, port: int) -> Any:
     settings_module = importlib.import_module(f"{package}.settings")
-    client_module = importlib.import_module(f"{package}.runtime_client")
+    try:  # upstream/ since the package layout; a baseline commit may predate it
+        client_module = importlib.import_module(f"{package}.upstream.runtime_client")
+    except ModuleNotFoundError:
+        client_module = importlib.import_module(f"{package}.runtime_client")
     settings = settings_module.Settings(
         _env_file=None, agent_url=f"http://127.0.0.1:{port}", internal_api_key=KEY
     )

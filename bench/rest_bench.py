@@ -26,7 +26,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from trio_gateway.auth import DevIssuer
+from trio_gateway.tools.dev_auth import DevIssuer
 
 KEY = "bench-internal-key-0123456789"
 

@@ -226,7 +226,7 @@ async def measure(proxies: dict[str, Child], token: str, args: argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from trio_gateway.auth import DevIssuer
+    from trio_gateway.tools.dev_auth import DevIssuer
 
     key = secrets.token_urlsafe(24)
     issuer = DevIssuer()

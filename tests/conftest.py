@@ -15,14 +15,14 @@ import trio
 import trio_websocket
 
 from trio_gateway.app import GatewayApp, create_app
-from trio_gateway.demo_runtime import (
+from trio_gateway.server import serve
+from trio_gateway.settings import Settings
+from trio_gateway.tools.demo_runtime import (
     DemoRuntime,
     DemoRuntimeConfig,
     create_demo_runtime,
     serve_demo_runtime,
 )
-from trio_gateway.server import serve
-from trio_gateway.settings import Settings
 
 from .redis_server import RedisServer
 from .scripted_runtime import ScriptedRuntime

@@ -48,13 +48,6 @@ from wsproto.events import (
     TextMessage,
 )
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import (
-    DemoRuntime,
-    DemoRuntimeConfig,
-    create_demo_runtime,
-    serve_demo_runtime,
-)
 from trio_gateway.protocol import (
     CONNECTION_FRAME_TYPES,
     SUBPROTOCOL_V2,
@@ -65,6 +58,13 @@ from trio_gateway.protocol import (
 )
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings
+from trio_gateway.tools.demo_runtime import (
+    DemoRuntime,
+    DemoRuntimeConfig,
+    create_demo_runtime,
+    serve_demo_runtime,
+)
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
 from .task_tree import format_task_tree
@@ -987,7 +987,7 @@ class FuzzGateway:
             names: dict[str, int] = {}
 
             def walk(task: trio.lowlevel.Task, server: str) -> None:
-                if task.name.endswith(("demo_runtime.serve_demo_runtime", "server.serve")):
+                if task.name.endswith(("demo_runtime.app.serve_demo_runtime", "server.serve")):
                     server = task.name.rsplit(".", 1)[-1]
                 name = f"{server}: {task.name}" if server else task.name
                 names[name] = names.get(name, 0) + 1

@@ -21,10 +21,9 @@ import jwt
 import pytest
 import trio
 
-from trio_gateway.auth import (
+from trio_gateway.security.auth import (
     AUTH_REASONS,
     AuthError,
-    DevIssuer,
     Identity,
     JWKSCache,
     JWKSUnavailable,
@@ -36,6 +35,7 @@ from trio_gateway.auth import (
     verify_token,
     www_authenticate,
 )
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
 

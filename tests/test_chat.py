@@ -23,8 +23,9 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.chat import (
+from trio_gateway.edge.ws_handshake import open_session_socket
+from trio_gateway.session.transport import WebSocketConnection
+from trio_gateway.tools.chat import (
     SIMULATED_RESULT,
     ChatCore,
     Reaction,
@@ -36,10 +37,8 @@ from trio_gateway.chat import (
     sessions_url,
     want_color,
 )
-from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.dev_auth import DEV_ISSUER_FILE_ENV
-from trio_gateway.edge.ws_handshake import open_session_socket
-from trio_gateway.session.transport import WebSocketConnection
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV, DevIssuer
 
 from .conftest import RunningGateway, gateway_settings, run_gateway, wait_for
 from .jwks_server import JWKSServer

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import trio
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.check import (
+from trio_gateway.settings import Settings
+from trio_gateway.tools.check import (
     CheckResult,
     check_redis,
     configuration_lines,
@@ -33,8 +33,8 @@ from trio_gateway.check import (
     run_checks,
     verdict_line,
 )
-from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.settings import Settings
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, gateway_settings
 from .jwks_server import JWKSServer

@@ -23,10 +23,11 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer, KeySet, TokenPolicy, verify_token
-from trio_gateway.cli import self_command
-from trio_gateway.dev_auth import (
+from trio_gateway.security.auth import KeySet, TokenPolicy, verify_token
+from trio_gateway.tools.commands import self_command
+from trio_gateway.tools.dev_auth import (
     DEV_ISSUER_FILE_ENV,
+    DevIssuer,
     dev_issuer_file,
     load_dev_issuer,
     save_dev_issuer,
@@ -713,7 +714,7 @@ async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) ->
 
 
 def test_dev_issuer_replaces_a_key_made_for_another_audience(tmp_path: Path) -> None:
-    from trio_gateway.dev_auth import load_or_create_dev_issuer
+    from trio_gateway.tools.dev_auth import load_or_create_dev_issuer
 
     path = tmp_path / "issuer.json"
     first, created = load_or_create_dev_issuer(path)

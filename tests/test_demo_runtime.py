@@ -18,13 +18,13 @@ import pytest
 import trio
 
 from tests.frames import CHUNK_FIELDS, ide_frame
-from trio_gateway import demo_runtime as demo_runtime_module
-from trio_gateway.demo_runtime import (
+from trio_gateway.tools.demo_runtime import (
     DemoRuntime,
     DemoRuntimeConfig,
     create_demo_runtime,
     serve_demo_runtime,
 )
+from trio_gateway.tools.demo_runtime import state as demo_runtime_module
 
 KEY = "test-internal-key"
 AUTH = "X-Internal-Auth"

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings, run_gateway
 

@@ -36,8 +36,8 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import (
     INTERNAL_KEY,

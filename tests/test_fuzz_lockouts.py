@@ -26,8 +26,12 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
 from trio_gateway.session.manager import SessionManager
+from trio_gateway.tools.demo_runtime import (
+    DemoRuntimeConfig,
+    create_demo_runtime,
+    serve_demo_runtime,
+)
 
 from .conftest import INTERNAL_KEY, gateway_settings, run_gateway, wait_for
 from .scripted_runtime import Script, ScriptedRuntime, chunk, sse

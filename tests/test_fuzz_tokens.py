@@ -18,7 +18,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.auth import DevIssuer
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .fuzzing import (
     OP_CLOSE,

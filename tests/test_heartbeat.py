@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import gateway_settings, run_gateway
 from .rawws import RawWebSocket

@@ -21,8 +21,8 @@ import orjson
 import pytest
 import trio
 
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.observability import TextFormatter, configure_logging
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
 

@@ -6,9 +6,9 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.protocol import parse_client_frame
 from trio_gateway.session import connection as session_module
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import (
     RunningGateway,

@@ -17,10 +17,10 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.session.manager import SessionManager
 from trio_gateway.session.session import Session
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway, wait_for
 from .jwks_server import JWKSServer

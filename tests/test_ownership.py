@@ -18,13 +18,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_gateway.ownership import (
+from trio_gateway.state.ownership import (
     MemoryOwnershipStore,
     OwnershipRefused,
     OwnershipStore,
     check_access,
 )
-from trio_gateway.sqlite_store import SqliteOwnershipStore
+from trio_gateway.state.sqlite_store import SqliteOwnershipStore
 
 Store = MemoryOwnershipStore | SqliteOwnershipStore
 NewStore = Callable[..., Awaitable[Store]]

@@ -24,20 +24,19 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer, Identity
-from trio_gateway.demo_runtime import DemoRuntime
-from trio_gateway.limits import RateLimiter
 from trio_gateway.observability import Metrics
-from trio_gateway.ownership import OwnershipRefused, OwnershipStore
-from trio_gateway.redis_state import RedisState
-from trio_gateway.redis_stores import (
+from trio_gateway.security.auth import Identity
+from trio_gateway.security.limits import RateLimiter
+from trio_gateway.security.security import Refusal, Security
+from trio_gateway.settings import Settings
+from trio_gateway.state.ownership import OwnershipRefused, OwnershipStore
+from trio_gateway.state.redis_state import RedisState
+from trio_gateway.state.redis_stores import (
     RedisConnectionLimiter,
     RedisOwnershipStore,
     RedisRateLimiter,
 )
-from trio_gateway.security import Refusal, Security
-from trio_gateway.settings import Settings
-from trio_gateway.state import (
+from trio_gateway.state.state import (
     STATE_UNAVAILABLE,
     ConnectionLimiter,
     MemoryConnectionLimiter,
@@ -45,6 +44,8 @@ from trio_gateway.state import (
     RateLimit,
     StateUnavailable,
 )
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
 from .jwks_server import JWKSServer

@@ -8,7 +8,7 @@ import httpx
 import orjson
 import trio
 
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import close_code, gateway_settings, port_of, run_gateway, task_names, wait_for
 from .rawws import RawWebSocket

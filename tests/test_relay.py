@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.settings import Settings
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
 from .frames import ide_frame

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
 from .redis_server import RedisServer

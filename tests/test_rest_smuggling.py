@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from trio_gateway.auth import DevIssuer
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
 from .fuzzing import raw_request

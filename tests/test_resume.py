@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import gateway_settings, port_of, run_gateway, wait_for
 from .rawws import RawWebSocket

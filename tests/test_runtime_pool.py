@@ -20,7 +20,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_gateway.demo_runtime import DemoRuntime
+from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.upstream.http_stream import (
     ConnectionPool,
     PoolTimeout,

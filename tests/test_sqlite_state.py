@@ -26,17 +26,17 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.settings import Settings, SettingsError, load_settings
-from trio_gateway.sqlite_store import (
+from trio_gateway.state.sqlite_store import (
     SCHEMA_VERSION,
     OwnershipDB,
     SqliteOwnershipStore,
     SqliteStateError,
     inspect_database,
 )
-from trio_gateway.state import StateUnavailable
+from trio_gateway.state.state import StateUnavailable
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
 from .jwks_server import JWKSServer
@@ -204,7 +204,7 @@ async def test_two_stores_on_one_file_race_to_exactly_one_owner_per_session(db_p
 CLAIMER = textwrap.dedent(
     """
     import json, sys
-    from trio_gateway.sqlite_store import OwnershipDB
+    from trio_gateway.state.sqlite_store import OwnershipDB
 
     path, user = sys.argv[1], sys.argv[2]
     db = OwnershipDB.open(path)
@@ -314,7 +314,7 @@ async def test_sqlite_failures_are_state_unavailable_and_it_recovers(
     closed = SqliteOwnershipStore(db_path)
     with pytest.raises(StateUnavailable):  # not open (yet): nothing is answered
         await closed.owner("s1")
-    monkeypatch.setattr("trio_gateway.sqlite_store.BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr("trio_gateway.state.sqlite_store.BUSY_TIMEOUT", 0.2)
     store = await open_store(db_path)
     other = sqlite3.connect(db_path, isolation_level=None)
     try:

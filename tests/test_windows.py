@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.session.session import MAX_SOCKETS_PER_SESSION
+from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import (
     RunningGateway,

@@ -20,8 +20,12 @@ import pytest
 import trio
 import trio_websocket
 
-from trio_gateway.demo_runtime import DemoRuntimeConfig, create_demo_runtime, serve_demo_runtime
 from trio_gateway.settings import SettingsError
+from trio_gateway.tools.demo_runtime import (
+    DemoRuntimeConfig,
+    create_demo_runtime,
+    serve_demo_runtime,
+)
 from trio_gateway.workers import check_worker_settings, parse_worker_count
 
 from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings

@@ -29,10 +29,10 @@ import trio
 from wsproto.events import CloseConnection, Message
 from wsproto.extensions import PerMessageDeflate
 
-from trio_gateway.auth import DevIssuer
-from trio_gateway.demo_runtime import DemoRuntime
 from trio_gateway.edge.ws_handshake import AUTH_FRAME_MAX_BYTES
 from trio_gateway.settings import Settings
+from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
 from .fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame

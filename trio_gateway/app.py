@@ -39,12 +39,13 @@ from .edge.ws_handshake import open_session_socket
 from .gateway import Gateway
 from .observability import request_id_var
 from .openapi import PROTOCOL_PATH, build_openapi, load_protocol_document, render_docs_html
-from .protocol import WS_PREFIX
+from .protocol import WS_PATH
 from .session.transport import WebSocketConnection
 from .settings import Settings
 
 logger = logging.getLogger("trio_gateway.app")
 
+WS_PREFIX = f"{WS_PATH}/"
 HTTP1_VERSIONS = ("1.0", "1.1")
 
 

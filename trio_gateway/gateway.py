@@ -16,9 +16,9 @@ import trio
 from . import __version__
 from .edge.rest_door import RestDoor
 from .edge.rest_proxy import RestProxy
-from .limits import ConnectionCounter
 from .observability import Metrics
-from .security import Security
+from .security.limits import ConnectionCounter
+from .security.security import Security
 from .session.manager import SessionManager
 from .settings import Settings
 from .upstream.http_stream import ConnectionPool
@@ -97,7 +97,9 @@ class Gateway:
             assert self.sessions is not None and self._manager_scope is not None
             with self._manager_scope:
                 if self.security.redis is not None:
-                    from .cluster import Cluster  # imports coredis: only for the redis backend
+                    from .state.cluster import (
+                        Cluster,  # imports coredis: only for the redis backend
+                    )
 
                     cluster = Cluster.for_settings(self.security.redis, self.settings)
                     self.sessions.share_state(cluster)

@@ -18,8 +18,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SUBPROTOCOL_V2 = "codelab.v2"
-# Path prefix of the session WebSocket: ``WS_PREFIX + session_id``.
-WS_PREFIX = "/api/v1/ws/"
+# A session's WebSocket is WS_PATH/{session_id} (behind any path prefix of a reverse proxy).
+WS_PATH = "/api/v1/ws"
 # Frame types only protocol v2 clients receive (today's IDE renders unknown types as chat text).
 V2_ONLY_TYPES: frozenset[str] = frozenset(
     {

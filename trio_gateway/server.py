@@ -20,9 +20,10 @@ from hypercorn.config import Config
 from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import hypercorn_patches, sqlite_store
+from . import hypercorn_patches
 from .app import GatewayApp
 from .settings import Settings
+from .state import sqlite_store
 from .workers import reuse_port_socket
 
 logger = logging.getLogger("trio_gateway.server")

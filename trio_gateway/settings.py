@@ -535,7 +535,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
-        from .limits import parse_origin_list
+        from .security.limits import parse_origin_list
 
         parse_origin_list(value)  # raises ValueError with the bad entry named
         return value

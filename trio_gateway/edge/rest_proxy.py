@@ -41,13 +41,13 @@ import orjson
 import trio
 from quart import Response, request
 
-from ..auth import Identity
-from ..limits import acquire_within
 from ..observability import Metrics, request_id_var, user_var
 from ..protocol import valid_session_id
-from ..security import INTERNAL, Refusal, Security, user_headers
+from ..security.auth import Identity
+from ..security.limits import acquire_within
+from ..security.security import INTERNAL, Refusal, Security, user_headers
 from ..settings import Settings
-from ..state import STATE_UNAVAILABLE, StateUnavailable
+from ..state.state import STATE_UNAVAILABLE, StateUnavailable
 from ..upstream.http_stream import (
     ConnectionPool,
     PoolTimeout,

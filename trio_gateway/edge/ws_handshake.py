@@ -25,18 +25,18 @@ from urllib.parse import parse_qs
 import orjson
 import trio
 
-from ..auth import Identity
 from ..protocol import (
     SUBPROTOCOL_V2,
-    WS_PREFIX,
+    WS_PATH,
     CloseCode,
     FrameError,
     parse_client_frame,
     valid_session_id,
 )
-from ..security import Refusal
+from ..security.auth import Identity
+from ..security.security import Refusal
 from ..session.transport import ConnectionClosed, WebSocketConnection
-from ..state import STATE_UNAVAILABLE, StateUnavailable
+from ..state.state import STATE_UNAVAILABLE, StateUnavailable
 from .client_address import client_address
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ async def open_session_socket(gateway: Gateway, ws: WebSocketConnection) -> None
     except ConnectionClosed:
         return
     scope = ws.scope
-    session_id = scope["path"][len(WS_PREFIX) :]
+    session_id = scope["path"][len(WS_PATH) + 1 :]  # WS_PATH/{session_id}
     sessions, security = gateway.sessions, gateway.security
     try:
         if not valid_session_id(session_id):

@@ -23,7 +23,6 @@ from typing import Protocol
 import orjson
 import trio
 
-from ..auth import Identity
 from ..observability import Metrics
 from ..protocol import (
     ANSWER_TYPES,
@@ -36,7 +35,8 @@ from ..protocol import (
     error_frame,
     parse_client_frame,
 )
-from ..security import Refusal, Security, user_headers
+from ..security.auth import Identity
+from ..security.security import Refusal, Security, user_headers
 from ..settings import Settings
 from .outbound import Frame, NumberedFrame, Outgoing
 from .replay import ReplayGap

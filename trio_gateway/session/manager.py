@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..auth import Identity
 from ..observability import Metrics, frame_type_label, session_id_var, user_var
 from ..protocol import SUBPROTOCOL_V2, CloseCode
-from ..security import Refusal, Security
+from ..security.auth import Identity
+from ..security.security import Refusal, Security
 from ..settings import Settings
 from ..upstream.runtime_client import RuntimeClient
 from .connection import Connection
@@ -27,7 +27,7 @@ from .session import Session
 from .transport import WebSocketConnection
 
 if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from ..cluster import Cluster
+    from ..state.cluster import Cluster
 
 logger = logging.getLogger("trio_gateway.session")
 

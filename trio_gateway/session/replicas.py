@@ -1,6 +1,6 @@
 """A session's side of several replicas (``STATE_BACKEND=redis``): lease, follow, hand off.
 
-:mod:`trio_gateway.cluster` is the Redis side (leases, frame streams, takeover notices); this
+:mod:`trio_gateway.state.cluster` is the Redis side (leases, frame streams, takeover notices); this
 module is what one session does with it (``docs/scaling.md``, "How a session moves between
 replicas"). Each session owns one lease object:
 
@@ -29,12 +29,12 @@ import orjson
 import trio
 
 from ..protocol import CONNECTION_FRAME_TYPES, ErrorCode, error_frame
-from ..state import StateUnavailable
+from ..state.state import StateUnavailable
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .replay import ReplayBuffer, ReplayGap
 
 if TYPE_CHECKING:  # the Redis client is imported only when STATE_BACKEND=redis
-    from ..cluster import Cluster
+    from ..state.cluster import Cluster
 
 __all__ = ["Lease", "LeasedSession", "SessionLease", "SoloLease"]
 

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from ..auth import Identity
 from ..observability import Metrics
 from ..protocol import CloseCode, ErrorCode, TurnStatus, error_frame
+from ..security.auth import Identity
 from ..settings import Settings
 from ..upstream.runtime_client import RuntimeClient, RuntimeFailure
 from .detached import DetachedBudget

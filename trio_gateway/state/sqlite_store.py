@@ -3,7 +3,7 @@ restart.
 
 The memory store forgets every owner when the process ends, and whoever touches an existing
 session id first afterwards owns it. This store keeps the same records, with the same rules
-(:class:`~trio_gateway.ownership.MemoryOwnershipStore`: first claim wins, never evicted early,
+(:class:`~trio_gateway.state.ownership.MemoryOwnershipStore`: first claim wins, never evicted early,
 ``max_sessions`` / ``max_per_user`` caps, expiry ``idle_ttl`` after the last claim), in one
 SQLite file, ``SQLITE_PATH``. Connection caps, rates and replay stay in memory: they describe
 live connections, which a restart ends anyway.
@@ -12,7 +12,7 @@ Two layers, the usual split:
 
 * :class:`OwnershipDB` is the blocking part: the SQL over one ``sqlite3`` connection, with an
   explicit ``now``. Tests drive it directly, without threads.
-* :class:`SqliteOwnershipStore` is the async :class:`~trio_gateway.ownership.OwnershipStore`
+* :class:`SqliteOwnershipStore` is the async :class:`~trio_gateway.state.ownership.OwnershipStore`
   the security layer uses. Every call runs in a worker thread, never on the event loop (a
   commit waits for the disk, and a claim may wait up to :data:`BUSY_TIMEOUT` for another
   process' write lock).
@@ -51,8 +51,8 @@ from .ownership import MemoryOwnershipStore, OwnershipRefused
 from .state import STATE_UNAVAILABLE, StateUnavailable
 
 if TYPE_CHECKING:
+    from ..settings import Settings
     from .ownership import OwnershipStore
-    from .settings import Settings
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -123,7 +123,7 @@ def _describe(error: sqlite3.Error) -> str:
 
 
 def _check_bounds(max_sessions: int, max_per_user: int, idle_ttl: float) -> None:
-    """The same ValueErrors as :class:`~trio_gateway.ownership.MemoryOwnershipStore`."""
+    """The same ValueErrors as :class:`~trio_gateway.state.ownership.MemoryOwnershipStore`."""
     if max_sessions < 1 or max_per_user < 1:
         raise ValueError("max_sessions and max_per_user must be >= 1")
     if idle_ttl < 0:
@@ -133,7 +133,7 @@ def _check_bounds(max_sessions: int, max_per_user: int, idle_ttl: float) -> None
 class OwnershipDB:
     """The ownership records in one SQLite connection: blocking calls with an explicit ``now``.
 
-    Same rules as :class:`~trio_gateway.ownership.MemoryOwnershipStore` (see there), with
+    Same rules as :class:`~trio_gateway.state.ownership.MemoryOwnershipStore` (see there), with
     ``now`` in seconds of wall-clock time. Not safe for concurrent use: one thread at a time
     (:class:`SqliteOwnershipStore` guarantees that). Other *connections*, in this process or
     another, may use the same file at the same time: every check-and-set is one ``BEGIN
@@ -365,11 +365,11 @@ def _refuse_foreign(connection: sqlite3.Connection, path: str) -> None:
 
 
 class SqliteOwnershipStore:
-    """:class:`~trio_gateway.ownership.OwnershipStore` in a SQLite file, off the event loop.
+    """:class:`~trio_gateway.state.ownership.OwnershipStore` in a SQLite file, off the event loop.
 
     Start :meth:`run` in the app's nursery (it opens the file, reporting a
     :class:`SqliteStateError` as a startup failure, and closes it on the way out); until then,
-    and after, every call raises :class:`~trio_gateway.state.StateUnavailable`, as does any
+    and after, every call raises :class:`~trio_gateway.state.state.StateUnavailable`, as does any
     SQLite failure at run time (disk full, lock held too long, I/O error): callers refuse new
     work with 503, fail closed.
 
@@ -492,7 +492,7 @@ async def preflight(settings: Settings) -> None:
 def ownership_store_for(settings: Settings) -> OwnershipStore:
     """The in-process ownership store ``STATE_BACKEND`` asks for: a :class:`SqliteOwnershipStore`
     (``sqlite``, not yet open: start its :meth:`~SqliteOwnershipStore.run`) or a
-    :class:`~trio_gateway.ownership.MemoryOwnershipStore` (``memory``). Not for ``redis``."""
+    :class:`~trio_gateway.state.ownership.MemoryOwnershipStore` (``memory``). Not for ``redis``."""
     if settings.state_backend == "sqlite":
         return SqliteOwnershipStore(
             settings.sqlite_path,

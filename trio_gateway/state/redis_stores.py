@@ -20,7 +20,7 @@ Keys (``P`` is ``REDIS_KEY_PREFIX``; ``docs/scaling.md`` has the full table):
   ``rest`` or ``handshake``; with JWT auth off ``<user>`` is ``anonymous@<client address>``),
   expiring once it would have refilled, since an absent bucket is a full one.
 
-Every call raises :class:`~trio_gateway.state.StateUnavailable` when Redis does not answer.
+Every call raises :class:`~trio_gateway.state.state.StateUnavailable` when Redis does not answer.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import cast
 import trio
 from coredis.typing import ResponseType
 
-from .limits import ConnectionCounter, ConnectionRefusal, TokenBucket
+from ..security.limits import ConnectionCounter, ConnectionRefusal, TokenBucket
 from .ownership import OwnershipRefused
 from .redis_state import RedisState
 from .state import StateUnavailable
@@ -103,9 +103,9 @@ return 0
 
 
 class RedisOwnershipStore:
-    """:class:`~trio_gateway.ownership.OwnershipStore` shared by every replica on one Redis.
+    """:class:`~trio_gateway.state.ownership.OwnershipStore` shared by every replica on one Redis.
 
-    Same rules as :class:`~trio_gateway.ownership.MemoryOwnershipStore`: the first claim wins
+    Same rules as :class:`~trio_gateway.state.ownership.MemoryOwnershipStore`: the first claim wins
     atomically, a user at ``max_per_user`` sessions is refused (``user_limit``), and records
     leave when their session is deleted or, with a positive ``idle_ttl`` (seconds), once it
     has not been claimed or used for that long (Redis expires the keys). Nothing is evicted
@@ -231,7 +231,7 @@ _REFRESH_BATCH = 200
 
 
 class RedisConnectionLimiter:
-    """:class:`~trio_gateway.state.ConnectionLimiter` whose per-user limit spans replicas.
+    """:class:`~trio_gateway.state.state.ConnectionLimiter` whose per-user limit spans replicas.
 
     The per-user count lives in Redis (``conns:<user>``, see the module docstring); the
     total limit stays per process (``MAX_CONNECTIONS`` protects this process' memory and file
@@ -264,7 +264,7 @@ class RedisConnectionLimiter:
         return self.state.key("conns", user)
 
     async def try_acquire(self, user: str) -> ConnectionRefusal | None:
-        """See :meth:`~trio_gateway.state.ConnectionLimiter.try_acquire`.
+        """See :meth:`~trio_gateway.state.state.ConnectionLimiter.try_acquire`.
 
         If the call is cut short (timeout, cancellation) after Redis added the entry, the
         entry is never renewed and lapses after the lease: the user loses one slot for at most
@@ -287,7 +287,7 @@ class RedisConnectionLimiter:
         return None
 
     async def release(self, user: str) -> None:
-        """See :meth:`~trio_gateway.state.ConnectionLimiter.release`.
+        """See :meth:`~trio_gateway.state.state.ConnectionLimiter.release`.
 
         The local count drops at once; if Redis cannot be told, the entry lapses after the
         lease (it is no longer renewed).
@@ -377,9 +377,9 @@ _RATE_IDLE_MS = 600_000
 
 
 class RedisRateLimiter:
-    """:class:`~trio_gateway.state.RateLimit`: one token bucket per user shared by every
+    """:class:`~trio_gateway.state.state.RateLimit`: one token bucket per user shared by every
     replica, in ``rate:<kind>:<user>``. Same answers as
-    :meth:`~trio_gateway.limits.RateLimiter.check` (a refused take consumes nothing)."""
+    :meth:`~trio_gateway.security.limits.RateLimiter.check` (a refused take consumes nothing)."""
 
     def __init__(self, state: RedisState, kind: str, rate: float, burst: float) -> None:
         TokenBucket(rate, burst)  # the same validation as the in-process limiter
@@ -390,7 +390,7 @@ class RedisRateLimiter:
         self._take = state.client.register_script(_TAKE)
 
     async def check(self, key: str, cost: float = 1.0) -> tuple[bool, float]:
-        """See :meth:`~trio_gateway.state.RateLimit.check`."""
+        """See :meth:`~trio_gateway.state.state.RateLimit.check`."""
         if not (math.isfinite(cost) and cost >= 0):
             raise ValueError(f"cost must be a finite number >= 0, got {cost!r}")
         with self.state.guard():

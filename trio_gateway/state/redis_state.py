@@ -3,7 +3,7 @@
 One :class:`RedisState` per app: the coredis client, this replica's id, the key prefix, and
 an ``available`` flag that a background task keeps up to date (a PING every second). Every
 Redis call goes through :meth:`RedisState.guard`, which bounds it with ``REDIS_TIMEOUT`` and
-turns any Redis error or timeout into :class:`~trio_gateway.state.StateUnavailable`, so that a
+turns any Redis error or timeout into :class:`~trio_gateway.state.state.StateUnavailable`, so that a
 Redis that is down, or that silently drops packets, can never wedge a handshake.
 
 While Redis is unavailable, :meth:`~RedisState.guard` fails at once without trying: a
@@ -26,7 +26,7 @@ import trio
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError
 
-from .settings import Settings
+from ..settings import Settings
 from .state import STATE_UNAVAILABLE, StateUnavailable
 
 __all__ = ["HEALTH_INTERVAL", "RedisState"]

@@ -25,8 +25,8 @@ import orjson
 import trio
 from pydantic import SecretStr
 
-from .auth import KeySet
-from .settings import ENV_PREFIX, Settings, unknown_variables
+from ..security.auth import KeySet
+from ..settings import ENV_PREFIX, Settings, unknown_variables
 
 __all__ = [
     "EXIT_BAD_CONFIG",
@@ -334,7 +334,7 @@ async def check_sqlite(settings: Settings, timeout: float) -> CheckResult:
     """The state file (``STATE_BACKEND=sqlite``) can be created, or opened and written, and
     holds a schema this version knows. Changes nothing (see ``sqlite_store.inspect_database``).
     """
-    from .sqlite_store import SqliteStateError, inspect_database
+    from ..state.sqlite_store import SqliteStateError, inspect_database
 
     target = settings.sqlite_path
     if settings.state_backend != "sqlite":

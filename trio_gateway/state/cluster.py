@@ -16,7 +16,7 @@ Three Redis structures per session, all under ``REDIS_KEY_PREFIX`` (details and 
     other replica closes its own connection to it (4409) and hands the session over.
 
 Everything here goes through :meth:`RedisState.guard` and raises
-:class:`~trio_gateway.state.StateUnavailable` for any Redis failure or timeout, so the callers
+:class:`~trio_gateway.state.state.StateUnavailable` for any Redis failure or timeout, so the callers
 decide: refuse new sessions (503 / 1013), let running turns finish.
 """
 
@@ -29,8 +29,8 @@ from typing import Any, TypeVar
 import coredis
 import trio
 
+from ..settings import Settings
 from .redis_state import RedisState
-from .settings import Settings
 from .state import STATE_UNAVAILABLE, StateUnavailable
 
 logger = logging.getLogger("trio_gateway.cluster")

@@ -1,5 +1,7 @@
-"""The demo's own Auth Service: a JWKS endpoint for a :class:`~trio_gateway.auth.DevIssuer`.
+"""The demo's own Auth Service: :class:`DevIssuer`, a token minter, and its JWKS endpoint.
 
+:class:`DevIssuer` mints tokens the way the Auth Service does, for the demo and tests (the
+gateway only verifies tokens: ``auth.py``).
 ``trio-gateway demo`` verifies tokens exactly like production does (JWKS over HTTP, see
 ``auth.py``), so it needs someone to publish keys: :func:`serve_dev_jwks` serves the issuer's
 public key set on loopback. The issuer is also saved to a private file
@@ -20,26 +22,35 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, get_args
+from typing import Any, Final, Literal, TypeAlias, get_args
 
+import jwt
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from quart import Response
 from quart_trio import QuartTrio
 
-from .auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, DevAlgorithm, DevIssuer
+from ..security.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, MIN_RSA_BITS
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("trio_gateway.dev_auth")
 
 __all__ = [
     "DEMO_RECORD_FIELDS",
     "DEV_ISSUER_FILE",
     "DEV_ISSUER_FILE_ENV",
     "JWKS_PATH",
+    "DevAlgorithm",
+    "DevIssuer",
     "dev_issuer_file",
     "load_demo_record",
     "load_dev_issuer",
@@ -57,6 +68,168 @@ _FIELDS: Final = ("kid", "algorithm", "issuer", "audience", "private_key_pem")
 #: its pid, the gateway's URL and the settings it overrides (its runtime's address and key, and
 #: the JWKS it trusts; the issuer and audience are the issuer's own).
 DEMO_RECORD_FIELDS: Final = ("pid", "gateway", "agent_url", "internal_api_key", "jwks_url")
+
+
+# --------------------------------------------------------------------------------------------
+# dev issuer
+# --------------------------------------------------------------------------------------------
+
+DevAlgorithm: TypeAlias = Literal["RS256", "ES256", "EdDSA"]
+_PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(eq=False)
+class DevIssuer:
+    """A stand-in for the Auth Service: one fresh key pair, its JWKS, and a token minter.
+
+    Tokens look like the Auth Service's (docs/compatibility.md §3). For the demo and tests only:
+    the private key lives in memory unless saved with :meth:`private_pem` (``trio-gateway
+    demo`` saves it for ``trio-gateway token``; see below).
+    """
+
+    kid: str = field(default_factory=lambda: f"dev-{uuid.uuid4().hex[:12]}")
+    algorithm: DevAlgorithm = "RS256"
+    issuer: str = DEFAULT_ISSUER
+    audience: str = DEFAULT_AUDIENCE
+    client_id: str = "codelab-dev"
+    _private_key: _PrivateKey = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        """Generate the key pair (RSA 2048, P-256 or Ed25519, per ``algorithm``)."""
+        if self.algorithm == "RS256":
+            self._private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        elif self.algorithm == "ES256":
+            self._private_key = ec.generate_private_key(ec.SECP256R1())
+        elif self.algorithm == "EdDSA":
+            self._private_key = ed25519.Ed25519PrivateKey.generate()
+        else:
+            raise ValueError(f"unsupported algorithm {self.algorithm!r}")
+
+    def jwk(self) -> dict[str, Any]:
+        """The public key as one JWK with ``kid``, ``use`` and ``alg``."""
+        public = self._private_key.public_key()
+        jwk: dict[str, Any]
+        if isinstance(public, rsa.RSAPublicKey):
+            jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+        else:
+            jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+        return {**jwk, "kid": self.kid, "use": "sig", "alg": self.algorithm}
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWKS document the Auth Service would serve for this key."""
+        return {"keys": [self.jwk()]}
+
+    def public_pem(self) -> bytes:
+        """The public key as PEM (SubjectPublicKeyInfo)."""
+        return self._private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def private_pem(self) -> bytes:
+        """The private key as unencrypted PEM (PKCS#8). Whoever holds it can mint tokens."""
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def from_private_pem(
+        cls,
+        pem: bytes,
+        *,
+        kid: str,
+        algorithm: DevAlgorithm = "RS256",
+        issuer: str = DEFAULT_ISSUER,
+        audience: str = DEFAULT_AUDIENCE,
+        client_id: str = "codelab-dev",
+    ) -> DevIssuer:
+        """An issuer around an existing private key (from :meth:`private_pem`).
+
+        No key is generated. Raises :class:`ValueError` when the PEM cannot be loaded, is
+        encrypted, or holds a key that does not fit ``algorithm`` (RS256: RSA of at least 2048
+        bits; ES256: P-256; EdDSA: Ed25519), or when ``kid`` is empty.
+        """
+        if not kid:
+            raise ValueError("kid must not be empty")
+        from cryptography.exceptions import UnsupportedAlgorithm
+
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise ValueError(f"not an unencrypted PEM private key ({exc})") from None
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+            raise ValueError(f"an RSA key of {key.key_size} bits is too short")
+        fits = {
+            "RS256": isinstance(key, rsa.RSAPrivateKey),
+            "ES256": isinstance(key, ec.EllipticCurvePrivateKey)
+            and isinstance(key.curve, ec.SECP256R1),
+            "EdDSA": isinstance(key, ed25519.Ed25519PrivateKey),
+        }
+        if not fits.get(algorithm) or not isinstance(
+            key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        ):
+            raise ValueError(f"the key does not fit algorithm {algorithm!r}")
+        # __init__ would run __post_init__ and generate a fresh key: set every field here
+        # instead (a field added to the class must be added here too).
+        instance = cls.__new__(cls)
+        instance.kid = kid
+        instance.algorithm = algorithm
+        instance.issuer = issuer
+        instance.audience = audience
+        instance.client_id = client_id
+        instance._private_key = key
+        return instance
+
+    def mint(
+        self,
+        sub: str,
+        *,
+        scopes: Iterable[str] = ("api:read", "api:write"),
+        lifetime: float = 900,
+        token_type: str = "access",
+        issuer: str | None = None,
+        audience: str | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
+        extra_headers: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> str:
+        """A signed token for ``sub`` valid ``lifetime`` seconds from ``now`` (epoch seconds).
+
+        ``extra_claims`` are applied last; a ``None`` value removes that claim (handy for
+        tests of missing claims). ``extra_headers`` are merged into the JOSE header.
+        """
+        issued = int(time.time() if now is None else now)
+        claims: dict[str, Any] = {
+            "iss": self.issuer if issuer is None else issuer,
+            "aud": self.audience if audience is None else audience,
+            "sub": sub,
+            "iat": issued,
+            "nbf": issued,
+            "exp": issued + int(lifetime),
+            "jti": uuid.uuid4().hex,
+            "type": token_type,
+            "client_id": self.client_id,
+            "scope": " ".join(scopes),
+        }
+        for name, value in (extra_claims or {}).items():
+            if value is None:
+                claims.pop(name, None)
+            else:
+                claims[name] = value
+        return jwt.encode(
+            claims,
+            self._private_key,
+            algorithm=self.algorithm,
+            headers={"kid": self.kid, **(extra_headers or {})},
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the issuer's key file and JWKS server
+# --------------------------------------------------------------------------------------------
 
 
 def dev_issuer_file(environ: Mapping[str, str] | None = None) -> Path:
@@ -230,7 +403,9 @@ async def serve_dev_jwks(
     ``http://127.0.0.1:43211/.well-known/jwks.json`` (port 0 lets the OS choose).
     """
     body = json.dumps(issuer.jwks()).encode()
-    app = QuartTrio(__name__)
+    # The name is the app's logger name, kept stable wherever this module lives; the root path
+    # is given so that Quart does not look for it (nor for a static folder) in the cwd.
+    app = QuartTrio("trio_gateway.dev_auth", root_path=os.path.dirname(__file__))
 
     async def jwks() -> Response:
         return Response(

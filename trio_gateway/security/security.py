@@ -25,6 +25,19 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from ..edge.client_address import client_address
+from ..observability import Metrics
+from ..settings import Settings
+from ..state.ownership import OwnershipRefused, OwnershipStore
+from ..state.sqlite_store import SqliteOwnershipStore, ownership_store_for
+from ..state.state import (
+    STATE_UNAVAILABLE,
+    ConnectionLimiter,
+    MemoryConnectionLimiter,
+    MemoryRateLimiter,
+    RateLimit,
+    StateUnavailable,
+)
 from .auth import (
     AuthError,
     Identity,
@@ -35,24 +48,11 @@ from .auth import (
     httpx_jwks_fetcher,
     www_authenticate,
 )
-from .edge.client_address import client_address
 from .limits import OriginPolicy, parse_origin_list
-from .observability import Metrics
-from .ownership import OwnershipRefused, OwnershipStore
-from .settings import Settings
-from .sqlite_store import SqliteOwnershipStore, ownership_store_for
-from .state import (
-    STATE_UNAVAILABLE,
-    ConnectionLimiter,
-    MemoryConnectionLimiter,
-    MemoryRateLimiter,
-    RateLimit,
-    StateUnavailable,
-)
 
 if TYPE_CHECKING:
-    from .redis_state import RedisState
-    from .redis_stores import RedisConnectionLimiter
+    from ..state.redis_state import RedisState
+    from ..state.redis_stores import RedisConnectionLimiter
 
 logger = logging.getLogger("trio_gateway.security")
 
@@ -136,8 +136,12 @@ class Security:
 
     def _use_redis(self, settings: Settings, metrics: Metrics) -> None:
         # Imported here so that a memory-only deployment never loads the Redis client.
-        from .redis_state import RedisState
-        from .redis_stores import RedisConnectionLimiter, RedisOwnershipStore, RedisRateLimiter
+        from ..state.redis_state import RedisState
+        from ..state.redis_stores import (
+            RedisConnectionLimiter,
+            RedisOwnershipStore,
+            RedisRateLimiter,
+        )
 
         redis = self.redis = RedisState(settings)
         self.ownership = RedisOwnershipStore(
