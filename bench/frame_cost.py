@@ -19,6 +19,11 @@ runtime event in, one WebSocket frame out. The figure is the gateway process's C
 that window (the sum of field 1, time on a CPU in ns, of ``/proc/<pid>/task/*/schedstat``,
 every thread) divided by the frames the clients received.
 
+With ``--requests N`` (default 2000; 0 skips it) each pair also times REST after the frames:
+``N`` ``GET /api/v1/agents`` per gateway (proxied to the runtime), over ``--connections``
+keep-alive HTTP/1.1 connections per gateway opened and warmed (one GET each) beforehand, both
+gateways at once; the figure is the gateway's CPU time over that window per request.
+
 Each pair runs the baseline gateway and this tree's gateway side by side, in the same timed
 window, each with its own ``S`` sessions on the same runtime: whatever else the shared machine
 does at that moment (other processes, frequency changes) hits both alike. Measured one after
@@ -50,6 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import orjson
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -64,6 +70,7 @@ from tests.frames import ide_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 TURN_TIMEOUT = 120.0
+REST_PATH = "/api/v1/agents"
 
 
 def cpu_ns(pid: int) -> int:
@@ -136,6 +143,76 @@ class DeflateClient:
         await self.stream.aclose()
 
 
+class RestConnection:
+    """One keep-alive HTTP/1.1 connection to a gateway (h11 on a trio socket)."""
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self.stream = stream
+        self.host = host
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, port: int) -> RestConnection:
+        """A fresh connection to ``127.0.0.1:port``."""
+        return cls(await trio.open_tcp_stream(HOST, port), f"{HOST}:{port}")
+
+    @property
+    def local_port(self) -> int:
+        """This end's port (to find the server-side socket)."""
+        return int(self.stream.socket.getsockname()[1])
+
+    async def get(self, path: str) -> int:
+        """One GET, read to its end; the status code."""
+        request = h11.Request(method="GET", target=path, headers=[("Host", self.host)])
+        await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
+        status = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                self.conn.start_next_cycle()
+                return status
+            elif isinstance(event, h11.ConnectionClosed):
+                raise BenchError("the gateway closed a keep-alive connection")
+
+
+async def rest_window(gateways: dict[str, Child], args: argparse.Namespace) -> dict[str, float]:
+    """``args.requests`` GETs per gateway, both gateways at once, on connections opened and
+    warmed beforehand; each gateway's CPU seconds over the window."""
+    per_connection = max(1, args.requests // args.connections)
+    connections: dict[str, list[RestConnection]] = {}
+    try:
+        for variant, gateway in gateways.items():
+            port = int(gateway.url.rsplit(":", 1)[1])
+            connections[variant] = [
+                await RestConnection.open(port) for _ in range(args.connections)
+            ]
+
+        async def many(connection: RestConnection, count: int) -> None:
+            for _ in range(count):
+                if (status := await connection.get(REST_PATH)) != 200:
+                    raise BenchError(f"GET {REST_PATH} answered {status}")
+
+        async def everywhere(count: int) -> None:
+            async with trio.open_nursery() as nursery:
+                for group in connections.values():
+                    for connection in group:
+                        nursery.start_soon(many, connection, count)
+
+        with trio.fail_after(TURN_TIMEOUT):
+            await everywhere(1)
+            start = {variant: cpu_ns(gateway.pid) for variant, gateway in gateways.items()}
+            await everywhere(per_connection)
+        return {v: (cpu_ns(g.pid) - start[v]) / 1e9 for v, g in gateways.items()}
+    finally:
+        for group in connections.values():
+            for connection in group:
+                await connection.stream.aclose()
+
+
 @dataclass
 class Run:
     """One timed window against one gateway."""
@@ -146,10 +223,16 @@ class Run:
     runtime_cpu_s: float
     wall_s: float
     deflate: bool
+    requests: int = 0
+    rest_cpu_s: float = 0.0
 
     @property
     def us_per_frame(self) -> float:
         return 1e6 * self.gateway_cpu_s / self.frames
+
+    @property
+    def us_per_request(self) -> float:
+        return 1e6 * self.rest_cpu_s / self.requests if self.requests else float("nan")
 
 
 async def open_clients(gateway: Child, count: int) -> list[DeflateClient]:
@@ -218,6 +301,11 @@ async def measure(
                     all(c.deflate for c in clients[variant]),
                 )
             )
+        if args.requests:
+            rest_cpu = await rest_window(gateways, args)
+            requests = args.connections * max(1, args.requests // args.connections)
+            for result in runs:
+                result.requests, result.rest_cpu_s = requests, rest_cpu[result.variant]
         return runs
     finally:
         for group in clients.values():
@@ -272,6 +360,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"runtime {1e6 * results[0].runtime_cpu_s / results[0].frames:.0f} us/frame)",
                 flush=True,
             )
+            if args.requests:
+                line = ", ".join(f"{r.variant} {r.us_per_request:6.1f} us/request" for r in results)
+                ratio = results[1].us_per_request / results[0].us_per_request
+                print(f"        REST: {line}; ratio {ratio:.3f}", flush=True)
     return report(runs, args)
 
 
@@ -288,7 +380,10 @@ def report(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
         "tree_us_per_frame_median": statistics.median(tree),
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
-        "runs": [asdict(r) | {"us_per_frame": r.us_per_frame} for r in runs],
+        "runs": [
+            asdict(r) | {"us_per_frame": r.us_per_frame, "us_per_request": r.us_per_request}
+            for r in runs
+        ],
         "loadavg": os.getloadavg(),
     }
     print()
@@ -298,6 +393,24 @@ def report(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
     print(f"  this tree:        {summary['tree_us_per_frame_median']:.1f} us")
     spread = f"{min(ratios):.3f}..{max(ratios):.3f}"
     print(f"  tree / baseline:  {summary['ratio_median']:.3f} (pairs {spread})")
+    if args.requests:
+        tree_rest = [r.us_per_request for r in runs if r.variant == "tree"]
+        base_rest = [r.us_per_request for r in runs if r.variant == "baseline"]
+        rest_ratios = [t / b for t, b in zip(tree_rest, base_rest, strict=True)]
+        summary |= {
+            "requests": args.requests,
+            "connections": args.connections,
+            "baseline_us_per_request_median": statistics.median(base_rest),
+            "tree_us_per_request_median": statistics.median(tree_rest),
+            "rest_ratio_median": statistics.median(rest_ratios),
+            "rest_ratios": rest_ratios,
+        }
+        print(f"gateway CPU per REST request (GET {REST_PATH}, {args.connections} keep-alive")
+        print(f"connections per gateway), medians of {len(rest_ratios)} pairs:")
+        print(f"  baseline ({args.baseline}): {summary['baseline_us_per_request_median']:.1f} us")
+        print(f"  this tree:        {summary['tree_us_per_request_median']:.1f} us")
+        spread = f"{min(rest_ratios):.3f}..{max(rest_ratios):.3f}"
+        print(f"  tree / baseline:  {summary['rest_ratio_median']:.3f} (pairs {spread})")
     print(f"  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return summary
 
@@ -309,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=30, help="sessions per gateway")
     parser.add_argument("--rate", type=int, default=20, help="tokens/s per session")
     parser.add_argument("--seconds", type=int, default=8, help="seconds per timed turn")
+    parser.add_argument(
+        "--requests", type=int, default=2000, help="REST GETs per gateway per pair (0: none)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=20, help="keep-alive REST connections per gateway"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     try:
