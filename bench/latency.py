@@ -1,0 +1,463 @@
+"""Added latency at a paced, uncoalescable load, gateway against direct in the same run.
+
+Run ``python bench/latency.py`` (100 sessions x 20 tokens/s, 3 rounds of 10 s per path, about
+two minutes) or ``--sessions 10 --rounds 1 --seconds 2`` for a smoke run; ``--compression``
+picks the gateway(s): ``off`` (the default setting, never negotiates permessage-deflate),
+``on``, or ``both`` (two gateways, one per setting, on the same runtime). ``--json FILE`` also
+writes the figures.
+
+What it measures
+----------------
+One demo runtime (``trio-gateway demo-runtime --instant``; the ``bench N R`` pace is honoured
+even in instant mode) and one gateway per compression setting (``trio-gateway serve``, per-user
+caps lifted, JWT off) run as child processes on free loopback ports. Every session streams
+``bench R*D R``: ``R`` tokens/s for ``D`` seconds on the runtime's absolute schedule, each chunk
+carrying its own ``metadata.emitted_ns`` (``time.time_ns()`` when the runtime sent it), so the
+gateway can never merge two tokens into one frame (the report counts frames that carried more
+than one token: 0 expected). Latency = ``time.time_ns()`` when the client's network read that
+carried the frame (or, direct, the SSE event) returned, minus ``emitted_ns`` (same host, same
+clock).
+
+* **direct**: an httpx client reads each turn's SSE stream straight from the runtime (pool
+  warmed with one ``bench 1`` turn per connection).
+* **gateway**: raw wsproto clients that *offer permessage-deflate*, as browsers, VS Code and
+  most client libraries do (trio-websocket does not offer it, so it is not used here), send the
+  IDE's 15-key ``user_message`` frames, and read each turn to its final frame, checking ``seq``.
+  The sockets are opened once and warmed with one ``bench 1`` turn each.
+
+The paths take turns in rounds (direct, gateway(s), direct, ...), each round the full paced
+load for ``D`` seconds with the session starts spread evenly over one token interval, so the
+shared machine's drift hits every path alike; samples are pooled per path over the rounds.
+Added latency = the gateway path's percentile minus the direct path's, over the same rounds.
+Every turn's text is checked exact. Gateway CPU per frame is the gateway's
+``/proc/<pid>/task/*/schedstat`` time over its rounds divided by the frames received.
+
+Exit status: 0 when the measurement completed (target met or not), 1 when it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import trio
+from wsproto.events import CloseConnection, Message, Ping
+
+if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.frame_cost import DeflateClient
+from bench.relay_bench import (
+    TARGET_ADDED_P99_MS,
+    UNLIMITED_USER,
+    BenchError,
+    Child,
+    Services,
+    TurnResult,
+    child_env,
+    direct_client,
+    direct_turn,
+    expected_text,
+    hottest_functions,
+    percentile,
+    profiled,
+    raise_fd_limit,
+    spawned,
+    warm_direct_pool,
+)
+from tests.frames import ide_frame
+
+TURN_TIMEOUT_MARGIN = 120.0  # seconds a paced round may take beyond its nominal length
+
+
+@dataclass
+class PathFigures:
+    """What one path saw over all its rounds."""
+
+    name: str
+    latencies_ns: list[int] = field(default_factory=list)
+    frames: int = 0
+    multi_token_frames: int = 0
+    wall_ns: int = 0  # summed over this path's rounds
+    # process -> [ns on a CPU, ns runnable but waiting for one] over this path's rounds
+    sched: dict[str, list[int]] = field(default_factory=dict)
+    deflate: bool | None = None  # gateway paths: negotiated with every client
+
+    def absorb(self, results: Sequence[TurnResult]) -> None:
+        """Pool one round's turns."""
+        for result in results:
+            self.latencies_ns.extend(result.latencies_ns)
+            self.frames += result.frames
+            self.multi_token_frames += result.multi_token_frames
+
+    def pct_ms(self, pct: float) -> float:
+        """The ``pct`` percentile of the pooled latencies, in ms."""
+        return percentile(sorted(self.latencies_ns), pct) / 1e6
+
+    def summary(self) -> dict[str, Any]:
+        """The figures as plain values."""
+        return {
+            "samples": len(self.latencies_ns),
+            "p50_ms": self.pct_ms(50),
+            "p99_ms": self.pct_ms(99),
+            "max_ms": max(self.latencies_ns) / 1e6,
+            "frames": self.frames,
+            "multi_token_frames": self.multi_token_frames,
+            "gateway_us_per_frame": self.sched.get("gateway", [0, 0])[0]
+            / 1e3
+            / max(1, self.frames),
+            "runtime_us_per_event": self.sched["runtime"][0] / 1e3 / max(1, self.frames),
+            "client_us_per_frame": self.sched["client"][0] / 1e3 / max(1, self.frames),
+            "cores_busy": {name: run / self.wall_ns for name, (run, _) in self.sched.items()},
+            "waiting_for_cpu": {
+                name: wait / self.wall_ns for name, (_, wait) in self.sched.items()
+            },
+            "deflate_negotiated": self.deflate,
+        }
+
+
+class LiveClient:
+    """A :class:`DeflateClient` whose socket a background task reads all the time.
+
+    The reader answers the gateway's pings (a client that stops reading while another path has
+    its round would, rightly, be dropped by the gateway's heartbeat) and hands each complete
+    frame on with the time the network read that carried it returned, taken before parsing.
+    Run :meth:`read_forever` in a nursery; cancel it before :meth:`aclose`."""
+
+    def __init__(self, client: DeflateClient) -> None:
+        """Wrap a connected client."""
+        self.client = client
+        self._send_lock = trio.Lock()  # the reader's pongs and the turns' messages share a socket
+        self._frames_in, self._frames = trio.open_memory_channel[tuple[int, Any]](math.inf)
+
+    @property
+    def local_port(self) -> int:
+        """This end's port (to find the server-side socket)."""
+        return int(self.client.stream.socket.getsockname()[1])
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.client.stream.send_all(data)
+
+    async def read_forever(self) -> None:
+        """Read, answer pings, queue frames; ends at EOF or a close frame."""
+        ws, pieces = self.client.ws, []
+        async with self._frames_in:
+            while True:
+                data = await self.client.stream.receive_some(65536)
+                received_ns = time.time_ns()
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Ping):
+                        await self._send(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        return
+                    elif isinstance(event, Message):
+                        pieces.append(str(event.data))
+                        if event.message_finished:
+                            self._frames_in.send_nowait(
+                                (received_ns, orjson.loads("".join(pieces)))
+                            )
+                            pieces = []
+
+    async def turn(self, content: str, result: TurnResult) -> None:
+        """Send ``content`` as an IDE frame and account frames into ``result`` until
+        ``is_final``; ``seq`` must grow by one per frame."""
+        await self._send(
+            self.client.ws.send(Message(data=orjson.dumps(ide_frame(content)).decode()))
+        )
+        last_seq: int | None = None
+        while True:
+            try:
+                received_ns, frame = await self._frames.receive()
+            except trio.EndOfChannel:
+                raise BenchError("the gateway closed the socket mid-turn") from None
+            seq = frame.get("seq") if isinstance(frame, dict) else None
+            if not isinstance(seq, int) or (last_seq is not None and seq != last_seq + 1):
+                raise BenchError(f"frame out of sequence after seq {last_seq}: {frame}")
+            last_seq = seq
+            if result.absorb(frame, received_ns):
+                return
+
+    async def aclose(self) -> None:
+        """Close frame (best effort), then the socket."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def live_clients(port: int, paths: Sequence[str]) -> AsyncIterator[list[LiveClient]]:
+    """One :class:`LiveClient` per path on ``127.0.0.1:port``, read until the block ends."""
+    clients: list[LiveClient] = []
+    async with trio.open_nursery() as nursery:
+        try:
+            for path in paths:
+                client = LiveClient(await DeflateClient.connect(port, path))
+                clients.append(client)
+                nursery.start_soon(client.read_forever)
+            yield clients
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):  # the close frames go out even when cancelled
+                for client in clients:
+                    await client.aclose()
+
+
+def sched_ns(pid: int) -> tuple[int, int]:
+    """Nanoseconds every thread of ``pid`` has spent on a CPU and runnable but waiting for one
+    (``/proc/<pid>/task/*/schedstat`` fields 1 and 2)."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that just ended
+    return run, wait
+
+
+@contextlib.contextmanager
+def scheduled(figures: PathFigures, **pids: int) -> Iterator[None]:
+    """Add each process's CPU and run-queue wait over the block (and the wall time) to
+    ``figures``: CPU time is what a process got, the wait shows what it needed on top."""
+    start = {name: sched_ns(pid) for name, pid in pids.items()}
+    wall_start = time.perf_counter_ns()
+    yield
+    figures.wall_ns += time.perf_counter_ns() - wall_start
+    for name, pid in pids.items():
+        run, wait = sched_ns(pid)
+        total = figures.sched.setdefault(name, [0, 0])
+        total[0] += run - start[name][0]
+        total[1] += wait - start[name][1]
+
+
+async def _spread(index: int, sessions: int, rate: int) -> None:
+    # Session starts evenly over one token interval: a smooth load, not every session's token
+    # in lock-step every 1/R seconds.
+    await trio.sleep(index / (sessions * rate))
+
+
+@dataclass
+class Bench:
+    """The children and the sizes of one run."""
+
+    runtime: Child
+    gateways: dict[str, Child]
+    internal_key: str
+    sessions: int
+    rate: int
+    seconds: int
+    rounds: int
+    profile: Path | None = None  # py-spy raw profile of the first gateway, written here
+
+    @property
+    def content(self) -> str:
+        """The paced turn every session sends."""
+        return f"bench {self.rate * self.seconds} {self.rate}"
+
+    async def round_direct(self, client: httpx.AsyncClient, figures: PathFigures) -> None:
+        """One paced round straight from the runtime."""
+        results = [TurnResult(measure_latency=True) for _ in range(self.sessions)]
+        tag = secrets.token_hex(3)
+
+        async def one(index: int) -> None:
+            await _spread(index, self.sessions, self.rate)
+            await direct_turn(client, f"direct-{tag}-{index}", self.content, results[index])
+
+        with scheduled(figures, runtime=self.runtime.pid, client=os.getpid()):
+            async with trio.open_nursery() as nursery:
+                for index in range(self.sessions):
+                    nursery.start_soon(one, index)
+        self._verify(results, "direct")
+        figures.absorb(results)
+
+    async def round_gateway(
+        self, name: str, clients: Sequence[LiveClient], figures: PathFigures
+    ) -> None:
+        """One paced round through gateway ``name``."""
+        results = [TurnResult(measure_latency=True) for _ in range(self.sessions)]
+
+        async def one(index: int, client: LiveClient) -> None:
+            await _spread(index, self.sessions, self.rate)
+            await client.turn(self.content, results[index])
+
+        pids = {"gateway": self.gateways[name].pid, "runtime": self.runtime.pid}
+        with scheduled(figures, **pids, client=os.getpid()):
+            async with trio.open_nursery() as nursery:
+                for index, client in enumerate(clients):
+                    nursery.start_soon(one, index, client)
+        self._verify(results, name)
+        figures.absorb(results)
+
+    def _verify(self, results: Sequence[TurnResult], where: str) -> None:
+        expected = expected_text(self.rate * self.seconds)
+        for index, result in enumerate(results):
+            result.verify(expected, f"{where} session {index}")
+
+    async def run(self) -> dict[str, PathFigures]:
+        """Open and warm every path, then the alternating rounds."""
+        await self.runtime.wait_healthy()
+        figures = {"direct": PathFigures("direct")}
+        clients: dict[str, list[LiveClient]] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for name, gateway in self.gateways.items():
+                await gateway.wait_healthy()
+                port = int(gateway.url.rsplit(":", 1)[1])
+                tag = secrets.token_hex(3)
+                paths = [f"/api/v1/ws/lat-{tag}-{i}" for i in range(self.sessions)]
+                clients[name] = await stack.enter_async_context(live_clients(port, paths))
+                warm = [TurnResult() for _ in clients[name]]
+                async with trio.open_nursery() as nursery:
+                    for client, result in zip(clients[name], warm, strict=True):
+                        nursery.start_soon(client.turn, "bench 1", result)
+                negotiated = all(c.client.deflate for c in clients[name])
+                figures[name] = PathFigures(name, deflate=negotiated)
+            services = Services(self.runtime, next(iter(self.gateways.values())), self.internal_key)
+            async with direct_client(services, self.sessions) as http:
+                await warm_direct_pool(http, self.sessions, f"warm-{secrets.token_hex(3)}")
+                limit = self.rounds * (1 + len(self.gateways)) * self.seconds
+                first = next(iter(self.gateways.values()))
+                with trio.fail_after(limit + TURN_TIMEOUT_MARGIN * self.rounds):
+                    # py-spy drops idle samples: this profiles the first gateway's own rounds.
+                    async with profiled(first.pid, self.profile):
+                        for number in range(self.rounds):
+                            await self.round_direct(http, figures["direct"])
+                            for name in self.gateways:
+                                await self.round_gateway(name, clients[name], figures[name])
+                            _log(f"round {number + 1}/{self.rounds}: " + _p99s(figures))
+        return figures
+
+
+def _p99s(figures: dict[str, PathFigures]) -> str:
+    return ", ".join(f"{name} p99 {f.pct_ms(99):.1f} ms" for name, f in figures.items())
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def render(figures: dict[str, PathFigures], args: argparse.Namespace, load: str) -> str:
+    """The figure table."""
+    direct = figures["direct"]
+    lines = [
+        f"paced load: {args.sessions} sessions x {args.rate} uncoalescable tokens/s, "
+        f"{args.rounds} round(s) of {args.seconds} s per path; load average {load}",
+        f"{'path':<16}{'samples':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'merged':>8}{'gw us/frame':>13}{'rt us/event':>13}  deflate",
+    ]
+    for name, path in figures.items():
+        s = path.summary()
+        gw = f"{s['gateway_us_per_frame']:.0f}" if name != "direct" else "-"
+        deflate = {None: "-", True: "negotiated", False: "offered, refused"}[path.deflate]
+        lines.append(
+            f"{name:<16}{s['samples']:>8}{s['p50_ms']:>9.1f}{s['p99_ms']:>9.1f}"
+            f"{s['max_ms']:>9.1f}{s['multi_token_frames']:>8}{gw:>13}"
+            f"{s['runtime_us_per_event']:>13.0f}  {deflate}"
+        )
+    lines.append("CPU per process over each path's rounds: cores busy / share of the time runnable")
+    lines.append(
+        "but waiting for a CPU (schedstat; the wait is CPU the process needed and lacked):"
+    )
+    for name, path in figures.items():
+        s = path.summary()
+        lines.append(
+            f"  {name:<14}"
+            + ", ".join(
+                f"{proc} {s['cores_busy'][proc]:.2f} / {100 * s['waiting_for_cpu'][proc]:.0f}%"
+                for proc in s["cores_busy"]
+            )
+            + f"; client {s['client_us_per_frame']:.0f} us/frame"
+        )
+    for name, path in figures.items():
+        if name == "direct":
+            continue
+        added99 = path.pct_ms(99) - direct.pct_ms(99)
+        verdict = "met" if added99 <= TARGET_ADDED_P99_MS else "NOT met"
+        lines.append(
+            f"added by {name}: p50 {path.pct_ms(50) - direct.pct_ms(50):.1f} ms, "
+            f"p99 {added99:.1f} ms (target <= {TARGET_ADDED_P99_MS:g} ms: {verdict})"
+        )
+    return "\n".join(lines)
+
+
+def loadavg() -> str:
+    """The 1/5/15-minute load averages."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the rounds and print the table; 0 when the measurement completed."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=100)
+    parser.add_argument("--rate", type=int, default=20, help="tokens/s per session")
+    parser.add_argument("--seconds", type=int, default=10, help="seconds per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per path")
+    parser.add_argument("--compression", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="record the first gateway with py-spy (raw collapsed stacks) during the rounds",
+    )
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    settings = ("off", "on") if args.compression == "both" else (args.compression,)
+    key = secrets.token_urlsafe(24)
+    load_start = loadavg()
+    try:
+        with tempfile.TemporaryDirectory(prefix="latency-") as tmp, ExitStack() as stack:
+            workdir = Path(tmp)
+            runtime = stack.enter_context(
+                spawned("runtime", ["demo-runtime", "--instant"], child_env(key), workdir)
+            )
+            gateways = {}
+            for setting in settings:
+                env = child_env(
+                    key, agent_url=runtime.url, ws_compression=setting, **UNLIMITED_USER
+                )
+                name = f"gateway-{setting}"
+                gateways[name] = stack.enter_context(spawned(name, ["serve"], env, workdir))
+            bench = Bench(
+                runtime,
+                gateways,
+                key,
+                args.sessions,
+                args.rate,
+                args.seconds,
+                args.rounds,
+                args.profile,
+            )
+            figures = trio.run(bench.run)
+    except BenchError as error:
+        print(f"latency bench failed: {error}", file=sys.stderr)
+        return 1
+    load = f"{load_start} at the start, {loadavg()} at the end"
+    print(render(figures, args, load), flush=True)
+    if args.profile is not None and args.profile.exists():
+        print(f"py-spy profile of {next(iter(gateways))} ({args.profile}):")
+        print("\n".join(hottest_functions(args.profile, top=15)), flush=True)
+    if args.json is not None:
+        plain = vars(args) | {"json": None, "profile": str(args.profile)}
+        summary = {name: path.summary() for name, path in figures.items()}
+        args.json.write_bytes(orjson.dumps({"args": plain, **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
