@@ -10,7 +10,8 @@ One demo runtime (``trio-gateway demo-runtime``, this tree) serves both gateways
 starts a fresh gateway (``python -m trio_gateway.cli serve``, one process, the app in it), opens
 ``S`` WebSocket sessions with raw wsproto clients that offer permessage-deflate (as browsers, VS
 Code and most client libraries do; the gateway negotiates it only with
-``GATEWAY__WS_COMPRESSION=on``, an older baseline always did) and sends the IDE's
+``GATEWAY__WS_COMPRESSION=on``, which ``--compression on`` sets for this tree's gateway; an
+older baseline always did) and sends the IDE's
 15-key ``user_message`` frames, nulls included. After one untimed ``bench 1`` turn per session
 (warm-up: the gateway's runtime connections, the interpreters), every session streams
 ``bench N R``: N tokens at R tokens/s on the runtime's own schedule, each chunk carrying its own
@@ -342,6 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 gateways: dict[str, Child] = {}
                 for variant in ("baseline", "tree"):
                     env = child_env(key, agent_url=runtime.url, **settings)
+                    if variant == "tree" and args.compression is not None:
+                        env["GATEWAY__WS_COMPRESSION"] = args.compression
                     if variant == "baseline":
                         paths = [str(base), env.get("PYTHONPATH", "")]
                         env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
@@ -422,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=30, help="sessions per gateway")
     parser.add_argument("--rate", type=int, default=20, help="tokens/s per session")
     parser.add_argument("--seconds", type=int, default=8, help="seconds per timed turn")
+    parser.add_argument(
+        "--compression",
+        choices=("off", "on"),
+        help="GATEWAY__WS_COMPRESSION of this tree's gateway (default: its default, off)",
+    )
     parser.add_argument(
         "--requests", type=int, default=2000, help="REST GETs per gateway per pair (0: none)"
     )
