@@ -11,7 +11,9 @@ with the runtime's ``time.time_ns()``), reads frames until ``is_final``, checks 
 concatenated text is *exactly* ``t0 t1 ... t{T-1}`` and that ``seq`` never skips, and waits a
 random think time (0-2 s). Session starts are spread over the first few seconds.
 
-Figures: turns and tokens relayed (every one checked), relay latency (client receipt minus the
+Figures: turns and tokens relayed (every one checked), time to first token (client send to the
+first token frame's arrival, both on this process's ``time.time_ns()``; the runtime emits a
+``bench`` turn's first token at once) p50/p99, relay latency (client receipt minus the
 runtime's emit stamp; a coalesced frame counts once, with its first token's stamp) p50/p99/max,
 gateway CPU (% of one core) and RSS sampled every second from ``/proc``, the share of time the
 gateway and the runtime were runnable but waiting for a CPU (``/proc/<pid>/schedstat``: CPU %
@@ -32,6 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio_websocket
@@ -57,6 +60,19 @@ from bench.relay_bench import (
 )
 
 TURN_TIMEOUT_MARGIN = 60.0  # seconds a turn may take beyond its nominal length
+
+
+@dataclass
+class TimedTurn(TurnResult):
+    """A turn that also notes when its first frame arrived."""
+
+    first_frame_ns: int | None = None
+
+    def absorb(self, chunk: Any, received_ns: int) -> bool:
+        """Note the first frame's arrival, then account the chunk as usual."""
+        if self.first_frame_ns is None:
+            self.first_frame_ns = received_ns
+        return super().absorb(chunk, received_ns)
 
 
 @dataclass
@@ -91,6 +107,7 @@ class LoadResult:
     frames: int = 0
     failures: list[str] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
+    first_token_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     connect_s: float = 0.0
     client_cpu_s: float = 0.0
@@ -132,6 +149,12 @@ class LoadResult:
             (
                 "failures",
                 f"{len(self.failures)}{examples}",
+            ),
+            (
+                "time to first token p50 / p99 / max",
+                f"{percentile(self.first_token_ms, 50):.1f} / "
+                f"{percentile(self.first_token_ms, 99):.1f} / "
+                f"{max(self.first_token_ms, default=float('nan')):.1f} ms",
             ),
             (
                 "relay latency p50 / p99 / max",
@@ -183,7 +206,8 @@ async def _session_loop(
     content = f"bench {cfg.tokens} {cfg.rate:g}"
     turn_timeout = cfg.tokens / cfg.rate + TURN_TIMEOUT_MARGIN
     while trio.current_time() < deadline:
-        turn = TurnResult(measure_latency=True)
+        turn = TimedTurn(measure_latency=True)
+        sent_ns = time.time_ns()
         try:
             with trio.fail_after(turn_timeout):
                 await gateway_turn(ws, content, turn)
@@ -195,6 +219,8 @@ async def _session_loop(
         result.tokens += cfg.tokens
         result.frames += turn.frames
         result.latencies_ms.extend(ns / 1e6 for ns in turn.latencies_ns)
+        if turn.first_frame_ns is not None:
+            result.first_token_ms.append((turn.first_frame_ns - sent_ns) / 1e6)
         await trio.sleep(rng.uniform(0, cfg.think))
 
 
