@@ -129,6 +129,9 @@ class SoakResult:
     after: Snapshot | None = None  # idle after the soak and the settle
     settle_s: float = 0.0
     gateway: dict[str, float] = field(default_factory=dict)
+    # Gateway RSS (MiB) at each tenth of the soak: a leak climbs steadily, the allocator's
+    # high-water mark climbs early and then stays.
+    rss_trajectory: list[float] = field(default_factory=list)
     runtime_active_after: int = -1
 
     @property
@@ -177,6 +180,10 @@ class SoakResult:
                 "during the soak (peak)",
                 f"fds {gw.get('fds_peak', 0):.0f}, RSS {gw.get('rss_peak_mib', 0):.1f} MiB, "
                 f"CPU mean {gw.get('cpu_mean_pct', 0):.0f}% of a core",
+            ),
+            (
+                "RSS at each tenth of the soak",
+                " ".join(f"{mib:.1f}" for mib in self.rss_trajectory) + " MiB",
             ),
             ("idle after the soak", self.after.row() if self.after else "-"),
             ("settled after", f"{self.settle_s:.1f} s"),
@@ -322,6 +329,8 @@ async def run_soak(services: Services, cfg: SoakConfig) -> SoakResult:
         await _load(services, cfg, cfg.duration, result, seed=1)
         nursery.cancel_scope.cancel()
     result.gateway = sampler.summary()
+    step = max(1, len(sampler.samples) // 10)
+    result.rss_trajectory = [sample.rss_kib / 1024 for sample in sampler.samples[::step]]
     result.after, result.settle_s = await _settled(services, result.idle)
     result.runtime_active_after = (await runtime_streams(services))["active"]
     return result
