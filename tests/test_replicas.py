@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio_websocket
 
+from trio_gateway.session.connection import Connection
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
@@ -69,6 +70,72 @@ async def test_a_client_dropped_by_replica_a_resumes_on_replica_b_exactly(
     assert client.tokens() == expected, "nothing lost, nothing twice, across replicas"
     assert not [f for f in client.control if f["type"] == "resync_required"]
     assert runtime.completed_streams == 2
+
+
+@pytest.mark.parametrize("appended", [3, 0], ids=["some-appended", "none-appended"])
+async def test_a_resume_on_the_follower_waits_for_frames_the_holder_has_not_appended_yet(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    appended: int,
+) -> None:
+    """Replica A writes a frame to its client before its publisher appends it to the shared
+    stream (appends are batched and asynchronous). A client that cuts right after it and
+    resumes on B is ahead of the stream for a moment: B waits for A's appends and replays
+    exactly, never answers unknown_seq (found by bench/resume_bench.py on a loaded machine:
+    about one cross-replica resume in several dozen). Here A's appends after seq
+    ``appended`` are held until B has the client's resume, so the race is won every time."""
+    _, url = demo_runtime
+    settings = replica_settings(url, redis_server)
+    tokens = 200
+    async with run_gateway(nursery, settings) as a, run_gateway(nursery, settings) as b:
+        assert a.app.gateway.sessions is not None and b.app.gateway.sessions is not None
+        cluster_a, manager_b = a.app.gateway.sessions.cluster, b.app.gateway.sessions
+        assert cluster_a is not None and manager_b.cluster is not None
+        publish = cluster_a.publish
+        held: list[tuple[str, int, str]] = []
+        caught_up = trio.Event()
+
+        def late_publish(session_id: str, seq: int, text: str) -> None:
+            if seq > appended and not caught_up.is_set():
+                held.append((session_id, seq, text))
+            else:
+                publish(session_id, seq, text)
+
+        monkeypatch.setattr(cluster_a, "publish", late_publish)
+        client = ResumingClient(port_of(a.base_url), "late-append")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": f"bench {tokens} 400"})
+        while client.last_seq < appended + 5:
+            await client.next()
+        client.ws.reset()
+        with trio.fail_after(8):  # A's publisher appended what it may
+            while await manager_b.cluster.last_seq("late-append") < appended:
+                await trio.sleep(0.01)
+        client.port = port_of(b.base_url)
+        await client.connect(resume=True)
+
+        def resume_received() -> bool:
+            session = manager_b.sessions.get("late-append")
+            connection = None if session is None else session.connection
+            return isinstance(connection, Connection) and connection.resume_from == client.last_seq
+
+        await wait_for(resume_received)
+        # A's publisher catches up only now.
+        caught_up.set()
+        for frame in held:
+            publish(*frame)
+        cut = client.last_seq
+        with trio.fail_after(10):
+            answer = await client.next()
+            while answer["type"] not in ("resumed", "resync_required"):
+                answer = await client.next()
+            # Nothing to replay from B: every missed frame comes through its follower.
+            assert answer == {"type": "resumed", "from_seq": cut + 1, "replayed": 0}
+            await client.until("turn_finished")
+    assert client.tokens() == "".join(f"t{i} " for i in range(tokens))
 
 
 async def test_a_second_connection_on_another_replica_closes_the_first_with_4409(

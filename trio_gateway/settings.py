@@ -429,7 +429,9 @@ class Settings(BaseSettings):
         le=60,
         description=(
             "A v2 client re-attaching to a live session has this long to send resume before "
-            "the gateway continues live without replaying."
+            "the gateway continues live without replaying; with several replicas, also how "
+            "long a resume waits for frames the other replica sent but has not yet appended "
+            "to the shared stream."
         ),
     )
     state_backend: Literal["sqlite", "memory", "redis"] = Field(

@@ -588,9 +588,11 @@ class Connection:
         if self.greeting is not None:
             self.greeting["last_seq"] = session.seq
             await self._send_direct(self.greeting)
-            if session.seq or len(session.outbound) or session.busy:
+            if session.seq or len(session.outbound) or session.busy or session.lease.following:
                 # A session with history: let the client say where it stopped first. Any
-                # first frame, a close, or resume_wait_seconds end the wait.
+                # first frame, a close, or resume_wait_seconds end the wait. A follower has
+                # history even at seq 0: the replica running the session may have sent frames
+                # that are not in the shared stream yet.
                 with trio.move_on_after(self.host.settings.resume_wait_seconds):
                     await self.resume_decided.wait()
         now = trio.current_time()
@@ -602,7 +604,8 @@ class Connection:
         )
         if isinstance(replay, ReplayGap) and resume_from is not None:
             # Frames this replica does not hold may be in the shared stream (replicas.py).
-            replay, self.skip_through = await session.lease.replay_after(resume_from, replay)
+            wait = self.host.settings.resume_wait_seconds
+            replay, self.skip_through = await session.lease.replay_after(resume_from, replay, wait)
         gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
         frames = [] if isinstance(replay, ReplayGap) else replay
         lost = session.take_lost_frames()

@@ -114,7 +114,7 @@ class SoloLease:
         """The client moved to another replica: never happens with one replica."""
         return False
 
-    async def replay_after(self, last_seq: int, gap: ReplayGap) -> StreamReplay:
+    async def replay_after(self, last_seq: int, gap: ReplayGap, wait: float) -> StreamReplay:
         """Frames after ``last_seq`` that this replica's buffer lacks: no other source."""
         return gap, 0
 
@@ -190,18 +190,21 @@ class SessionLease:
         self.handoff = True
         return True
 
-    async def replay_after(self, last_seq: int, gap: ReplayGap) -> StreamReplay:
+    async def replay_after(self, last_seq: int, gap: ReplayGap, wait: float) -> StreamReplay:
         """Frames after ``last_seq`` that the local buffer lacks (``gap`` says why) may be in
         the shared stream: those numbered by the replica that ran the session before (or
-        runs it now, when we follow it). Exact or the gap, never a partial replay."""
+        runs it now, when we follow it). Exact or the gap, never a partial replay. A client
+        ahead of the stream waits up to ``wait`` seconds for it (see _stream_reaches)."""
         session, cluster = self.session, self.cluster
         local = session.replay
         try:
             if gap is ReplayGap.UNKNOWN_SEQ:
-                # Following another replica: the client may have seen frames that reached
-                # the stream after this session started; they arrive here through the follower
-                # and are skipped, not sent twice.
-                if self.following and last_seq <= await cluster.last_seq(session.id):
+                # The client is ahead of this replica: it saw frames the replica running the
+                # session numbered after this session started here, some perhaps not yet in
+                # the stream (appends are batched: _stream_reaches waits for them). They
+                # arrive here through the follower (or are already queued, if it took over
+                # since) and are skipped, not sent twice.
+                if await self._stream_reaches(last_seq, wait):
                     return [], last_seq
                 return gap, 0
             need = local.first_seq - 1  # what the local buffer cannot give
@@ -212,6 +215,35 @@ class SessionLease:
             return gap, 0  # trimmed or expired there too: never a partial replay
         newer = local.since(need, trio.current_time())
         return (gap, 0) if isinstance(newer, ReplayGap) else (older + newer, 0)
+
+    async def _stream_reaches(self, seq: int, timeout: float) -> bool:
+        # Whether frame ``seq`` is in the session's shared stream, waiting up to ``timeout``
+        # for it while another replica holds the lease (raises StateUnavailable).
+        #
+        # A client resuming here may be ahead of the stream: the lease holder writes a frame
+        # to its socket as soon as it is numbered, and appends it to the stream in its
+        # publisher's next batch (asynchronously, cluster.PUBLISH_LINGER_SECONDS later at the
+        # earliest). A client that cuts right after such a frame and reconnects here at once
+        # is faster than that batch (bench/resume_bench.py: about one cross-replica resume in
+        # several dozen on a loaded machine). The frame is on its way: wait for it instead of
+        # answering unknown_seq.
+        session, cluster = self.session, self.cluster
+        # One look first: enough once no other replica holds the lease, since a holder appends
+        # everything it numbered before it lets go (let_go), and this session read its base
+        # after taking the lease (_keep): whatever the stream holds beyond that base came
+        # through the follower and waits in the outbound queue, where skip_through applies.
+        if await cluster.read_after(session.id, seq - 1, 1):
+            return True
+        if not self.following:
+            return False
+        with trio.move_on_after(timeout):
+            while self.following:
+                # XREAD BLOCK: returns as soon as an entry >= seq is appended (no polling).
+                if await cluster.wait_after(session.id, seq - 1, FOLLOW_BLOCK_SECONDS):
+                    return True
+            # The holder let go (it flushed first) while we waited: the stream is final.
+            return bool(await cluster.read_after(session.id, seq - 1, 1))
+        return False  # a client ahead of every frame ever appended (another session life?)
 
     async def _keep(self) -> None:
         # One of the session's tasks: run it here or follow the replica that does, then keep
