@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import coredis
@@ -21,6 +21,7 @@ import trio
 import trio_websocket
 
 from trio_gateway.session.connection import Connection
+from trio_gateway.state.cluster import Cluster
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
@@ -72,6 +73,31 @@ async def test_a_client_dropped_by_replica_a_resumes_on_replica_b_exactly(
     assert runtime.completed_streams == 2
 
 
+def hold_appends(
+    monkeypatch: pytest.MonkeyPatch, cluster: Cluster, after_seq: int
+) -> Callable[[], None]:
+    """Make ``cluster``'s replica late to append its frames to the shared streams (appends
+    are batched and asynchronous: on a loaded machine a client can be faster): frames after
+    ``after_seq`` wait until the returned function is called."""
+    publish = cluster.publish
+    held: list[tuple[str, int, str]] = []
+    caught_up = trio.Event()
+
+    def late_publish(session_id: str, seq: int, text: str) -> None:
+        if seq > after_seq and not caught_up.is_set():
+            held.append((session_id, seq, text))
+        else:
+            publish(session_id, seq, text)
+
+    def catch_up() -> None:
+        caught_up.set()
+        for frame in held:
+            publish(*frame)
+
+    monkeypatch.setattr(cluster, "publish", late_publish)
+    return catch_up
+
+
 @pytest.mark.parametrize("appended", [3, 0], ids=["some-appended", "none-appended"])
 async def test_a_resume_on_the_follower_waits_for_frames_the_holder_has_not_appended_yet(
     nursery: trio.Nursery,
@@ -93,17 +119,7 @@ async def test_a_resume_on_the_follower_waits_for_frames_the_holder_has_not_appe
         assert a.app.gateway.sessions is not None and b.app.gateway.sessions is not None
         cluster_a, manager_b = a.app.gateway.sessions.cluster, b.app.gateway.sessions
         assert cluster_a is not None and manager_b.cluster is not None
-        publish = cluster_a.publish
-        held: list[tuple[str, int, str]] = []
-        caught_up = trio.Event()
-
-        def late_publish(session_id: str, seq: int, text: str) -> None:
-            if seq > appended and not caught_up.is_set():
-                held.append((session_id, seq, text))
-            else:
-                publish(session_id, seq, text)
-
-        monkeypatch.setattr(cluster_a, "publish", late_publish)
+        catch_up = hold_appends(monkeypatch, cluster_a, appended)
         client = ResumingClient(port_of(a.base_url), "late-append")
         await client.connect(resume=False)
         assert client.ws is not None
@@ -124,9 +140,7 @@ async def test_a_resume_on_the_follower_waits_for_frames_the_holder_has_not_appe
 
         await wait_for(resume_received)
         # A's publisher catches up only now.
-        caught_up.set()
-        for frame in held:
-            publish(*frame)
+        catch_up()
         cut = client.last_seq
         with trio.fail_after(10):
             answer = await client.next()
@@ -138,28 +152,46 @@ async def test_a_resume_on_the_follower_waits_for_frames_the_holder_has_not_appe
     assert client.tokens() == "".join(f"t{i} " for i in range(tokens))
 
 
+@pytest.mark.parametrize("late", [False, True], ids=["appends-prompt", "appends-late"])
 async def test_a_second_connection_on_another_replica_closes_the_first_with_4409(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    late: bool,
 ) -> None:
     _, url = demo_runtime
     settings = replica_settings(url, redis_server)
     async with run_gateway(nursery, settings) as a, run_gateway(nursery, settings) as b:
+        assert a.app.gateway.sessions is not None and a.app.gateway.sessions.cluster is not None
+        if late:  # B starts following before A's frames are in the stream (a loaded machine)
+            catch_up = hold_appends(monkeypatch, a.app.gateway.sessions.cluster, 0)
         async with a.connect("two-replicas", v2=True) as first:
             await first.recv()
             await first.send({"type": "user_message", "content": "bench 2"})
-            await first.recv_until(lambda f: f["type"] == "turn_finished")
+            done = await first.recv_until(lambda f: f["type"] == "turn_finished")
             async with b.connect("two-replicas", v2=True) as second:
                 await second.recv()
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     while True:
                         await first.recv()
                 assert close_code(closed.value) == 4409
-                await second.send({"type": "resume", "last_seq": 4})
-                await second.recv_until(lambda f: f["type"] == "resumed")
+                if late:
+                    catch_up()
+                # The first turn's turn_finished is missed on purpose. B replays it from the
+                # stream before "resumed", or, when A appended it only after B started
+                # following, relays it live right after: both exact.
+                last = done[-1]["seq"]
+                await second.send({"type": "resume", "last_seq": last - 1})
+                frames = await second.recv_until(lambda f: f["type"] == "resumed")
                 await second.send({"type": "user_message", "content": "bench 2"})
-                frames = await second.recv_until(lambda f: f["type"] == "turn_finished")
-    seqs = [f["seq"] for f in frames]
-    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and frames[0]["type"] == "turn_started"
+                frames += await second.recv_until(
+                    lambda f: f["type"] == "turn_finished" and f["seq"] > last
+                )
+    numbered = [f for f in frames if "seq" in f]
+    seqs = [f["seq"] for f in numbered]
+    assert seqs == list(range(last, last + len(seqs)))
+    assert [f["type"] for f in numbered[:2]] == ["turn_finished", "turn_started"]
 
 
 async def test_redis_down_refuses_new_sessions_lets_running_turns_finish_and_recovers(
