@@ -152,6 +152,53 @@ async def test_a_resume_on_the_follower_waits_for_frames_the_holder_has_not_appe
     assert client.tokens() == "".join(f"t{i} " for i in range(tokens))
 
 
+async def test_a_holder_that_lets_go_while_the_next_replica_starts_leaves_it_the_whole_stream(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replica A lets the session go (grace over, flushing its last appends) at the moment B
+    starts it: B must number on from the stream's true end, never from a seq read before A's
+    flush (its own frames would reuse seqs the client has, and be refused by the stream)."""
+    _, url = demo_runtime
+    settings = replica_settings(url, redis_server)
+    async with run_gateway(nursery, settings) as a, run_gateway(nursery, settings) as b:
+        assert a.app.gateway.sessions is not None and b.app.gateway.sessions is not None
+        cluster_a, cluster_b = a.app.gateway.sessions.cluster, b.app.gateway.sessions.cluster
+        assert cluster_a is not None and cluster_b is not None
+        catch_up = hold_appends(monkeypatch, cluster_a, 3)
+        client = ResumingClient(port_of(a.base_url), "letting-go")
+        await client.connect(resume=False)
+        assert client.ws is not None
+        await client.ws.send_json({"type": "user_message", "content": "bench 20"})
+        await client.until("turn_finished")
+        client.ws.reset()
+        session_a = a.app.gateway.sessions.sessions["letting-go"]
+        acquire = cluster_b.acquire_lease
+
+        async def acquire_as_a_lets_go(session_id: str) -> bool:
+            if not session_a.finished.is_set():  # A's grace ends now: it flushes, lets go
+                catch_up()
+                session_a.end()
+                await session_a.finished.wait()
+            return await acquire(session_id)
+
+        monkeypatch.setattr(cluster_b, "acquire_lease", acquire_as_a_lets_go)
+        client.port = port_of(b.base_url)
+        cut = client.last_seq
+        await client.connect(resume=True)
+        with trio.fail_after(10):
+            answer = await client.next()
+            while answer["type"] not in ("resumed", "resync_required"):
+                answer = await client.next()
+            assert answer == {"type": "resumed", "from_seq": cut + 1, "replayed": 0}
+            await client.ws.send_json({"type": "user_message", "content": "bench 3"})
+            await client.until("turn_finished")
+    assert client.tokens() == "".join(f"t{i} " for i in range(20)) + "t0 t1 t2 "
+    assert cluster_b.append_failures == 0
+
+
 @pytest.mark.parametrize("late", [False, True], ids=["appends-prompt", "appends-late"])
 async def test_a_second_connection_on_another_replica_closes_the_first_with_4409(
     nursery: trio.Nursery,

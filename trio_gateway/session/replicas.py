@@ -253,10 +253,12 @@ class SessionLease:
         session, cluster = self.session, self.cluster
         # Establish where numbering continues (the shared stream may hold earlier frames of
         # this session, from another replica), then either run the session (lease taken) or
-        # follow the runner's stream until its lease is ours.
+        # follow the runner's stream until its lease is ours. The lease first: read before
+        # it, the stream's end could still move (a holder flushes its last frames, then lets
+        # go), and this replica would number on from a stale base, reusing seqs the client has.
         try:
-            base = await cluster.last_seq(session.id)
             got = await cluster.acquire_lease(session.id)
+            base = await cluster.last_seq(session.id)
         except StateUnavailable as error:
             logger.warning("shared state unavailable for a new session: %s", error)
             self.cluster_failed = True
