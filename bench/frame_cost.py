@@ -67,7 +67,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.relay_bench import HOST, UNLIMITED_USER, BenchError, Child, child_env, spawned
-from tests.frames import ide_frame
+from tests.support.frames import ide_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 TURN_TIMEOUT = 120.0

@@ -4,8 +4,9 @@ Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes, 5
 attempts, 500 compressed-frame connections, 2,000 header-smuggling requests, session floods,
 and 500 each of h2c upgrades, CL+TE smuggling attempts and pipelines plus rounds of 30 slow
 heads at once; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick``
-for a smoke run. The same harness as the tests (``tests/fuzzing.py``,
-``tests/fuzzing_http.py``, ``tests/smuggling.py``): gateways in front of the demo runtime (JWT
+for a smoke run. The same harness as the tests (``tests/support/fuzzing.py``,
+``tests/support/fuzzing_http.py``, ``tests/support/smuggling.py``): gateways in front of the
+demo runtime (JWT
 on with a real JWKS server for tokens and compressed frames; a 1 s head timeout for the HTTP
 edge) on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns
 for the whole run, hypothesis generating every input. Prints one table; exits 1 if anything was
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fuzzing import (
+from tests.support.fuzzing import (
     BOMB_SIZES,
     CompressedCase,
     FrameBatch,
@@ -46,7 +47,7 @@ from tests.fuzzing import (
     peak_rss_bytes,
     raw_request,
 )
-from tests.fuzzing_http import (
+from tests.support.fuzzing_http import (
     SLOW_HEADS,
     EdgeStats,
     check_h2c,
@@ -57,9 +58,14 @@ from tests.fuzzing_http import (
     pipelines,
     slow_head,
 )
-from tests.fuzzing_http import check_smuggling as check_cl_te
-from tests.fuzzing_http import smuggling_requests as cl_te_requests
-from tests.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
+from tests.support.fuzzing_http import check_smuggling as check_cl_te
+from tests.support.fuzzing_http import smuggling_requests as cl_te_requests
+from tests.support.smuggling import (
+    SmugglingRequest,
+    check_smuggling,
+    send_smuggling,
+    smuggling_requests,
+)
 from tests.test_fuzz_lockouts import LIVE_CAP, flood
 from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
@@ -165,7 +171,8 @@ def fuzz_compressed_frames(examples: int, stats: FuzzStats) -> dict[str, Any]:
 
 
 def fuzz_header_smuggling(examples: int, stats: FuzzStats) -> dict[str, Any]:
-    """REST requests with hostile headers (tests/smuggling.py) against a JWT-off gateway: what
+    """REST requests with hostile headers (tests/support/smuggling.py) against a JWT-off
+    gateway: what
     reached the demo runtime is checked after each one; leaks are problems."""
     with FuzzGateway() as gateway:
 
@@ -218,7 +225,7 @@ def fuzz_lockouts(examples: int) -> dict[str, Any]:
 def fuzz_http_edge(examples: int, stats: EdgeStats) -> dict[str, Any]:
     """Hostile HTTP/1.1: h2c upgrades and HTTP/2 prefaces, Content-Length +
     Transfer-Encoding smuggling, pipelined requests, and slow heads (many at once) against one
-    gateway with a 1 s HTTP_HEAD_TIMEOUT. The checks are tests/fuzzing_http.py's."""
+    gateway with a 1 s HTTP_HEAD_TIMEOUT. The checks are tests/support/fuzzing_http.py's."""
     with FuzzGateway(http_head_timeout=1.0) as gateway:
 
         @hypothesis_settings(examples)

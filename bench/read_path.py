@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from tests.scripted_runtime import chunk  # noqa: E402
+from tests.support.scripted_runtime import chunk  # noqa: E402
 
 KEY = "read-path-bench-internal-key"
 

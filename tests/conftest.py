@@ -24,8 +24,8 @@ from trio_gateway.tools.demo_runtime import (
     serve_demo_runtime,
 )
 
-from .redis_server import RedisServer
-from .scripted_runtime import ScriptedRuntime
+from .support.redis_server import RedisServer
+from .support.scripted_runtime import ScriptedRuntime
 
 
 def _no_pong_after_close() -> None:

@@ -1,6 +1,7 @@
 """``trio-gateway check``: configuration report, redaction, and checks against real servers.
 
-The runtime is the real demo runtime, the JWKS a real HTTP server (tests/jwks_server.py), and
+The runtime is the real demo runtime, the JWKS a real HTTP server
+(tests/support/jwks_server.py), and
 Redis a small RESP server on a loopback socket (plus the real ``redis-server`` when installed).
 """
 
@@ -37,7 +38,7 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, gateway_settings
-from .jwks_server import JWKSServer
+from .support.jwks_server import JWKSServer
 
 REDIS_PASSWORD = "s3cret-redis-password"
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 import trio
 
-from tests.frames import CHUNK_FIELDS, ide_frame
+from tests.support.frames import CHUNK_FIELDS, ide_frame
 from trio_gateway.tools.demo_runtime import (
     DemoRuntime,
     DemoRuntimeConfig,

@@ -49,9 +49,9 @@ from .conftest import (
     task_names,
     wait_for,
 )
-from .jwks_server import JWKSServer
-from .rawws import RawWebSocket
-from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from .support.jwks_server import JWKSServer
+from .support.rawws import RawWebSocket
+from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 # Faults must be noticed quickly here: short grace, heartbeat and close budgets.
 FAST = {

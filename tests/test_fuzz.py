@@ -1,6 +1,7 @@
 """Hostile input: thousands of random and mutated frames and handshakes against one gateway.
 
-See ``tests/fuzzing.py`` for the harness and why hypothesis drives sync tests here. One gateway
+See ``tests/support/fuzzing.py`` for the harness and why hypothesis drives sync tests here.
+One gateway
 (with a control session streaming exact ``bench`` turns the whole time) serves every example of
 this module; the last test checks that it is still whole: no crash, no ERROR log, the control
 session's tokens were exact, a fresh session works, and its tasks and gauges are back to where
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 
 from trio_gateway.protocol import SUPPORTED_TYPES, ErrorCode, FrameError, parse_client_frame
 
-from .fuzzing import (
+from .support.fuzzing import (
     FrameBatch,
     FuzzGateway,
     FuzzStats,
@@ -104,7 +105,7 @@ async def _wait_quiet(gateway: FuzzGateway, baseline: int | None = None) -> None
             await trio.sleep(0.05)
     names = names or await trio.to_thread.run_sync(gateway.task_names)
     more = {n: c - gateway.baseline_names.get(n, 0) for n, c in names.items()}
-    # Where each task waits says why it is still there (tests/task_tree.py).
+    # Where each task waits says why it is still there (tests/support/task_tree.py).
     tree = await trio.to_thread.run_sync(gateway.task_tree)
     raise AssertionError(
         f"not quiet: (tasks, sockets, sessions)={gauges}, baseline gateway tasks={baseline}, "

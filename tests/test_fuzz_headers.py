@@ -1,6 +1,7 @@
 """Header smuggling: random hostile headers on REST requests never reach the runtime.
 
-Hypothesis draws requests from the dangerous families (``tests/smuggling.py``: forwarding and
+Hypothesis draws requests from the dangerous families
+(``tests/support/smuggling.py``: forwarding and
 address headers, method overrides, path rewrites, identity claims and the gateway's own headers
 in any case and with underscores, hop-by-hop and ``Connection``-named headers) mixed with
 allow-listed and random ones; one gateway in front of the demo runtime answers them all, and
@@ -17,8 +18,8 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
-from .fuzzing import FuzzGateway, FuzzStats
-from .smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
+from .support.fuzzing import FuzzGateway, FuzzStats
+from .support.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 STATS = FuzzStats()

@@ -1,6 +1,6 @@
 """Hostile HTTP/1.1 at the edge: h2c upgrades, HTTP/2 prefaces, CL+TE smuggling, pipelining
 and slow heads against one gateway (``HTTP_HEAD_TIMEOUT`` 1 s) with a control session streaming
-exact turns the whole time. See ``tests/fuzzing_http.py`` for the classes and their checks.
+exact turns the whole time. See ``tests/support/fuzzing_http.py`` for the classes and their checks.
 ``-m slow`` runs the long versions (``FUZZ_EXAMPLES`` scales them)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .fuzzing import FuzzGateway
-from .fuzzing_http import (
+from .support.fuzzing import FuzzGateway
+from .support.fuzzing_http import (
     SLOW_HEADS,
     EdgeStats,
     check_h2c,

@@ -34,7 +34,7 @@ from trio_gateway.tools.demo_runtime import (
 )
 
 from .conftest import INTERNAL_KEY, gateway_settings, run_gateway, wait_for
-from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 ATTACKER, HONEST = "10.6.6.6", "10.0.0.7"
 ATTACKER_KEY, HONEST_KEY = f"anonymous@{ATTACKER}", f"anonymous@{HONEST}"

@@ -1,7 +1,7 @@
 """Token fuzzing with JWT on and a real JWKS server: never a 5xx, always 401/403 (or 431 for a
 header hypercorn finds too big), on every door: the ``Authorization`` header of a handshake,
 a ``bearer.<token>`` subprotocol entry, the first-frame ``auth`` message (close 4401/4403) and
-a REST route. See tests/fuzzing.py for the harness (one gateway for the module, a control
+a REST route. See tests/support/fuzzing.py for the harness (one gateway for the module, a control
 session with a valid token streaming the whole time).
 """
 
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .fuzzing import (
+from .support.fuzzing import (
     OP_CLOSE,
     OP_TEXT,
     FuzzGateway,

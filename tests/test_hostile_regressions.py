@@ -10,7 +10,7 @@ import trio
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
 
 from .conftest import RunningGateway, port_of
-from .fuzzing import raw_request
+from .support.fuzzing import raw_request
 
 
 def nested_user_message(depth: int) -> str:

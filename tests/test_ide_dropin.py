@@ -21,7 +21,7 @@ import trio_websocket
 from trio_gateway.observability import JsonFormatter
 
 from .conftest import INTERNAL_KEY, WsClient, close_code
-from .frames import ide_frame
+from .support.frames import ide_frame
 from .test_security import (  # noqa: F401 - fixtures
     Secure,
     SecureFactory,

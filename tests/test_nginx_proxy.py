@@ -3,7 +3,8 @@
 What it must do with upgrades: forward ``Upgrade`` only for a WebSocket handshake on
 ``/api/v1/ws/``, so that an ``Upgrade: h2c`` can never turn a proxied connection into a raw
 tunnel past nginx's own rules (the shipped ``location = /metrics { return 404; }``), and
-WebSocket sessions still work through it. See tests/nginx_server.py for how the shipped file is
+WebSocket sessions still work through it. See tests/support/nginx_server.py for how the
+shipped file is
 turned into a loopback config (upstream and listen addresses only).
 """
 
@@ -21,7 +22,7 @@ import trio
 import trio_websocket
 
 from .conftest import RunningGateway, port_of
-from .nginx_server import NGINX, SKIP_REASON, NginxServer
+from .support.nginx_server import NGINX, SKIP_REASON, NginxServer
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason=SKIP_REASON)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from tests.frames import ide_frame
+from tests.support.frames import ide_frame
 from trio_gateway.protocol import (
     ErrorCode,
     FrameError,

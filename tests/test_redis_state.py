@@ -48,8 +48,8 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
-from .jwks_server import JWKSServer
-from .redis_server import REDIS_SERVER, RedisServer, free_port
+from .support.jwks_server import JWKSServer
+from .support.redis_server import REDIS_SERVER, RedisServer, free_port
 
 # --- fixtures --------------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ import trio
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import close_code, gateway_settings, port_of, run_gateway, task_names, wait_for
-from .rawws import RawWebSocket
-from .scripted_runtime import ScriptedRuntime
+from .support.rawws import RawWebSocket
+from .support.scripted_runtime import ScriptedRuntime
 
 
 def handler_tasks() -> int:

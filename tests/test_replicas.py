@@ -25,7 +25,7 @@ from trio_gateway.state.cluster import Cluster
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
-from .redis_server import RedisServer
+from .support.redis_server import RedisServer
 from .test_resume import ResumingClient
 
 

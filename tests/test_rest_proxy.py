@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
-from .scripted_runtime import Script, ScriptedRuntime
+from .support.scripted_runtime import Script, ScriptedRuntime
 
 
 @pytest.fixture

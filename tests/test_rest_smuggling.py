@@ -18,9 +18,9 @@ import trio
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
-from .fuzzing import raw_request
-from .jwks_server import JWKSServer
-from .scripted_runtime import Script, ScriptedRuntime
+from .support.fuzzing import raw_request
+from .support.jwks_server import JWKSServer
+from .support.scripted_runtime import Script, ScriptedRuntime
 
 # What the gateway itself puts on a proxied request (httpx adds Host and Content-Length).
 GATEWAY_SET = frozenset(

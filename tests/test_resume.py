@@ -16,9 +16,9 @@ import trio
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import gateway_settings, port_of, run_gateway, wait_for
-from .rawws import RawWebSocket
-from .scripted_runtime import Script, ScriptedRuntime, chunk, sse
-from .task_tree import format_task_tree
+from .support.rawws import RawWebSocket
+from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from .support.task_tree import format_task_tree
 
 V2 = ["codelab.v2"]
 

@@ -31,7 +31,7 @@ from trio_gateway.upstream.http_stream import (
 )
 
 from .conftest import INTERNAL_KEY, gateway_settings, run_gateway
-from .keepalive_runtime import FINAL, KeepAliveRuntime
+from .support.keepalive_runtime import FINAL, KeepAliveRuntime
 
 PATH = "/agent/message/stream"
 

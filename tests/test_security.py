@@ -30,7 +30,7 @@ from .conftest import (
     gateway_settings,
     run_gateway,
 )
-from .jwks_server import JWKSServer
+from .support.jwks_server import JWKSServer
 
 MINTED: set[str] = set()  # every token this module minted, for the log grep at the end
 LOG = io.StringIO()
@@ -385,7 +385,7 @@ async def test_sessions_belong_to_their_creator_on_every_route(secure: Secure) -
 async def test_the_verified_identity_is_forwarded_to_the_runtime(
     nursery: trio.Nursery, jwks_server: tuple[JWKSServer, DevIssuer], scripted_runtime: object
 ) -> None:
-    from .scripted_runtime import ScriptedRuntime
+    from .support.scripted_runtime import ScriptedRuntime
 
     assert isinstance(scripted_runtime, ScriptedRuntime)
     server, issuer = jwks_server

@@ -11,7 +11,7 @@ import trio
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import gateway_settings, port_of, run_gateway
-from .rawws import RawWebSocket
+from .support.rawws import RawWebSocket
 
 QUEUE_BYTES = 16 * 1024
 

@@ -39,7 +39,7 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
-from .jwks_server import JWKSServer
+from .support.jwks_server import JWKSServer
 
 
 class FakeClock:

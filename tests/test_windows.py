@@ -24,7 +24,7 @@ from .conftest import (
     port_of,
     run_gateway,
 )
-from .rawws import RawWebSocket
+from .support.rawws import RawWebSocket
 
 HI = {"type": "user_message", "content": "hi", "role": "user"}
 

@@ -35,11 +35,11 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
-from .fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
-from .gateway_process import resident_bytes
-from .jwks_server import JWKSServer
-from .rawws import RawWebSocket, Rejected
-from .scripted_runtime import ScriptedRuntime
+from .support.fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
+from .support.gateway_process import resident_bytes
+from .support.jwks_server import JWKSServer
+from .support.rawws import RawWebSocket, Rejected
+from .support.scripted_runtime import ScriptedRuntime
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ async def gateway_process(**values: Any) -> AsyncIterator[tuple[int, int]]:
     }
     settings.update(values)
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tests.gateway_process", json.dumps(settings)],
+        [sys.executable, "-m", "tests.support.gateway_process", json.dumps(settings)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

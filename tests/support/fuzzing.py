@@ -916,7 +916,7 @@ class FuzzGateway:
         self._idle = False
         self.settings: Settings | None = None
         self.app: Any = None
-        self.runtime: DemoRuntime | None = None  # what reached it: tests/smuggling.py
+        self.runtime: DemoRuntime | None = None  # what reached it: tests/support/smuggling.py
 
     def __enter__(self) -> FuzzGateway:
         logging.getLogger().addHandler(self.errors)
@@ -1003,7 +1003,7 @@ class FuzzGateway:
         return self.run_sync_in_loop(read)
 
     def task_tree(self) -> str:
-        """The gateway loop's task tree with where each task waits (tests/task_tree.py)."""
+        """The gateway loop's task tree with where each task waits (tests/support/task_tree.py)."""
         return self.run_sync_in_loop(partial(format_task_tree, skip=("serve_demo_runtime",)))
 
     def _main(self) -> None:

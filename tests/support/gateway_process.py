@@ -1,6 +1,6 @@
 """A gateway in a process of its own, for tests that measure the gateway alone (its RSS).
 
-``python -m tests.gateway_process '<settings as JSON>'`` serves on 127.0.0.1, port 0, prints
+``python -m tests.support.gateway_process '<settings as JSON>'`` serves on 127.0.0.1, port 0, prints
 ``PORT <n>`` once it listens, and drains and exits on SIGTERM/SIGINT like ``trio-gateway serve``.
 """
 

@@ -4,7 +4,7 @@ Random REST requests whose headers come from the families a proxy must never pas
 (forwarding and address headers, method overrides, path rewrites, identity claims, the gateway's
 own ``X-User-ID``/``X-Internal-Auth`` in any case and with underscores, hop-by-hop headers and
 names listed in ``Connection``), mixed with allow-listed and random headers, sent over raw TCP
-to a :class:`~tests.fuzzing.FuzzGateway`. :func:`check_smuggling` then reads what the demo
+to a :class:`~tests.support.fuzzing.FuzzGateway`. :func:`check_smuggling` then reads what the demo
 runtime received and says what, if anything, leaked.
 """
 
