@@ -35,21 +35,14 @@ from trio_gateway.tools.dev_auth import (
 )
 
 from .conftest import WsClient, close_code
-from .test_drain import wait_until_serving
+from .support.ports import free_port
+from .support.processes import wait_until_serving
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
 KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key-0123456789"}
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CODING_TURN = {"type": "user_message", "content": "write a hello world in python", "role": "user"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import pytest
 import trio
 import trio_websocket
@@ -15,19 +14,7 @@ import trio_websocket
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings, run_gateway
-
-
-async def wait_until_serving(base_url: str, timeout: float = 20) -> None:
-    """Poll the liveness route of a server started in another process."""
-    async with httpx.AsyncClient() as http:
-        with trio.fail_after(timeout):
-            while True:
-                try:
-                    if (await http.get(f"{base_url}/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.1)
+from .support.processes import wait_until_serving
 
 
 async def read_until_close(client: WsClient) -> tuple[list[dict[str, object]], int]:

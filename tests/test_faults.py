@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -50,6 +50,8 @@ from .conftest import (
     wait_for,
 )
 from .support.jwks_server import JWKSServer
+from .support.ports import free_port
+from .support.processes import Child, child_env, spawned
 from .support.rawws import RawWebSocket
 from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
@@ -265,45 +267,17 @@ async def test_a_stream_that_never_ends_but_keeps_talking_is_ended_by_the_client
 # --- the runtime process killed or frozen mid-turn ----------------------------------------------
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @asynccontextmanager
-async def runtime_process(port: int) -> AsyncIterator[trio.Process]:
+async def runtime_process(port: int) -> AsyncIterator[Child]:
     """``trio-gateway demo-runtime --port PORT`` as a child process, healthy; killed on exit."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")},
-        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
-        "GATEWAY__LOG_LEVEL": "WARNING",
-    }
-    command = [sys.executable, "-m", "trio_gateway.cli", "demo-runtime", "--port", str(port)]
-    process = await trio.lowlevel.open_process(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        async with httpx.AsyncClient() as http:
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(0.05)
-        yield process
-    finally:
-        if process.returncode is None:
-            os.kill(process.pid, signal.SIGCONT)  # a frozen child must be able to die
-            process.kill()
-        with trio.move_on_after(10):
-            await process.wait()
+    with tempfile.TemporaryDirectory(prefix="runtime-") as workdir:
+        env = child_env(INTERNAL_KEY)
+        with spawned("runtime", ["demo-runtime"], env, Path(workdir), port=port) as child:
+            try:
+                await child.wait_healthy(20)
+                yield child
+            finally:
+                child.stop(signal.SIGKILL)  # thawed first: a frozen child must be able to die
 
 
 @pytest.mark.parametrize(
@@ -327,7 +301,7 @@ async def test_the_runtime_process_dies_or_freezes_mid_turn_then_comes_back(
             assert (error["type"], error["code"], error["is_final"]) == ("error", code, True)
             if fault == "SIGKILL":
                 with trio.fail_after(5):
-                    await first.wait()
+                    await first.wait_exit()
                 # while it is down: a clear error at once, the session lives on
                 await client.send({"type": "user_message", "content": "anyone?"})
                 assert (await client.recv())["code"] == "runtime_unavailable"

@@ -15,7 +15,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +30,8 @@ import yaml
 
 from trio_gateway.cli import _parser
 from trio_gateway.settings import ENV_PREFIX, Settings, load_settings
+
+from .support.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVICES = {"issuer", "runtime", "gateway"}
@@ -438,12 +439,6 @@ def test_the_lock_pins_every_dependency_for_both_pythons() -> None:
 
 
 # --- the image's commands, run in a fresh virtualenv -------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def localize(command: list[str], port: int) -> list[str]:

@@ -49,7 +49,8 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
 from .support.jwks_server import JWKSServer
-from .support.redis_server import REDIS_SERVER, RedisServer, free_port
+from .support.ports import free_port
+from .support.redis_server import REDIS_SERVER, RedisServer
 
 # --- fixtures --------------------------------------------------------------------------------
 

@@ -7,11 +7,10 @@ as a ``trio-gateway serve`` child process.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import coredis
@@ -25,8 +24,9 @@ from trio_gateway.state.cluster import Cluster
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
+from .support.processes import child_env, spawned
 from .support.redis_server import RedisServer
-from .test_resume import ResumingClient
+from .support.resume import ResumingClient
 
 
 def replica_settings(runtime_url: str, redis: RedisServer, **overrides: Any) -> Any:
@@ -278,31 +278,24 @@ async def test_redis_down_refuses_new_sessions_lets_running_turns_finish_and_rec
 
 @pytest.fixture
 async def gateway_process(
-    demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer
+    demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer, tmp_path: Path
 ) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """Replica A as a real process (so it can be SIGKILLed), on a free port."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "GATEWAY__AGENT_URL": demo_runtime[1],
-        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
-        "GATEWAY__USE_JWT_AUTH": "false",
-        "GATEWAY__STATE_BACKEND": "redis",
-        "GATEWAY__REDIS_URL": redis_server.url(),
-        "GATEWAY__REDIS_TIMEOUT": "5",
-        "GATEWAY__SESSION_LEASE_SECONDS": "1.5",
-        "GATEWAY__SESSION_GRACE_SECONDS": "10",
-        "GATEWAY__LOG_LEVEL": "WARNING",
-    }
-    process = start_gateway_process(env, port)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        await wait_until_listening(port)
-        yield process, base
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        process.wait(10)
+    env = child_env(
+        INTERNAL_KEY,
+        agent_url=demo_runtime[1],
+        state_backend="redis",
+        redis_url=redis_server.url(),
+        redis_timeout="5",
+        session_lease_seconds="1.5",
+        session_grace_seconds="10",
+    )
+    with spawned("replica-a", ["serve"], env, tmp_path) as child:
+        try:
+            await child.wait_healthy(20)
+            yield child.process, child.url
+        finally:
+            child.stop(signal.SIGKILL)
 
 
 async def test_the_replica_running_the_turn_is_killed_and_the_client_is_told_never_left_hanging(
@@ -337,35 +330,6 @@ async def test_the_replica_running_the_turn_is_killed_and_the_client_is_told_nev
     assert resync["reason"] in ("unknown_seq", "replica_lost")
     assert broken["code"] == "runtime_stream_broken" and broken["is_final"] is True
     assert tokens == "".join(f"t{i} " for i in range(len(tokens.split()))), "no silent gap"
-
-
-def start_gateway_process(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "trio_gateway.cli", "serve"]
-    return subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_until_listening(port: int, timeout: float = 20) -> None:
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.1)
-                continue
-            await stream.aclose()
-            return
 
 
 async def test_a_gap_in_the_followed_stream_is_announced_at_once_and_a_dead_holder_detected(

@@ -17,82 +17,8 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import gateway_settings, port_of, run_gateway, wait_for
 from .support.rawws import RawWebSocket
+from .support.resume import ResumingClient
 from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
-from .support.task_tree import format_task_tree
-
-V2 = ["codelab.v2"]
-
-
-class ResumingClient:
-    """A v2 client that tracks the last seq it processed and checks there is no gap."""
-
-    def __init__(self, port: int, session_id: str) -> None:
-        self.port = port
-        self.session_id = session_id
-        self.last_seq = 0
-        self.frames: list[dict[str, Any]] = []  # numbered frames, in the order processed
-        self.control: list[dict[str, Any]] = []  # connection frames (no seq)
-        self.ws: RawWebSocket | None = None
-        self.resynced = False
-        self.turns_finished = 0  # turn_finished frames processed, replayed or live
-
-    async def connect(self, *, resume: bool) -> dict[str, Any]:
-        self.ws = await RawWebSocket.connect(
-            self.port, f"/api/v1/ws/{self.session_id}", subprotocols=V2
-        )
-        ready = await self.ws.recv_json()
-        assert ready["type"] == "session_ready" and "seq" not in ready
-        if resume:
-            await self.ws.send_json({"type": "resume", "last_seq": self.last_seq})
-        return ready
-
-    async def next(self) -> dict[str, Any]:
-        """The next frame; numbered frames must follow the last one exactly."""
-        assert self.ws is not None
-        try:
-            frame = await self.ws.recv_json()
-        except trio.TooSlowError:
-            # Say what every task of the gateway (same run) was doing when nothing came.
-            tree = format_task_tree()
-            raise AssertionError(
-                f"no frame after seq {self.last_seq} (close code {self.ws.close_code}); "
-                f"tasks:\n{tree}"
-            ) from None
-        if "seq" in frame:
-            if self.resynced:  # after resync_required the next seq is the new baseline
-                self.resynced = False
-                self.last_seq = frame["seq"] - 1
-            assert frame["seq"] == self.last_seq + 1, (frame, self.last_seq)
-            self.last_seq = frame["seq"]
-            self.frames.append(frame)
-            self.turns_finished += frame["type"] == "turn_finished"
-        else:
-            self.control.append(frame)
-            self.resynced = self.resynced or frame["type"] == "resync_required"
-        return frame
-
-    async def until(self, frame_type: str) -> dict[str, Any]:
-        while True:
-            frame = await self.next()
-            if frame.get("type") == frame_type:
-                return frame
-
-    async def until_all(self, *frame_types: str) -> dict[str, dict[str, Any]]:
-        """Read until a frame of each type has come, in any order; the first of each."""
-        found: dict[str, dict[str, Any]] = {}
-        while len(found) < len(frame_types):
-            frame = await self.next()
-            kind = frame.get("type")
-            if kind in frame_types and kind not in found:
-                found[kind] = frame
-        return found
-
-    def tokens(self) -> str:
-        return "".join(
-            f["token"] or ""
-            for f in self.frames
-            if f["type"] == "assistant_message" and f["is_final"] is False
-        )
 
 
 # 18,000 tokens and hundreds of reconnects: about a minute alone, but more than the suite's

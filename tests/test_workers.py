@@ -29,7 +29,8 @@ from trio_gateway.tools.demo_runtime import (
 from trio_gateway.workers import check_worker_settings, parse_worker_count
 
 from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings
-from .support.redis_server import REDIS_SERVER, RedisServer, free_port
+from .support.ports import free_port
+from .support.redis_server import REDIS_SERVER, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 

@@ -18,10 +18,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from .redis_server import free_port
+from .ports import free_port
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-SHIPPED_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
+SHIPPED_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf"
 START_TIMEOUT = 10.0
 SKIP_REASON = (
     "nginx is not installed (Debian: apt-get install -y nginx; .ci/run installs it): the "

@@ -1,11 +1,14 @@
 """A WebSocket client on a raw TCP socket (wsproto framing) that can misbehave on purpose:
-stop reading, never answer pings, send half a frame."""
+stop reading, never answer pings, send half a frame, vanish without a close frame (a TCP reset
+or a plain FIN: the two ways a laptop lid, a crashed IDE or a dropped link look to the gateway).
+The tests and the benchmarks (soak, resume) share it."""
 
 from __future__ import annotations
 
 import socket as stdlib_socket
 import struct
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -21,6 +24,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.extensions import Extension
+from wsproto.utilities import LocalProtocolError
 
 
 class Rejected(ConnectionError):
@@ -40,6 +44,7 @@ class RawWebSocket:
         self.close_code: int | None = None
         self.eof = False
         self._pending: list[str] = []
+        self._partial: list[str] = []  # the pieces of a text message not finished yet
 
     @classmethod
     async def connect(
@@ -109,7 +114,7 @@ class RawWebSocket:
                 self.ws.receive_data(data)
                 for event in self.ws.events():
                     if isinstance(event, TextMessage):
-                        messages.append(event.data)
+                        messages += self._whole(event)
                     elif isinstance(event, CloseConnection):
                         self.close_code = event.code
 
@@ -119,7 +124,7 @@ class RawWebSocket:
             while True:
                 for event in self.ws.events():  # bytes that came with the handshake too
                     if isinstance(event, TextMessage):
-                        self._pending.append(event.data)
+                        self._pending += self._whole(event)
                     elif isinstance(event, Ping):  # like any real client library
                         await self.stream.send_all(self.ws.send(event.response()))
                     elif isinstance(event, CloseConnection):
@@ -133,6 +138,35 @@ class RawWebSocket:
         value = orjson.loads(self._pending.pop(0))
         assert isinstance(value, dict)
         return value
+
+    def _whole(self, event: TextMessage) -> list[str]:
+        """The text message ``event`` completes, if any: wsproto hands a message that arrives
+        over several reads (a large frame, a compressed one) in pieces."""
+        self._partial.append(event.data)
+        if not event.message_finished:
+            return []
+        whole = "".join(self._partial)
+        self._partial.clear()
+        return [whole]
+
+    async def close(self, code: int = 1000) -> None:
+        """A close frame (bounded, errors ignored: the peer may be gone), then the socket goes;
+        the peer's reply is not awaited."""
+        with trio.move_on_after(2), suppress(LocalProtocolError, OSError, trio.BrokenResourceError):
+            await self.stream.send_all(self.ws.send(CloseConnection(code=code)))
+        await self.stream.aclose()
+
+    async def read_some(self) -> bytes:
+        """One network read (whatever the gateway sent; not parsed)."""
+        return await self.stream.receive_some(65536)
+
+    async def vanish(self, *, reset: bool) -> None:
+        """Close the socket without a WebSocket close frame (with a TCP RST when ``reset``)."""
+        if reset:
+            self.stream.socket.setsockopt(
+                stdlib_socket.SOL_SOCKET, stdlib_socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        await self.stream.aclose()
 
     def reset(self) -> None:
         """Vanish without a close frame: the kernel sends a TCP RST and drops unread data."""

@@ -14,18 +14,15 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+from .ports import free_port
+from .processes import die_with_parent, stop_process
 
 REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT = 10.0
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def answers_ping(port: int) -> bool:
@@ -41,12 +38,23 @@ def answers_ping(port: int) -> bool:
 class RedisServer:
     """One ``redis-server`` child process; this object is the only one that signals it."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
+        """A server for ``directory`` (its files and log) on ``port`` (a free one by default),
+        with ``extra_args`` appended to its command line; not started yet."""
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not installed")
         self.directory = directory
         self.port = port or free_port()
+        self.extra_args = list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The running server's process id."""
+        assert self.process is not None
+        return self.process.pid
 
     def url(self, db: int = 0) -> str:
         """The server's redis:// URL."""
@@ -64,9 +72,14 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "no",
                 "--dir", str(self.directory),
+                *self.extra_args,
             ],
+            cwd=self.directory,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop it
+            preexec_fn=die_with_parent(),  # a killed run leaves no server behind
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + START_TIMEOUT
@@ -84,6 +97,12 @@ class RedisServer:
                 process.kill()
             process.wait(timeout=START_TIMEOUT)
 
+    def stop(self) -> None:
+        """SIGTERM (a clean shutdown), SIGKILL if it does not go; reaped."""
+        process, self.process = self.process, None
+        if process is not None:
+            stop_process(process)
+
     def restart(self) -> None:
         """Start again on the same port (empty: there is no persistence)."""
         self.kill()
@@ -98,3 +117,14 @@ class RedisServer:
         """SIGCONT after :meth:`pause`."""
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
+
+
+@contextmanager
+def running_redis(directory: Path, extra_args: Sequence[str] = ()) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer`, stopped (SIGTERM, then SIGKILL) when the block ends."""
+    server = RedisServer(directory, extra_args=extra_args)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,216 @@
+"""Child processes of the tests and the benchmarks: ``trio-gateway serve``, ``demo-runtime``,
+``demo``... started on a loopback port, waited for (bounded) until they answer ``/health``, and
+stopped (SIGTERM, then SIGKILL) whatever happens.
+
+Children are :class:`subprocess.Popen` objects so that synchronous code (a benchmark's setup, a
+context manager that must stop its child even when trio is gone) and trio code can share them;
+the waits that happen under trio poll, so they stay cancellable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import trio
+
+from .ports import HOST, free_port
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+STARTUP_TIMEOUT = 30.0  # seconds for a child to answer /health
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL, and for the reaping after it
+
+
+class ChildError(Exception):
+    """A child process died, or did not become ready in time (its output is in the message)."""
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command line of ``trio-gateway ARGS`` run by this interpreter."""
+    return [sys.executable, "-m", "trio_gateway.cli", *args]
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any ``GATEWAY__*`` (an operator's variables would
+    silently change what a child does), plus ``settings`` as ``GATEWAY__NAME``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY__")}
+    env.update({f"GATEWAY__{key.upper()}": value for key, value in settings.items()})
+    return env
+
+
+def child_env(internal_key: str, **settings: str) -> dict[str, str]:
+    """:func:`clean_env` with the internal key, WARNING logs, JWT off, then ``settings``."""
+    return clean_env(
+        internal_api_key=internal_key, log_level="WARNING", use_jwt_auth="false", **settings
+    )
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies (even by
+    SIGKILL), so a killed run leaves no servers behind; None where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+async def wait_until_serving(
+    base_url: str, timeout: float = 20, *, check_alive: Callable[[], None] | None = None
+) -> None:
+    """Poll ``GET base_url/health`` until it answers 200, or fail (``trio.TooSlowError``);
+    ``check_alive`` (raising) is called between attempts so that a dead child fails at once."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+        with trio.fail_after(timeout):
+            while True:
+                if check_alive is not None:
+                    check_alive()
+                with suppress(httpx.TransportError):
+                    if (await http.get(f"{base_url}/health", timeout=2.0)).status_code == 200:
+                        return
+                await trio.sleep(0.05)
+
+
+def wait_until_serving_sync(base_url: str, timeout: float = STARTUP_TIMEOUT) -> None:
+    """:func:`wait_until_serving` for code that does not run under trio."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise ChildError(f"{base_url} did not become healthy in {timeout:g} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` (a frozen child is thawed first), wait, SIGKILL after ``STOP_TIMEOUT``;
+    reaped afterwards. Never raises."""
+    if process.poll() is None:
+        with suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # a SIGSTOPped child could not act on sig
+            process.send_signal(sig)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+
+
+@dataclass
+class Child:
+    """One child process (a Python interpreter running ``trio-gateway``) and its log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.process.pid
+
+    @property
+    def port(self) -> int:
+        """The loopback port it serves on."""
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines the child wrote, for error messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Raise :class:`ChildError` (with its output) if the child has exited."""
+        code = self.process.poll()
+        if code is not None:
+            raise ChildError(f"{self.name} exited with status {code}:\n{self.log_tail()}")
+
+    async def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Poll ``GET /health`` until it answers 200 (bounded by ``timeout``)."""
+        try:
+            await wait_until_serving(self.url, timeout, check_alive=self.check_alive)
+        except trio.TooSlowError:
+            raise ChildError(
+                f"{self.name} not healthy after {timeout:g} s:\n{self.log_tail()}"
+            ) from None
+
+    async def wait_exit(self) -> int:
+        """Wait (polling: a Popen child) until the child has exited; its status."""
+        while (code := self.process.poll()) is None:
+            await trio.sleep(0.01)
+        return code
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """``sig`` (SIGTERM: the gateway drains), then SIGKILL after a grace period."""
+        stop_process(self.process, sig)
+
+
+@contextmanager
+def spawned(
+    name: str, args: list[str], env: dict[str, str], workdir: Path, *, port: int | None = None
+) -> Iterator[Child]:
+    """Run ``trio-gateway ARGS --host 127.0.0.1 --port PORT`` (a free port unless given) as a
+    child writing to ``workdir/NAME.log``; stop it when the block ends."""
+    port = port or free_port()
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            cli_command(*args, "--host", HOST, "--port", str(port)),
+            env=env,
+            cwd=workdir,  # no stray .env from the caller's directory
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop the children
+            preexec_fn=die_with_parent(),
+        )
+    child = Child(name, process, log_path, f"http://{HOST}:{port}")
+    try:
+        yield child
+    finally:
+        child.stop()
+
+
+async def run_bench_script(
+    script: str, args: Sequence[str], workdir: Path, timeout: float
+) -> dict[str, Any]:
+    """Run ``bench/SCRIPT ARGS --json FILE`` as a child process (as an operator would; its own
+    children die with it), print what it printed, and return the figures it wrote.
+
+    The short tests prove what the benchmarks prove by running the very same scripts, never by
+    importing them: a script's command line stays what the docs quote.
+    """
+    figures = workdir / f"{Path(script).stem}-figures.json"
+    command = [sys.executable, str(BENCH_DIR / script), *args, "--json", str(figures)]
+    with trio.fail_after(timeout):
+        done = await trio.run_process(
+            command, cwd=workdir, capture_stdout=True, capture_stderr=True, check=False
+        )
+    print(done.stdout.decode(errors="replace"))
+    assert figures.exists(), done.stderr.decode(errors="replace")[-3000:]
+    figures_read: dict[str, Any] = orjson.loads(figures.read_bytes())
+    return figures_read
