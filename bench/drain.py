@@ -35,8 +35,14 @@ import trio_websocket
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fleet import Services, running_fleet, runtime_streams
-from bench.relay_bench import raise_fd_limit
+from bench.harness import (
+    Services,
+    raise_fd_limit,
+    running_fleet,
+    runtime_streams,
+    table,
+    write_json,
+)
 
 SHORT_TURN = "bench 4 1"  # four tokens at 1/s: ends ~3 s after it starts
 LONG_TURN = "bench 100000 1"  # would stream for a day: only the drain timeout ends it
@@ -113,8 +119,7 @@ class DrainResult:
             ),
             ("verdict", "PASS" if self.ok else "FAIL"),
         ]
-        width = max(len(name) for name, _ in rows)
-        return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+        return table(rows)
 
 
 async def _session(
@@ -224,12 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=DrainConfig.sessions)
     parser.add_argument("--drain-timeout", type=float, default=DrainConfig.drain_timeout)
     parser.add_argument("--short-every", type=int, default=DrainConfig.short_every)
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
     cfg = DrainConfig(args.sessions, args.drain_timeout, max(1, args.short_every))
     raise_fd_limit()
     with running_fleet(drain_settings(cfg)) as services:
         result = trio.run(run_drain, services, cfg)
     print(result.render(), flush=True)
+    write_json(args.json, result, got_1012=result.got_1012, ok=result.ok)
     return 0 if result.ok else 1
 
 

@@ -41,33 +41,27 @@ Exit status: 0 when the measurement completed, 1 when the benchmark itself faile
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import h11
-import orjson
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message, RejectConnection, Request
 from wsproto.extensions import PerMessageDeflate
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.relay_bench import HOST, UNLIMITED_USER, BenchError, Child, child_env, spawned
+from bench.harness import HOST, UNLIMITED_USER, BenchError, Child, baseline_tree, child_env, spawned
 from tests.support.frames import ide_frame
+from tests.support.rawws import RawWebSocket
 
 ROOT = Path(__file__).resolve().parent.parent
 TURN_TIMEOUT = 120.0
@@ -85,63 +79,20 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-class DeflateClient:
-    """A WebSocket client on a bare trio socket that offers permessage-deflate."""
-
-    def __init__(self, stream: trio.SocketStream, ws: WSConnection, deflate: bool) -> None:
-        self.stream = stream
-        self.ws = ws
-        self.deflate = deflate  # negotiated
-        self._text: list[str] = []
-
-    @classmethod
-    async def connect(cls, port: int, path: str) -> DeflateClient:
-        stream = await trio.open_tcp_stream(HOST, port)
-        ws = WSConnection(ConnectionType.CLIENT)
-        request = Request(host=f"{HOST}:{port}", target=path, extensions=[PerMessageDeflate()])
-        await stream.send_all(ws.send(request))
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise BenchError("closed during the handshake")
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, AcceptConnection):
-                    return cls(stream, ws, bool(event.extensions))
-                if isinstance(event, RejectConnection):
-                    raise BenchError(f"handshake refused with HTTP {event.status_code}")
-
-    async def send_json(self, frame: dict[str, Any]) -> None:
-        await self.stream.send_all(self.ws.send(Message(data=orjson.dumps(frame).decode())))
-
-    async def turn(self) -> int:
-        """Read frames up to the final one; return how many arrived."""
-        frames = 0
+async def read_turn(client: RawWebSocket) -> int:
+    """Read frames up to the final one; return how many arrived."""
+    frames = 0
+    try:
         with trio.fail_after(TURN_TIMEOUT):
             while True:
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    raise BenchError("gateway closed the socket mid-turn")
-                self.ws.receive_data(data)
-                for event in self.ws.events():
-                    if isinstance(event, Message):
-                        self._text.append(str(event.data))
-                        if not event.message_finished:
-                            continue
-                        frame = orjson.loads("".join(self._text))
-                        self._text = []
-                        frames += 1
-                        if frame.get("type") == "error":
-                            raise BenchError(f"error frame: {frame}")
-                        if frame.get("is_final") is True:
-                            return frames
-                    elif isinstance(event, CloseConnection):
-                        raise BenchError(f"gateway closed with {event.code}")
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(2):
-            await self.stream.send_all(self.ws.send(CloseConnection(code=1000)))
-        await self.stream.aclose()
+                frame = await client.recv_json(TURN_TIMEOUT)
+                frames += 1
+                if frame.get("type") == "error":
+                    raise BenchError(f"error frame: {frame}")
+                if frame.get("is_final") is True:
+                    return frames
+    except ConnectionError as error:
+        raise BenchError(f"gateway closed the socket mid-turn: {error}") from None
 
 
 class RestConnection:
@@ -236,22 +187,26 @@ class Run:
         return 1e6 * self.rest_cpu_s / self.requests if self.requests else float("nan")
 
 
-async def open_clients(gateway: Child, count: int) -> list[DeflateClient]:
+async def open_clients(gateway: Child, count: int) -> list[RawWebSocket]:
     """``count`` sessions on ``gateway`` (distinct ids)."""
     port = int(gateway.url.rsplit(":", 1)[1])
     tag = secrets.token_hex(4)
-    return [await DeflateClient.connect(port, f"/api/v1/ws/{tag}-{i}") for i in range(count)]
+    deflate = [PerMessageDeflate()]
+    return [
+        await RawWebSocket.connect(port, f"/api/v1/ws/{tag}-{i}", extensions=deflate)
+        for i in range(count)
+    ]
 
 
-async def turn_all(clients: list[DeflateClient], content: str, rate: int) -> int:
+async def turn_all(clients: list[RawWebSocket], content: str, rate: int) -> int:
     """Send ``content`` on every session (starts spread over one token interval) and read
     every turn to its end; return the frames received."""
     counts: list[int] = []
 
-    async def one(client: DeflateClient, delay: float) -> None:
+    async def one(client: RawWebSocket, delay: float) -> None:
         await trio.sleep(delay)
         await client.send_json(ide_frame(content))
-        counts.append(await client.turn())
+        counts.append(await read_turn(client))
 
     async with trio.open_nursery() as nursery:
         for index, client in enumerate(clients):
@@ -265,7 +220,7 @@ async def measure(
     """Both gateways in the same window: open the sessions, warm up, then time ``bench N R``
     on every session of both at once, so whatever else the machine does hits both alike."""
     await runtime.wait_healthy()
-    clients: dict[str, list[DeflateClient]] = {}
+    clients: dict[str, list[RawWebSocket]] = {}
     try:
         for variant, gateway in gateways.items():
             await gateway.wait_healthy()
@@ -299,7 +254,7 @@ async def measure(
                     (cpu_ns(gateway.pid) - start[variant]) / 1e9,
                     runtime_cpu / len(gateways),
                     wall,
-                    all(c.deflate for c in clients[variant]),
+                    all(c.extensions for c in clients[variant]),
                 )
             )
         if args.requests:
@@ -311,22 +266,7 @@ async def measure(
     finally:
         for group in clients.values():
             for client in group:
-                await client.aclose()
-
-
-@contextmanager
-def baseline_tree(ref: str) -> Iterator[Path]:
-    """The ``trio_gateway`` package of commit ``ref``, unpacked into a temporary directory."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "trio_gateway"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout
-    with tempfile.TemporaryDirectory(prefix="frame-cost-base-") as tmp:
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
-        yield Path(tmp)
+                await client.close()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {**UNLIMITED_USER}
     with (
         tempfile.TemporaryDirectory(prefix="frame-cost-") as tmp,
-        baseline_tree(args.baseline) as base,
+        baseline_tree(args.baseline, "frame-cost-base-") as base,
         spawned("runtime", ["demo-runtime"], child_env(key), Path(tmp)) as runtime,
     ):
         for pair in range(args.pairs):

@@ -42,22 +42,19 @@ import trio_websocket
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fleet import (
+from bench.harness import (
+    BenchError,
     Sampler,
     Services,
     gateway_metrics,
     percentile,
-    running_fleet,
-)
-from bench.relay_bench import (
-    BenchError,
-    SocketGroup,
-    TurnResult,
-    expected_text,
-    gateway_turn,
     raise_fd_limit,
+    running_fleet,
     self_cpu_seconds,
+    table,
+    write_json,
 )
+from bench.relay_bench import SocketGroup, TurnResult, expected_text, gateway_turn
 
 TURN_TIMEOUT_MARGIN = 60.0  # seconds a turn may take beyond its nominal length
 
@@ -188,8 +185,7 @@ class LoadResult:
             ),
             ("verdict", "PASS" if self.ok else "FAIL"),
         ]
-        width = max(len(name) for name, _ in rows)
-        return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+        return table(rows)
 
 
 async def _session_loop(
@@ -290,9 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds of load")
     parser.add_argument("--tokens", type=int, help="tokens per turn")
     parser.add_argument("--rate", type=float, help="tokens/s within a turn")
+    parser.add_argument("--think", type=float, help="max seconds between turns")
+    parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
     cfg = LoadConfig.quick() if args.quick else LoadConfig()
-    for name in ("sessions", "duration", "tokens", "rate"):
+    for name in ("sessions", "duration", "tokens", "rate", "think", "ramp"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     fd_limit = raise_fd_limit()
@@ -309,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with running_fleet(load_settings(cfg)) as services:
         result = trio.run(run_load, services, cfg)
     print(result.render(), flush=True)
+    write_json(args.json, result, ok=result.ok)
     return 0 if result.ok else 1
 
 

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import baseline_tree  # noqa: E402
 from tests.support.scripted_runtime import chunk  # noqa: E402
 
 KEY = "read-path-bench-internal-key"
@@ -110,21 +107,13 @@ class LockstepServer:
 @contextmanager
 def baseline_package(ref: str) -> Iterator[str]:
     """Commit ``ref``'s ``trio_gateway`` importable as ``trio_gateway_base``."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "trio_gateway"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout
-    with tempfile.TemporaryDirectory(prefix="read-path-base-") as tmp:
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
-        Path(tmp, "trio_gateway").rename(Path(tmp, "trio_gateway_base"))
-        sys.path.insert(0, tmp)
+    with baseline_tree(ref, "read-path-base-") as tmp:
+        (tmp / "trio_gateway").rename(tmp / "trio_gateway_base")
+        sys.path.insert(0, str(tmp))
         try:
             yield "trio_gateway_base"
         finally:
-            sys.path.remove(tmp)
+            sys.path.remove(str(tmp))
 
 
 def make_client(package: str, port: int) -> Any:

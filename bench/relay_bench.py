@@ -61,24 +61,16 @@ interrupted.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import hashlib
-import importlib.util
 import math
 import os
 import resource
 import secrets
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,15 +81,37 @@ import trio
 import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
-HOST = "127.0.0.1"
+if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import (
+    UNLIMITED_USER,
+    BenchError,
+    Child,
+    CpuMeter,
+    CpuUse,
+    Services,
+    child_env,
+    describe,
+    find_py_spy,
+    gateway_sources_digest,
+    hottest_functions,
+    interrupted,
+    leaves,
+    loadavg,
+    log,
+    profiled,
+    raise_fd_limit,
+    rss_kib,
+    spawned,
+)
+
 STREAM_PATH = "/agent/message/stream"
-WS_PATH = "/api/v1/ws/"
 
 TARGET_THROUGHPUT_RATIO = 0.9  # gateway tokens/s >= 0.9 x direct
 TARGET_ADDED_P99_MS = 5.0  # gateway p99 latency - direct p99 latency
 TARGET_IDLE_SESSION_KIB = 40.0  # RSS per idle WebSocket session
 
-STARTUP_TIMEOUT = 30.0  # seconds for a child to answer /health
 ROUND_TIMEOUT = 300.0  # seconds for one throughput round (connect, stream, close)
 PACED_TIMEOUT_MARGIN = 120.0  # seconds a paced phase may take beyond its nominal duration
 CONNECT_TIMEOUT = 30.0  # seconds for one WebSocket handshake
@@ -107,14 +121,8 @@ WARMUP_SESSIONS = 50
 OPEN_CONCURRENCY = 100  # WebSocket handshakes (and closes) in flight at once
 SETTLE_SECONDS = 2.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a fully coalesced turn must never trip the client's limit
-CHILD_STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
-PROFILE_RATE = 100  # py-spy samples per second
 
 T = TypeVar("T")
-
-
-class BenchError(Exception):
-    """The benchmark itself failed: wrong text, an error frame, a dead child, a timeout."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,320 +177,6 @@ class BenchConfig:
 def expected_text(tokens: int) -> str:
     """The exact text of a ``bench N`` turn: ``t0 t1 ... t{N-1} ``."""
     return "".join(f"t{index} " for index in range(tokens))
-
-
-# ------------------------------------------------------------------------------------------------
-# Processes: children, CPU, memory
-# ------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port the OS considers free on 127.0.0.1 right now (closed again before returning)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); return the new soft."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20  # an unlimited hard limit cannot be the soft limit on Linux (nr_open)
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        with suppress(ValueError, OSError):  # keep what we have; main() checks it is enough
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds consumed so far by process ``pid`` (``/proc/<pid>/stat``)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may contain spaces: split after its closing parenthesis.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of the whole line
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def self_cpu_seconds() -> float:
-    """User + system CPU seconds of this (the client) process."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of process ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
-
-
-@dataclass
-class Child:
-    """One child process (a Python interpreter running ``trio-gateway``) and its log file."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    url: str
-
-    @property
-    def pid(self) -> int:
-        """The child's process id."""
-        return self.process.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines the child wrote, for error messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        """Raise :class:`BenchError` (with its output) if the child has exited."""
-        code = self.process.poll()
-        if code is not None:
-            raise BenchError(f"{self.name} exited with status {code}:\n{self.log_tail()}")
-
-    async def wait_healthy(self) -> None:
-        """Poll ``GET /health`` until it answers 200 (bounded by ``STARTUP_TIMEOUT``)."""
-        async with httpx.AsyncClient(trust_env=False) as client:
-            try:
-                with trio.fail_after(STARTUP_TIMEOUT):
-                    while True:
-                        self.check_alive()
-                        with suppress(httpx.TransportError):
-                            response = await client.get(self.url + "/health", timeout=2.0)
-                            if response.status_code == 200:
-                                return
-                        await trio.sleep(0.05)
-            except trio.TooSlowError:
-                raise BenchError(
-                    f"{self.name} not healthy after {STARTUP_TIMEOUT:g} s:\n{self.log_tail()}"
-                ) from None
-
-    def stop(self) -> None:
-        """SIGTERM (the gateway drains), then SIGKILL after a grace period. Never raises."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(CHILD_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(CHILD_STOP_TIMEOUT)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies (even by
-    SIGKILL), so a killed benchmark leaves no servers behind; None where unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
-
-
-@contextmanager
-def spawned(name: str, args: list[str], env: dict[str, str], workdir: Path) -> Iterator[Child]:
-    """Run ``trio-gateway ARGS`` (with ``--port`` chosen here) as a child; stop it on exit."""
-    port = free_port()
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trio_gateway.cli", *args, "--host", HOST, "--port", str(port)],
-            env=env,
-            cwd=workdir,  # no stray .env from the caller's directory
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop the children
-            preexec_fn=_die_with_parent(),
-        )
-    child = Child(name, process, log_path, f"http://{HOST}:{port}")
-    try:
-        yield child
-    finally:
-        child.stop()
-
-
-# Every client of these benchmarks is the same "anonymous" user at one address (JWT off), and
-# the per-user caps (20 sockets; 5 messages/s, burst 30; 5 handshakes/s, burst 60; 100 live
-# sessions) would refuse most of a few hundred sessions: lift them so that what is measured is
-# the relay and the lifecycle, not the limiter.
-UNLIMITED_USER = {
-    "ws_messages_per_second": "10000",
-    "ws_message_burst": "100000",
-    "max_connections_per_user": "100000",
-    "ws_handshakes_per_second": "100000",
-    "ws_handshake_burst": "1000000",
-    "max_live_sessions_per_user": "1000000",
-}
-
-
-def child_env(internal_key: str, **settings: str) -> dict[str, str]:
-    """This process's environment without any ``GATEWAY__*`` (they would silently change what
-    is measured), plus the internal key, WARNING logs and ``settings`` as ``GATEWAY__NAME``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY__")}
-    env["GATEWAY__INTERNAL_API_KEY"] = internal_key
-    env["GATEWAY__LOG_LEVEL"] = "WARNING"
-    # The relay is what is measured; token checks happen once per handshake, not per token.
-    env["GATEWAY__USE_JWT_AUTH"] = "false"
-    env.update({f"GATEWAY__{key.upper()}": value for key, value in settings.items()})
-    return env
-
-
-@dataclass(frozen=True)
-class Services:
-    """A running runtime and gateway, and the internal key they share."""
-
-    runtime: Child
-    gateway: Child
-    internal_key: str
-
-    def ws_url(self, session_id: str) -> str:
-        """The gateway's WebSocket URL for ``session_id``."""
-        return self.gateway.url.replace("http://", "ws://", 1) + WS_PATH + session_id
-
-    def check_alive(self) -> None:
-        """Raise if either child has died."""
-        self.runtime.check_alive()
-        self.gateway.check_alive()
-
-
-class CpuMeter:
-    """CPU seconds of the gateway, the runtime and this client over one timed window."""
-
-    def __init__(self, services: Services) -> None:
-        """Read the starting values now."""
-        self._services = services
-        self._start = self._read()
-        self._wall_start = time.perf_counter()
-
-    def _read(self) -> tuple[float, float, float]:
-        return (
-            cpu_seconds(self._services.gateway.pid),
-            cpu_seconds(self._services.runtime.pid),
-            self_cpu_seconds(),
-        )
-
-    def elapsed(self) -> CpuUse:
-        """CPU seconds of each process and wall seconds since construction."""
-        end = self._read()
-        return CpuUse(
-            gateway_s=end[0] - self._start[0],
-            runtime_s=end[1] - self._start[1],
-            client_s=end[2] - self._start[2],
-            wall_s=time.perf_counter() - self._wall_start,
-        )
-
-
-@dataclass
-class CpuUse:
-    """CPU seconds per process over a window of ``wall_s`` seconds."""
-
-    gateway_s: float
-    runtime_s: float
-    client_s: float
-    wall_s: float
-
-    def __add__(self, other: CpuUse) -> CpuUse:
-        return CpuUse(
-            self.gateway_s + other.gateway_s,
-            self.runtime_s + other.runtime_s,
-            self.client_s + other.client_s,
-            self.wall_s + other.wall_s,
-        )
-
-    def cores(self) -> str:
-        """Average cores busy per process, e.g. ``gateway 0.97, runtime 0.51, client 0.40``."""
-        wall = self.wall_s or math.nan
-        return (
-            f"gateway {self.gateway_s / wall:.2f}, runtime {self.runtime_s / wall:.2f}, "
-            f"client {self.client_s / wall:.2f}"
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# Profiling (optional): py-spy on the gateway, summarised as its hottest functions
-# ------------------------------------------------------------------------------------------------
-
-
-def find_py_spy() -> str | None:
-    """py-spy next to this interpreter or on PATH."""
-    beside = Path(sys.executable).parent / "py-spy"
-    return str(beside) if beside.exists() else shutil.which("py-spy")
-
-
-@asynccontextmanager
-async def profiled(pid: int, output: Path | None) -> AsyncIterator[None]:
-    """Record ``pid`` with py-spy (collapsed stacks) into ``output`` while the block runs."""
-    py_spy = find_py_spy() if output is not None else None
-    if output is None or py_spy is None:
-        yield
-        return
-    command = [py_spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE)]
-    command += ["--format", "raw", "--nolineno", "--nonblocking", "--output", str(output)]
-    recorder = await trio.lowlevel.open_process(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)  # py-spy writes the file and exits
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(30):
-                await recorder.wait()
-            if recorder.returncode is None:
-                recorder.kill()
-                await recorder.wait()
-
-
-def _package_of(frame: str) -> str:
-    """``"f (httpcore/_async/http11.py)"`` -> ``"httpcore"``; stdlib modules keep their name."""
-    _, _, where = frame.rpartition(" (")
-    return where.rstrip(")").split("/")[0].removesuffix(".py") or "?"
-
-
-def hottest_functions(collapsed: Path, top: int = 10) -> list[str]:
-    """The functions with the most samples (inclusive and self) in a py-spy raw profile.
-
-    Inclusive counts start below trio's run loop: the frames above it (the interpreter, the CLI,
-    ``trio.run``) are on every stack and say nothing.
-    """
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    packages: Counter[str] = Counter()
-    total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        loop = max((i for i, f in enumerate(frames) if f.startswith("unrolled_run ")), default=-1)
-        total += int(count)
-        own[frames[-1]] += int(count)
-        packages[_package_of(frames[-1])] += int(count)
-        for frame in set(frames[loop + 1 :]):
-            inclusive[frame] += int(count)
-    if not total:
-        return ["(no samples)"]
-    lines = [
-        f"{total} samples; self time by package: "
-        + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in packages.most_common(8)),
-        "inclusive (below trio's run loop):",
-    ]
-    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(top)]
-    lines.append("self:")
-    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
-    return lines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -825,7 +519,7 @@ async def throughput_phase(
                         outcome = await gateway_round(services, cfg, tag)
                     services.check_alive()
                     rounds.append(outcome)
-                    _log(
+                    log(
                         f"  round {number} {path:<7} {outcome.tokens_per_s:>9,.0f} tok/s in "
                         f"{outcome.wall_s:.2f} s; cores busy: {outcome.cpu.cores()}"
                     )
@@ -1001,12 +695,12 @@ async def latency_phase(
     """The same paced load read directly, then through the gateway."""
     direct = await paced_direct(services, cfg)
     services.check_alive()
-    _log(f"  direct  p50 {direct.p50_ms:.2f} ms, p99 {direct.p99_ms:.2f} ms")
+    log(f"  direct  p50 {direct.p50_ms:.2f} ms, p99 {direct.p99_ms:.2f} ms")
     profile_path = profile_dir / "latency.collapsed" if profile_dir else None
     async with profiled(services.gateway.pid, profile_path):
         gateway = await paced_gateway(services, cfg)
     services.check_alive()
-    _log(f"  gateway p50 {gateway.p50_ms:.2f} ms, p99 {gateway.p99_ms:.2f} ms")
+    log(f"  gateway p50 {gateway.p50_ms:.2f} ms, p99 {gateway.p99_ms:.2f} ms")
     return LatencyResult(
         sessions=cfg.paced_sessions,
         rate=cfg.rate,
@@ -1215,33 +909,9 @@ def _us_per_token(cpu: CpuUse, tokens: int) -> CpuUse:
     )
 
 
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages, as the kernel prints them."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
-def gateway_sources_digest() -> str:
-    """SHA-256 over the gateway package's ``.py`` files, to tie the figures to a code version
-    (the package is installed editable; this script does not run git)."""
-    spec = importlib.util.find_spec("trio_gateway")
-    if spec is None or not spec.submodule_search_locations:
-        return "unknown"
-    digest = hashlib.sha256()
-    for path in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 Phase = Callable[[Services, BenchConfig, Path | None], Awaitable[T]]
@@ -1264,15 +934,15 @@ def run_phase(
         async def body() -> T:
             await runtime.wait_healthy()
             await gateway.wait_healthy()
-            _log(f"{name}: gateway pid {gateway.pid}, runtime pid {runtime.pid}")
+            log(f"{name}: gateway pid {gateway.pid}, runtime pid {runtime.pid}")
             return await phase(services, cfg, profile_dir)
 
         try:
             return trio.run(body)
         except BaseException as error:
-            if not _interrupted(error):  # the children's last words help explain a failure
+            if not interrupted(error):  # the children's last words help explain a failure
                 for child in (runtime, gateway):
-                    _log(f"--- {child.name} log tail ---\n{child.log_tail()}")
+                    log(f"--- {child.name} log tail ---\n{child.log_tail()}")
             raise
 
 
@@ -1282,7 +952,7 @@ def run_memory_only(cfg: BenchConfig) -> MemoryResult:
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         workdir = Path(tmp)
         with spawned("runtime", ["demo-runtime", "--instant"], child_env(key), workdir) as runtime:
-            _log(f"memory: {cfg.idle_sessions} idle sessions")
+            log(f"memory: {cfg.idle_sessions} idle sessions")
             return run_phase("memory", memory_phase, runtime, key, workdir, cfg, None)
 
 
@@ -1301,35 +971,17 @@ def run(cfg: BenchConfig, mode: str, profile_dir: Path | None) -> Report:
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         workdir = Path(tmp)
         with spawned("runtime", ["demo-runtime", "--instant"], child_env(key), workdir) as runtime:
-            _log(f"throughput: {cfg.sessions} x {cfg.tokens} tokens, {cfg.rounds} round(s)/path")
+            log(f"throughput: {cfg.sessions} x {cfg.tokens} tokens, {cfg.rounds} round(s)/path")
             throughput = run_phase(
                 "throughput", throughput_phase, runtime, key, workdir, cfg, profile_dir
             )
-            _log(f"latency: {cfg.paced_sessions} x {cfg.rate} tok/s x {cfg.duration:g} s")
+            log(f"latency: {cfg.paced_sessions} x {cfg.rate} tok/s x {cfg.duration:g} s")
             latency = run_phase("latency", latency_phase, runtime, key, workdir, cfg, profile_dir)
-            _log(f"memory: {cfg.idle_sessions} idle sessions")
+            log(f"memory: {cfg.idle_sessions} idle sessions")
             memory = run_phase("memory", memory_phase, runtime, key, workdir, cfg, profile_dir)
     environment["loadavg_end"] = loadavg()
     environment["sources_unchanged"] = gateway_sources_digest() == digest
     return Report(mode, cfg, environment, throughput, latency, memory)
-
-
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
-
-
-def _interrupted(error: BaseException) -> bool:
-    return any(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(error))
-
-
-def _describe(leaf: BaseException) -> str:
-    if isinstance(leaf, trio.TooSlowError):
-        return "timed out (a trio.fail_after bound expired)"
-    return f"{type(leaf).__name__}: {leaf}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1368,12 +1020,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(cfg, "quick" if args.quick else "full", args.profile)
     except BaseException as error:
-        if _interrupted(error):
+        if interrupted(error):
             print("relay_bench: interrupted", file=sys.stderr)
             return 130
         if isinstance(error, SystemExit):
             raise
-        failures = "\n".join(f"  {_describe(leaf)}" for leaf in _leaves(error))
+        failures = "\n".join(f"  {describe(leaf)}" for leaf in leaves(error))
         print(f"relay_bench: FAILED\n{failures}", file=sys.stderr)
         return 1
     print(report.render(), flush=True)
@@ -1387,12 +1039,12 @@ def _main_memory_only(cfg: BenchConfig, json_path: Path | None) -> int:
     try:
         memory = run_memory_only(cfg)
     except BaseException as error:
-        if _interrupted(error):
+        if interrupted(error):
             print("relay_bench: interrupted", file=sys.stderr)
             return 130
         if isinstance(error, SystemExit):
             raise
-        failures = "\n".join(f"  {_describe(leaf)}" for leaf in _leaves(error))
+        failures = "\n".join(f"  {describe(leaf)}" for leaf in leaves(error))
         print(f"relay_bench: FAILED\n{failures}", file=sys.stderr)
         return 1
     print(

@@ -17,16 +17,26 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 from trio_gateway.tools.dev_auth import DevIssuer
+
+if __package__ in (None, ""):  # run as a script: make ``tests.*`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support.ports import free_port
+from tests.support.processes import (
+    clean_env,
+    spawned,
+    stop_process,
+    wait_until_serving_sync,
+)
 
 KEY = "bench-internal-key-0123456789"
 
@@ -37,33 +47,6 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     non_2xx: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not become healthy")
-
-
-def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "trio_gateway.cli", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def _milliseconds(text: str) -> float:
@@ -103,37 +86,40 @@ def main() -> int:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
         return 2
 
-    runtime_port, gateway_port, jwks_port = free_port(), free_port(), free_port()
-    env = {"GATEWAY__INTERNAL_API_KEY": KEY, "GATEWAY__LOG_LEVEL": "WARNING"}
+    jwks_port = free_port()
+    env = {"internal_api_key": KEY, "log_level": "WARNING"}
     # JWT verification on, as in production: a dev issuer's JWKS served as a static file.
     issuer = DevIssuer()
     token = issuer.mint("bench-user", lifetime=3600)
     jwks_dir = tempfile.mkdtemp(prefix="rest-bench-jwks-")
     with open(os.path.join(jwks_dir, "jwks.json"), "w") as handle:
         json.dump(issuer.jwks(), handle)
-    jwks = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(jwks_port), "--bind", "127.0.0.1"],
-        cwd=jwks_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    runtime = start(["demo-runtime", "--port", str(runtime_port), "--instant"], env)
-    gateway = start(
-        ["serve", "--port", str(gateway_port)],
-        {
+    with ExitStack() as children:
+        jwks = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(jwks_port), "--bind", "127.0.0.1"],
+            cwd=jwks_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        children.callback(stop_process, jwks)
+        workdir = Path(jwks_dir)
+        runtime_env = clean_env(**env)
+        runtime = children.enter_context(
+            spawned("runtime", ["demo-runtime", "--instant"], runtime_env, workdir)
+        )
+        gateway_env = clean_env(
             **env,
-            "GATEWAY__AGENT_URL": f"http://127.0.0.1:{runtime_port}",
-            "GATEWAY__JWKS_URL": f"http://127.0.0.1:{jwks_port}/jwks.json",
-            "GATEWAY__REST_REQUESTS_PER_SECOND": "100000",
-            "GATEWAY__REST_REQUEST_BURST": "1000000",
-        },
-    )
-    gateway_auth = [f"Authorization: Bearer {token}"]
-    try:
-        wait_healthy(f"http://127.0.0.1:{runtime_port}/health")
-        wait_healthy(f"http://127.0.0.1:{gateway_port}/health")
-        direct_url = f"http://127.0.0.1:{runtime_port}/agents"
-        gateway_url = f"http://127.0.0.1:{gateway_port}/api/v1/agents"
+            agent_url=runtime.url,
+            jwks_url=f"http://127.0.0.1:{jwks_port}/jwks.json",
+            rest_requests_per_second="100000",
+            rest_request_burst="1000000",
+        )
+        gateway = children.enter_context(spawned("gateway", ["serve"], gateway_env, workdir))
+        gateway_auth = [f"Authorization: Bearer {token}"]
+        wait_until_serving_sync(runtime.url)
+        wait_until_serving_sync(gateway.url)
+        direct_url = f"{runtime.url}/agents"
+        gateway_url = f"{gateway.url}/api/v1/agents"
         # warm-up: connection pools, caches
         run_wrk(direct_url, args.connections, 1, [f"X-Internal-Auth: {KEY}"])
         run_wrk(gateway_url, args.connections, 1, gateway_auth)
@@ -144,14 +130,6 @@ def main() -> int:
                 run_wrk(direct_url, args.connections, args.duration, [f"X-Internal-Auth: {KEY}"])
             )
             through.append(run_wrk(gateway_url, args.connections, args.duration, gateway_auth))
-    finally:
-        for process in (gateway, runtime, jwks):
-            process.terminate()
-        for process in (gateway, runtime, jwks):
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
     def median(results: list[WrkResult], field: str) -> float:
         return statistics.median(getattr(r, field) for r in results)

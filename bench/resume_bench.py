@@ -57,67 +57,60 @@ import math
 import os
 import random
 import secrets
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 import trio
-from wsproto.events import CloseConnection, Ping, TextMessage
-from wsproto.utilities import LocalProtocolError
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fleet import HOST, RawClient, gateway_metrics, percentile
-from bench.relay_bench import (
+from bench.harness import (
     UNLIMITED_USER,
-    WS_PATH,
-    BenchConfig,
     BenchError,
     Child,
     CpuUse,
-    LatencyStats,
-    RoundResult,
     Services,
-    _describe,
-    _die_with_parent,
-    _interrupted,
-    _leaves,
-    _log,
     child_env,
     cpu_seconds,
+    describe,
+    gateway_metrics,
+    gateway_sources_digest,
+    interrupted,
+    leaves,
+    loadavg,
+    log,
+    percentile,
+    raise_fd_limit,
+    spawned,
+)
+from bench.relay_bench import (
+    BenchConfig,
+    LatencyStats,
+    RoundResult,
     direct_client,
     direct_round,
     expected_text,
-    free_port,
     gateway_round,
-    gateway_sources_digest,
-    loadavg,
     paced_direct,
     paced_gateway,
-    raise_fd_limit,
-    spawned,
     warm_direct_pool,
 )
+from tests.support.redis_server import REDIS_SERVER, RedisServer, running_redis
+from tests.support.resume import ResumingClient
 
-V2 = "codelab.v2"
 STALLS = (0.0, 0.0, 0.01, 0.05, 0.2)  # seconds the client stops reading before the reset
 FOLLOW_UP_TOKENS = 3
 ITERATION_MARGIN = 60.0  # seconds one iteration may take beyond its turn's nominal length
-REDIS_START_TIMEOUT = 10.0
-CHILD_STOP_TIMEOUT = 10.0
 IDLE_TIMEOUT = 20.0  # seconds for a gateway's sessions to end after a round (grace + margin)
 THROUGHPUT_GRACE_SECONDS = 1  # phase 3 gateways: closed sessions end quickly between rounds
 
@@ -203,201 +196,19 @@ class ResumeBenchConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@dataclass
-class RedisChild:
-    """A running ``redis-server``."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        """Its process id."""
-        return self.process.pid
-
-    @property
-    def url(self) -> str:
-        """Its ``redis://`` URL."""
-        return f"redis://{HOST}:{self.port}/0"
-
-
 @contextmanager
-def redis_server(workdir: Path) -> Iterator[RedisChild]:
-    """A private ``redis-server`` on a free loopback port, without persistence, stopped (SIGTERM,
-    then SIGKILL) when the block ends."""
-    binary = shutil.which("redis-server")
-    if binary is None:
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """A private ``redis-server`` (the tests' launcher) on a free loopback port, without
+    persistence, refusing writes rather than evicting; stopped when the block ends."""
+    if REDIS_SERVER is None:
         raise BenchError("redis-server is not installed")
-    port = free_port()
-    log_path = workdir / "redis.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port", str(port),
-                "--bind", HOST,
-                "--save", "",
-                "--appendonly", "no",
-                "--maxmemory-policy", "noeviction",
-                "--dir", str(workdir),
-            ],
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop it
-            preexec_fn=_die_with_parent(),
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + REDIS_START_TIMEOUT
-        while not _redis_answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"redis-server did not start on port {port}")
-            time.sleep(0.02)
-        yield RedisChild(process, port, log_path)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(CHILD_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(CHILD_STOP_TIMEOUT)
+    with running_redis(workdir, ["--maxmemory-policy", "noeviction"]) as server:
+        yield server
 
 
 # ------------------------------------------------------------------------------------------------
 # The resuming client
 # ------------------------------------------------------------------------------------------------
-
-
-class ResumeClient:
-    """A v2 client on a raw socket that tracks the last seq it processed, checks that numbered
-    frames never skip or repeat across its connections, and assembles the streamed tokens.
-
-    Violations are recorded in ``problems`` (and ``resync_required`` in ``resyncs``), never
-    raised: an iteration goes on to the end of its turn and reports everything it saw.
-    """
-
-    def __init__(self, session_id: str) -> None:
-        """A client for ``session_id``; not connected yet."""
-        self.session_id = session_id
-        self.raw: RawClient | None = None
-        self.last_seq = 0
-        self.tokens: list[str] = []
-        self.token_count = 0  # ``tN `` pieces processed (a coalesced frame carries several)
-        self.finals = 0
-        self.turn_statuses: list[str] = []
-        self.problems: list[str] = []
-        self.resyncs: list[str] = []
-        self._rebase = False  # after resync_required the next seq is the new baseline
-        self._pending: deque[str] = deque()
-        self._partial: list[str] = []
-
-    async def connect(self, port: int, *, resume: bool) -> dict[str, Any]:
-        """Open a v2 WebSocket to ``port``, read ``session_ready``, send ``resume`` if asked."""
-        self._pending.clear()
-        self._partial.clear()
-        self.raw = await RawClient.connect(port, WS_PATH + self.session_id, [V2])
-        ready = await self.receive()
-        if ready.get("type") != "session_ready" or "seq" in ready:
-            raise BenchError(f"expected session_ready first, got {_short(ready)}")
-        if resume:
-            await self.send({"type": "resume", "last_seq": self.last_seq})
-        return ready
-
-    async def send(self, frame: dict[str, object]) -> None:
-        """Send one JSON frame."""
-        assert self.raw is not None
-        await self.raw.send_json(frame)
-
-    async def receive(self) -> dict[str, Any]:
-        """The next text message, parsed (pings are answered; a close frame is an error)."""
-        raw = self.raw
-        assert raw is not None
-        while not self._pending:
-            for event in raw.ws.events():
-                if isinstance(event, TextMessage):
-                    self._partial.append(event.data)
-                    if event.message_finished:
-                        self._pending.append("".join(self._partial))
-                        self._partial.clear()
-                elif isinstance(event, Ping):
-                    await raw.stream.send_all(raw.ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    raise BenchError(f"the gateway closed the socket ({event.code} {event.reason})")
-            if self._pending:
-                break
-            data = await raw.read_some()
-            if not data:
-                raise BenchError("the gateway closed the connection")
-            raw.ws.receive_data(data)
-        frame = orjson.loads(self._pending.popleft())
-        if not isinstance(frame, dict):
-            raise BenchError(f"a frame that is not an object: {_short(frame)}")
-        return frame
-
-    async def next(self) -> dict[str, Any]:
-        """The next frame, accounted: seq continuity, tokens, turn ends, errors, resyncs."""
-        frame = await self.receive()
-        kind = frame.get("type")
-        seq = frame.get("seq")
-        if seq is None:
-            if kind == "resync_required":
-                self.resyncs.append(str(frame.get("reason")))
-                self._rebase = True
-            return frame
-        if self._rebase:
-            self._rebase = False
-            self.last_seq = seq - 1
-        if seq != self.last_seq + 1:
-            self.problems.append(f"seq {seq} after {self.last_seq}")
-        self.last_seq = seq
-        if kind == "assistant_message":
-            token = frame.get("token")
-            if frame.get("is_final") is True:
-                self.finals += 1
-                if token:
-                    self.tokens.append(token)
-            elif isinstance(token, str):
-                self.tokens.append(token)
-                self.token_count += token.count(" ")
-            else:
-                self.problems.append(f"token chunk without a token: {_short(frame)}")
-        elif kind == "turn_finished":
-            self.turn_statuses.append(str(frame.get("status")))
-        elif kind == "error":
-            self.problems.append(f"error frame: {_short(frame)}")
-        return frame
-
-    async def until_turns_finished(self, count: int) -> None:
-        """Read until ``count`` turns have finished on this session."""
-        while len(self.turn_statuses) < count:
-            await self.next()
-
-    async def reset(self) -> None:
-        """Vanish: TCP RST, no close frame, unread bytes dropped by the kernel."""
-        raw, self.raw = self.raw, None
-        if raw is not None:
-            await raw.vanish(reset=True)
-
-    async def close(self) -> None:
-        """A normal close frame, then the socket goes (the reply is not awaited)."""
-        raw, self.raw = self.raw, None
-        if raw is None:
-            return
-        with suppress(LocalProtocolError, OSError, trio.BrokenResourceError):
-            await raw.stream.send_all(raw.ws.send(CloseConnection(code=1000)))
-        await raw.vanish(reset=False)
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -448,10 +259,12 @@ async def resume_iteration(
         cut_after_tokens=rng.randint(1, variant.max_cut_tokens),
         stall_ms=rng.choice(STALLS) * 1000,
     )
-    client = ResumeClient(f"{tag}-{variant.name}-{index}")
+    session_id = f"{tag}-{variant.name}-{index}"
+    # Not strict: every violation is recorded and the iteration goes on to the end of its turn.
+    client = ResumingClient(ports[0], session_id, strict=False, frame_timeout=math.inf)
     try:
         with trio.fail_after(variant.nominal_s + ITERATION_MARGIN):
-            await client.connect(ports[0], resume=False)
+            await client.connect(resume=False)
             await client.send({"type": "user_message", "content": variant.content})
             while client.token_count < sample.cut_after_tokens:
                 frame = await client.next()
@@ -459,10 +272,11 @@ async def resume_iteration(
                     raise BenchError("the turn ended before the cut (cut later than the turn)")
             await trio.sleep(sample.stall_ms / 1000)  # frames keep arriving, unread
             sample.cut_seq = client.last_seq
-            await client.reset()
+            await client.cut()
 
             started = time.perf_counter()
-            await client.connect(ports[1], resume=True)
+            client.port = ports[1]
+            await client.connect(resume=True)
             sample.ready_ms = _ms_since(started)
             replayed = 0
             while True:
@@ -496,7 +310,7 @@ async def resume_iteration(
                     break
             await client.until_turns_finished(2)
             await client.close()
-        text = "".join(client.tokens)
+        text = client.text()
         expected_tokens = expected_text(variant.tokens) + expected_text(FOLLOW_UP_TOKENS)
         if text != expected_tokens:
             at = next(
@@ -512,9 +326,9 @@ async def resume_iteration(
                 f"{client.finals} final chunk(s), turn statuses {client.turn_statuses}"
             )
     except (BenchError, trio.TooSlowError, OSError, orjson.JSONDecodeError) as error:
-        sample.problems.append(_describe(error))
+        sample.problems.append(describe(error))
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await client.reset()
+            await client.cut()
     sample.problems[:0] = client.problems
     sample.resyncs = client.resyncs
     return sample
@@ -611,7 +425,7 @@ async def run_variant(
             sample = await resume_iteration(variant, index, pair, route, tag, seed)
             samples.append(sample)
             if not sample.ok:
-                _log(f"  {variant.name} iteration {index} NOT EXACT: {sample.problems[:3]} "
+                log(f"  {variant.name} iteration {index} NOT EXACT: {sample.problems[:3]} "
                      f"resyncs {sample.resyncs}")  # fmt: skip
             for gateway in gateways:
                 gateway.check_alive()
@@ -633,9 +447,9 @@ async def resume_phase(
     tag = f"resume-{name}-{secrets.token_hex(3)}"
     results = []
     for variant in cfg.variants:
-        _log(f"{name}: {cfg.iterations} x {variant.content}, {variant.concurrency} at a time")
+        log(f"{name}: {cfg.iterations} x {variant.content}, {variant.concurrency} at a time")
         result = await run_variant(variant, cfg.iterations, gateways, tag, seed)
-        _log(
+        log(
             f"  resumed p50 {result.resumed.p50:.1f} ms, p95 {result.resumed.p95:.1f} ms, "
             f"max {result.resumed.max:.1f} ms; {result.failures} not exact"
         )
@@ -737,7 +551,7 @@ async def _wait_idle(services: Services) -> None:
             if not metrics.get("gateway_active_sessions"):
                 return
             await trio.sleep(0.25)
-    _log(f"  warning: {services.gateway.name} still holds sessions after {IDLE_TIMEOUT:g} s")
+    log(f"  warning: {services.gateway.name} still holds sessions after {IDLE_TIMEOUT:g} s")
 
 
 def _account(figures: PathFigures, outcome: RoundResult, tokens: int, redis_cpu: float) -> None:
@@ -752,7 +566,7 @@ async def throughput_phase(
     runtime: Child,
     memory_gw: Child,
     redis_gw: Child,
-    redis: RedisChild,
+    redis: RedisServer,
     cfg: BenchConfig,
     key: str,
 ) -> ThroughputPhaseResult:
@@ -791,7 +605,7 @@ async def throughput_phase(
                 redis_cpu = cpu_seconds(redis.pid) - redis_before
                 _account(unpaced[path], outcome, tokens, redis_cpu)
                 by_path[path] = outcome
-                _log(
+                log(
                     f"  round {number + 1} {path:<7}{outcome.tokens_per_s:>9,.0f} tok/s; "
                     f"cores busy: {outcome.cpu.cores()}, redis {redis_cpu / outcome.cpu.wall_s:.2f}"
                 )
@@ -813,7 +627,7 @@ async def throughput_phase(
         figures.cpu = stats.cpu
         figures.redis_cpu_s = cpu_seconds(redis.pid) - redis_before
         figures.latency_p50_ms, figures.latency_p99_ms = stats.p50_ms, stats.p99_ms
-        _log(f"  paced {path:<7} p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
+        log(f"  paced {path:<7} p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
     trouble = _redis_trouble(await gateway_metrics(services["redis"]), redis_gw)
     trouble = {k: v for k, v in trouble.items() if not k.startswith("gateway_resumes")}
     return ThroughputPhaseResult(cfg, unpaced, paced, ratios, trouble)
@@ -985,7 +799,7 @@ def _spread(spread: Spread) -> str:
 
 def _tails(children: Sequence[Child]) -> None:
     for child in children:
-        _log(f"--- {child.name} log tail ---\n{child.log_tail()}")
+        log(f"--- {child.name} log tail ---\n{child.log_tail()}")
 
 
 def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) -> Report:
@@ -1011,7 +825,7 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
             shared = {
                 **base,
                 "state_backend": "redis",
-                "redis_url": redis.url,
+                "redis_url": redis.url(),
                 "redis_timeout": "5",  # a loaded machine must not look like a Redis outage
                 "session_lease_seconds": "5",
             }
@@ -1022,7 +836,7 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
                 try:
                     single = trio.run(resume_phase, "single", [gw], runtime, cfg, seed)
                 except BaseException as error:
-                    if not _interrupted(error):
+                    if not interrupted(error):
                         _tails([runtime, gw])
                     raise
             phase_seconds["single"] = time.perf_counter() - started
@@ -1035,14 +849,14 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
                 try:
                     replicas = trio.run(resume_phase, "replicas", [a, b], runtime, cfg, seed)
                 except BaseException as error:
-                    if not _interrupted(error):
+                    if not interrupted(error):
                         _tails([runtime, a, b])
                     raise
             phase_seconds["replicas"] = time.perf_counter() - started
             started = time.perf_counter()
             quick_grace = {"session_grace_seconds": str(THROUGHPUT_GRACE_SECONDS)}
             tp = cfg.throughput
-            _log(
+            log(
                 f"throughput: {tp.sessions} x bench {tp.tokens}, {tp.rounds} round(s); paced "
                 f"{tp.paced_sessions} x bench {tp.paced_tokens} {tp.rate}"
             )
@@ -1059,7 +873,7 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
                         throughput_phase, runtime, memory_gw, redis_gw, redis, tp, key
                     )
                 except BaseException as error:
-                    if not _interrupted(error):
+                    if not interrupted(error):
                         _tails([runtime, memory_gw, redis_gw])
                     raise
             phase_seconds["throughput"] = time.perf_counter() - started
@@ -1132,12 +946,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(cfg, "quick" if args.quick else "full", args.seed, args.workdir)
     except BaseException as error:
-        if _interrupted(error):
+        if interrupted(error):
             print("resume_bench: interrupted", file=sys.stderr)
             return 130
         if isinstance(error, SystemExit):
             raise
-        failures = "\n".join(f"  {_describe(leaf)}" for leaf in _leaves(error))
+        failures = "\n".join(f"  {describe(leaf)}" for leaf in leaves(error))
         print(f"resume_bench: FAILED\n{failures}", file=sys.stderr)
         return 1
     data = orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2)

@@ -44,23 +44,21 @@ import trio_websocket
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fleet import (
-    RawClient,
+from bench.harness import (
+    BenchError,
     Sampler,
     Services,
     gateway_metrics,
     open_fds,
-    running_fleet,
-    runtime_streams,
-)
-from bench.relay_bench import (
-    BenchError,
-    TurnResult,
-    expected_text,
-    gateway_turn,
     raise_fd_limit,
     rss_kib,
+    running_fleet,
+    runtime_streams,
+    table,
+    write_json,
 )
+from bench.relay_bench import TurnResult, expected_text, gateway_turn
+from tests.support.rawws import RawWebSocket
 
 FD_SLACK = 2
 RSS_TOLERANCE_MIB = 16.0
@@ -196,8 +194,7 @@ class SoakResult:
             ("runtime streams open after", f"{self.runtime_active_after}"),
             ("verdict", "PASS" if not self.problems() else f"FAIL: {self.problems()}"),
         ]
-        width = max(len(name) for name, _ in rows)
-        return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+        return table(rows)
 
 
 async def snapshot(services: Services) -> Snapshot:
@@ -233,7 +230,7 @@ async def _leave_mid_turn(services: Services, session_id: str) -> None:
 
 async def _raw(services: Services, session_id: str, kind: str) -> None:
     port = int(services.gateway.url.rsplit(":", 1)[1])
-    client = await RawClient.connect(port, f"/api/v1/ws/{session_id}")
+    client = await RawWebSocket.connect(port, f"/api/v1/ws/{session_id}")
     if kind == "half-frame":
         await client.stream.send_all(HALF_FRAME)
         await client.vanish(reset=False)
@@ -352,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=SoakConfig.duration)
     parser.add_argument("--workers", type=int, default=SoakConfig.workers)
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds (0: automatic)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     args = parser.parse_args(argv)
     cfg = SoakConfig(args.duration, args.workers, args.warmup)
     raise_fd_limit()
@@ -359,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with running_fleet(soak_settings(cfg)) as services:
         result = trio.run(run_soak, services, cfg)
     print(result.render(), flush=True)
+    write_json(args.json, result, problems=result.problems())
     return 0 if not result.problems() else 1
 
 

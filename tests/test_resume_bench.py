@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench import resume_bench
+from .support.processes import BENCH_DIR
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"
@@ -49,7 +49,7 @@ def run_bench(tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict[st
     """One run of the bench with tiny sizes: its output and its figures."""
     figures = tmp_path / "figures.json"
     figures.unlink(missing_ok=True)
-    command = [sys.executable, resume_bench.__file__, *TINY, "--json", str(figures)]
+    command = [sys.executable, str(BENCH_DIR / "resume_bench.py"), *TINY, "--json", str(figures)]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=100, cwd=tmp_path, check=False
     )
