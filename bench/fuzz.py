@@ -60,14 +60,14 @@ from tests.support.fuzzing_http import (
 )
 from tests.support.fuzzing_http import check_smuggling as check_cl_te
 from tests.support.fuzzing_http import smuggling_requests as cl_te_requests
+from tests.support.fuzzing_lockouts import LIVE_CAP, flood
+from tests.support.fuzzing_tokens import DOORS, bad_tokens, check_token
 from tests.support.smuggling import (
     SmugglingRequest,
     check_smuggling,
     send_smuggling,
     smuggling_requests,
 )
-from tests.test_fuzz_lockouts import LIVE_CAP, flood
-from tests.test_fuzz_tokens import DOORS, bad_tokens, check_token
 
 
 def hypothesis_settings(examples: int) -> settings:
@@ -109,9 +109,6 @@ def fuzz_frames_and_handshakes(examples: int, handshakes: int, stats: FuzzStats)
 
 def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
     """Refused tokens on every door of a JWT-on gateway."""
-    import tests.test_fuzz_tokens as token_tests
-
-    token_tests.STATS = stats  # check_token records there
     failures: list[str] = []
     with FuzzGateway(jwt=True) as gateway:
         issuer = gateway.issuer
@@ -122,7 +119,7 @@ def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
         def tokens(data: st.DataObject, door: str) -> None:
             token, unscoped = data.draw(bad_tokens(issuer))
             try:
-                check_token(gateway, token, unscoped, door)
+                check_token(gateway, token, unscoped, door, stats)
             except AssertionError as error:
                 failures.append(str(error)[:200])
 

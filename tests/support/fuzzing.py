@@ -67,7 +67,7 @@ from trio_gateway.tools.demo_runtime import (
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
-from .task_tree import format_task_tree
+from .task_tree import format_task_tree, task_names
 
 T = TypeVar("T")
 
@@ -857,19 +857,7 @@ class ControlReport:
 
 def count_tasks() -> int:
     """Live tasks in the calling trio run."""
-    total = 0
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        nonlocal total
-        total += 1
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    walk(root)
-    return total
+    return len(task_names(lambda _: True))
 
 
 async def control_turn(ws: trio_websocket.WebSocketConnection, tokens: int) -> str | None:

@@ -10,6 +10,7 @@ through ``trio.from_thread.run_sync`` for a run in another thread.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -73,3 +74,20 @@ def count_tasks(name: str, under: str = "") -> int:
     assert root is not None
     walk(root, not under)
     return found
+
+
+def task_names(predicate: Callable[[str], bool]) -> list[str]:
+    """Names of every live task in this process whose name satisfies ``predicate``."""
+    names: list[str] = []
+
+    def walk(task: trio.lowlevel.Task) -> None:
+        if predicate(task.name):
+            names.append(task.name)
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    walk(root)
+    return names
