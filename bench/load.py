@@ -2,7 +2,7 @@
 
 Run ``python bench/load.py`` (2000 sessions for 180 s) or ``--quick`` (200 sessions for 20 s);
 ``--sessions``, ``--duration``, ``--tokens`` and ``--rate`` change the shape. The demo runtime
-and the gateway run as child processes on free loopback ports (``bench/fleet.py``); this
+and the gateway run as child processes on free loopback ports (``bench/harness.py``); this
 process drives every WebSocket under trio.
 
 Each session opens its WebSocket (100 handshakes at a time), then until the duration is over:

@@ -3,7 +3,7 @@ the load stops, the gateway must be back where it started.
 
 Run ``python bench/soak.py`` (one hour) or ``--duration SECONDS``; ``--workers`` sets how many
 clients run at once (default 100). The demo runtime and the gateway run as child processes on
-free loopback ports (``bench/fleet.py``). Each worker loops, picking at random:
+free loopback ports (``bench/harness.py``). Each worker loops, picking at random:
 
 * **chat** (60%): a WebSocket session, 1-3 turns of ``bench 5 20``, each checked exact, close;
 * **leave mid-turn** (15%): start a long turn, read one frame, close normally;

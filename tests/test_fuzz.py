@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from trio_gateway.protocol import SUPPORTED_TYPES, ErrorCode, FrameError, parse_client_frame
 
@@ -32,25 +32,17 @@ from .support.fuzzing import (
     edge_text,
     exchange_frames,
     frame_batches,
+    fuzz_settings,
     handshake_requests,
     json_values,
     message_texts,
     raw_request,
+    settle,
     valid_frames,
+    wait_quiet,
 )
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
-
-
-def fuzz_settings(examples: int) -> settings:
-    """Settings of every fuzz test: ``examples`` examples, no deadline (real sockets on a
-    shared machine), generation of big inputs allowed."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        print_blob=True,
-    )
 
 
 STATS = FuzzStats()
@@ -63,56 +55,6 @@ def fuzz_gateway() -> Iterator[FuzzGateway]:
     with FuzzGateway() as gateway:
         gateway.baseline = settle(gateway)
         yield gateway
-
-
-def settle(gateway: FuzzGateway) -> int:
-    """Pause the control session, wait until only it is open; the gateway's task count then."""
-    gateway.pause_control(True)
-    try:
-        trio.run(_wait_quiet, gateway)
-        gateway.baseline_names = gateway.task_names()
-        return gateway_tasks(gateway.baseline_names)
-    finally:
-        gateway.pause_control(False)
-
-
-def gateway_tasks(names: dict[str, int]) -> int:
-    """Tasks of the loop that are not the demo runtime's. The runtime shares the loop and
-    keeps an idle task per keep-alive connection the gateway's pools hold to it, and how
-    many of those are pooled depends on timing (each is bounded by the pool's limits)."""
-    return sum(count for name, count in names.items() if not name.startswith(RUNTIME_TASKS))
-
-
-RUNTIME_TASKS = "serve_demo_runtime: "
-
-
-async def _wait_quiet(gateway: FuzzGateway, baseline: int | None = None) -> None:
-    # Closed sockets finish their grace period and hypercorn's ping task wakes up once more
-    # (at most a heartbeat interval): poll the real server until it is quiet, bounded.
-    gauges = (0, 0, 0)
-    names: dict[str, int] = {}
-    with trio.move_on_after(30):
-        while True:
-            gauges = await trio.to_thread.run_sync(gateway.gauges)
-            _, sockets, sessions = gauges
-            quiet = gateway.control_idle and sockets == 1 and sessions == 1
-            if quiet:
-                if baseline is None:
-                    return
-                names = await trio.to_thread.run_sync(gateway.task_names)
-                if gateway_tasks(names) <= baseline:
-                    return
-            await trio.sleep(0.05)
-    names = names or await trio.to_thread.run_sync(gateway.task_names)
-    more = {n: c - gateway.baseline_names.get(n, 0) for n, c in names.items()}
-    # Where each task waits says why it is still there (tests/support/task_tree.py).
-    tree = await trio.to_thread.run_sync(gateway.task_tree)
-    raise AssertionError(
-        f"not quiet: (tasks, sockets, sessions)={gauges}, baseline gateway tasks={baseline}, "
-        f"control idle={gateway.control_idle}; tasks beyond the baseline: "
-        f"{ {n: d for n, d in more.items() if d > 0} }; all tasks: {names}\n"
-        f"task tree:\n{tree}"
-    )
 
 
 # --- the parser alone: fast, many examples ----------------------------------------------------
@@ -259,7 +201,7 @@ def test_gateway_is_whole_after_the_fuzz(fuzz_gateway: FuzzGateway) -> None:
     # Nothing leaked: same number of tasks as before the fuzz, one socket, one session.
     gateway.pause_control(True)
     try:
-        trio.run(_wait_quiet, gateway, gateway.baseline)
+        trio.run(wait_quiet, gateway, gateway.baseline)
     finally:
         gateway.pause_control(False)
     turns = gateway.control.turns

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from .support.fuzzing import (
     BOMB_SIZES,
@@ -31,23 +31,16 @@ from .support.fuzzing import (
     deflate_bomb,
     deflate_payload,
     exchange_compressed,
+    fuzz_settings,
     peak_rss_bytes,
+    settle,
+    wait_quiet,
 )
-from .test_fuzz import _wait_quiet, settle
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 MiB = 1 << 20
 _ids = itertools.count()
 PEAK = {"before": 0}
-
-
-def fuzz_settings(examples: int) -> settings:
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        print_blob=True,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +91,6 @@ def test_gateway_is_whole_after_the_compressed_fuzz(compression_gateway: FuzzGat
     run_case(gateway, CompressedCase("honest", "fresh", ping, pings=1, authed=True))
     gateway.pause_control(True)
     try:
-        trio.run(_wait_quiet, gateway, gateway.baseline)
+        trio.run(wait_quiet, gateway, gateway.baseline)
     finally:
         gateway.pause_control(False)

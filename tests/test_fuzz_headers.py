@@ -16,23 +16,17 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
-from .support.fuzzing import FuzzGateway, FuzzStats
+from .support.fuzzing import (
+    FuzzGateway,
+    FuzzStats,
+    fuzz_settings,
+)
 from .support.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 STATS = FuzzStats()
-
-
-def fuzz_settings(examples: int) -> settings:
-    """No deadline (real sockets on a shared machine)."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        print_blob=True,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,10 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .support.fuzzing import FuzzGateway
+from .support.fuzzing import (
+    FuzzGateway,
+    fuzz_settings,
+)
 from .support.fuzzing_http import (
     SLOW_HEADS,
     EdgeStats,
@@ -27,7 +30,6 @@ from .support.fuzzing_http import (
     slow_head,
     smuggling_requests,
 )
-from .test_fuzz import fuzz_settings
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 HEAD_TIMEOUT = 1.0

@@ -12,27 +12,19 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from .support.fuzzing import (
     FuzzGateway,
     FuzzStats,
+    fuzz_settings,
     raw_request,
 )
 from .support.fuzzing_tokens import DOORS, bad_tokens, check_token, upgrade
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 STATS = FuzzStats()
-
-
-def fuzz_settings(examples: int) -> settings:
-    """No deadline (real sockets), big inputs allowed."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,14 @@ import trio
 from trio_gateway.observability import TextFormatter, configure_logging
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
+from .conftest import (
+    INTERNAL_KEY,
+    RunningGateway,
+    gateway_settings,
+    port_of,
+    run_gateway,
+    wait_for,
+)
 
 # Read timeout 2 * 60 + 1 s: nothing in this module waits anywhere near as long.
 QUIET = {"ws_heartbeat_interval": 60.0}
@@ -396,7 +403,7 @@ async def test_a_request_line_cannot_forge_a_text_log_line(
     async with talk.stream:
         await talk.stream.send_all(f"GET {forged} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         assert await talk.response() is not None
-    await trio.sleep(0.1)  # the access line is written after the response
+    await wait_for(lambda: "/nope" in text_logs.getvalue())  # written after the response
     lines = text_logs.getvalue().splitlines()
     # (hypercorn may log a request twice when the client closes as the answer ends.)
     access = [line for line in lines if "/nope" in line]

@@ -58,7 +58,7 @@ async def test_beyond_the_queue_limit_the_client_gets_busy(
     async with run_gateway(nursery, settings) as gw:
         async with gw.connect("busy") as client:
             await client.send({"type": "user_message", "content": "bench 50 100"})
-            await trio.sleep(0.1)  # the first message is now the running turn
+            await client.recv()  # its first token: the first message is now the running turn
             for n in range(3):
                 await client.send({"type": "user_message", "content": f"bench {n + 1}"})
             frames = await client.recv_until(lambda f: f.get("code") == "busy")

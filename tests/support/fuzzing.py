@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import orjson
 import trio
 import trio_websocket
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -1360,3 +1361,69 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+# --- running fuzz tests against one FuzzGateway ------------------------------------------------
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Settings of every fuzz test: ``examples`` examples, no deadline (real sockets on a
+    shared machine), generation of big inputs allowed."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )
+
+
+def settle(gateway: FuzzGateway) -> int:
+    """Pause the control session, wait until only it is open; the gateway's task count then."""
+    gateway.pause_control(True)
+    try:
+        trio.run(wait_quiet, gateway)
+        gateway.baseline_names = gateway.task_names()
+        return gateway_tasks(gateway.baseline_names)
+    finally:
+        gateway.pause_control(False)
+
+
+def gateway_tasks(names: dict[str, int]) -> int:
+    """Tasks of the loop that are not the demo runtime's. The runtime shares the loop and
+    keeps an idle task per keep-alive connection the gateway's pools hold to it, and how
+    many of those are pooled depends on timing (each is bounded by the pool's limits)."""
+    return sum(count for name, count in names.items() if not name.startswith(RUNTIME_TASKS))
+
+
+RUNTIME_TASKS = "serve_demo_runtime: "
+
+
+async def wait_quiet(gateway: FuzzGateway, baseline: int | None = None) -> None:
+    """Wait until only the control session is open (and, given a ``baseline``, no more
+    gateway tasks than that), or fail with the task tree."""
+    # Closed sockets finish their grace period and hypercorn's ping task wakes up once more
+    # (at most a heartbeat interval): poll the real server until it is quiet, bounded.
+    gauges = (0, 0, 0)
+    names: dict[str, int] = {}
+    with trio.move_on_after(30):
+        while True:
+            gauges = await trio.to_thread.run_sync(gateway.gauges)
+            _, sockets, sessions = gauges
+            quiet = gateway.control_idle and sockets == 1 and sessions == 1
+            if quiet:
+                if baseline is None:
+                    return
+                names = await trio.to_thread.run_sync(gateway.task_names)
+                if gateway_tasks(names) <= baseline:
+                    return
+            await trio.sleep(0.05)
+    names = names or await trio.to_thread.run_sync(gateway.task_names)
+    more = {n: c - gateway.baseline_names.get(n, 0) for n, c in names.items()}
+    # Where each task waits says why it is still there (tests/support/task_tree.py).
+    tree = await trio.to_thread.run_sync(gateway.task_tree)
+    raise AssertionError(
+        f"not quiet: (tasks, sockets, sessions)={gauges}, baseline gateway tasks={baseline}, "
+        f"control idle={gateway.control_idle}; tasks beyond the baseline: "
+        f"{ {n: d for n, d in more.items() if d > 0} }; all tasks: {names}\n"
+        f"task tree:\n{tree}"
+    )
