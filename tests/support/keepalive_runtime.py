@@ -31,6 +31,7 @@ import h11
 import orjson
 import trio
 
+from .ports import LoopbackServer
 from .scripted_runtime import chunk, sse
 
 FINAL = sse(chunk(type="assistant_message", content="ok", token="ok", is_final=True))
@@ -46,21 +47,16 @@ class Served:
     open: bool = True
 
 
-class KeepAliveRuntime:
+class KeepAliveRuntime(LoopbackServer):
     """See the module docstring."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.connections: list[Served] = []
         self.client_went_away = 0
         self.open_now = 0
         self.most_open = 0
-        self.port = 0
         self.drop_next = 0
-        self._scope = trio.CancelScope()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def contents(self) -> list[str]:
@@ -70,16 +66,6 @@ class KeepAliveRuntime:
             for served in self.connections
             for request in served.requests
         ]
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        with self._scope:
-            task_status.started()
-            await trio.serve_listeners(self._handle, listeners)
-
-    def stop(self) -> None:
-        self._scope.cancel()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         served = Served(len(self.connections))

@@ -15,6 +15,7 @@ import orjson
 import trio
 
 from .frames import CHUNK_FIELDS
+from .ports import LoopbackServer
 
 
 def chunk(**fields: Any) -> dict[str, Any]:
@@ -46,8 +47,9 @@ class Script:
     raw: bytes | None = None
 
 
-class ScriptedRuntime:
+class ScriptedRuntime(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.scripts: dict[str, Script] = {}  # streaming turns, by message content
         self.rest_scripts: dict[str, Script] = {}  # other requests, by "METHOD /path"
         self.rest_requests: list[tuple[str, dict[str, str], bytes]] = []
@@ -57,22 +59,6 @@ class ScriptedRuntime:
         self.request_headers: list[dict[str, str]] = []
         self.open_streams = 0
         self.client_went_away = 0
-        self.port = 0
-        self._scope = trio.CancelScope()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        with self._scope:
-            task_status.started()
-            await trio.serve_listeners(self._handle, listeners)
-
-    def stop(self) -> None:
-        self._scope.cancel()
 
     async def _read_request(
         self, stream: trio.SocketStream
