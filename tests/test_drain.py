@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -14,7 +12,7 @@ import trio_websocket
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings, run_gateway
-from .support.processes import wait_until_serving
+from .support.processes import child_env, spawned
 
 
 async def read_until_close(client: WsClient) -> tuple[list[dict[str, object]], int]:
@@ -68,35 +66,20 @@ async def test_turns_still_running_at_the_drain_timeout_are_cancelled(
 
 
 async def test_sigterm_drains_and_the_process_exits_0(
-    demo_runtime: tuple[DemoRuntime, str],
+    demo_runtime: tuple[DemoRuntime, str], tmp_path: Path
 ) -> None:
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    await listener.aclose()
-    env = {
-        **os.environ,
-        "GATEWAY__AGENT_URL": demo_runtime[1],
-        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
-        "GATEWAY__DRAIN_TIMEOUT": "5",
-        "GATEWAY__USE_JWT_AUTH": "false",
-    }
-    command = [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", str(port)]
-    process = await trio.lowlevel.open_process(command, env=env, stderr=subprocess.DEVNULL)
-    try:
-        await wait_until_serving(f"http://127.0.0.1:{port}")
+    env = child_env(INTERNAL_KEY, agent_url=demo_runtime[1], drain_timeout="5")
+    with spawned("gateway", ["serve"], env, tmp_path) as gateway:
+        await gateway.wait_healthy(20)
         async with trio_websocket.open_websocket_url(
-            f"ws://127.0.0.1:{port}/api/v1/ws/sigterm"
+            f"ws://127.0.0.1:{gateway.port}/api/v1/ws/sigterm"
         ) as ws:
             client = WsClient(ws)
             await client.send({"type": "user_message", "content": "bench 20 40"})
             await client.recv()
-            process.send_signal(signal.SIGTERM)
+            gateway.process.send_signal(signal.SIGTERM)
             frames, code = await read_until_close(client)
         assert code == 1012
         assert frames[-1]["is_final"] is True, "the running turn finished before the close"
         with trio.fail_after(15):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+            assert await gateway.wait_exit() == 0
