@@ -1,0 +1,1 @@
+"""Shared state and several replicas or workers: Redis, replicas, ``serve --workers``."""

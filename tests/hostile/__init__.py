@@ -1,0 +1,1 @@
+"""Hostile input: fuzzing, smuggling, lockouts and the HTTP/WebSocket edge."""

@@ -1,0 +1,1 @@
+"""Proofs: load, soak, drain, faults, the resume bench, nginx and containers."""
