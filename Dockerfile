@@ -3,7 +3,7 @@
 # Two stages: the build stage installs the project and its locked dependencies into a virtualenv
 # (pip, setuptools and the build tree stay behind); the final stage is the slim base plus that
 # virtualenv. Both stages use the same base so the venv's interpreter path is valid in both.
-# tests/test_packaging.py parses this file and runs its COPY, install and start commands in a
+# tests/tools/test_packaging.py parses this file and runs its COPY, install and start commands in a
 # fresh virtualenv (no Docker engine is needed for that); keep them plain.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -17,7 +17,7 @@ COPY trio_gateway ./trio_gateway
 # The project from its own metadata (pyproject.toml), every dependency at the version the lock
 # file pins (-c constrains without installing the test/dev extras). Then pip, setuptools and
 # wheel leave the venv: the final image installs nothing at run time, and a package manager in
-# it is only attack surface (tests/test_containers.py checks they are gone).
+# it is only attack surface (tests/proof/test_containers.py checks they are gone).
 RUN python -m venv "$VIRTUAL_ENV" \
     && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir -c requirements/lock.txt . \
     && "$VIRTUAL_ENV/bin/pip" uninstall --yes pip setuptools wheel

@@ -13,7 +13,7 @@ others. Once every session has its first token, the gateway gets SIGTERM. Then:
 * the runtime must have no stream left open (its ``/events/metrics`` ``streams.active``).
 
 It prints the figures (time to exit, clients that got 1012, open streams at the runtime after)
-and exits 0 when all three hold, 1 otherwise. ``tests/test_drain_load.py`` runs the same code
+and exits 0 when all three hold, 1 otherwise. ``tests/proof/test_drain_load.py`` runs the same code
 with 100 sessions (and 500 under ``-m slow``).
 """
 

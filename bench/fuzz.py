@@ -192,7 +192,7 @@ def fuzz_header_smuggling(examples: int, stats: FuzzStats) -> dict[str, Any]:
 def fuzz_lockouts(examples: int) -> dict[str, Any]:
     """Open/close floods of one client (a fresh gateway per flood, small MAX_SESSIONS): it
     must never fill the gateway (no 503), hold more than its live-session cap, or keep
-    another client out (``tests/test_fuzz_lockouts.py``)."""
+    another client out (``tests/hostile/test_fuzz_lockouts.py``)."""
     outcomes: collections.Counter[Any] = collections.Counter()
     problems: list[str] = []
     peak = 0

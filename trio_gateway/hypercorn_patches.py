@@ -10,7 +10,7 @@ that window (the session's writer sending an error frame, hypercorn's own ping t
 task group, reaches ``trio.serve_listeners`` and takes the listener and every other connection
 down with it. A client triggers it at will by sending a frame that makes hypercorn close the
 connection (invalid UTF-8 in a text frame, a framing violation) while something is being sent
-to it; ``tests/test_fuzz.py`` found it, ``tests/test_hypercorn_patches.py`` pins it.
+to it; ``tests/hostile/test_fuzz.py`` found it, ``tests/gateway/test_hypercorn_patches.py`` pins it.
 
 The fix treats ``BusyResourceError`` during a write like the broken/closed connection it is
 (the only other user of the stream is the close in progress). Everything else is hypercorn's
@@ -82,7 +82,7 @@ refuses with 400 and ``Connection: close`` (``GatewayApp``).
 6. An answer cut by the request after it: when a client sends bytes h11 cannot take after a
 request (anything after a request answered with ``Connection: close``, a body that breaks its
 framing), hypercorn's reader closes the connection at once, racing the app's answer to the
-request before: the client got half an answer, or none (``tests/test_http_edge.py``: the 400
+request before: the client got half an answer, or none (``tests/hostile/test_http_edge.py``: the 400
 for ``Content-Length`` + ``Transfer-Encoding`` with a request smuggled behind it).
 :func:`protocol_send` leaves such a close to the end of the answer in flight, which closes the
 connection anyway (h11 cannot reuse it); what the client sends meanwhile is read and dropped.

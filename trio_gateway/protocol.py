@@ -36,7 +36,7 @@ SESSION_ID_MAX_LENGTH = 256
 # Deepest nesting of arrays/objects accepted in a client frame. orjson reads up to 1024 levels
 # but writes at most 254, and a runtime-bound frame is written again (wrapped one level
 # deeper) on its way to the runtime: without this bound a deep but parseable frame failed its
-# turn with internal_error instead of being refused (found by tests/test_fuzz.py).
+# turn with internal_error instead of being refused (found by tests/hostile/test_fuzz.py).
 MAX_FRAME_DEPTH = 128
 # orjson reads integers beyond 64 bits as floats: the frame would reach the runtime changed
 # (18446744073709551616 -> 1.8446744073709552e+19). Frames with such integers are refused.

@@ -47,10 +47,10 @@ from trio_gateway.state.state import (
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
-from .support.jwks_server import JWKSServer
-from .support.ports import free_port
-from .support.redis_server import REDIS_SERVER, RedisServer
+from ..conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
+from ..support.jwks_server import JWKSServer
+from ..support.ports import free_port
+from ..support.redis_server import REDIS_SERVER, RedisServer
 
 # --- fixtures --------------------------------------------------------------------------------
 

@@ -23,10 +23,10 @@ from trio_gateway.session.connection import Connection
 from trio_gateway.state.cluster import Cluster
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
-from .support.processes import child_env, spawned
-from .support.redis_server import RedisServer
-from .support.resume import ResumingClient
+from ..conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
+from ..support.processes import child_env, spawned
+from ..support.redis_server import RedisServer
+from ..support.resume import ResumingClient
 
 
 def replica_settings(runtime_url: str, redis: RedisServer, **overrides: Any) -> Any:

@@ -28,9 +28,9 @@ from trio_gateway.tools.demo_runtime import (
 )
 from trio_gateway.workers import check_worker_settings, parse_worker_count
 
-from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings
-from .support.ports import free_port
-from .support.redis_server import REDIS_SERVER, RedisServer
+from ..conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings
+from ..support.ports import free_port
+from ..support.redis_server import REDIS_SERVER, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 

@@ -1,1 +1,2 @@
-"""The gateway served on loopback: relay, turns, sessions, auth, REST proxy, runtime client, observability."""
+"""The gateway served on loopback: relay, turns, sessions, auth, REST proxy, runtime client,
+observability."""

@@ -37,7 +37,7 @@ from trio_gateway.security.auth import (
 )
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .support.jwks_server import JWKSServer
+from ..support.jwks_server import JWKSServer
 
 NOW = 1_750_000_000.0
 POLICY = TokenPolicy()

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import RunningGateway, close_code
+from ..conftest import RunningGateway, close_code
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ async def test_a_bad_frame_during_a_turn_does_not_disturb_the_turn(
 async def test_a_frame_over_the_size_limit_closes_with_1009(
     nursery: trio.Nursery, demo_runtime: tuple[object, str]
 ) -> None:
-    from .conftest import gateway_settings, run_gateway
+    from ..conftest import gateway_settings, run_gateway
 
     settings = gateway_settings(demo_runtime[1], ws_max_message_bytes=64 * 1024)
     async with run_gateway(nursery, settings) as gw:

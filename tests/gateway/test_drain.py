@@ -11,8 +11,8 @@ import trio_websocket
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings, run_gateway
-from .support.processes import child_env, spawned
+from ..conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings, run_gateway
+from ..support.processes import child_env, spawned
 
 
 async def read_until_close(client: WsClient) -> tuple[list[dict[str, object]], int]:

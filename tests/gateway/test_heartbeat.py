@@ -6,8 +6,8 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import gateway_settings, run_gateway
-from .support.rawws import RawWebSocket
+from ..conftest import gateway_settings, run_gateway
+from ..support.rawws import RawWebSocket
 
 
 async def test_a_peer_that_never_answers_pings_is_dropped_after_about_two_intervals(

@@ -19,8 +19,8 @@ from wsproto.frame_protocol import CloseReason, FrameDecoder, Opcode, RsvBits
 from trio_gateway import hypercorn_patches
 from trio_gateway.hypercorn_patches import BoundedPerMessageDeflate
 
-from .conftest import RunningGateway, port_of
-from .support.fuzzing import (
+from ..conftest import RunningGateway, port_of
+from ..support.fuzzing import (
     OP_TEXT,
     FrameBatch,
     WireFrame,

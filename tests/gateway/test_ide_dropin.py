@@ -20,8 +20,8 @@ import trio_websocket
 
 from trio_gateway.observability import JsonFormatter
 
-from .conftest import INTERNAL_KEY, WsClient, close_code
-from .support.frames import ide_frame
+from ..conftest import INTERNAL_KEY, WsClient, close_code
+from ..support.frames import ide_frame
 from .test_security import (  # noqa: F401 - fixtures
     Secure,
     SecureFactory,

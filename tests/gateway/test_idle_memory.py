@@ -16,7 +16,7 @@ import trio
 from trio_gateway.session.connection import Connection
 from trio_gateway.session.session import Session
 
-from .conftest import RunningGateway, task_names, wait_for
+from ..conftest import RunningGateway, task_names, wait_for
 
 IDLE = 4  # idle v1 sockets, one session each
 

@@ -10,7 +10,7 @@ from trio_gateway.protocol import parse_client_frame
 from trio_gateway.session import connection as session_module
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import (
+from ..conftest import (
     RunningGateway,
     close_code,
     gateway_settings,
@@ -74,7 +74,7 @@ async def test_a_v2_connection_replaces_the_first_which_gets_4409(
     gateway: RunningGateway,
 ) -> None:
     # A resuming v2 client takes the session over (a v1 second window becomes a viewer
-    # instead: tests/test_windows.py).
+    # instead: tests/gateway/test_windows.py).
     async with gateway.connect("dup") as first:
         async with gateway.connect("dup", v2=True) as second:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:

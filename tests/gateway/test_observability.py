@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_gateway.observability import HEALTHCHECK_USER_AGENT, TextFormatter, configure_logging
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,9 +15,9 @@ import pytest
 from trio_gateway.edge.rest_routes import ROUTES
 from trio_gateway.openapi import PROTOCOL_PATH, build_openapi
 
-from .conftest import RunningGateway
+from ..conftest import RunningGateway
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:

@@ -6,8 +6,8 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import RunningGateway, gateway_settings, run_gateway
-from .support.scripted_runtime import Script, ScriptedRuntime
+from ..conftest import RunningGateway, gateway_settings, run_gateway
+from ..support.scripted_runtime import Script, ScriptedRuntime
 
 
 async def test_the_subprotocol_is_echoed_and_session_ready_comes_first(

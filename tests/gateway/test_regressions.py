@@ -10,9 +10,9 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import close_code, gateway_settings, port_of, run_gateway, task_names, wait_for
-from .support.rawws import RawWebSocket
-from .support.scripted_runtime import ScriptedRuntime
+from ..conftest import close_code, gateway_settings, port_of, run_gateway, task_names, wait_for
+from ..support.rawws import RawWebSocket
+from ..support.scripted_runtime import ScriptedRuntime
 
 
 def handler_tasks() -> int:

@@ -7,9 +7,9 @@ import trio
 from trio_gateway.settings import Settings
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
-from .support.frames import ide_frame
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from ..support.frames import ide_frame
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 IDE_FRAME = ide_frame("what is trio?")
 

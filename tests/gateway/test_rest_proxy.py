@@ -8,8 +8,8 @@ import httpx
 import pytest
 import trio
 
-from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
-from .support.scripted_runtime import Script, ScriptedRuntime
+from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from ..support.scripted_runtime import Script, ScriptedRuntime
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ async def test_method_path_query_body_and_content_type_reach_the_runtime(
     assert body == b'{"title": "t"}'
     assert headers["content-type"] == "application/json; charset=utf-8"
     assert headers["accept-language"] == "de"
-    assert "x-custom" not in headers  # an allow-list (see tests/test_rest_smuggling.py)
+    assert "x-custom" not in headers  # an allow-list (see tests/hostile/test_rest_smuggling.py)
     assert headers["x-internal-auth"] == INTERNAL_KEY
 
 

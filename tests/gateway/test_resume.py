@@ -15,10 +15,10 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import gateway_settings, port_of, run_gateway, wait_for
-from .support.rawws import RawWebSocket
-from .support.resume import ResumingClient
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..conftest import gateway_settings, port_of, run_gateway, wait_for
+from ..support.rawws import RawWebSocket
+from ..support.resume import ResumingClient
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 
 # 18,000 tokens and hundreds of reconnects: about a minute alone, but more than the suite's

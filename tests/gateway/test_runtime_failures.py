@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from .conftest import RunningGateway, WsClient, gateway_settings, run_gateway
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..conftest import RunningGateway, WsClient, gateway_settings, run_gateway
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 GOOD = sse(chunk(type="assistant_message", token="fine", content="fine", is_final=True))
 

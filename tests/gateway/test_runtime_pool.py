@@ -30,8 +30,8 @@ from trio_gateway.upstream.http_stream import (
     _Connection,
 )
 
-from .conftest import INTERNAL_KEY, gateway_settings, run_gateway, wait_for
-from .support.keepalive_runtime import FINAL, KeepAliveRuntime
+from ..conftest import INTERNAL_KEY, gateway_settings, run_gateway, wait_for
+from ..support.keepalive_runtime import FINAL, KeepAliveRuntime
 
 PATH = "/agent/message/stream"
 

@@ -22,7 +22,7 @@ from trio_gateway.observability import JsonFormatter, _ContextFilter
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import (
+from ..conftest import (
     INTERNAL_KEY,
     RunningGateway,
     WsClient,
@@ -31,7 +31,7 @@ from .conftest import (
     run_gateway,
     wait_for,
 )
-from .support.jwks_server import JWKSServer
+from ..support.jwks_server import JWKSServer
 
 MINTED: set[str] = set()  # every token this module minted, for the log check of every test
 
@@ -409,7 +409,7 @@ async def test_sessions_belong_to_their_creator_on_every_route(secure: Secure) -
 async def test_the_verified_identity_is_forwarded_to_the_runtime(
     nursery: trio.Nursery, jwks_server: tuple[JWKSServer, DevIssuer], scripted_runtime: object
 ) -> None:
-    from .support.scripted_runtime import ScriptedRuntime
+    from ..support.scripted_runtime import ScriptedRuntime
 
     assert isinstance(scripted_runtime, ScriptedRuntime)
     server, issuer = jwks_server

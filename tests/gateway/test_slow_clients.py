@@ -10,8 +10,8 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import gateway_settings, port_of, run_gateway
-from .support.rawws import RawWebSocket
+from ..conftest import gateway_settings, port_of, run_gateway
+from ..support.rawws import RawWebSocket
 
 QUEUE_BYTES = 16 * 1024
 

@@ -38,8 +38,8 @@ from trio_gateway.state.state import StateUnavailable
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
-from .support.jwks_server import JWKSServer
+from ..conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
+from ..support.jwks_server import JWKSServer
 
 
 class FakeClock:
@@ -492,6 +492,6 @@ async def test_without_jwt_nothing_is_recorded_in_the_file(
 def test_gateway_processes_of_the_suite_keep_their_state_file_out_of_the_checkout() -> None:
     # Gateways the suite starts as processes use the default backend; conftest points their
     # file at a temporary directory, never at the working directory.
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     path = Path(os.environ["GATEWAY__SQLITE_PATH"])
     assert path.is_absolute() and not path.resolve().is_relative_to(root)

@@ -6,8 +6,8 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import RunningGateway, gateway_settings, run_gateway
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..conftest import RunningGateway, gateway_settings, run_gateway
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 
 async def test_messages_sent_during_a_turn_wait_and_run_in_order(

@@ -16,7 +16,7 @@ import trio_websocket
 from trio_gateway.session.session import MAX_SOCKETS_PER_SESSION
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import (
+from ..conftest import (
     RunningGateway,
     WsClient,
     close_code,
@@ -24,7 +24,7 @@ from .conftest import (
     port_of,
     run_gateway,
 )
-from .support.rawws import RawWebSocket
+from ..support.rawws import RawWebSocket
 
 HI = {"type": "user_message", "content": "hi", "role": "user"}
 

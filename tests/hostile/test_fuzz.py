@@ -24,7 +24,7 @@ from hypothesis import given
 
 from trio_gateway.protocol import SUPPORTED_TYPES, ErrorCode, FrameError, parse_client_frame
 
-from .support.fuzzing import (
+from ..support.fuzzing import (
     FrameBatch,
     FuzzGateway,
     FuzzStats,

@@ -21,7 +21,7 @@ import pytest
 import trio
 from hypothesis import given
 
-from .support.fuzzing import (
+from ..support.fuzzing import (
     BOMB_SIZES,
     CompressedCase,
     FuzzGateway,

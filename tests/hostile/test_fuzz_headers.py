@@ -18,12 +18,17 @@ import pytest
 import trio
 from hypothesis import given
 
-from .support.fuzzing import (
+from ..support.fuzzing import (
     FuzzGateway,
     FuzzStats,
     fuzz_settings,
 )
-from .support.smuggling import SmugglingRequest, check_smuggling, send_smuggling, smuggling_requests
+from ..support.smuggling import (
+    SmugglingRequest,
+    check_smuggling,
+    send_smuggling,
+    smuggling_requests,
+)
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 STATS = FuzzStats()

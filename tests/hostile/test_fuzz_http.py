@@ -13,11 +13,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .support.fuzzing import (
+from ..support.fuzzing import (
     FuzzGateway,
     fuzz_settings,
 )
-from .support.fuzzing_http import (
+from ..support.fuzzing_http import (
     SLOW_HEADS,
     EdgeStats,
     check_h2c,

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from trio_gateway.session.manager import SessionManager
 
-from .conftest import gateway_settings, run_gateway, wait_for
-from .support.fuzzing_lockouts import (
+from ..conftest import gateway_settings, run_gateway, wait_for
+from ..support.fuzzing_lockouts import (
     ATTACKER,
     ATTACKER_KEY,
     HONEST,
@@ -33,7 +33,7 @@ from .support.fuzzing_lockouts import (
     flood,
     from_address,
 )
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 
 @settings(

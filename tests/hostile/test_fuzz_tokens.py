@@ -15,13 +15,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from .support.fuzzing import (
+from ..support.fuzzing import (
     FuzzGateway,
     FuzzStats,
     fuzz_settings,
     raw_request,
 )
-from .support.fuzzing_tokens import DOORS, bad_tokens, check_token, upgrade
+from ..support.fuzzing_tokens import DOORS, bad_tokens, check_token, upgrade
 
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 STATS = FuzzStats()

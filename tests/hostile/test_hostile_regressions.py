@@ -1,4 +1,4 @@
-"""Regressions found by the hostile-input fuzzer (tests/test_fuzz.py), one test each."""
+"""Regressions found by the hostile-input fuzzer (tests/hostile/test_fuzz.py), one test each."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import trio
 
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
 
-from .conftest import RunningGateway, port_of
-from .support.fuzzing import raw_request
+from ..conftest import RunningGateway, port_of
+from ..support.fuzzing import raw_request
 
 
 def nested_user_message(depth: int) -> str:

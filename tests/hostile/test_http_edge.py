@@ -24,7 +24,7 @@ import trio
 from trio_gateway.observability import TextFormatter, configure_logging
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from .conftest import (
+from ..conftest import (
     INTERNAL_KEY,
     RunningGateway,
     gateway_settings,

@@ -22,9 +22,9 @@ from trio_gateway.session.session import Session
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway, wait_for
-from .support.jwks_server import JWKSServer
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway, wait_for
+from ..support.jwks_server import JWKSServer
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 ALICE, BOB = "10.0.0.1", "10.0.0.2"
 ALICE_KEY, BOB_KEY = f"anonymous@{ALICE}", f"anonymous@{BOB}"

@@ -34,15 +34,15 @@ from trio_gateway.settings import Settings
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
-from .support.fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
-from .support.gateway_process import resident_bytes
-from .support.jwks_server import JWKSServer
-from .support.rawws import RawWebSocket, Rejected
-from .support.scripted_runtime import ScriptedRuntime
+from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
+from ..support.fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
+from ..support.gateway_process import resident_bytes
+from ..support.jwks_server import JWKSServer
+from ..support.rawws import RawWebSocket, Rejected
+from ..support.scripted_runtime import ScriptedRuntime
 
 MiB = 1024 * 1024
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

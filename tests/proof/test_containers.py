@@ -37,9 +37,9 @@ import trio
 import trio_websocket
 import yaml
 
-from .conftest import close_code
+from ..conftest import close_code
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "trio-gateway:container-test"
 BASE_IMAGES = ("python:3.11-slim-bookworm", "redis:7-alpine", "nginx:1.27-alpine")
 STANDIN_LABEL = "org.trio-gateway.standin"

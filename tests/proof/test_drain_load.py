@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .support.processes import run_bench_script
+from ..support.processes import run_bench_script
 
 
 async def drain_and_check(tmp_path: Path, sessions: int, drain_timeout: float) -> None:

@@ -39,7 +39,7 @@ import trio_websocket
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import (
+from ..conftest import (
     INTERNAL_KEY,
     RunningGateway,
     WsClient,
@@ -49,11 +49,11 @@ from .conftest import (
     task_names,
     wait_for,
 )
-from .support.jwks_server import JWKSServer
-from .support.ports import free_port
-from .support.processes import Child, child_env, spawned
-from .support.rawws import RawWebSocket
-from .support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from ..support.jwks_server import JWKSServer
+from ..support.ports import free_port
+from ..support.processes import Child, child_env, spawned
+from ..support.rawws import RawWebSocket
+from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 # Faults must be noticed quickly here: short grace, heartbeat and close budgets.
 FAST = {

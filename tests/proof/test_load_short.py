@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .support.processes import run_bench_script
+from ..support.processes import run_bench_script
 
 
 async def load_and_check(tmp_path: Path, sessions: int, tokens: int, *args: str) -> None:

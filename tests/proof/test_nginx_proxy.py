@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio_websocket
 
-from .conftest import RunningGateway, port_of
-from .support.nginx_server import NGINX, SKIP_REASON, NginxServer
+from ..conftest import RunningGateway, port_of
+from ..support.nginx_server import NGINX, SKIP_REASON, NginxServer
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason=SKIP_REASON)
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from .support.processes import BENCH_DIR
+from ..support.processes import BENCH_DIR
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"

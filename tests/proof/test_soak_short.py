@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .support.processes import run_bench_script
+from ..support.processes import run_bench_script
 
 
 async def soak_and_check(tmp_path: Path, duration: float, workers: int, warmup: float) -> None:

@@ -1,4 +1,4 @@
-"""Hostile-input fuzzing harness, shared by ``tests/test_fuzz.py`` and ``bench/fuzz.py``.
+"""Hostile-input fuzzing harness, shared by ``tests/hostile/test_fuzz.py`` and ``bench/fuzz.py``.
 
 How hypothesis and trio fit together here (and why):
 

@@ -1,4 +1,4 @@
-"""Hostile HTTP/1.1 at the edge, for ``tests/test_fuzz_http.py`` and ``bench/fuzz.py``.
+"""Hostile HTTP/1.1 at the edge, for ``tests/hostile/test_fuzz_http.py`` and ``bench/fuzz.py``.
 
 Attack classes (issue 11): ``h2c`` upgrades and the cleartext HTTP/2 preface (never a 101,
 never HTTP/2), ``Content-Length`` + ``Transfer-Encoding`` smuggling (400, connection closed,

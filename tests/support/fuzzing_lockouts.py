@@ -1,7 +1,7 @@
-"""Session floods, shared by ``tests/test_fuzz_lockouts.py`` and ``bench/fuzz.py``: one client
-(the attacker, told apart by ``X-Forwarded-For`` from the trusted loopback proxy) opens sockets
-as fast as it can, closes them, leaves garbage or runs a turn and leaves; then an honest client
-must still get in and get its answer."""
+"""Session floods, shared by ``tests/hostile/test_fuzz_lockouts.py`` and ``bench/fuzz.py``: one
+client (the attacker, told apart by ``X-Forwarded-For`` from the trusted loopback proxy) opens
+sockets as fast as it can, closes them, leaves garbage or runs a turn and leaves; then an honest
+client must still get in and get its answer."""
 
 from __future__ import annotations
 

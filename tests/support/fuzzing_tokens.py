@@ -1,4 +1,4 @@
-"""Token fuzzing, shared by ``tests/test_fuzz_tokens.py`` and ``bench/fuzz.py``: hypothesis
+"""Token fuzzing, shared by ``tests/hostile/test_fuzz_tokens.py`` and ``bench/fuzz.py``: hypothesis
 draws refused tokens (forged, rogue keys, unknown kids, expired, wrong audience, unscoped,
 garbage) and :func:`check_token` offers each at one door of a JWT-on :class:`FuzzGateway`: the
 ``Authorization`` header of a handshake, a ``bearer.<token>`` subprotocol entry, a REST route or

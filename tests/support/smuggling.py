@@ -1,4 +1,4 @@
-"""Header smuggling, for ``tests/test_fuzz_headers.py`` and ``bench/fuzz.py``.
+"""Header smuggling, for ``tests/hostile/test_fuzz_headers.py`` and ``bench/fuzz.py``.
 
 Random REST requests whose headers come from the families a proxy must never pass on
 (forwarding and address headers, method overrides, path rewrites, identity claims, the gateway's
@@ -41,8 +41,8 @@ DANGEROUS = [
     "Authorization", "Cookie", "Proxy-Authorization", "Keep-Alive", "TE", "Trailer",
     "Proxy-Connection", "Accept-Encoding", "Content-Encoding", "X-Request-ID",
 ]  # fmt: skip
-# Request framing and protocol switches belong to other proofs (tests/test_fuzz.py); here they
-# would only make a request hang or leave HTTP/1.1.
+# Request framing and protocol switches belong to other proofs (tests/hostile/test_fuzz.py);
+# here they would only make a request hang or leave HTTP/1.1.
 FRAMING = frozenset(
     {"host", "content-length", "transfer-encoding", "expect", "upgrade", "http2-settings"}
 )

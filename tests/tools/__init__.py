@@ -1,1 +1,2 @@
-"""The tools around the gateway: ``trio-gateway`` CLI, chat, check, demo runtime, dev auth, packaging."""
+"""The tools around the gateway: the ``trio-gateway`` CLI, chat, check, demo runtime, dev auth
+and packaging."""

@@ -40,8 +40,8 @@ from trio_gateway.tools.chat import (
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV, DevIssuer
 
-from .conftest import RunningGateway, gateway_settings, run_gateway, wait_for
-from .support.jwks_server import JWKSServer
+from ..conftest import RunningGateway, gateway_settings, run_gateway, wait_for
+from ..support.jwks_server import JWKSServer
 from .test_cli import banner_token, cli_env, running_demo
 
 

@@ -37,8 +37,8 @@ from trio_gateway.tools.check import (
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .conftest import INTERNAL_KEY, gateway_settings
-from .support.jwks_server import JWKSServer
+from ..conftest import INTERNAL_KEY, gateway_settings
+from ..support.jwks_server import JWKSServer
 
 REDIS_PASSWORD = "s3cret-redis-password"
 

@@ -34,13 +34,13 @@ from trio_gateway.tools.dev_auth import (
     serve_dev_jwks,
 )
 
-from .conftest import WsClient, close_code
-from .support.ports import free_port
-from .support.processes import wait_until_serving
+from ..conftest import WsClient, close_code
+from ..support.ports import free_port
+from ..support.processes import wait_until_serving
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
 KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key-0123456789"}
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 CODING_TURN = {"type": "user_message", "content": "write a hello world in python", "role": "user"}
 

@@ -17,7 +17,6 @@ import orjson
 import pytest
 import trio
 
-from tests.support.frames import CHUNK_FIELDS, ide_frame
 from trio_gateway.tools.demo_runtime import (
     DemoRuntime,
     DemoRuntimeConfig,
@@ -25,6 +24,8 @@ from trio_gateway.tools.demo_runtime import (
     serve_demo_runtime,
 )
 from trio_gateway.tools.demo_runtime import state as demo_runtime_module
+
+from ..support.frames import CHUNK_FIELDS, ide_frame
 
 KEY = "test-internal-key"
 AUTH = "X-Internal-Auth"

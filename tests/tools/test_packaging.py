@@ -31,9 +31,9 @@ import yaml
 from trio_gateway.cli import _parser
 from trio_gateway.settings import ENV_PREFIX, Settings, load_settings
 
-from .support.ports import free_port
+from ..support.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SERVICES = {"issuer", "runtime", "gateway"}
 REPLICA_SERVICES = {"redis", "gateway-1", "gateway-2", "nginx"}
 WORKERS_SERVICES = {"gateway-workers", "redis-workers"}
@@ -316,7 +316,7 @@ def test_nginx_proxies_websockets_and_streams_to_the_replicas() -> None:
     conf = nginx_conf()
     code = "\n".join(line.split("#", 1)[0] for line in conf.splitlines())
     assert re.search(r"proxy_http_version\s+1\.1;", code)
-    # Upgrade only for WebSockets on the session path (tests/test_nginx_proxy.py runs it).
+    # Upgrade only for WebSockets on the session path (tests/proof/test_nginx_proxy.py runs it).
     assert re.search(r"proxy_set_header\s+Upgrade\s+\$upgrade_to;", code)
     assert re.search(r"proxy_set_header\s+Connection\s+\$connection_upgrade;", code)
     assert re.search(r'map\s+"\$http_upgrade \$request_uri"\s+\$upgrade_to', code)

@@ -1,1 +1,2 @@
-"""Sans-IO tests: the protocol, SSE decoding, queues, windows, limits and settings, without sockets."""
+"""Sans-IO tests: the protocol, SSE decoding, queues, windows, limits and settings, without
+sockets."""

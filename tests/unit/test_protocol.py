@@ -5,7 +5,6 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from tests.support.frames import ide_frame
 from trio_gateway.protocol import (
     ErrorCode,
     FrameError,
@@ -13,6 +12,8 @@ from trio_gateway.protocol import (
     parse_client_frame,
     valid_session_id,
 )
+
+from ..support.frames import ide_frame
 
 IDE_FRAME = ide_frame("Create a widget")
 

@@ -16,7 +16,7 @@ from trio_gateway.settings import (
     unknown_variables,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -93,7 +93,7 @@ def _header_bytes(text: str) -> bytes:
     and fail): latin-1 when it fits, else UTF-8 (a token claim in ``X-User-ID`` may need it).
     Client headers are forwarded as the scope's bytes and never pass through ``str`` (before
     that, a non-ASCII octet in a forwarded header made the proxy answer 500, found by
-    tests/test_fuzz.py)."""
+    tests/hostile/test_fuzz.py)."""
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:

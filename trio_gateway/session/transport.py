@@ -42,7 +42,7 @@ def find_transport_aborter(send: ASGISend) -> Callable[[], None] | None:
     so we follow the bound methods hypercorn hands us: ``WSStream.app_send`` ->
     ``H11Protocol.stream_send`` -> ``TCPServer.protocol_send`` -> ``TCPServer.stream``. Every
     hop is checked; on any other server (or a future hypercorn) this returns None and the caller
-    falls back to ordinary closes. ``tests/test_slow_clients.py`` proves the path works.
+    falls back to ordinary closes. ``tests/gateway/test_slow_clients.py`` proves the path works.
     """
     try:
         ws_stream = getattr(send, "__self__", None)

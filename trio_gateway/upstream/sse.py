@@ -57,8 +57,8 @@ class ServerSentEvent:
 # through object.__setattr__, which made construction about half of the per-event cost. The loop
 # instead allocates with object.__new__ and fills the slots through their member descriptors (the
 # same storage __init__ writes, ~1.5x faster overall). This bypasses __init__, so the event class
-# must stay free of __post_init__ and every field must be set here; tests/test_sse.py checks that
-# the field list is exactly these four.
+# must stay free of __post_init__ and every field must be set here; tests/unit/test_sse.py checks
+# that the field list is exactly these four.
 _SLOTS = vars(ServerSentEvent)
 _set_data: Callable[[ServerSentEvent, str], None] = _SLOTS["data"].__set__
 _set_event: Callable[[ServerSentEvent, str], None] = _SLOTS["event"].__set__
@@ -324,7 +324,7 @@ class SSESplitter:
     an :class:`SSEDecoder` set to the state the decoder alone would be in there (no partial
     block, the last ``id`` in force, past the start of the stream). The fast path takes over
     again after a read that leaves the decoder at a clean block boundary. The property test in
-    ``tests/test_sse_split.py`` checks the split against the decoder alone for arbitrary byte
+    ``tests/unit/test_sse_split.py`` checks the split against the decoder alone for arbitrary byte
     streams cut at arbitrary points.
     """
 

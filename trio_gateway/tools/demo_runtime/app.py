@@ -238,7 +238,7 @@ class DemoRuntime:
         hypercorn 0.18 wedges a keep-alive connection when an answer goes out before the
         request's body has arrived and the body is never read: the gateway's next request on
         that pooled connection then waited for REQUEST_TIMEOUT and its client got 504 (found
-        by schemathesis, see tests/test_hostile_regressions.py).
+        by schemathesis, see tests/hostile/test_hostile_regressions.py).
         """
         if request.path != "/agent/message/stream":
             self.rest_headers.append(
