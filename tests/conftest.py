@@ -16,6 +16,7 @@ from trio_gateway.tools.demo_runtime import (
     create_demo_runtime,
     serve_demo_runtime,
 )
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from .support.gateway import (
     INTERNAL_KEY,
@@ -27,6 +28,7 @@ from .support.gateway import (
     run_gateway,
     wait_for,
 )
+from .support.jwks_server import JWKSServer
 from .support.redis_server import RedisServer
 from .support.scripted_runtime import ScriptedRuntime
 from .support.task_tree import task_names
@@ -111,6 +113,16 @@ async def gateway(
     """A gateway in front of the demo runtime, default test settings."""
     async with run_gateway(nursery, gateway_settings(demo_runtime[1])) as running:
         yield running
+
+
+@pytest.fixture
+async def jwks_server(nursery: trio.Nursery) -> AsyncIterator[tuple[JWKSServer, DevIssuer]]:
+    """An Auth Service stand-in serving a fresh dev issuer's key set; the server and issuer."""
+    issuer = DevIssuer()
+    server = JWKSServer(issuer.jwks())
+    await nursery.start(server.serve)
+    yield server, issuer
+    server.stop()
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from ..support.frames import ide_frame
 from .test_security import (  # noqa: F401 - fixtures
     Secure,
     SecureFactory,
-    jwks_server,
     no_token_material_in_the_logs,
     secure,
     secure_with,

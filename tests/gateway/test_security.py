@@ -100,15 +100,6 @@ class Secure:
         )
 
 
-@pytest.fixture
-async def jwks_server(nursery: trio.Nursery) -> AsyncIterator[tuple[JWKSServer, DevIssuer]]:
-    issuer = DevIssuer()
-    server = JWKSServer(issuer.jwks())
-    await nursery.start(server.serve)
-    yield server, issuer
-    server.stop()
-
-
 def bearer(token: str) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", f"Bearer {token}".encode())]
 

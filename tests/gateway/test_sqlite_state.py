@@ -17,7 +17,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -387,15 +386,6 @@ async def test_serve_refuses_to_start_on_an_unusable_file_in_one_line(tmp_path: 
 # --- end to end: a restart keeps every owner ---------------------------------------------------
 
 
-@pytest.fixture
-async def jwks(nursery: trio.Nursery) -> AsyncIterator[tuple[JWKSServer, DevIssuer]]:
-    issuer = DevIssuer()
-    server = JWKSServer(issuer.jwks())
-    await nursery.start(server.serve)
-    yield server, issuer
-    server.stop()
-
-
 def default_backend_settings(runtime_url: str, jwks_url: str, path: Path) -> Settings:
     """JWT on, and the state backend a deployment gets by default (the test helper pins
     memory), on a file of the test's own."""
@@ -412,9 +402,9 @@ async def test_a_restart_keeps_every_owner(
     nursery: trio.Nursery,
     tmp_path: Path,
     demo_runtime: tuple[DemoRuntime, str],
-    jwks: tuple[JWKSServer, DevIssuer],
+    jwks_server: tuple[JWKSServer, DevIssuer],
 ) -> None:
-    server, issuer = jwks
+    server, issuer = jwks_server
     alice = {"Authorization": f"Bearer {issuer.mint('alice')}"}
     mallory_token = issuer.mint("mallory")
     mallory = {"Authorization": f"Bearer {mallory_token}"}

@@ -11,6 +11,7 @@ from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_
 
 from ..conftest import RunningGateway, port_of
 from ..support.fuzzing import raw_request
+from ..support.rawhttp import receive_until
 
 
 def nested_user_message(depth: int) -> str:
@@ -135,14 +136,7 @@ async def _late_body_then_get(port: int, method_and_path: bytes) -> bytes:
                 return b""
             answer = b""
             with trio.move_on_after(5):  # not a timed assertion: a wedged connection never answers
-                while b"HTTP/1.1 200" not in answer:
-                    try:
-                        data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError:
-                        break
-                    if not data:
-                        break
-                    answer += data
+                answer = await receive_until(stream, lambda got: b"HTTP/1.1 200" in got)
             return answer
 
 

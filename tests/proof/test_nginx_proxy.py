@@ -23,6 +23,7 @@ import trio_websocket
 
 from ..conftest import RunningGateway, port_of
 from ..support.nginx_server import NGINX, SKIP_REASON, NginxServer
+from ..support.rawhttp import content_length, receive_until
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason=SKIP_REASON)
 
@@ -57,11 +58,7 @@ async def read_response(stream: trio.SocketStream, buffer: bytearray) -> tuple[b
                 return b"", b""
             buffer += data
         head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-        length = 0
-        for line in head.lower().split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip() == b"content-length":
-                length = int(value)
+        length = content_length(head)
         while len(rest) < length:
             data = await stream.receive_some(65536)
             if not data:
@@ -109,14 +106,7 @@ async def test_an_h2c_upgrade_through_nginx_opens_no_tunnel(proxied: NginxServer
         await stream.send_all(client.data_to_send())
         received = bytes(buffer)
         with trio.move_on_after(3):  # nginx closes after its 400; a tunnel would answer h2
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                received += data
+            received += await receive_until(stream, lambda _: False)
     assert b"gateway_active_websockets" not in received
     assert b"HTTP/1.1 101" not in head
 

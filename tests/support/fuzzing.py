@@ -68,6 +68,7 @@ from trio_gateway.tools.demo_runtime import (
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
+from .rawhttp import receive_until
 from .task_tree import format_task_tree, task_names
 
 T = TypeVar("T")
@@ -797,15 +798,7 @@ async def raw_request(port: int, request: bytes) -> HttpAnswer:
             # The server may close before reading everything.
             with contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(request)
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < 1 << 16:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                head += data
+            head = await receive_until(stream, lambda got: b"\r\n\r\n" in got, 1 << 16)
             status = None
             if head.startswith(b"HTTP/"):
                 status = int(head.split(b" ", 2)[1])

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import trio
 from hypothesis import strategies as st
 
+from .rawhttp import content_length
+
 SESSION = "{s}"
 PATHS = [
     "/health", "/metrics", "/api/v1/agents", "/api/v1/ws/{s}", "/api/v1/sessions",
@@ -70,11 +72,7 @@ async def converse(port: int, payload: bytes, expected: int) -> EdgeAnswer:
                 answer.statuses.append(status)
                 if status == 101:
                     return answer  # a tunnel: the check reports it
-                length = 0
-                for line in head.lower().split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip() == b"content-length":
-                        length = int(value)
+                length = content_length(head)
                 while len(buffer) < length:
                     if not await more():
                         return answer

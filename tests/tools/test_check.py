@@ -115,15 +115,6 @@ def _parse_resp(data: bytes) -> tuple[list[str], bytes] | None:
 
 
 @pytest.fixture
-async def jwks(nursery: trio.Nursery) -> AsyncIterator[tuple[JWKSServer, DevIssuer]]:
-    issuer = DevIssuer()
-    server = JWKSServer(issuer.jwks())
-    await nursery.start(server.serve)
-    yield server, issuer
-    server.stop()
-
-
-@pytest.fixture
 async def redis(nursery: trio.Nursery) -> AsyncIterator[tuple[FakeRedis, int]]:
     server = FakeRedis(REDIS_PASSWORD)
     port = await nursery.start(server.serve)
@@ -225,10 +216,10 @@ def test_a_bad_redis_url_is_a_clear_error(url: str, fragment: str) -> None:
 
 async def test_every_check_passes_against_live_dependencies(
     demo_runtime: tuple[DemoRuntime, str],
-    jwks: tuple[JWKSServer, DevIssuer],
+    jwks_server: tuple[JWKSServer, DevIssuer],
     redis: tuple[FakeRedis, int],
 ) -> None:
-    settings = full_settings(demo_runtime[1], jwks[0].url, redis[1])
+    settings = full_settings(demo_runtime[1], jwks_server[0].url, redis[1])
     results = await run_checks(settings)
     assert [(r.name, r.status) for r in results] == [
         ("agent runtime", "ok"),
@@ -237,7 +228,7 @@ async def test_every_check_passes_against_live_dependencies(
         ("sqlite", "skipped"),
     ]
     assert "service agent-runtime" in results[0].detail
-    assert jwks[1].kid in results[1].detail
+    assert jwks_server[1].kid in results[1].detail
     assert redis[0].commands == [["AUTH", "gw", REDIS_PASSWORD], ["SELECT", "3"], ["PING"]]
     assert exit_code(results) == 0
 
@@ -279,11 +270,11 @@ async def test_unreachable_dependencies_fail_with_the_reason() -> None:
 )
 async def test_a_jwks_that_is_not_usable_fails(
     demo_runtime: tuple[DemoRuntime, str],
-    jwks: tuple[JWKSServer, DevIssuer],
+    jwks_server: tuple[JWKSServer, DevIssuer],
     change: dict[str, Any],
     fragment: str,
 ) -> None:
-    server = jwks[0]
+    server = jwks_server[0]
     for name, value in change.items():
         setattr(server, name, value)
     settings = gateway_settings(demo_runtime[1], use_jwt_auth=True, jwks_url=server.url)
@@ -292,9 +283,11 @@ async def test_a_jwks_that_is_not_usable_fails(
     assert exit_code(results) == 1
 
 
-async def test_a_runtime_that_answers_an_error_fails(jwks: tuple[JWKSServer, DevIssuer]) -> None:
+async def test_a_runtime_that_answers_an_error_fails(
+    jwks_server: tuple[JWKSServer, DevIssuer],
+) -> None:
     # The JWKS server answers 404 on /health: an HTTP server, but not a healthy runtime.
-    agent_url = jwks[0].url.removesuffix("/.well-known/jwks.json")
+    agent_url = jwks_server[0].url.removesuffix("/.well-known/jwks.json")
     results = await run_checks(gateway_settings(agent_url))
     assert (results[0].status, results[0].detail) == ("FAIL", "HTTP 404")
 
@@ -313,9 +306,9 @@ async def test_redis_with_a_wrong_password_fails_without_showing_it(
     assert REDIS_PASSWORD not in result.target
 
 
-async def test_something_that_is_not_redis_fails(jwks: tuple[JWKSServer, DevIssuer]) -> None:
+async def test_something_that_is_not_redis_fails(jwks_server: tuple[JWKSServer, DevIssuer]) -> None:
     # An HTTP server on the Redis port answers garbage (or closes) instead of +PONG.
-    port = int(jwks[0].url.split(":")[2].split("/")[0])
+    port = int(jwks_server[0].url.split(":")[2].split("/")[0])
     settings = gateway_settings(
         "http://127.0.0.1:1", state_backend="redis", redis_url=f"redis://127.0.0.1:{port}/0"
     )
@@ -403,13 +396,13 @@ async def run_check_command(env: dict[str, str], cwd: Path) -> subprocess.Comple
 async def test_the_command_reports_and_exits_0_when_all_is_well(
     tmp_path: Path,
     demo_runtime: tuple[DemoRuntime, str],
-    jwks: tuple[JWKSServer, DevIssuer],
+    jwks_server: tuple[JWKSServer, DevIssuer],
     redis: tuple[FakeRedis, int],
 ) -> None:
     env = check_env(
         GATEWAY__AGENT_URL=demo_runtime[1],
         GATEWAY__INTERNAL_API_KEY=INTERNAL_KEY,
-        GATEWAY__JWKS_URL=jwks[0].url,
+        GATEWAY__JWKS_URL=jwks_server[0].url,
         GATEWAY__STATE_BACKEND="redis",
         GATEWAY__REDIS_URL=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis[1]}/0",
     )
@@ -423,12 +416,12 @@ async def test_the_command_reports_and_exits_0_when_all_is_well(
 
 
 async def test_the_command_exits_1_when_a_check_fails(
-    tmp_path: Path, jwks: tuple[JWKSServer, DevIssuer]
+    tmp_path: Path, jwks_server: tuple[JWKSServer, DevIssuer]
 ) -> None:
     env = check_env(
         GATEWAY__AGENT_URL=f"http://127.0.0.1:{closed_port()}",
         GATEWAY__INTERNAL_API_KEY=INTERNAL_KEY,
-        GATEWAY__JWKS_URL=jwks[0].url,
+        GATEWAY__JWKS_URL=jwks_server[0].url,
     )
     result = await run_check_command(env, tmp_path)
     lines = result.stdout.decode().splitlines()
