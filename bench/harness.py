@@ -478,9 +478,12 @@ def gateway_sources_digest() -> str:
     spec = importlib.util.find_spec("trio_gateway")
     if spec is None or not spec.submodule_search_locations:
         return "unknown"
+    package = Path(next(iter(spec.submodule_search_locations)))
     digest = hashlib.sha256()
-    for path in sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    # Every subpackage too (session/, edge/...): a change anywhere changes the figures' tie.
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
