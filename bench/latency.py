@@ -55,30 +55,33 @@ import httpx
 import orjson
 import trio
 from wsproto.events import CloseConnection, Message, Ping
+from wsproto.extensions import PerMessageDeflate
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.frame_cost import DeflateClient
-from bench.relay_bench import (
-    TARGET_ADDED_P99_MS,
+from bench.harness import (
     UNLIMITED_USER,
     BenchError,
     Child,
     Services,
-    TurnResult,
     child_env,
-    direct_client,
-    direct_turn,
-    expected_text,
     hottest_functions,
-    percentile,
     profiled,
     raise_fd_limit,
     spawned,
+)
+from bench.relay_bench import (
+    TARGET_ADDED_P99_MS,
+    TurnResult,
+    direct_client,
+    direct_turn,
+    expected_text,
+    percentile,
     warm_direct_pool,
 )
-from tests.frames import ide_frame
+from tests.support.frames import ide_frame
+from tests.support.rawws import RawWebSocket
 
 TURN_TIMEOUT_MARGIN = 120.0  # seconds a paced round may take beyond its nominal length
 
@@ -130,14 +133,15 @@ class PathFigures:
 
 
 class LiveClient:
-    """A :class:`DeflateClient` whose socket a background task reads all the time.
+    """A :class:`~tests.support.rawws.RawWebSocket` (offering permessage-deflate) whose socket a
+    background task reads all the time.
 
     The reader answers the gateway's pings (a client that stops reading while another path has
     its round would, rightly, be dropped by the gateway's heartbeat) and hands each complete
     frame on with the time the network read that carried it returned, taken before parsing.
     Run :meth:`read_forever` in a nursery; cancel it before :meth:`aclose`."""
 
-    def __init__(self, client: DeflateClient) -> None:
+    def __init__(self, client: RawWebSocket) -> None:
         """Wrap a connected client."""
         self.client = client
         self._send_lock = trio.Lock()  # the reader's pongs and the turns' messages share a socket
@@ -197,7 +201,7 @@ class LiveClient:
     async def aclose(self) -> None:
         """Close frame (best effort), then the socket."""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.client.aclose()
+            await self.client.close()
 
 
 @contextlib.asynccontextmanager
@@ -207,7 +211,9 @@ async def live_clients(port: int, paths: Sequence[str]) -> AsyncIterator[list[Li
     async with trio.open_nursery() as nursery:
         try:
             for path in paths:
-                client = LiveClient(await DeflateClient.connect(port, path))
+                client = LiveClient(
+                    await RawWebSocket.connect(port, path, extensions=[PerMessageDeflate()])
+                )
                 clients.append(client)
                 nursery.start_soon(client.read_forever)
             yield clients
@@ -325,7 +331,7 @@ class Bench:
                 async with trio.open_nursery() as nursery:
                     for client, result in zip(clients[name], warm, strict=True):
                         nursery.start_soon(client.turn, "bench 1", result)
-                negotiated = all(c.client.deflate for c in clients[name])
+                negotiated = all(c.client.extensions for c in clients[name])
                 figures[name] = PathFigures(name, deflate=negotiated)
             services = Services(self.runtime, next(iter(self.gateways.values())), self.internal_key)
             async with direct_client(services, self.sessions) as http:

@@ -51,8 +51,16 @@ import trio
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.frame_cost import baseline_tree, cpu_ns
-from bench.relay_bench import HOST, BenchError, Child, child_env, free_port, spawned
+from bench.frame_cost import cpu_ns
+from bench.harness import (
+    HOST,
+    BenchError,
+    Child,
+    baseline_tree,
+    child_env,
+    free_port,
+    spawned,
+)
 
 PATH = "/api/v1/agents"
 VARIANTS = ("baseline", "tree", "floor")

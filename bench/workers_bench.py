@@ -64,18 +64,20 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.frame_cost import RestConnection, cpu_ns
-from bench.latency import LiveClient, live_clients, loadavg
-from bench.relay_bench import (
+from bench.harness import (
     UNLIMITED_USER,
     BenchError,
     Child,
-    TurnResult,
     child_env,
-    expected_text,
     raise_fd_limit,
     spawned,
 )
-from tests.redis_server import REDIS_SERVER, RedisServer
+from bench.latency import LiveClient, live_clients, loadavg
+from bench.relay_bench import (
+    TurnResult,
+    expected_text,
+)
+from tests.support.redis_server import REDIS_SERVER, RedisServer
 
 REST_PATH = "/api/v1/agents"
 REST_CONCURRENCY = 20

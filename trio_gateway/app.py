@@ -68,7 +68,7 @@ class GatewayApp(QuartTrio):
         elif scope["type"] == "websocket":
             # The app has no other WebSocket route. Quart's own websocket path answered some
             # upgrades here with 500 (an empty Sec-WebSocket-Protocol header) and raced
-            # hypercorn's own 400 for others (found by tests/test_fuzz.py): answer 404 here.
+            # hypercorn's own 400 for others (found by tests/hostile/test_fuzz.py): answer 404 here.
             event = await receive()
             if event.get("type") == "websocket.connect":
                 await refuse(scope, send, 404, "not_found", "No WebSocket route here")

@@ -16,9 +16,9 @@ from trio_gateway.app import create_app
 from trio_gateway.edge.rest_door import RestDoor
 from trio_gateway.edge.rest_routes import ROUTES
 
-from .conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
-from .keepalive_runtime import KeepAliveRuntime
-from .scripted_runtime import Script, ScriptedRuntime
+from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from ..support.keepalive_runtime import KeepAliveRuntime
+from ..support.scripted_runtime import Script, ScriptedRuntime
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import orjson
 
-from bench import latency
+from ..support.processes import BENCH_DIR
 
 TINY = ["--sessions", "4", "--rate", "10", "--seconds", "1", "--rounds", "1"]
 
 
 def test_latency_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
     figures = tmp_path / "figures.json"
-    command = [sys.executable, latency.__file__, *TINY, "--json", str(figures)]
+    command = [sys.executable, str(BENCH_DIR / "latency.py"), *TINY, "--json", str(figures)]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=100, cwd=tmp_path, check=False
     )

@@ -25,7 +25,7 @@ class RequestBodyGate:
     only, and covers every route at once.
 
     (Shielding hypercorn's end of request instead was tried and reverted: with it the short
-    soak test, ``tests/test_soak_short.py``, failed every time with connections left in
+    soak test, ``tests/proof/test_soak_short.py``, failed every time with connections left in
     CLOSE-WAIT, two tasks each.)
 
     Not waited for: a body announced larger than ``limit`` (the 413 goes out at once with
@@ -94,7 +94,7 @@ def host_is_valid(scope: dict[str, Any]) -> bool:
 
     Werkzeug encodes the host name with IDNA while Quart builds the request context, outside
     Quart's error handling: a label over 63 octets or a character IDNA refuses raised an
-    uncaught error and the client got a 500 (found by tests/test_fuzz.py).
+    uncaught error and the client got a 500 (found by tests/hostile/test_fuzz.py).
     """
     for key, value in scope.get("headers") or []:
         if key.lower() == b"host":

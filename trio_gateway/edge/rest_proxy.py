@@ -120,7 +120,7 @@ def query_values(raw: bytes, name: str) -> list[str]:
     """Every value of the query parameter ``name`` in the raw query string, in order (escapes
     decoded as UTF-8 with bad octets replaced, blank values kept, as Werkzeug's ``args``)."""
     # Text in, not bytes: parse_qsl's bytes mode re-encodes as ASCII and fails on the first
-    # percent-escaped non-ASCII octet (found by tests/test_schemathesis.py).
+    # percent-escaped non-ASCII octet (found by tests/hostile/test_schemathesis.py).
     pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, errors="replace")
     return [value for key, value in pairs if key == name]
 
