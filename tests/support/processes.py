@@ -51,10 +51,10 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 
 def child_env(internal_key: str, **settings: str) -> dict[str, str]:
-    """:func:`clean_env` with the internal key, WARNING logs, JWT off, then ``settings``."""
-    return clean_env(
-        internal_api_key=internal_key, log_level="WARNING", use_jwt_auth="false", **settings
-    )
+    """:func:`clean_env` with the internal key, WARNING logs and JWT off, then ``settings``
+    (which may override any of them, JWT included)."""
+    defaults = {"internal_api_key": internal_key, "log_level": "WARNING", "use_jwt_auth": "false"}
+    return clean_env(**{**defaults, **settings})
 
 
 def die_with_parent() -> Callable[[], None] | None:
