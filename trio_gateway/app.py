@@ -19,8 +19,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
-from .edge.client_address import address_in, client_address
+from ._version import __version__
+from .client_address import address_in, client_address
 from .edge.request_gate import (
     RequestBodyGate,
     announces_acceptable_body,

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import trio
 
-from . import __version__
+from ._version import __version__
 from .edge.rest_door import RestDoor
 from .edge.rest_proxy import RestProxy
+from .limits import ConnectionCounter
 from .observability import Metrics
-from .security.limits import ConnectionCounter
 from .security.security import Security
 from .session.manager import SessionManager
 from .settings import Settings

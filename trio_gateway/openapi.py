@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__
+from ._version import __version__
 from .edge.rest_routes import ROUTES, ProxyRoute
 from .protocol import SESSION_ID_MAX_LENGTH
 

@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .edge.client_address import Network, parse_networks
+from .client_address import Network, parse_networks
 
 ENV_PREFIX = "GATEWAY__"
 PLACEHOLDER_INTERNAL_KEY = "change-me-internal-key"
@@ -537,7 +537,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, value: str) -> str:
-        from .security.limits import parse_origin_list
+        from .limits import parse_origin_list
 
         parse_origin_list(value)  # raises ValueError with the bad entry named
         return value

@@ -26,7 +26,7 @@ import trio_websocket
 
 from trio_gateway.observability import Metrics
 from trio_gateway.security.auth import Identity
-from trio_gateway.security.limits import RateLimiter
+from trio_gateway.limits import RateLimiter
 from trio_gateway.security.security import Refusal, Security
 from trio_gateway.settings import Settings
 from trio_gateway.state.ownership import OwnershipRefused, OwnershipStore

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trio_gateway.edge.client_address import (
+from trio_gateway.client_address import (
     address_in,
     client_address,
     forwarded_chain,

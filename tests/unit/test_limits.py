@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from trio_gateway.security.limits import (
+from trio_gateway.limits import (
     ConnectionCounter,
     OriginPolicy,
     RateLimiter,

@@ -15,7 +15,7 @@ Request headers: an allow-list (:data:`FORWARDED_REQUEST_HEADERS`: ``Accept``,
 (``Remote-User``, ``X-User-ID`` in any case or with underscores), ``Remote-Addr``, credentials,
 hop-by-hop headers. The gateway alone sets ``X-Internal-Auth``, ``X-User-ID``,
 ``X-User-Scopes``, ``X-Request-ID`` (the client's when sane), ``X-Forwarded-For`` (the client
-and proxies :func:`~trio_gateway.edge.client_address.forwarded_chain` can vouch for, then the TCP
+and proxies :func:`~trio_gateway.client_address.forwarded_chain` can vouch for, then the TCP
 peer) and ``X-Forwarded-Proto``; ``Host`` and ``Content-Length`` come from the runtime pool
 (``upstream/http_stream.py``, shared with turns; a stale pooled connection is retried by its
 rule). The hot path is served below Quart, as plain ASGI (``rest_door.py``).
@@ -41,10 +41,11 @@ import orjson
 import trio
 from quart import Response, request
 
+from ..client_address import Network, address_in, forwarded_chain, peer_address
+from ..limits import acquire_within
 from ..observability import Metrics, request_id_var, user_var
 from ..protocol import valid_session_id
 from ..security.auth import Identity
-from ..security.limits import acquire_within
 from ..security.security import INTERNAL, Refusal, Security, user_headers
 from ..settings import Settings
 from ..state.state import STATE_UNAVAILABLE, StateUnavailable
@@ -55,7 +56,6 @@ from ..upstream.http_stream import (
     StreamConnectError,
     StreamTimeout,
 )
-from .client_address import Network, address_in, forwarded_chain, peer_address
 from .rest_routes import ProxyRoute
 
 logger = logging.getLogger("trio_gateway.rest")
@@ -180,7 +180,7 @@ def forwarding_headers(
 ) -> list[tuple[bytes, bytes]]:
     """``X-Forwarded-For`` and ``X-Forwarded-Proto`` as the gateway vouches for them.
 
-    For: see :func:`~trio_gateway.edge.client_address.forwarded_chain` (just the peer unless the
+    For: see :func:`~trio_gateway.client_address.forwarded_chain` (just the peer unless the
     peer is a trusted proxy). Proto: a trusted proxy's own ``X-Forwarded-Proto`` when it is
     exactly ``http`` or ``https`` (it terminated TLS), else the scheme the gateway was reached
     with.

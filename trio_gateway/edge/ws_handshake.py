@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import orjson
 import trio
 
+from ..client_address import client_address
 from ..protocol import (
     SUBPROTOCOL_V2,
     WS_PATH,
@@ -37,10 +38,13 @@ from ..security.auth import Identity
 from ..security.security import Refusal
 from ..session.transport import ConnectionClosed, WebSocketConnection
 from ..state.state import STATE_UNAVAILABLE, StateUnavailable
-from .client_address import client_address
 
 if TYPE_CHECKING:
-    from ..gateway import Gateway
+    from ..limits import ConnectionCounter
+    from ..observability import Metrics
+    from ..security.security import Security
+    from ..session.manager import SessionManager
+    from ..settings import Settings
 
 logger = logging.getLogger("trio_gateway.handshake")
 
@@ -50,6 +54,19 @@ BEARER_SUBPROTOCOL_PREFIX = "bearer."
 AUTH_FRAME_MAX_BYTES = 16 * 1024 + 256
 # Identity.client_id of a socket admitted by its session id (WS_AUTH_MODE=session-id).
 SESSION_ID_CLIENT = "session-id"
+
+
+class Gateway(Protocol):
+    """What the door uses of the app's state (``gateway.Gateway`` provides it). A protocol
+    rather than an import: the door sits below the gateway that owns it."""
+
+    settings: Settings
+    metrics: Metrics
+    security: Security
+    sessions: SessionManager | None
+    pending_auth: ConnectionCounter
+
+
 _CLOSE_FOR_STATUS = {
     401: CloseCode.UNAUTHORIZED,
     403: CloseCode.FORBIDDEN,

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from ..edge.client_address import client_address
+from ..client_address import client_address
+from ..limits import OriginPolicy, parse_origin_list
 from ..observability import Metrics
 from ..settings import Settings
 from ..state.ownership import OwnershipRefused, OwnershipStore
@@ -48,7 +49,6 @@ from .auth import (
     httpx_jwks_fetcher,
     www_authenticate,
 )
-from .limits import OriginPolicy, parse_origin_list
 
 if TYPE_CHECKING:
     from ..state.redis_state import RedisState

@@ -34,7 +34,7 @@ from typing import cast
 import trio
 from coredis.typing import ResponseType
 
-from ..security.limits import ConnectionCounter, ConnectionRefusal, TokenBucket
+from ..limits import ConnectionCounter, ConnectionRefusal, TokenBucket
 from .ownership import OwnershipRefused
 from .redis_state import RedisState
 from .state import StateUnavailable
@@ -379,7 +379,7 @@ _RATE_IDLE_MS = 600_000
 class RedisRateLimiter:
     """:class:`~trio_gateway.state.state.RateLimit`: one token bucket per user shared by every
     replica, in ``rate:<kind>:<user>``. Same answers as
-    :meth:`~trio_gateway.security.limits.RateLimiter.check` (a refused take consumes nothing)."""
+    :meth:`~trio_gateway.limits.RateLimiter.check` (a refused take consumes nothing)."""
 
     def __init__(self, state: RedisState, kind: str, rate: float, burst: float) -> None:
         TokenBucket(rate, burst)  # the same validation as the in-process limiter

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Protocol, runtime_checkable
 
-from ..security.limits import ConnectionCounter, ConnectionRefusal, RateLimiter
+from ..limits import ConnectionCounter, ConnectionRefusal, RateLimiter
 
 __all__ = [
     "STATE_UNAVAILABLE",
@@ -40,7 +40,7 @@ class StateUnavailable(Exception):
 class ConnectionLimiter(Protocol):
     """Concurrent connections per user (possibly across replicas) and per process.
 
-    Same semantics as :class:`~trio_gateway.security.limits.ConnectionCounter`, but async, because a
+    Same semantics as :class:`~trio_gateway.limits.ConnectionCounter`, but async, because a
     shared implementation has to ask another server.
     """
 
@@ -67,7 +67,7 @@ class RateLimit(Protocol):
 
     async def check(self, key: str, cost: float = 1.0) -> tuple[bool, float]:
         """Charge ``cost`` to ``key``: ``(allowed, retry_after_seconds)`` like
-        :meth:`~trio_gateway.security.limits.RateLimiter.check`.
+        :meth:`~trio_gateway.limits.RateLimiter.check`.
 
         Raises :class:`StateUnavailable`."""
         ...
