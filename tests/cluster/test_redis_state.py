@@ -24,9 +24,9 @@ import pytest
 import trio
 import trio_websocket
 
+from trio_gateway.limits import RateLimiter
 from trio_gateway.observability import Metrics
 from trio_gateway.security.auth import Identity
-from trio_gateway.limits import RateLimiter
 from trio_gateway.security.security import Refusal, Security
 from trio_gateway.settings import Settings
 from trio_gateway.state.ownership import OwnershipRefused, OwnershipStore
