@@ -31,6 +31,13 @@ from ..support.fuzzing_http import (
     smuggling_requests,
 )
 
+# Dozens of hypothesis examples over real sockets: about a minute, but more than the suite's
+# 120 s on a loaded machine (seen once on 3.13 in CI), where pytest-timeout's signal lands
+# inside trio.run and leaves this thread unable to start another run, so every later test
+# fails too. Each exchange is bounded on its own (trio.fail_after in tests/support/fuzzing.py),
+# so a wedge still fails fast; this bounds only the sum.
+pytestmark = pytest.mark.timeout(300)
+
 SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
 HEAD_TIMEOUT = 1.0
 STATS = EdgeStats()
