@@ -92,10 +92,15 @@ def mark_sent_responses(app: Callable[..., Awaitable[None]]) -> Callable[..., Aw
     may hang up between the two.
     """
 
-    async def marked(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def marked(scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+        # A plain function handing over the app's own coroutine: a WebSocket runs for hours,
+        # and a wrapper coroutine awaiting it would sit in every idle session (~0.3 KiB).
+        # hypercorn is therefore told the mode (it detects ASGI by coroutine functions).
         if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
+            return app(scope, receive, send)
+        return marked_http(scope, receive, send)
+
+    async def marked_http(scope: dict[str, Any], receive: Any, send: Any) -> None:
         remaining: int | None = None
 
         async def marking_send(message: dict[str, Any]) -> None:
@@ -133,17 +138,17 @@ def build_hypercorn_config(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.access_log_format = ACCESS_LOG_FORMAT
     config.logger_class = AccessLogger
-    # Protocol pings every interval; a peer that sends nothing (pongs count) for about two
-    # intervals trips the read timeout and is dropped (hypercorn has no pong timeout).
-    config.websocket_ping_interval = settings.ws_heartbeat_interval
+    # Protocol pings every interval come from each connection's writer (transport.send_ping),
+    # not from a hypercorn task per socket; a peer that sends nothing (pongs count) for about
+    # two intervals trips the read timeout and is dropped (hypercorn has no pong timeout).
+    config.websocket_ping_interval = None
     config.read_timeout = settings.read_timeout  # type: ignore[assignment]
     config.websocket_max_message_size = settings.ws_max_message_bytes
     # Read per connection by hypercorn_patches.handshake_accept: off never negotiates
     # permessage-deflate; on inflates within websocket_max_message_size.
     hypercorn_patches.set_compression(config, settings.ws_compression == "on")
     # By the time hypercorn's own graceful stop starts, our drain has closed every session;
-    # what is left are hypercorn's per-connection ping tasks, which only notice a closed
-    # socket at their next tick (up to a heartbeat interval). Waiting for them gains nothing.
+    # what is left of a connection notices the closed socket by itself. Waiting gains nothing.
     config.graceful_timeout = min(1.0, settings.ws_close_timeout)
     # ASGI events hypercorn buffers per connection before it stops reading the socket: with
     # the session reader consuming as it goes, this is the whole inbound buffer.
@@ -205,4 +210,5 @@ async def serve(
         config,
         shutdown_trigger=drain_then_stop,
         task_status=task_status,
+        mode="asgi",  # mark_sent_responses is not a coroutine function (see there)
     )

@@ -42,7 +42,7 @@ async def test_an_idle_session_costs_three_gateway_tasks(gateway: RunningGateway
         await trio.sleep(0.1)
         added = gateway_tasks() - baseline
         assert sum(added.values()) == 3 * IDLE, added
-        assert added == Counter({"run": IDLE, "_writer": IDLE, "_abort_if_stuck": IDLE})
+        assert added == Counter({"run": IDLE, "_writer": IDLE, "_guard": IDLE})
 
         async with gateway.connect("busy") as client:  # a message starts the turn runner
             await client.send({"type": "user_message", "content": "bench 3"})

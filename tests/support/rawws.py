@@ -118,6 +118,22 @@ class RawWebSocket:
                     elif isinstance(event, CloseConnection):
                         self.close_code = event.code
 
+    async def count_pings(self, duration: float) -> int:
+        """Read for ``duration`` seconds, answering pings like a real client; how many came."""
+        pings = 0
+        with trio.move_on_after(duration):
+            while True:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    self.eof = True
+                    break
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, Ping):
+                        pings += 1
+                        await self.stream.send_all(self.ws.send(event.response()))
+        return pings
+
     async def recv_json(self, timeout: float = 10) -> dict[str, Any]:
         """The next text message as JSON; pings are answered while waiting for it."""
         with trio.fail_after(timeout):

@@ -47,6 +47,11 @@ from .transport import ConnectionClosed, WebSocketConnection
 logger = logging.getLogger("trio_gateway.session")
 
 
+def _no_writer_yet() -> None:
+    """``wake_writer`` until the session attaches the connection (one shared function rather
+    than a lambda per socket)."""
+
+
 class ConnectionHost(Protocol):
     """What a connection needs of the app (the session manager is one)."""
 
@@ -81,11 +86,13 @@ class Connection:
         "host",
         "identity",
         "limit_key",
+        "ping_due",
         "previous_writer_done",
         "rate_refusals",
         "replaced",
         "resume_decided",
         "resume_from",
+        "resume_waiter",
         "scope",
         "sender_headers",
         "shut_requested",
@@ -114,14 +121,19 @@ class Connection:
         self.rate_refusals = 0  # consecutive messages refused by the rate limit
         # Who the runtime is told sent this socket's messages (the verified identity).
         self.sender_headers = user_headers(identity)
-        self.scope = trio.CancelScope()
+        # The connection nursery's own cancel scope once run() opened it; until then shut()
+        # only sets shut_requested, which run() checks as it opens the nursery.
+        self.scope: trio.CancelScope | None = None
         self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
         self.closing = False
         self.flush_then_close = False
         self.replaced = False
         self.shut_requested = trio.Event()
-        self.wake_writer: Callable[[], object] = lambda: None
+        # Set by the heartbeat every WS_HEARTBEAT_INTERVAL; the writer sends the protocol ping
+        # (see WebSocketConnection.send_ping for why the writer and not hypercorn).
+        self.ping_due = False
+        self.wake_writer: Callable[[], object] = _no_writer_yet
         # Writers take turns: a replacement's writer starts only once the previous writer of
         # the session has stopped, so frames and seq numbers never interleave between them.
         self.writer_done = trio.Event()
@@ -131,7 +143,8 @@ class Connection:
         self.greeting: Frame | None = None
         self.first_frame_seen = False
         self.resume_from: int | None = None
-        self.resume_decided = trio.Event()
+        self.resume_decided = False
+        self.resume_waiter: trio.Event | None = None  # the writer's, while it waits (rare)
         self.caught_up = False  # the writer has replayed and now sends live frames
         # Cross-replica resume on a follower: frames up to this seq reach the client through
         # the shared stream but were already delivered by the other replica.
@@ -151,7 +164,7 @@ class Connection:
         session *after* its turn's last frames). The first code wins: a session ending after a
         drain must not turn 1012 into 1001; a later hard shut only stops the flush.
         """
-        self.resume_decided.set()  # a closing socket waits for nothing
+        self._decide_resume()  # a closing socket waits for nothing
         if not self.closing:
             self.closing = True
             self.close_code = code
@@ -163,7 +176,14 @@ class Connection:
         elif flush:
             return
         self.shut_requested.set()
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def _decide_resume(self) -> None:
+        # The client's first frame (a resume or not) or a close ends the writer's wait.
+        self.resume_decided = True
+        if self.resume_waiter is not None:
+            self.resume_waiter.set()
 
     def set_close(self, code: int, reason: str) -> None:
         """Decide the close code of a connection that never ran (refused after the accept)."""
@@ -218,6 +238,9 @@ class Connection:
         while not self.backlog:
             if self.flush_then_close or self is session.connection:
                 return None
+            if self.ping_due:
+                await self._send_ping()
+                continue
             await session.frames_ready.park()
         texts = list(self.backlog)
         self.backlog.clear()
@@ -231,15 +254,19 @@ class Connection:
         ``session`` until the connection closes; never raises for the session's errors."""
         try:
             async with trio.open_nursery() as guard_nursery:
-                guard_nursery.start_soon(self._abort_if_stuck, session)
+                guard_nursery.start_soon(self._guard, session)
                 try:
-                    with self.scope:
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._writer, session)
-                            # The reader is the nursery's body rather than a task of its own
-                            # (one task less per idle socket); it ends, fails and is
-                            # cancelled exactly as a sibling of the writer would be.
-                            await self._reader(session, nursery.cancel_scope)
+                    async with trio.open_nursery() as nursery:
+                        # shut() cancels the nursery's own scope (one scope less per idle
+                        # socket than a scope of its own around the nursery).
+                        self.scope = nursery.cancel_scope
+                        if self.shut_requested.is_set():
+                            nursery.cancel_scope.cancel()
+                        nursery.start_soon(self._writer, session)
+                        # The reader is the nursery's body rather than a task of its own
+                        # (one task less per idle socket); it ends, fails and is
+                        # cancelled exactly as a sibling of the writer would be.
+                        await self._reader(session, nursery.cancel_scope)
                 finally:
                     guard_nursery.cancel_scope.cancel()
         except* ConnectionClosed:
@@ -251,26 +278,79 @@ class Connection:
             self.close_code = CloseCode.INTERNAL_ERROR
             self.close_reason = "internal error"
 
-    async def _abort_if_stuck(self, session: Session) -> None:
-        # Cancelling the connection's nursery cannot interrupt a writer blocked in hypercorn's
-        # shielded send, so the nursery would never exit. This guard sits outside it: once a
-        # close is requested (or the whole connection task is cancelled by the server), it
-        # gives the in-flight send ws_close_timeout to finish, then aborts the transport.
-        # Until then the same task is the connection's heartbeat (one task less per idle
-        # socket): the heartbeat stops where it stopped as a task of the connection's nursery,
-        # at the close request that cancels that nursery.
+    async def _guard(self, session: Session) -> None:
+        # The connection's heartbeat, then its close guard: one task (and one coroutine frame)
+        # per socket.
+        # Heartbeat: watches the writer from outside (its sends are shielded), asks it for a
+        # protocol ping every interval and, for v2 clients, sends an application heartbeat
+        # after a quiet interval. Dead-peer detection is hypercorn's read timeout (see
+        # server.py): the peer's pongs keep a quiet live socket open. It stops at the close
+        # request that cancels the connection's nursery.
+        # Close guard: cancelling the connection's nursery cannot interrupt a writer blocked in
+        # hypercorn's shielded send, so the nursery would never exit. This task sits outside
+        # it: once a close is requested (or the whole connection task is cancelled by the
+        # server), it gives the in-flight send ws_close_timeout to finish, then aborts the
+        # transport.
+        ws = self.ws
+        settings = self.host.settings
+        tick = max(0.01, min(settings.ws_heartbeat_interval, settings.ws_slow_client_timeout) / 4)
+        check_expiry = self.host.security.enabled
+        pinged_at = trio.current_time()
         try:
-            await self._heartbeat(session)
+            while True:
+                wait = tick
+                if check_expiry:
+                    # Tokens expire on live sockets too (plus the leeway); an in-band refresh
+                    # moves expires_at, which this loop re-reads every round.
+                    remaining = self.identity.expires_at + settings.jwt_leeway - time.time()
+                    if remaining <= 0:
+                        logger.info(
+                            "token expired on a live socket", extra={"event": "auth_expired"}
+                        )
+                        self.shut(CloseCode.UNAUTHORIZED, "token expired", flush=True)
+                        check_expiry = False  # keep watching the writer while it flushes
+                    else:
+                        wait = min(wait, remaining)
+                with trio.move_on_after(wait):
+                    await self.shut_requested.wait()
+                now = trio.current_time()
+                if self.shut_requested.is_set() or self._stopped_reading(session, now):
+                    break
+                if now - pinged_at >= settings.ws_heartbeat_interval:
+                    pinged_at = now
+                    self.ping_due = True
+                    self.wake_writer()
+                quiet = now - ws.last_send_at >= settings.ws_heartbeat_interval
+                if self.v2 and quiet and ws.send_started_at is None and not len(session.outbound):
+                    session.send_control({"type": "heartbeat"})
             await self.shut_requested.wait()
         finally:
             with trio.CancelScope(shield=True):
-                ws = self.ws
-                with trio.move_on_after(self.host.settings.ws_close_timeout):
+                with trio.move_on_after(settings.ws_close_timeout):
                     while ws.send_started_at is not None:
                         await ws.wait_send_finished()
                 if ws.send_started_at is not None:
                     logger.warning("send still blocked after close was requested; aborting")
                     ws.abort()
+
+    def _stopped_reading(self, session: Session, now: float) -> bool:
+        # The slow-client watchdog: one send blocked for ws_slow_client_timeout closes the
+        # socket (aborting the transport, which is what ends hypercorn's shielded send).
+        started = self.ws.send_started_at
+        if started is None or now - started < self.host.settings.ws_slow_client_timeout:
+            return False
+        self.host.metrics.limit_hits.labels("slow_client").inc()
+        logger.warning(
+            "client stopped reading for %.1f s; closing",
+            now - started,
+            extra={"event": "limit_hit", "limit": "slow_client"},
+        )
+        if self is session.connection:  # a stalled viewer holds nobody up
+            session.cancel_turn()
+        if not self.ws.abort():
+            logger.error("cannot abort this transport; the slow client stays attached")
+        self.shut(CloseCode.POLICY_VIOLATION, "client too slow")
+        return True
 
     async def finish(self) -> None:
         """Close the socket with the code decided (shielded and bounded) and log it."""
@@ -409,7 +489,7 @@ class Connection:
                 self.host.count_frame_in("resume")
                 self._handle_resume(session, message["last_seq"], first=True)
                 return True
-        self.resume_decided.set()
+        self._decide_resume()
         return False
 
     def _handle_resume(self, session: Session, last_seq: int, *, first: bool) -> None:
@@ -419,11 +499,11 @@ class Connection:
             text = "resume is accepted only as the first frame of a connection"
         else:
             self.resume_from = last_seq
-            self.resume_decided.set()
+            self._decide_resume()
             if self.caught_up:
                 self._late_resume(session, last_seq)
             return
-        self.resume_decided.set()
+        self._decide_resume()
         session.send_control(error_frame(ErrorCode.INVALID_MESSAGE, text, is_final=False))
 
     async def _handle_text(self, session: Session, text: str) -> None:
@@ -511,6 +591,10 @@ class Connection:
             await self._catch_up(session)
         while True:
             frames = await session.wait_frames(self)
+            if self.ping_due:
+                await self._send_ping()
+                if not frames and not self.flush_then_close:
+                    continue
             if not frames:
                 if session.close_after_turn is not None:
                     # A drain: the viewers close once they have what this socket had.
@@ -520,6 +604,10 @@ class Connection:
                 self.shut(self.close_code)  # flushed: close now
                 return
             await self._send_frames(session, frames)
+
+    async def _send_ping(self) -> None:
+        self.ping_due = False
+        await self.ws.send_ping()
 
     def _count_viewed(self, _index: int) -> None:
         self.host.count_frame_out("viewed")
@@ -588,13 +676,15 @@ class Connection:
         if self.greeting is not None:
             self.greeting["last_seq"] = session.seq
             await self._send_direct(self.greeting)
-            if session.seq or len(session.outbound) or session.busy or session.lease.following:
-                # A session with history: let the client say where it stopped first. Any
-                # first frame, a close, or resume_wait_seconds end the wait. A follower has
-                # history even at seq 0: the replica running the session may have sent frames
-                # that are not in the shared stream yet.
+            # A session with history: let the client say where it stopped first. Any first
+            # frame, a close, or resume_wait_seconds end the wait. A follower has history even
+            # at seq 0: the replica running the session may have sent frames that are not in
+            # the shared stream yet.
+            history = session.seq or len(session.outbound) or session.busy
+            if (history or session.lease.following) and not self.resume_decided:
+                self.resume_waiter = trio.Event()
                 with trio.move_on_after(self.host.settings.resume_wait_seconds):
-                    await self.resume_decided.wait()
+                    await self.resume_waiter.wait()
         now = trio.current_time()
         resume_from = self.resume_from
         replay = (
@@ -645,48 +735,3 @@ class Connection:
         else:
             self.host.metrics.resumes.labels("resync").inc()
             session.send_control({"type": "resync_required", "reason": ReplayGap.UNKNOWN_SEQ})
-
-    async def _heartbeat(self, session: Session) -> None:
-        # Watches the writer from outside (its sends are shielded) and, for v2 clients, sends
-        # an application heartbeat after a quiet interval. WebSocket protocol pings and
-        # dead-peer detection are hypercorn's (ping interval + read timeout, see server.py).
-        # Returns once the self is asked to close (runs in the guard task, which
-        # outlives the connection's nursery: see _abort_if_stuck).
-        ws = self.ws
-        settings = self.host.settings
-        tick = max(0.01, min(settings.ws_heartbeat_interval, settings.ws_slow_client_timeout) / 4)
-        check_expiry = self.host.security.enabled
-        while True:
-            wait = tick
-            if check_expiry:
-                # Tokens expire on live sockets too (plus the leeway); an in-band refresh
-                # moves expires_at, which this loop re-reads every round.
-                remaining = self.identity.expires_at + settings.jwt_leeway - time.time()
-                if remaining <= 0:
-                    logger.info("token expired on a live socket", extra={"event": "auth_expired"})
-                    self.shut(CloseCode.UNAUTHORIZED, "token expired", flush=True)
-                    check_expiry = False  # keep watching the writer while it flushes
-                else:
-                    wait = min(wait, remaining)
-            with trio.move_on_after(wait):
-                await self.shut_requested.wait()
-            if self.shut_requested.is_set():
-                return
-            now = trio.current_time()
-            started = ws.send_started_at
-            if started is not None and now - started >= settings.ws_slow_client_timeout:
-                self.host.metrics.limit_hits.labels("slow_client").inc()
-                logger.warning(
-                    "client stopped reading for %.1f s; closing",
-                    now - started,
-                    extra={"event": "limit_hit", "limit": "slow_client"},
-                )
-                if self is session.connection:  # a stalled viewer holds nobody up
-                    session.cancel_turn()
-                if not ws.abort():
-                    logger.error("cannot abort this transport; the slow client stays attached")
-                self.shut(CloseCode.POLICY_VIOLATION, "client too slow")
-                return
-            quiet = now - ws.last_send_at >= settings.ws_heartbeat_interval
-            if self.v2 and quiet and started is None and not len(session.outbound):
-                session.send_control({"type": "heartbeat"})

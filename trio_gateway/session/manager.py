@@ -224,7 +224,7 @@ class SessionManager:
                     return
             finally:
                 session.release_pending()
-            if session.scope.cancel_called or self.sessions.get(session_id) is not session:
+            if session.ending or self.sessions.get(session_id) is not session:
                 # It ended anyway (drain, operator): never attach to a session without a
                 # turn runner. No await between here and attach.
                 if self.draining:

@@ -63,6 +63,8 @@ class Socket(Protocol):
     @property
     def flush_then_close(self) -> bool: ...
     @property
+    def ping_due(self) -> bool: ...
+    @property
     def writer_done(self) -> trio.Event: ...
     @property
     def backlog(self) -> list[str]: ...
@@ -106,12 +108,13 @@ class Session:
         "_first_chunk_seen",
         "_messages_ready",
         "_nursery",
-        "_turn_runner_started",
+        "_space_ready",
         "_turn_started_at",
         "answered",
         "close_after_turn",
         "connection",
         "detached_charge",
+        "ending",
         "finished",
         "frames_ready",
         "host",
@@ -127,7 +130,6 @@ class Session:
         "scope",
         "seq",
         "settings",
-        "space_ready",
         "turn_count",
         "turn_scope",
         "viewers",
@@ -167,7 +169,10 @@ class Session:
         self.lease: Lease = host.lease_for(self)
         self.connection: Socket | None = None
         self.viewers: list[Socket] = []  # v1 windows beside the live socket; see attach
-        self.scope = trio.CancelScope()
+        # The session nursery's own cancel scope once run() opened it (one scope, not two, per
+        # idle session); ``ending`` records an end() that came before that.
+        self.scope: trio.CancelScope | None = None
+        self.ending = False
         self.turn_scope: trio.CancelScope | None = None
         self.lost_frames = 0
         self.pending_attach = 0  # connections accepted but not attached yet
@@ -177,15 +182,16 @@ class Session:
         self._final_seen = False
         self.finished = trio.Event()
         self._nursery: trio.Nursery | None = None  # the session's, while it takes new tasks
-        self._turn_runner_started = False
         # Wake-ups. ParkingLots rather than Events: no object churn on the hot path.
         # frames_ready: frames were queued or the attachment changed (the writer, or the
-        # hand-off pump, looks again); space_ready: the queue was emptied or the client left
-        # (a producer over the byte budget looks again). Public: the lease (replicas.py) relays
-        # and pumps frames with them too.
+        # hand-off pump, looks again; public: the lease in replicas.py pumps frames with it);
+        # space_ready: the queue was emptied or the client left (a producer over the byte
+        # budget looks again: wait_for_space / space_freed), created by the first producer
+        # that waits, as most sessions never fill their queue.
         self.frames_ready = trio.lowlevel.ParkingLot()
-        self.space_ready = trio.lowlevel.ParkingLot()
-        self._messages_ready = trio.lowlevel.ParkingLot()
+        self._space_ready: trio.lowlevel.ParkingLot | None = None
+        # Created with the turn runner (its only waiter): a session without turns has none.
+        self._messages_ready: trio.lowlevel.ParkingLot | None = None
         self._attachment_changed = trio.lowlevel.ParkingLot()
 
     # --- state ---------------------------------------------------------------------------
@@ -243,21 +249,23 @@ class Session:
     async def run(self) -> None:
         """Body of the session's nursery; returns when the session ends."""
         try:
-            with self.scope:
-                async with trio.open_nursery() as nursery:
-                    # Memory: an idle session is one task, not three (each trio task costs a
-                    # few KiB). The grace timer runs as the nursery's body, and the turn runner
-                    # starts with the first message (see _start_turn_runner). Either way the
-                    # nursery ends when the grace timer ends the session, and an error in
-                    # either cancels the other, as sibling tasks did.
-                    self._nursery = nursery
-                    if len(self.queue):  # submitted before this task first ran
-                        self._start_turn_runner()
-                    self.lease.start(nursery)
-                    try:
-                        await self._grace_timer()
-                    finally:
-                        self._nursery = None  # closed to new tasks from here on
+            async with trio.open_nursery() as nursery:
+                # Memory: an idle session is one task, not three (each trio task costs a few
+                # KiB). The grace timer runs as the nursery's body, and the turn runner starts
+                # with the first message (see _start_turn_runner). Either way the nursery ends
+                # when the grace timer ends the session, and an error in either cancels the
+                # other, as sibling tasks did. end() cancels the nursery's own scope.
+                self.scope = nursery.cancel_scope
+                if self.ending:  # ended before this task first ran
+                    nursery.cancel_scope.cancel()
+                self._nursery = nursery
+                if len(self.queue):  # submitted before this task first ran
+                    self._start_turn_runner()
+                self.lease.start(nursery)
+                try:
+                    await self._grace_timer()
+                finally:
+                    self._nursery = None  # closed to new tasks from here on
         except* Exception:
             # A bug in one session must not take the manager's nursery (every session) down.
             logger.exception("session %s failed", self.id)
@@ -278,7 +286,9 @@ class Session:
 
     def end(self) -> None:
         """Cancel the session: its turn, its queue and its connection."""
-        self.scope.cancel()
+        self.ending = True
+        if self.scope is not None:
+            self.scope.cancel()
 
     def sockets(self) -> list[Socket]:
         """The live socket (if any) and its viewers."""
@@ -308,25 +318,26 @@ class Session:
             self.end()
 
     async def _grace_timer(self) -> None:
-        # Ends the session once it has been without a connection for the grace period. A
-        # connection between accept and attach counts as present (no race at the deadline).
-        def unattended() -> bool:
-            return self.connection is None and not self.pending_attach
-
+        # Ends the session once it has been without a connection for the grace period.
         while True:
-            while not unattended():
+            while not self._unattended():
                 await self._attachment_changed.park()
             if self.settings.session_grace_seconds <= 0 or self._nothing_to_resume():
                 self.end()
                 return
             with trio.move_on_after(self.settings.session_grace_seconds) as waited:
-                while unattended():
+                while self._unattended():
                     await self._attachment_changed.park()
             if waited.cancelled_caught:
                 if self.turn_running:
                     logger.info("grace period over; cancelling the detached turn")
                 self.end()
                 return
+
+    def _unattended(self) -> bool:
+        # A connection between accept and attach counts as present (no race at the deadline).
+        # A method rather than a closure in the timer: no function object per idle session.
+        return self.connection is None and not self.pending_attach
 
     def _nothing_to_resume(self) -> bool:
         # A session that never ran a turn holds nothing a returning client could want (its
@@ -424,7 +435,7 @@ class Session:
             logger.info("client gone; dropped %d queued message(s)", dropped)
         self._charge_queue_on_detach()
         self._attachment_changed.unpark_all()
-        self.space_ready.unpark_all()
+        self.space_freed()
         self.frames_ready.unpark_all()  # the pump takes over when handed off
         if self.close_after_turn is not None and not self.turn_running:
             self.end()  # drained: nothing left to wait for
@@ -461,7 +472,7 @@ class Session:
         self.lost_frames += dropped
         if final:
             self._stand_in_final()
-        self.space_ready.unpark_all()
+        self.space_freed()
 
     def take_lost_frames(self) -> int:
         """How many frames were lost since the last call (the caller tells the client)."""
@@ -494,7 +505,7 @@ class Session:
         or the session is closing for a drain (no new turn may start)."""
         if self.close_after_turn is not None or not self.queue.offer((message, sender or {})):
             return False
-        if self._turn_runner_started:
+        if self._messages_ready is not None:  # the turn runner runs
             self._messages_ready.unpark_all()
         else:
             self._start_turn_runner()
@@ -505,10 +516,10 @@ class Session:
         # sessions) holds no turn-runner task. Once started it runs for the session's life.
         # Before run() has opened the nursery, run() starts it; after the nursery closed (the
         # session is ending) the message is dropped with the queue, as it was before.
-        if self._turn_runner_started or self._nursery is None:
+        if self._messages_ready is not None or self._nursery is None:
             return
-        self._turn_runner_started = True
-        self._nursery.start_soon(self._turn_runner)
+        self._messages_ready = trio.lowlevel.ParkingLot()
+        self._nursery.start_soon(self._turn_runner, self._messages_ready)
 
     def already_answered(self, kind: str, call_id: str) -> bool:
         """Whether a ``kind`` answer for ``call_id`` already went to the runtime."""
@@ -544,13 +555,13 @@ class Session:
 
     # --- turn runner -----------------------------------------------------------------------
 
-    async def _turn_runner(self) -> None:
+    async def _turn_runner(self, messages_ready: trio.lowlevel.ParkingLot) -> None:
         runtime = self.host.runtime
         await self.lease.lease_ready.wait()  # another replica may still be running this session
         while True:
             queued = self.queue.pop()
             while queued is None:
-                await self._messages_ready.park()
+                await messages_ready.park()
                 queued = self.queue.pop()
             await self._run_turn(runtime, *queued)
             if self.close_after_turn is not None:
@@ -632,7 +643,7 @@ class Session:
         outbound = self.outbound
         batch_size = sum(sizes)
         while self.connection is not None and not outbound.fits(batch_size):
-            await self.space_ready.park()
+            await self.wait_for_space()
         detached = self.connection is None
         if not self._first_chunk_seen:
             self._first_chunk_seen = True
@@ -702,15 +713,26 @@ class Session:
         """Block until frames are waiting, take them all, and wake a blocked producer.
 
         Returns an empty list when ``connection`` was asked to close after a flush and
-        everything has been taken.
+        everything has been taken, or has a protocol ping to send.
         """
         while not len(self.outbound):
-            if connection.flush_then_close:
+            if connection.flush_then_close or connection.ping_due:
                 return []
             await self.frames_ready.park()
         frames = self.outbound.take_all()
-        self.space_ready.unpark_all()
+        self.space_freed()
         return frames
+
+    async def wait_for_space(self) -> None:
+        """Wait (a producer over the outbound byte budget) until :meth:`space_freed`."""
+        if self._space_ready is None:
+            self._space_ready = trio.lowlevel.ParkingLot()
+        await self._space_ready.park()
+
+    def space_freed(self) -> None:
+        """The outbound queue was emptied or the client left: waiting producers look again."""
+        if self._space_ready is not None:
+            self._space_ready.unpark_all()
 
     def to_viewers(self, text: str) -> None:
         """Hand a numbered frame to every viewer's backlog (the live socket's writer calls

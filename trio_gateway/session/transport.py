@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
+from wsproto.events import Ping  # hypercorn's WebSocket engine
 
 logger = logging.getLogger("trio_gateway.transport")
 
@@ -159,7 +160,8 @@ class WebSocketConnection:
         self.aborted = False
         self.send_started_at: float | None = None
         self.last_send_at = trio.current_time()
-        self._send_finished = trio.lowlevel.ParkingLot()
+        # Created by the first wait_send_finished (a close guard); most sockets never need it.
+        self._send_finished: trio.lowlevel.ParkingLot | None = None
         self._first_message_limit: FirstMessageLimit | None = None
 
     @property
@@ -235,15 +237,37 @@ class WebSocketConnection:
         returns without ever yielding, so a send loop would spin and freeze the worker. It is
         also where cancellation reaches the writer *before* anything is written.
         """
+        try:
+            await self._send_watched(self._send, {"type": "websocket.send", "text": text})
+        finally:
+            self.last_send_at = trio.current_time()
+
+    async def send_ping(self) -> None:
+        """Send a WebSocket protocol ping; the peer's pong is inbound traffic, so hypercorn's
+        read timeout keeps a quiet live peer and drops a dead one.
+
+        The connection's writer sends it, like every frame, instead of hypercorn's own ping
+        task: that task costs every idle socket ~3.5 KiB, and a ping from the writer is
+        watched by the slow-client guard like any other send (a ping to a client that stopped
+        reading blocks in hypercorn's shielded send too). ASGI has no ping event, so this
+        takes the same hypercorn path as :func:`find_transport_aborter`
+        (``WSStream._send_wsproto_event``); on another server it sends nothing.
+        """
+        ws_stream = getattr(self._send, "__self__", None)
+        send_event = getattr(ws_stream, "_send_wsproto_event", None)
+        if send_event is not None:
+            await self._send_watched(send_event, Ping())
+
+    async def _send_watched(self, send: Callable[[Any], Awaitable[None]], message: Any) -> None:
+        # One send the slow-client watchdog can see (send_started_at), after a checkpoint.
         await trio.lowlevel.checkpoint()
         if self.closed:
             raise ConnectionClosed(self.peer_closed_code)
         self.send_started_at = trio.current_time()
         try:
-            await self._send({"type": "websocket.send", "text": text})
+            await send(message)
         finally:
             self.send_started_at = None
-            self.last_send_at = trio.current_time()
             if self._send_finished:
                 self._send_finished.unpark_all()
 
@@ -273,6 +297,8 @@ class WebSocketConnection:
     async def wait_send_finished(self) -> None:
         """Wait until the send in flight (if any) returns."""
         if self.send_started_at is not None:
+            if self._send_finished is None:
+                self._send_finished = trio.lowlevel.ParkingLot()
             await self._send_finished.park()
 
     async def close(self, code: int, reason: str = "") -> None:
@@ -292,7 +318,8 @@ class WebSocketConnection:
             return False
         self.aborted = True
         self._abort()
-        self._send_finished.unpark_all()
+        if self._send_finished:
+            self._send_finished.unpark_all()
         return True
 
     async def drain_until_disconnect(self, timeout: float) -> None:
