@@ -41,7 +41,6 @@ Exit status: 0 when the measurement completed, 1 when the benchmark itself faile
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import statistics
@@ -59,7 +58,17 @@ from wsproto.extensions import PerMessageDeflate
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import HOST, UNLIMITED_USER, BenchError, Child, baseline_tree, child_env, spawned
+from bench.harness import (
+    HOST,
+    UNLIMITED_USER,
+    BenchError,
+    Child,
+    add_json_option,
+    baseline_tree,
+    child_env,
+    run_and_write_json,
+    spawned,
+)
 from tests.support.frames import ide_frame
 from tests.support.rawws import RawWebSocket
 
@@ -376,16 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--connections", type=int, default=20, help="keep-alive REST connections per gateway"
     )
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
-    try:
-        summary = run(args)
-    except BenchError as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
-    if args.json is not None:
-        args.json.write_text(json.dumps(summary, indent=2))
-    return 0
+    return run_and_write_json(lambda: run(args), args.json)
 
 
 if __name__ == "__main__":

@@ -1,42 +1,58 @@
 """The benchmarks' own infrastructure, written once: CPU, RSS, fds and run-queue waits of a
 child from ``/proc``, the two servers' own figures (the gateway's ``/metrics``, the runtime's
-stream counters), a demo runtime and a gateway as children (:func:`running_fleet`), py-spy
-profiles, figure tables, the environment a run is tied to (load averages, the gateway sources'
-digest) and ``--baseline REF`` unpacking.
+stream counters), a demo runtime and a gateway as children (:func:`running_fleet`), a private
+``redis-server``. The door to the rest of the bench modules too: it re-exports what every script
+needs of :mod:`bench.runs` (exit status, environment, tables, ``--json``, ``--baseline``),
+:mod:`bench.profiling` (py-spy) and :mod:`bench.stats` (percentiles).
 
 Shared with the tests (and imported from there, never copied): free ports, child processes
-(``tests/support/processes.py``) and the raw WebSocket client (``tests/support/rawws.py``).
+(``tests/support/processes.py``), ``redis-server`` (``tests/support/redis_server.py``) and the raw
+WebSocket client (``tests/support/rawws.py``).
 Used by every script of ``bench/``; run as scripts, they put the checkout on ``sys.path`` first.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import io
 import math
 import os
 import resource
 import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
-import orjson
 import trio
 
+from bench.profiling import find_py_spy, hottest_functions, profile_summary, profiled
+from bench.runs import (
+    ROOT,
+    BenchError,
+    add_json_option,
+    baseline_tree,
+    describe,
+    environment_lines,
+    failure_status,
+    finish_environment,
+    gateway_sources_digest,
+    interrupted,
+    leaves,
+    loadavg,
+    log,
+    run_and_write_json,
+    run_environment,
+    sigterm_as_interrupt,
+    table,
+    write_json,
+)
+from bench.stats import percentile
 from tests.support.ports import HOST, free_port
-from tests.support.processes import Child, ChildError, child_env, spawned
+from tests.support.processes import Child, child_env, spawned
+from tests.support.redis_server import REDIS_SERVER, RedisServer, running_redis
 
 __all__ = [
     "HOST",
@@ -50,11 +66,15 @@ __all__ = [
     "ProcSample",
     "Sampler",
     "Services",
+    "add_json_option",
     "baseline_tree",
     "child_env",
     "cpu_seconds",
     "describe",
+    "environment_lines",
+    "failure_status",
     "find_py_spy",
+    "finish_environment",
     "free_port",
     "gateway_metrics",
     "gateway_sources_digest",
@@ -65,27 +85,31 @@ __all__ = [
     "log",
     "open_fds",
     "percentile",
+    "port_of",
+    "profile_summary",
     "profiled",
     "raise_fd_limit",
+    "redis_server",
+    "redis_trouble",
     "rss_kib",
+    "run_and_write_json",
+    "run_environment",
+    "run_trio",
     "running_fleet",
     "runqueue_wait_seconds",
     "runtime_streams",
     "self_cpu_seconds",
+    "sigterm_as_interrupt",
     "spawned",
     "table",
+    "wait_idle",
     "write_json",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 WS_PATH = "/api/v1/ws/"
-PROFILE_RATE = 100  # py-spy samples per second
+T = TypeVar("T")
 
-# One exception for "the benchmark itself failed" (wrong text, an error frame, a timeout, a
-# child that died or never became healthy): the child launcher shared with the tests raises
-# ChildError, the benchmarks' own checks raise it under this name, and every handler of a
-# benchmark catches both.
-BenchError = ChildError
+IDLE_TIMEOUT = 20.0  # seconds for a gateway's sessions to end after a round (grace + margin)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,15 +166,6 @@ def runqueue_wait_seconds(pid: int) -> float:
 def open_fds(pid: int) -> int:
     """How many file descriptors process ``pid`` holds open right now."""
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    """The ``pct`` percentile (nearest rank) of ``values``; NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
-    return ordered[rank]
 
 
 @dataclass(frozen=True)
@@ -306,80 +321,23 @@ class CpuUse:
             f"client {self.client_s / wall:.2f}"
         )
 
+    @staticmethod
+    def total(uses: Iterable[CpuUse]) -> CpuUse:
+        """The sum of ``uses`` (zero when there is none)."""
+        total = CpuUse(0.0, 0.0, 0.0, 0.0)
+        for use in uses:
+            total = total + use
+        return total
+
+
+def port_of(child: Child) -> int:
+    """The loopback port ``child`` listens on."""
+    return int(child.url.rsplit(":", 1)[1])
+
 
 # ------------------------------------------------------------------------------------------------
-# Profiling (optional): py-spy on the gateway, summarised as its hottest functions
+# What the servers say about themselves; a fleet of children
 # ------------------------------------------------------------------------------------------------
-
-
-def find_py_spy() -> str | None:
-    """py-spy next to this interpreter or on PATH."""
-    beside = Path(sys.executable).parent / "py-spy"
-    return str(beside) if beside.exists() else shutil.which("py-spy")
-
-
-@asynccontextmanager
-async def profiled(pid: int, output: Path | None) -> AsyncIterator[None]:
-    """Record ``pid`` with py-spy (collapsed stacks) into ``output`` while the block runs."""
-    py_spy = find_py_spy() if output is not None else None
-    if output is None or py_spy is None:
-        yield
-        return
-    command = [py_spy, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE)]
-    command += ["--format", "raw", "--nolineno", "--nonblocking", "--output", str(output)]
-    recorder = await trio.lowlevel.open_process(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)  # py-spy writes the file and exits
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(30):
-                await recorder.wait()
-            if recorder.returncode is None:
-                recorder.kill()
-                await recorder.wait()
-
-
-def _package_of(frame: str) -> str:
-    """``"f (httpcore/_async/http11.py)"`` -> ``"httpcore"``; stdlib modules keep their name."""
-    _, _, where = frame.rpartition(" (")
-    return where.rstrip(")").split("/")[0].removesuffix(".py") or "?"
-
-
-def hottest_functions(collapsed: Path, top: int = 10) -> list[str]:
-    """The functions with the most samples (inclusive and self) in a py-spy raw profile.
-
-    Inclusive counts start below trio's run loop: the frames above it (the interpreter, the CLI,
-    ``trio.run``) are on every stack and say nothing.
-    """
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    packages: Counter[str] = Counter()
-    total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        loop = max((i for i, f in enumerate(frames) if f.startswith("unrolled_run ")), default=-1)
-        total += int(count)
-        own[frames[-1]] += int(count)
-        packages[_package_of(frames[-1])] += int(count)
-        for frame in set(frames[loop + 1 :]):
-            inclusive[frame] += int(count)
-    if not total:
-        return ["(no samples)"]
-    lines = [
-        f"{total} samples; self time by package: "
-        + ", ".join(f"{name} {100 * n / total:.0f}%" for name, n in packages.most_common(8)),
-        "inclusive (below trio's run loop):",
-    ]
-    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(top)]
-    lines.append("self:")
-    lines += [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(top)]
-    return lines
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -438,91 +396,54 @@ def running_fleet(
                 yield Services(runtime, gateway, key)
 
 
-# ------------------------------------------------------------------------------------------------
-# Reports: tables, the environment of a run, errors
-# ------------------------------------------------------------------------------------------------
-
-
-def table(rows: Sequence[tuple[str, str]]) -> str:
-    """Two columns, names padded to the longest: the figure tables every script prints."""
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-
-
-def write_json(path: Path | None, result: object, **computed: object) -> None:
-    """Write ``result`` (a dataclass) and its ``computed`` figures (its properties) to ``path``
-    as JSON, when a path was given (``--json FILE``): what the short tests read back."""
-    if path is None:
-        return
-    figures = orjson.loads(orjson.dumps(result, option=orjson.OPT_NON_STR_KEYS))
-    figures.update(computed)
-    path.write_bytes(orjson.dumps(figures, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_INDENT_2))
-
-
-def log(text: str) -> None:
-    """Progress to stderr (stdout carries the figures)."""
-    print(text, file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    """The 1, 5 and 15 minute load averages, as the kernel prints them."""
+def run_trio(children: Sequence[Child], async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``trio.run(async_fn, *args)``; when it fails (not when interrupted), log the last lines of
+    each of ``children``'s logs first: their last words help explain a failure."""
     try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+        return trio.run(async_fn, *args)
+    except BaseException as error:
+        if not interrupted(error):
+            for child in children:
+                log(f"--- {child.name} log tail ---\n{child.log_tail()}")
+        raise
 
 
-def gateway_sources_digest() -> str:
-    """SHA-256 over the gateway package's ``.py`` files, to tie the figures to a code version
-    (the package is installed editable; this script does not run git)."""
-    spec = importlib.util.find_spec("trio_gateway")
-    if spec is None or not spec.submodule_search_locations:
-        return "unknown"
-    package = Path(next(iter(spec.submodule_search_locations)))
-    digest = hashlib.sha256()
-    # Every subpackage too (session/, edge/...): a change anywhere changes the figures' tie.
-    for path in sorted(package.rglob("*.py")):
-        name = path.relative_to(package).as_posix()
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def leaves(error: BaseException) -> Iterator[BaseException]:
-    """Every exception inside ``error``'s groups (``error`` itself when it is no group)."""
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from leaves(inner)
-    else:
-        yield error
-
-
-def interrupted(error: BaseException) -> bool:
-    """Whether a Ctrl-C is among ``error``'s leaves."""
-    return any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves(error))
-
-
-def describe(leaf: BaseException) -> str:
-    """One line for a failure: what it was and its message."""
-    if isinstance(leaf, trio.TooSlowError):
-        return "timed out (a trio.fail_after bound expired)"
-    return f"{type(leaf).__name__}: {leaf}"
-
-
-# ------------------------------------------------------------------------------------------------
-# --baseline REF: another commit's gateway package
-# ------------------------------------------------------------------------------------------------
+async def wait_idle(services: Services) -> None:
+    """Until the gateway holds no session (closed sessions wait out a short grace period)."""
+    with trio.move_on_after(IDLE_TIMEOUT):
+        while True:
+            metrics = await gateway_metrics(services)
+            if not metrics.get("gateway_active_sessions"):
+                return
+            await trio.sleep(0.25)
+    log(f"  warning: {services.gateway.name} still holds sessions after {IDLE_TIMEOUT:g} s")
 
 
 @contextmanager
-def baseline_tree(ref: str, prefix: str = "bench-base-") -> Iterator[Path]:
-    """The ``trio_gateway`` package of commit ``ref``, unpacked into a temporary directory."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "trio_gateway"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
-        yield Path(tmp)
+def redis_server(workdir: Path) -> Iterator[RedisServer]:
+    """A private ``redis-server`` (the tests' launcher) on a free loopback port, without
+    persistence, refusing writes rather than evicting; stopped when the block ends."""
+    if REDIS_SERVER is None:
+        raise BenchError("redis-server is not installed")
+    with running_redis(workdir, ["--maxmemory-policy", "noeviction"]) as server:
+        yield server
+
+
+def redis_trouble(metrics: dict[str, float], gateway: Child) -> dict[str, float]:
+    """Resume outcomes, failed stream appends and Redis failures one gateway counted, and how
+    often its log says it marked Redis unavailable (``state_down``)."""
+    wanted = ("gateway_resumes_total", "gateway_state_backend_failures_total")
+    found = {
+        key: value
+        for key, value in metrics.items()
+        if key.startswith(wanted)
+        or (key.startswith("gateway_limit_hits_total") and "stream_append_failed" in key)
+    }
+    try:
+        text = gateway.log_path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    downs = text.count('"event":"state_down"')
+    if downs:
+        found["redis marked unavailable (state_down log events)"] = float(downs)
+    return found

@@ -56,9 +56,11 @@ from bench.harness import (
     HOST,
     BenchError,
     Child,
+    add_json_option,
     baseline_tree,
     child_env,
     free_port,
+    run_and_write_json,
     spawned,
 )
 
@@ -360,16 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=4, help="per proxy")
     parser.add_argument("--seconds", type=float, default=8.0, help="per round")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
-    try:
-        summary = run(args)
-    except BenchError as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
-    if args.json is not None:
-        args.json.write_text(json.dumps(summary, indent=2))
-    return 0
+    return run_and_write_json(lambda: run(args), args.json)
 
 
 if __name__ == "__main__":
