@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
 
 from bench.harness import (
     Services,
+    add_json_option,
     raise_fd_limit,
     running_fleet,
     runtime_streams,
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=DrainConfig.sessions)
     parser.add_argument("--drain-timeout", type=float, default=DrainConfig.drain_timeout)
     parser.add_argument("--short-every", type=int, default=DrainConfig.short_every)
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     cfg = DrainConfig(args.sessions, args.drain_timeout, max(1, args.short_every))
     raise_fd_limit()

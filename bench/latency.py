@@ -60,26 +60,29 @@ from wsproto.extensions import PerMessageDeflate
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import (
+    TurnResult,
+    direct_client,
+    direct_turn,
+    expected_text,
+    next_seq,
+    warm_direct_pool,
+)
 from bench.harness import (
     UNLIMITED_USER,
     BenchError,
     Child,
     Services,
+    add_json_option,
     child_env,
     hottest_functions,
+    loadavg,
     profiled,
     raise_fd_limit,
     spawned,
 )
-from bench.relay_bench import (
-    TARGET_ADDED_P99_MS,
-    TurnResult,
-    direct_client,
-    direct_turn,
-    expected_text,
-    percentile,
-    warm_direct_pool,
-)
+from bench.relay_bench import TARGET_ADDED_P99_MS
+from bench.stats import sorted_percentile
 from tests.support.frames import ide_frame
 from tests.support.rawws import RawWebSocket
 
@@ -108,7 +111,7 @@ class PathFigures:
 
     def pct_ms(self, pct: float) -> float:
         """The ``pct`` percentile of the pooled latencies, in ms."""
-        return percentile(sorted(self.latencies_ns), pct) / 1e6
+        return sorted_percentile(sorted(self.latencies_ns), pct) / 1e6
 
     def summary(self) -> dict[str, Any]:
         """The figures as plain values."""
@@ -191,10 +194,7 @@ class LiveClient:
                 received_ns, frame = await self._frames.receive()
             except trio.EndOfChannel:
                 raise BenchError("the gateway closed the socket mid-turn") from None
-            seq = frame.get("seq") if isinstance(frame, dict) else None
-            if not isinstance(seq, int) or (last_seq is not None and seq != last_seq + 1):
-                raise BenchError(f"frame out of sequence after seq {last_seq}: {frame}")
-            last_seq = seq
+            last_seq = next_seq(frame, last_seq)
             if result.absorb(frame, received_ns):
                 return
 
@@ -401,11 +401,6 @@ def render(figures: dict[str, PathFigures], args: argparse.Namespace, load: str)
     return "\n".join(lines)
 
 
-def loadavg() -> str:
-    """The 1/5/15-minute load averages."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the rounds and print the table; 0 when the measurement completed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
@@ -414,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=10, help="seconds per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per path")
     parser.add_argument("--compression", choices=("off", "on", "both"), default="off")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_json_option(parser)
     parser.add_argument(
         "--profile",
         type=Path,

@@ -42,10 +42,12 @@ import trio_websocket
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import SocketGroup, TurnResult, expected_text, gateway_turn
 from bench.harness import (
     BenchError,
     Sampler,
     Services,
+    add_json_option,
     gateway_metrics,
     percentile,
     raise_fd_limit,
@@ -54,7 +56,6 @@ from bench.harness import (
     table,
     write_json,
 )
-from bench.relay_bench import SocketGroup, TurnResult, expected_text, gateway_turn
 
 TURN_TIMEOUT_MARGIN = 60.0  # seconds a turn may take beyond its nominal length
 
@@ -288,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="tokens/s within a turn")
     parser.add_argument("--think", type=float, help="max seconds between turns")
     parser.add_argument("--ramp", type=float, help="seconds over which sessions start")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     cfg = LoadConfig.quick() if args.quick else LoadConfig()
     for name in ("sessions", "duration", "tokens", "rate", "think", "ramp"):

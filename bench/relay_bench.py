@@ -62,362 +62,71 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import resource
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import orjson
 import trio
-import trio_websocket
-from wsproto.utilities import LocalProtocolError
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import SocketGroup, direct_client, warm_direct_pool
 from bench.harness import (
     UNLIMITED_USER,
     BenchError,
     Child,
-    CpuMeter,
     CpuUse,
     Services,
+    add_json_option,
     child_env,
-    describe,
+    environment_lines,
+    failure_status,
     find_py_spy,
-    gateway_sources_digest,
-    hottest_functions,
-    interrupted,
-    leaves,
+    finish_environment,
     loadavg,
     log,
+    profile_summary,
     profiled,
     raise_fd_limit,
     rss_kib,
+    run_environment,
+    run_trio,
+    sigterm_as_interrupt,
     spawned,
 )
-
-STREAM_PATH = "/agent/message/stream"
+from bench.relay_rounds import (
+    BenchConfig,
+    LatencyStats,
+    RoundResult,
+    direct_round,
+    gateway_round,
+    paced_direct,
+    paced_gateway,
+    pipeline_us,
+)
 
 TARGET_THROUGHPUT_RATIO = 0.9  # gateway tokens/s >= 0.9 x direct
 TARGET_ADDED_P99_MS = 5.0  # gateway p99 latency - direct p99 latency
 TARGET_IDLE_SESSION_KIB = 40.0  # RSS per idle WebSocket session
 
-ROUND_TIMEOUT = 300.0  # seconds for one throughput round (connect, stream, close)
-PACED_TIMEOUT_MARGIN = 120.0  # seconds a paced phase may take beyond its nominal duration
-CONNECT_TIMEOUT = 30.0  # seconds for one WebSocket handshake
-CLOSE_TIMEOUT = 10.0  # seconds for one WebSocket close
 MEMORY_PHASE_TIMEOUT = 300.0
 WARMUP_SESSIONS = 50
-OPEN_CONCURRENCY = 100  # WebSocket handshakes (and closes) in flight at once
 SETTLE_SECONDS = 2.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a fully coalesced turn must never trip the client's limit
 
 T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Sizes of the three phases."""
-
-    sessions: int  # S: concurrent sessions in the throughput phase
-    tokens: int  # T: tokens per throughput turn
-    rounds: int  # timed rounds per path (alternating direct / gateway)
-    paced_sessions: int  # C: concurrent sessions in the latency phase
-    rate: int  # R: tokens/s per paced session
-    duration: float  # D: seconds per paced turn
-    idle_sessions: int  # M: idle WebSockets in the memory phase
-
-    @property
-    def paced_tokens(self) -> int:
-        """Tokens per paced turn (``R * D``)."""
-        return max(1, round(self.rate * self.duration))
-
-    @classmethod
-    def full(cls) -> BenchConfig:
-        """The default sizes: 20 x 2000 tokens, 100 x 20 tok/s x 10 s, 2000 idle sessions."""
-        return cls(
-            sessions=20,
-            tokens=2000,
-            rounds=3,
-            paced_sessions=100,
-            rate=20,
-            duration=10.0,
-            idle_sessions=2000,
-        )
-
-    @classmethod
-    def quick(cls) -> BenchConfig:
-        """Smoke-test sizes: 5 x 300 tokens, 10 x 20 tok/s x 2 s, 200 idle sessions."""
-        return cls(
-            sessions=5,
-            tokens=300,
-            rounds=1,
-            paced_sessions=10,
-            rate=20,
-            duration=2.0,
-            idle_sessions=200,
-        )
-
-
-def expected_text(tokens: int) -> str:
-    """The exact text of a ``bench N`` turn: ``t0 t1 ... t{N-1} ``."""
-    return "".join(f"t{index} " for index in range(tokens))
-
-
-# ------------------------------------------------------------------------------------------------
-# One turn, read by either client
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TurnResult:
-    """What one client saw of one turn. Both paths fill it the same way, chunk by chunk."""
-
-    measure_latency: bool = False
-    parts: list[str] = field(default_factory=list)
-    frames: int = 0  # non-final token frames (WebSocket frames, or SSE events direct)
-    multi_token_frames: int = 0  # frames that carried more than one token (coalesced)
-    latencies_ns: list[int] = field(default_factory=list)
-    finished_at: float | None = None  # time.perf_counter() when the final chunk arrived
-
-    def absorb(self, chunk: Any, received_ns: int) -> bool:
-        """Account one chunk received at ``received_ns``; True when it ends the turn."""
-        if not isinstance(chunk, dict) or chunk.get("type") != "assistant_message":
-            raise BenchError(f"unexpected chunk: {_short(chunk)}")
-        token = chunk.get("token")
-        if chunk.get("is_final") is True:
-            if token:
-                self.parts.append(token)
-            self.finished_at = time.perf_counter()
-            return True
-        if not isinstance(token, str):
-            raise BenchError(f"token chunk without a string token: {_short(chunk)}")
-        self.parts.append(token)
-        self.frames += 1
-        if token.count(" ") > 1:
-            self.multi_token_frames += 1
-        if self.measure_latency:
-            metadata = chunk.get("metadata")
-            if not isinstance(metadata, dict) or not isinstance(metadata.get("emitted_ns"), int):
-                raise BenchError(f"paced chunk without metadata.emitted_ns: {_short(chunk)}")
-            self.latencies_ns.append(received_ns - metadata["emitted_ns"])
-        return False
-
-    def verify(self, expected: str, where: str) -> None:
-        """Raise unless the turn ended and its text is exactly ``expected``."""
-        if self.finished_at is None:
-            raise BenchError(f"{where}: the turn ended without a final chunk")
-        text = "".join(self.parts)
-        if text != expected:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b),
-                min(len(text), len(expected)),
-            )
-            raise BenchError(
-                f"{where}: wrong text ({len(text)} chars, expected {len(expected)}); first "
-                f"difference at {at}: got {text[at : at + 40]!r}, expected "
-                f"{expected[at : at + 40]!r}"
-            )
-
-
-def verify_all(results: Sequence[TurnResult], tokens: int, where: str) -> None:
-    """Every turn ended and carried exactly ``bench tokens``'s text."""
-    expected = expected_text(tokens)
-    for index, result in enumerate(results):
-        result.verify(expected, f"{where} session {index}")
-
-
-def _short(value: Any, limit: int = 300) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _user_message(content: str) -> dict[str, str]:
-    return {"type": "user_message", "content": content}
-
-
-async def direct_turn(
-    client: httpx.AsyncClient, session_id: str, content: str, result: TurnResult
-) -> None:
-    """Stream one turn straight from the runtime, the way a careful plain client would.
-
-    The byte stream is split on the blank line that ends each event (the runtime sends exactly
-    ``data: {json}\\n\\n``) and each ``data:`` payload is parsed with orjson. The receipt time of
-    a network read is taken once, before any of its events are parsed.
-    """
-    body = orjson.dumps({"session_id": session_id, "message": _user_message(content)})
-    async with client.stream("POST", STREAM_PATH, content=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread())[:300]
-            raise BenchError(f"runtime answered HTTP {response.status_code}: {detail!r}")
-        buffer = b""
-        done = False
-        async for piece in response.aiter_bytes():
-            received_ns = time.time_ns()
-            *events, buffer = (buffer + piece).split(b"\n\n")
-            for event in events:
-                if done:
-                    raise BenchError(f"direct {session_id}: data after the final chunk")
-                if event.startswith(b"data: "):
-                    done = result.absorb(orjson.loads(event[6:]), received_ns)
-        # Reading to the end (not breaking at the final chunk) returns the connection to the pool.
-        if buffer.strip():
-            raise BenchError(f"direct {session_id}: unterminated event at the end of the stream")
-
-
-async def gateway_turn(
-    ws: trio_websocket.WebSocketConnection, content: str, result: TurnResult
-) -> None:
-    """Send one message over an open gateway WebSocket and read frames until ``is_final``.
-
-    Checks, per frame: a JSON text frame, not an error, ``seq`` one more than the previous one.
-    """
-    await ws.send_message(orjson.dumps(_user_message(content)).decode())
-    last_seq: int | None = None
-    while True:
-        message = await ws.get_message()
-        received_ns = time.time_ns()
-        if not isinstance(message, str):
-            raise BenchError("gateway sent a binary frame")
-        frame = orjson.loads(message)
-        seq = frame.get("seq") if isinstance(frame, dict) else None
-        if not isinstance(seq, int) or (last_seq is not None and seq != last_seq + 1):
-            raise BenchError(f"gateway frame out of sequence after seq {last_seq}: {_short(frame)}")
-        last_seq = seq
-        if result.absorb(frame, received_ns):
-            return
-
-
-# ------------------------------------------------------------------------------------------------
-# Clients and connections
-# ------------------------------------------------------------------------------------------------
-
-
-def direct_client(services: Services, connections: int) -> httpx.AsyncClient:
-    """An httpx client for the runtime with room for ``connections`` concurrent streams."""
-    return httpx.AsyncClient(
-        base_url=services.runtime.url,
-        headers={"X-Internal-Auth": services.internal_key, "Content-Type": "application/json"},
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        timeout=httpx.Timeout(60.0),
-        trust_env=False,
-    )
-
-
-async def warm_direct_pool(client: httpx.AsyncClient, connections: int, prefix: str) -> None:
-    """Open ``connections`` keep-alive connections (one tiny concurrent turn each), so the timed
-    streams measure streaming, not TCP set-up, as they do through the gateway's warm pool."""
-    results = [TurnResult() for _ in range(connections)]
-    async with trio.open_nursery() as nursery:
-        for index, result in enumerate(results):
-            nursery.start_soon(direct_turn, client, f"{prefix}-{index}", "bench 1", result)
-    verify_all(results, 1, "direct warm-up")
-
-
-class SocketGroup:
-    """WebSockets to the gateway, each owned by its own holder task.
-
-    A holder runs the connection's background reader in a nursery of its own, so the one known
-    client-side failure of trio-websocket stays contained: when the server's ping crosses our
-    close frame, the reader answers it with a pong in ``LOCAL_CLOSING`` and dies with wsproto's
-    ``LocalProtocolError`` (python-trio/trio-websocket#184). hypercorn pings every connection
-    right after the handshake, so closing a freshly opened socket hits it often. The error is
-    ignored only once the close has begun; anywhere else it fails the benchmark.
-
-    Use inside a nursery: ``await group.open(ids)``, work, ``group.close_all()``; the nursery
-    exits when every socket is closed (each close bounded by ``CLOSE_TIMEOUT``).
-    """
-
-    def __init__(self, nursery: trio.Nursery, services: Services) -> None:
-        """Holders will run in ``nursery``."""
-        self._nursery = nursery
-        self._services = services
-        self._release = trio.Event()
-        self._limiter = trio.CapacityLimiter(OPEN_CONCURRENCY)
-
-    async def open(self, session_ids: Sequence[str]) -> list[trio_websocket.WebSocketConnection]:
-        """Connect one WebSocket per session id, ``OPEN_CONCURRENCY`` handshakes at a time."""
-        sockets: list[trio_websocket.WebSocketConnection | None] = [None] * len(session_ids)
-
-        async def one(index: int, session_id: str) -> None:
-            async with self._limiter:
-                sockets[index] = await self._nursery.start(self._hold, session_id)
-
-        async with trio.open_nursery() as opener:
-            for index, session_id in enumerate(session_ids):
-                opener.start_soon(one, index, session_id)
-        return [ws for ws in sockets if ws is not None]
-
-    def close_all(self) -> None:
-        """Ask every holder to close its socket."""
-        self._release.set()
-
-    async def _hold(
-        self,
-        session_id: str,
-        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        closing = False
-        try:
-            async with trio.open_nursery() as nursery:
-                ws = await self._connect(nursery, session_id)
-                task_status.started(ws)
-                await self._release.wait()
-                closing = True
-                async with self._limiter:
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await ws.aclose()
-                nursery.cancel_scope.cancel()  # a reader left behind by a close that timed out
-        except* LocalProtocolError as group:
-            if not closing:
-                raise BenchError(f"WebSocket protocol error: {group.exceptions[0]}") from None
-
-    async def _connect(
-        self, nursery: trio.Nursery, session_id: str
-    ) -> trio_websocket.WebSocketConnection:
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                return await trio_websocket.connect_websocket_url(
-                    nursery,
-                    self._services.ws_url(session_id),
-                    max_message_size=MAX_MESSAGE_BYTES,
-                )
-        except trio.TooSlowError:
-            raise BenchError(f"WebSocket handshake took over {CONNECT_TIMEOUT:g} s") from None
-        except (trio_websocket.HandshakeError, OSError) as error:
-            raise BenchError(f"WebSocket connect failed: {error!r}") from None
-
-
-# ------------------------------------------------------------------------------------------------
 # Phase 1: throughput
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RoundResult:
-    """One timed throughput round of one path."""
-
-    path: str
-    tokens_per_s: float
-    wall_s: float
-    frames: int
-    multi_token_frames: int
-    cpu: CpuUse
 
 
 @dataclass
@@ -444,58 +153,6 @@ class ThroughputResult:
     def path_rounds(self, path: str) -> list[float]:
         """Tokens/s of each round of ``path``, in order."""
         return [r.tokens_per_s for r in self.rounds if r.path == path]
-
-
-def _round_result(
-    path: str, results: Sequence[TurnResult], started: float, meter: CpuMeter, cfg: BenchConfig
-) -> RoundResult:
-    cpu = meter.elapsed()
-    verify_all(results, cfg.tokens, path)
-    finished = max(r.finished_at for r in results if r.finished_at is not None)
-    wall = finished - started
-    return RoundResult(
-        path=path,
-        tokens_per_s=cfg.sessions * cfg.tokens / wall,
-        wall_s=wall,
-        frames=sum(r.frames for r in results),
-        multi_token_frames=sum(r.multi_token_frames for r in results),
-        cpu=cpu,
-    )
-
-
-async def direct_round(
-    client: httpx.AsyncClient, services: Services, cfg: BenchConfig, tag: str
-) -> RoundResult:
-    """S concurrent ``bench T`` streams straight from the runtime (pool already warm)."""
-    results = [TurnResult() for _ in range(cfg.sessions)]
-    content = f"bench {cfg.tokens}"
-    with trio.fail_after(ROUND_TIMEOUT):
-        meter = CpuMeter(services)
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for index, result in enumerate(results):
-                nursery.start_soon(direct_turn, client, f"{tag}-{index}", content, result)
-    return _round_result("direct", results, started, meter, cfg)
-
-
-async def gateway_round(services: Services, cfg: BenchConfig, tag: str) -> RoundResult:
-    """S concurrent ``bench T`` turns through the gateway on WebSockets opened beforehand."""
-    results = [TurnResult() for _ in range(cfg.sessions)]
-    content = f"bench {cfg.tokens}"
-    with trio.fail_after(ROUND_TIMEOUT):
-        async with trio.open_nursery() as connections:
-            group = SocketGroup(connections, services)
-            try:
-                sockets = await group.open([f"{tag}-{index}" for index in range(cfg.sessions)])
-                meter = CpuMeter(services)
-                started = time.perf_counter()
-                async with trio.open_nursery() as nursery:
-                    for ws, result in zip(sockets, results, strict=True):
-                        nursery.start_soon(gateway_turn, ws, content, result)
-                outcome = _round_result("gateway", results, started, meter, cfg)
-            finally:
-                group.close_all()
-    return outcome
 
 
 async def throughput_phase(
@@ -527,7 +184,7 @@ async def throughput_phase(
     gateway = [r for r in rounds if r.path == "gateway"]
     direct_median = statistics.median(r.tokens_per_s for r in direct)
     gateway_median = statistics.median(r.tokens_per_s for r in gateway)
-    gateway_cpu = _sum_cpu(r.cpu for r in gateway)
+    gateway_cpu = CpuUse.total(r.cpu for r in gateway)
     gateway_frames = sum(r.frames for r in gateway)
     gateway_tokens = cfg.sessions * cfg.tokens * len(gateway)
     return ThroughputResult(
@@ -537,73 +194,22 @@ async def throughput_phase(
         direct_median=direct_median,
         gateway_median=gateway_median,
         ratio=gateway_median / direct_median,
-        direct_cpu=_sum_cpu(r.cpu for r in direct),
+        direct_cpu=CpuUse.total(r.cpu for r in direct),
         gateway_cpu=gateway_cpu,
         gateway_cpu_us_per_token=gateway_cpu.gateway_s / gateway_tokens * 1e6,
         gateway_frames=gateway_frames,
         gateway_tokens=gateway_tokens,
         tokens_per_frame=gateway_tokens / gateway_frames if gateway_frames else math.nan,
         pair_ratios=[g.tokens_per_s / d.tokens_per_s for d, g in zip(direct, gateway, strict=True)],
-        pipeline_us_per_token_direct=_pipeline_us(direct, cfg),
-        pipeline_us_per_token_gateway=_pipeline_us(gateway, cfg),
-        profile=_profile_summary(profile_path),
+        pipeline_us_per_token_direct=pipeline_us(direct, cfg),
+        pipeline_us_per_token_gateway=pipeline_us(gateway, cfg),
+        profile=profile_summary(profile_path),
     )
-
-
-def _pipeline_us(rounds: Sequence[RoundResult], cfg: BenchConfig) -> float:
-    """CPU microseconds per token of all three processes together over ``rounds``."""
-    cpu = _sum_cpu(r.cpu for r in rounds)
-    tokens = cfg.sessions * cfg.tokens * len(rounds)
-    return (cpu.gateway_s + cpu.runtime_s + cpu.client_s) / tokens * 1e6
-
-
-def _sum_cpu(uses: Iterable[CpuUse]) -> CpuUse:
-    total = CpuUse(0.0, 0.0, 0.0, 0.0)
-    for use in uses:
-        total = total + use
-    return total
-
-
-def _profile_summary(path: Path | None) -> list[str] | None:
-    if path is None:
-        return None
-    if not path.exists():
-        return ["(no profile: py-spy not found or it failed)"]
-    return hottest_functions(path)
 
 
 # ------------------------------------------------------------------------------------------------
 # Phase 2: latency at a paced load
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LatencyStats:
-    """Latency distribution of one path, in milliseconds, and the CPU it took."""
-
-    samples: int
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-    frames: int
-    multi_token_frames: int
-    cpu: CpuUse
-
-    @classmethod
-    def of(cls, results: Sequence[TurnResult], cpu: CpuUse) -> LatencyStats:
-        """Pool every session's samples."""
-        samples = sorted(ns for r in results for ns in r.latencies_ns)
-        if not samples:
-            raise BenchError("no latency samples")
-        return cls(
-            samples=len(samples),
-            p50_ms=percentile(samples, 50) / 1e6,
-            p99_ms=percentile(samples, 99) / 1e6,
-            max_ms=samples[-1] / 1e6,
-            frames=sum(r.frames for r in results),
-            multi_token_frames=sum(r.multi_token_frames for r in results),
-            cpu=cpu,
-        )
 
 
 @dataclass
@@ -618,75 +224,6 @@ class LatencyResult:
     added_p50_ms: float
     added_p99_ms: float
     profile: list[str] | None = None
-
-
-def percentile(sorted_values: Sequence[int], pct: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty sequence."""
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return float(sorted_values[rank - 1])
-
-
-async def _staggered(index: int, cfg: BenchConfig) -> None:
-    # Spread the C session starts evenly over one token interval: a smooth load, not C tokens
-    # arriving in lock-step every 1/R seconds.
-    await trio.sleep(index / (cfg.paced_sessions * cfg.rate))
-
-
-def _paced_timeout(cfg: BenchConfig) -> float:
-    return cfg.duration + PACED_TIMEOUT_MARGIN
-
-
-async def paced_direct(services: Services, cfg: BenchConfig) -> LatencyStats:
-    """C paced turns read straight from the runtime."""
-    content = f"bench {cfg.paced_tokens} {cfg.rate}"
-    results = [TurnResult(measure_latency=True) for _ in range(cfg.paced_sessions)]
-    tag = f"lat-direct-{secrets.token_hex(3)}"
-
-    async def one(index: int) -> None:
-        await _staggered(index, cfg)
-        await direct_turn(client, f"{tag}-{index}", content, results[index])
-
-    with trio.fail_after(_paced_timeout(cfg)):
-        async with direct_client(services, cfg.paced_sessions) as client:
-            await warm_direct_pool(client, cfg.paced_sessions, f"{tag}-warm")
-            meter = CpuMeter(services)
-            async with trio.open_nursery() as nursery:
-                for index in range(cfg.paced_sessions):
-                    nursery.start_soon(one, index)
-            cpu = meter.elapsed()
-    verify_all(results, cfg.paced_tokens, "paced direct")
-    return LatencyStats.of(results, cpu)
-
-
-async def paced_gateway(services: Services, cfg: BenchConfig) -> LatencyStats:
-    """C paced turns through the gateway, on WebSockets opened (and warmed) beforehand."""
-    content = f"bench {cfg.paced_tokens} {cfg.rate}"
-    results = [TurnResult(measure_latency=True) for _ in range(cfg.paced_sessions)]
-    warm_results = [TurnResult() for _ in range(cfg.paced_sessions)]
-    tag = f"lat-gateway-{secrets.token_hex(3)}"
-
-    async def one(index: int, ws: trio_websocket.WebSocketConnection) -> None:
-        await _staggered(index, cfg)
-        await gateway_turn(ws, content, results[index])
-
-    with trio.fail_after(_paced_timeout(cfg)):
-        async with trio.open_nursery() as connections:
-            group = SocketGroup(connections, services)
-            try:
-                sockets = await group.open([f"{tag}-{i}" for i in range(cfg.paced_sessions)])
-                async with trio.open_nursery() as nursery:
-                    for ws, warm in zip(sockets, warm_results, strict=True):
-                        nursery.start_soon(gateway_turn, ws, "bench 1", warm)
-                verify_all(warm_results, 1, "paced gateway warm-up")
-                meter = CpuMeter(services)
-                async with trio.open_nursery() as nursery:
-                    for index, ws in enumerate(sockets):
-                        nursery.start_soon(one, index, ws)
-                cpu = meter.elapsed()
-            finally:
-                group.close_all()
-    verify_all(results, cfg.paced_tokens, "paced gateway")
-    return LatencyStats.of(results, cpu)
 
 
 async def latency_phase(
@@ -709,7 +246,7 @@ async def latency_phase(
         gateway=gateway,
         added_p50_ms=gateway.p50_ms - direct.p50_ms,
         added_p99_ms=gateway.p99_ms - direct.p99_ms,
-        profile=_profile_summary(profile_path),
+        profile=profile_summary(profile_path),
     )
 
 
@@ -816,11 +353,7 @@ class Report:
         """The human-readable table."""
         env = self.environment
         lines = [
-            f"trio-gateway relay benchmark ({self.mode}): python {env['python']}, "
-            f"{env['cpus']} CPUs, load average {env['loadavg_start']} at start, "
-            f"{env['loadavg_end']} at end",
-            f"gateway sources sha256 {env['gateway_sources_sha256'][:12]}"
-            + ("" if env["sources_unchanged"] else "  (WARNING: they changed during the run)"),
+            *environment_lines(f"trio-gateway relay benchmark ({self.mode}): ", env),
             "Compare the ratios and differences; absolute figures vary with the machine's load.",
             "Each process is single-threaded: one at ~1.00 core busy is the bottleneck.",
         ]
@@ -937,13 +470,7 @@ def run_phase(
             log(f"{name}: gateway pid {gateway.pid}, runtime pid {runtime.pid}")
             return await phase(services, cfg, profile_dir)
 
-        try:
-            return trio.run(body)
-        except BaseException as error:
-            if not interrupted(error):  # the children's last words help explain a failure
-                for child in (runtime, gateway):
-                    log(f"--- {child.name} log tail ---\n{child.log_tail()}")
-            raise
+        return run_trio([runtime, gateway], body)
 
 
 def run_memory_only(cfg: BenchConfig) -> MemoryResult:
@@ -958,15 +485,9 @@ def run_memory_only(cfg: BenchConfig) -> MemoryResult:
 
 def run(cfg: BenchConfig, mode: str, profile_dir: Path | None) -> Report:
     """All three phases, each on a fresh gateway, against one runtime."""
-    digest = gateway_sources_digest()
-    environment: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "loadavg_start": loadavg(),
-        "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-        "gateway_sources_sha256": digest,
-        "profiled": profile_dir is not None,
-    }
+    environment = run_environment(
+        fd_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0], profiled=profile_dir is not None
+    )
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         workdir = Path(tmp)
@@ -979,8 +500,7 @@ def run(cfg: BenchConfig, mode: str, profile_dir: Path | None) -> Report:
             latency = run_phase("latency", latency_phase, runtime, key, workdir, cfg, profile_dir)
             log(f"memory: {cfg.idle_sessions} idle sessions")
             memory = run_phase("memory", memory_phase, runtime, key, workdir, cfg, profile_dir)
-    environment["loadavg_end"] = loadavg()
-    environment["sources_unchanged"] = gateway_sources_digest() == digest
+    finish_environment(environment)
     return Report(mode, cfg, environment, throughput, latency, memory)
 
 
@@ -988,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print the table; 0 unless the benchmark failed."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    add_json_option(parser)
     parser.add_argument(
         "--profile",
         type=Path,
@@ -1007,9 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--profile needs py-spy (pip install py-spy)")
         args.profile.mkdir(parents=True, exist_ok=True)
 
-    # SIGTERM unwinds exactly like Ctrl-C (trio delivers SIGINT at a safe point), so the
-    # children are stopped by the same finally blocks.
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+    sigterm_as_interrupt()
     fd_limit = raise_fd_limit()
     needed = cfg.idle_sessions + 512
     if fd_limit < needed:
@@ -1020,14 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(cfg, "quick" if args.quick else "full", args.profile)
     except BaseException as error:
-        if interrupted(error):
-            print("relay_bench: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(error, SystemExit):
-            raise
-        failures = "\n".join(f"  {describe(leaf)}" for leaf in leaves(error))
-        print(f"relay_bench: FAILED\n{failures}", file=sys.stderr)
-        return 1
+        return failure_status("relay_bench", error)
     print(report.render(), flush=True)
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2))
@@ -1039,14 +550,7 @@ def _main_memory_only(cfg: BenchConfig, json_path: Path | None) -> int:
     try:
         memory = run_memory_only(cfg)
     except BaseException as error:
-        if interrupted(error):
-            print("relay_bench: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(error, SystemExit):
-            raise
-        failures = "\n".join(f"  {describe(leaf)}" for leaf in leaves(error))
-        print(f"relay_bench: FAILED\n{failures}", file=sys.stderr)
-        return 1
+        return failure_status("relay_bench", error)
     print(
         f"{memory.idle_sessions} idle sessions: RSS {memory.rss_before_kib} KiB -> "
         f"{memory.rss_with_sessions_kib} KiB, {memory.per_session_kib:.1f} KiB/session "

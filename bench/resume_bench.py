@@ -35,11 +35,11 @@ What is measured
 3. **Throughput cost of the Redis backend.** The same workload through a gateway with
    ``STATE_BACKEND=memory`` and one with ``STATE_BACKEND=redis`` (both up for the whole phase,
    rounds alternating, each round starting on an idle gateway), plus the runtime read directly
-   (the baseline, as in ``bench/relay_bench.py``, whose rounds are reused here): ``S`` sessions
-   x unpaced ``bench T`` (tokens/s from first send to last final chunk, v1 clients as in
-   relay_bench: every numbered frame is appended to the Redis stream whatever the protocol
-   version), and ``C`` sessions x ``bench R*D R`` paced (CPU per token and relay latency;
-   tokens/s is set by the pacing). CPU seconds per 1000 tokens of the gateway and of
+   (the baseline, as in ``bench/relay_bench.py``: the same rounds, from ``bench/relay_rounds.py``):
+   ``S`` sessions x unpaced ``bench T`` (tokens/s from first send to last final chunk, v1
+   clients as in relay_bench: every numbered frame is appended to the Redis stream whatever
+   the protocol version), and ``C`` sessions x ``bench R*D R`` paced (CPU per token and relay
+   latency; tokens/s is set by the pacing). CPU seconds per 1000 tokens of the gateway and of
    ``redis-server`` come from ``/proc/<pid>/stat`` (redis-server's over the whole round,
    socket set-up included).
 
@@ -54,64 +54,47 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import random
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
-import trio
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import relay_rounds as relay
+from bench.clients import direct_client, warm_direct_pool
 from bench.harness import (
     UNLIMITED_USER,
-    BenchError,
     Child,
     CpuUse,
     Services,
     child_env,
     cpu_seconds,
-    describe,
+    environment_lines,
+    failure_status,
+    finish_environment,
     gateway_metrics,
-    gateway_sources_digest,
-    interrupted,
-    leaves,
-    loadavg,
     log,
-    percentile,
     raise_fd_limit,
+    redis_server,
+    redis_trouble,
+    run_environment,
+    run_trio,
+    sigterm_as_interrupt,
     spawned,
+    wait_idle,
 )
-from bench.relay_bench import (
-    BenchConfig,
-    LatencyStats,
-    RoundResult,
-    direct_client,
-    direct_round,
-    expected_text,
-    gateway_round,
-    paced_direct,
-    paced_gateway,
-    warm_direct_pool,
-)
-from tests.support.redis_server import REDIS_SERVER, RedisServer, running_redis
-from tests.support.resume import ResumingClient
+from bench.resume_client import Variant, VariantResult, run_variant
+from tests.support.redis_server import RedisServer
 
-STALLS = (0.0, 0.0, 0.01, 0.05, 0.2)  # seconds the client stops reading before the reset
-FOLLOW_UP_TOKENS = 3
-ITERATION_MARGIN = 60.0  # seconds one iteration may take beyond its turn's nominal length
-IDLE_TIMEOUT = 20.0  # seconds for a gateway's sessions to end after a round (grace + margin)
 THROUGHPUT_GRACE_SECONDS = 1  # phase 3 gateways: closed sessions end quickly between rounds
 
 
@@ -121,33 +104,12 @@ THROUGHPUT_GRACE_SECONDS = 1  # phase 3 gateways: closed sessions end quickly be
 
 
 @dataclass(frozen=True)
-class Variant:
-    """One turn shape for the resume iterations."""
-
-    name: str
-    tokens: int
-    rate: float | None  # tokens/s, or None for unpaced
-    concurrency: int  # iterations in flight at once (staggered over one turn)
-    max_cut_tokens: int  # the client processes 1..this many tokens before the cut
-
-    @property
-    def content(self) -> str:
-        """The ``bench`` message of the turn."""
-        return f"bench {self.tokens}" + (f" {self.rate:g}" if self.rate else "")
-
-    @property
-    def nominal_s(self) -> float:
-        """How long the runtime takes to stream the turn when nothing is slow."""
-        return self.tokens / self.rate if self.rate else 0.0
-
-
-@dataclass(frozen=True)
 class ResumeBenchConfig:
     """Sizes of the three phases."""
 
     iterations: int
     variants: tuple[Variant, ...]
-    throughput: BenchConfig  # sessions, tokens, rounds; paced_sessions, rate, duration
+    throughput: relay.BenchConfig  # sessions, tokens, rounds; paced_sessions, rate, duration
 
     @classmethod
     def full(cls) -> ResumeBenchConfig:
@@ -159,14 +121,9 @@ class ResumeBenchConfig:
                 Variant("paced", 1200, 300.0, concurrency=4, max_cut_tokens=300),
                 Variant("unpaced", 5000, None, concurrency=1, max_cut_tokens=2500),
             ),
-            throughput=BenchConfig(
-                sessions=50,
-                tokens=2000,
-                rounds=3,
-                paced_sessions=50,
-                rate=20,
-                duration=10.0,
-                idle_sessions=0,
+            # The relay benchmark's sizes, with its 100 paced sessions halved; no memory phase.
+            throughput=replace(
+                relay.BenchConfig.full(), sessions=50, paced_sessions=50, idle_sessions=0
             ),
         )
 
@@ -179,211 +136,13 @@ class ResumeBenchConfig:
                 Variant("paced", 600, 300.0, concurrency=4, max_cut_tokens=150),
                 Variant("unpaced", 2000, None, concurrency=1, max_cut_tokens=1000),
             ),
-            throughput=BenchConfig(
-                sessions=10,
-                tokens=500,
-                rounds=1,
-                paced_sessions=10,
-                rate=20,
-                duration=2.0,
-                idle_sessions=0,
-            ),
+            throughput=replace(relay.BenchConfig.quick(), sessions=10, tokens=500, idle_sessions=0),
         )
-
-
-# ------------------------------------------------------------------------------------------------
-# redis-server as a child
-# ------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[RedisServer]:
-    """A private ``redis-server`` (the tests' launcher) on a free loopback port, without
-    persistence, refusing writes rather than evicting; stopped when the block ends."""
-    if REDIS_SERVER is None:
-        raise BenchError("redis-server is not installed")
-    with running_redis(workdir, ["--maxmemory-policy", "noeviction"]) as server:
-        yield server
-
-
-# ------------------------------------------------------------------------------------------------
-# The resuming client
-# ------------------------------------------------------------------------------------------------
-
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ------------------------------------------------------------------------------------------------
 # Phases 1 and 2: resume iterations
 # ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ResumeSample:
-    """One iteration: where it was cut and what the reconnect took (milliseconds)."""
-
-    iteration: int
-    route: str  # e.g. "A->B"
-    cut_after_tokens: int
-    stall_ms: float
-    cut_seq: int = 0
-    ready_ms: float = math.nan  # reconnect start -> session_ready
-    first_replayed_ms: float | None = None  # -> first replayed frame (None: nothing replayed)
-    resumed_ms: float = math.nan  # -> resumed
-    replayed: int = 0
-    next_turn_ms: float = math.nan  # follow-up turn: send -> first token
-    resyncs: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """Exact: nothing lost, nothing twice, no resync, no error."""
-        return not self.problems and not self.resyncs
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
-
-
-async def resume_iteration(
-    variant: Variant, index: int, ports: tuple[int, int], route: str, tag: str, seed: int
-) -> ResumeSample:
-    """One session: stream, cut, resume on ``ports[1]``, finish, follow-up turn, check."""
-    rng = random.Random(seed * 100_003 + index)
-    sample = ResumeSample(
-        iteration=index,
-        route=route,
-        cut_after_tokens=rng.randint(1, variant.max_cut_tokens),
-        stall_ms=rng.choice(STALLS) * 1000,
-    )
-    session_id = f"{tag}-{variant.name}-{index}"
-    # Not strict: every violation is recorded and the iteration goes on to the end of its turn.
-    client = ResumingClient(ports[0], session_id, strict=False, frame_timeout=math.inf)
-    try:
-        with trio.fail_after(variant.nominal_s + ITERATION_MARGIN):
-            await client.connect(resume=False)
-            await client.send({"type": "user_message", "content": variant.content})
-            while client.token_count < sample.cut_after_tokens:
-                frame = await client.next()
-                if frame.get("type") == "turn_finished":
-                    raise BenchError("the turn ended before the cut (cut later than the turn)")
-            await trio.sleep(sample.stall_ms / 1000)  # frames keep arriving, unread
-            sample.cut_seq = client.last_seq
-            await client.cut()
-
-            started = time.perf_counter()
-            client.port = ports[1]
-            await client.connect(resume=True)
-            sample.ready_ms = _ms_since(started)
-            replayed = 0
-            while True:
-                frame = await client.next()
-                if "seq" in frame:
-                    replayed += 1
-                    if sample.first_replayed_ms is None:
-                        sample.first_replayed_ms = _ms_since(started)
-                elif frame.get("type") == "resumed":
-                    sample.resumed_ms = _ms_since(started)
-                    expected = {
-                        "type": "resumed",
-                        "from_seq": sample.cut_seq + 1,
-                        "replayed": replayed,
-                    }
-                    if frame != expected:
-                        sample.problems.append(f"{_short(frame)}, expected {expected}")
-                    break
-                elif frame.get("type") == "resync_required":
-                    sample.first_replayed_ms = None
-                    break
-            sample.replayed = replayed
-            await client.until_turns_finished(1)
-
-            sent = time.perf_counter()
-            await client.send({"type": "user_message", "content": f"bench {FOLLOW_UP_TOKENS}"})
-            while True:
-                frame = await client.next()
-                if frame.get("type") == "assistant_message":
-                    sample.next_turn_ms = _ms_since(sent)
-                    break
-            await client.until_turns_finished(2)
-            await client.close()
-        text = client.text()
-        expected_tokens = expected_text(variant.tokens) + expected_text(FOLLOW_UP_TOKENS)
-        if text != expected_tokens:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(text, expected_tokens, strict=False)) if a != b),
-                min(len(text), len(expected_tokens)),
-            )
-            sample.problems.append(
-                f"wrong text ({len(text)} chars, expected {len(expected_tokens)}); first "
-                f"difference at {at}: {text[at : at + 30]!r} vs {expected_tokens[at : at + 30]!r}"
-            )
-        if client.finals != 2 or client.turn_statuses != ["completed", "completed"]:
-            sample.problems.append(
-                f"{client.finals} final chunk(s), turn statuses {client.turn_statuses}"
-            )
-    except (BenchError, trio.TooSlowError, OSError, orjson.JSONDecodeError) as error:
-        sample.problems.append(describe(error))
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await client.cut()
-    sample.problems[:0] = client.problems
-    sample.resyncs = client.resyncs
-    return sample
-
-
-@dataclass
-class Spread:
-    """p50 / p95 / max of one measurement, in milliseconds (NaN when there is no sample)."""
-
-    p50: float
-    p95: float
-    max: float
-    samples: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Spread:
-        """The spread of ``values`` (NaN entries ignored)."""
-        kept = [v for v in values if not math.isnan(v)]
-        return cls(
-            percentile(kept, 50), percentile(kept, 95), max(kept, default=math.nan), len(kept)
-        )
-
-
-@dataclass
-class VariantResult:
-    """Every iteration of one turn shape in one phase, and their spreads."""
-
-    variant: Variant
-    samples: list[ResumeSample]
-    ready: Spread
-    first_replayed: Spread
-    resumed: Spread
-    replayed: Spread
-    next_turn: Spread
-    failures: int
-    resyncs: int
-    nothing_replayed: int  # iterations where every missed frame came live (none to replay)
-
-    @classmethod
-    def of(cls, variant: Variant, samples: list[ResumeSample]) -> VariantResult:
-        """Summarise ``samples``."""
-        return cls(
-            variant=variant,
-            samples=samples,
-            ready=Spread.of([s.ready_ms for s in samples]),
-            first_replayed=Spread.of(
-                [s.first_replayed_ms for s in samples if s.first_replayed_ms is not None]
-            ),
-            resumed=Spread.of([s.resumed_ms for s in samples]),
-            replayed=Spread.of([float(s.replayed) for s in samples]),
-            next_turn=Spread.of([s.next_turn_ms for s in samples]),
-            failures=sum(not s.ok for s in samples),
-            resyncs=sum(bool(s.resyncs) for s in samples),
-            nothing_replayed=sum(s.first_replayed_ms is None and not s.resyncs for s in samples),
-        )
 
 
 @dataclass
@@ -398,43 +157,6 @@ class ResumePhaseResult:
     def failures(self) -> int:
         """Iterations that were not exact."""
         return sum(v.failures for v in self.variants)
-
-
-async def run_variant(
-    variant: Variant,
-    iterations: int,
-    gateways: Sequence[Child],
-    tag: str,
-    seed: int,
-) -> VariantResult:
-    """``iterations`` iterations, ``variant.concurrency`` at a time (staggered). With two
-    gateways, iteration i starts on gateway i % 2 and resumes on the other one."""
-    ports = [_port_of(g) for g in gateways]
-    names = "AB"
-    samples: list[ResumeSample] = []
-    indices = iter(range(iterations))
-    workers = max(1, min(variant.concurrency, iterations))
-
-    async def worker(number: int) -> None:
-        await trio.sleep(number * variant.nominal_s / workers)
-        for index in indices:  # shared: each index goes to exactly one worker
-            first = index % len(ports)
-            second = (first + 1) % len(ports)
-            route = f"{names[first]}->{names[second]}"
-            pair = (ports[first], ports[second])
-            sample = await resume_iteration(variant, index, pair, route, tag, seed)
-            samples.append(sample)
-            if not sample.ok:
-                log(f"  {variant.name} iteration {index} NOT EXACT: {sample.problems[:3]} "
-                     f"resyncs {sample.resyncs}")  # fmt: skip
-            for gateway in gateways:
-                gateway.check_alive()
-
-    async with trio.open_nursery() as nursery:
-        for number in range(workers):
-            nursery.start_soon(worker, number)
-    samples.sort(key=lambda s: s.iteration)
-    return VariantResult.of(variant, samples)
 
 
 async def resume_phase(
@@ -456,34 +178,10 @@ async def resume_phase(
         results.append(result)
     counters: dict[str, float] = {}
     for gateway in gateways:
-        found = _redis_trouble(await gateway_metrics(Services(runtime, gateway, "")), gateway)
+        found = redis_trouble(await gateway_metrics(Services(runtime, gateway, "")), gateway)
         for key, value in found.items():
             counters[key] = counters.get(key, 0.0) + value
     return ResumePhaseResult(name, results, counters)
-
-
-def _redis_trouble(metrics: dict[str, float], gateway: Child) -> dict[str, float]:
-    """Resume outcomes, failed stream appends and Redis failures one gateway counted, and how
-    often its log says it marked Redis unavailable (``state_down``)."""
-    wanted = ("gateway_resumes_total", "gateway_state_backend_failures_total")
-    found = {
-        key: value
-        for key, value in metrics.items()
-        if key.startswith(wanted)
-        or (key.startswith("gateway_limit_hits_total") and "stream_append_failed" in key)
-    }
-    try:
-        log = gateway.log_path.read_text(errors="replace")
-    except OSError:
-        log = ""
-    downs = log.count('"event":"state_down"')
-    if downs:
-        found["redis marked unavailable (state_down log events)"] = float(downs)
-    return found
-
-
-def _port_of(child: Child) -> int:
-    return int(child.url.rsplit(":", 1)[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -529,7 +227,7 @@ class PathFigures:
 class ThroughputPhaseResult:
     """Phase 3: unpaced and paced, per path."""
 
-    config: BenchConfig
+    config: relay.BenchConfig
     unpaced: dict[str, PathFigures]
     paced: dict[str, PathFigures]
     round_ratios: list[float]  # redis / memory, round by round (unpaced)
@@ -543,18 +241,9 @@ class ThroughputPhaseResult:
         )
 
 
-async def _wait_idle(services: Services) -> None:
-    """Until the gateway holds no session (closed sessions wait out a short grace period)."""
-    with trio.move_on_after(IDLE_TIMEOUT):
-        while True:
-            metrics = await gateway_metrics(services)
-            if not metrics.get("gateway_active_sessions"):
-                return
-            await trio.sleep(0.25)
-    log(f"  warning: {services.gateway.name} still holds sessions after {IDLE_TIMEOUT:g} s")
-
-
-def _account(figures: PathFigures, outcome: RoundResult, tokens: int, redis_cpu: float) -> None:
+def _account(
+    figures: PathFigures, outcome: relay.RoundResult, tokens: int, redis_cpu: float
+) -> None:
     figures.rounds_tokens_per_s.append(outcome.tokens_per_s)
     figures.tokens += tokens
     figures.frames += outcome.frames
@@ -567,7 +256,7 @@ async def throughput_phase(
     memory_gw: Child,
     redis_gw: Child,
     redis: RedisServer,
-    cfg: BenchConfig,
+    cfg: relay.BenchConfig,
     key: str,
 ) -> ThroughputPhaseResult:
     """Unpaced rounds alternating direct / memory / redis (order rotated each round), then the
@@ -587,21 +276,21 @@ async def throughput_phase(
         tag = secrets.token_hex(3)
         await warm_direct_pool(http, cfg.sessions, f"warm-{tag}")
         warm = replace(cfg, tokens=min(cfg.tokens, 100))
-        await direct_round(http, services["direct"], warm, f"warm-direct-{tag}")
+        await relay.direct_round(http, services["direct"], warm, f"warm-direct-{tag}")
         for path in ("memory", "redis"):
-            await gateway_round(services[path], warm, f"warm-{path}-{tag}")
-            await _wait_idle(services[path])
+            await relay.gateway_round(services[path], warm, f"warm-{path}-{tag}")
+            await wait_idle(services[path])
         paths = ["direct", "memory", "redis"]
         for number in range(cfg.rounds):
             order = paths[number % 3 :] + paths[: number % 3]
-            by_path: dict[str, RoundResult] = {}
+            by_path: dict[str, relay.RoundResult] = {}
             for path in order:
                 round_tag = f"tp{number}-{path}-{tag}"
                 redis_before = cpu_seconds(redis.pid)
                 if path == "direct":
-                    outcome = await direct_round(http, services[path], cfg, round_tag)
+                    outcome = await relay.direct_round(http, services[path], cfg, round_tag)
                 else:
-                    outcome = await gateway_round(services[path], cfg, round_tag)
+                    outcome = await relay.gateway_round(services[path], cfg, round_tag)
                 redis_cpu = cpu_seconds(redis.pid) - redis_before
                 _account(unpaced[path], outcome, tokens, redis_cpu)
                 by_path[path] = outcome
@@ -610,16 +299,16 @@ async def throughput_phase(
                     f"cores busy: {outcome.cpu.cores()}, redis {redis_cpu / outcome.cpu.wall_s:.2f}"
                 )
                 if path != "direct":
-                    await _wait_idle(services[path])
+                    await wait_idle(services[path])
             ratios.append(by_path["redis"].tokens_per_s / by_path["memory"].tokens_per_s)
     paced_tokens = cfg.paced_sessions * cfg.paced_tokens
     for path in ("direct", "memory", "redis"):
         redis_before = cpu_seconds(redis.pid)
         if path == "direct":
-            stats: LatencyStats = await paced_direct(services[path], cfg)
+            stats: relay.LatencyStats = await relay.paced_direct(services[path], cfg)
         else:
-            stats = await paced_gateway(services[path], cfg)
-            await _wait_idle(services[path])
+            stats = await relay.paced_gateway(services[path], cfg)
+            await wait_idle(services[path])
         figures = paced[path]
         figures.rounds_tokens_per_s.append(paced_tokens / stats.cpu.wall_s)
         figures.tokens = paced_tokens
@@ -628,7 +317,7 @@ async def throughput_phase(
         figures.redis_cpu_s = cpu_seconds(redis.pid) - redis_before
         figures.latency_p50_ms, figures.latency_p99_ms = stats.p50_ms, stats.p99_ms
         log(f"  paced {path:<7} p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
-    trouble = _redis_trouble(await gateway_metrics(services["redis"]), redis_gw)
+    trouble = redis_trouble(await gateway_metrics(services["redis"]), redis_gw)
     trouble = {k: v for k, v in trouble.items() if not k.startswith("gateway_resumes")}
     return ThroughputPhaseResult(cfg, unpaced, paced, ratios, trouble)
 
@@ -664,12 +353,9 @@ class Report:
     def render(self) -> str:
         """The figure table."""
         env = self.environment
+        title = f"trio-gateway resume benchmark ({self.mode}), {env['started']}: "
         lines = [
-            f"trio-gateway resume benchmark ({self.mode}), {env['started']}: python "
-            f"{env['python']}, {env['cpus']} CPUs, load average {env['loadavg_start']} at start, "
-            f"{env['loadavg_end']} at end",
-            f"gateway sources sha256 {env['gateway_sources_sha256'][:12]}"
-            + ("" if env["sources_unchanged"] else "  (WARNING: they changed during the run)"),
+            *environment_lines(title, env),
             "phases took "
             + ", ".join(f"{k} {v:.0f} s" for k, v in env["phase_seconds"].items())
             + "; shared, noisy cores: compare within this run (ratios), not across runs.",
@@ -704,10 +390,10 @@ class Report:
             v = result.variant
             lines.append(
                 f"  {v.content:<17}{len(result.samples):>4}{result.failures:>5}"
-                f"{result.resyncs:>7}{result.ready.p50:>7.1f}{_spread(result.first_replayed):>24}"
-                f"{_spread(result.resumed):>24}"
+                f"{result.resyncs:>7}{result.ready.p50:>7.1f}{result.first_replayed.render():>24}"
+                f"{result.resumed.render():>24}"
                 f"{f'{result.replayed.p50:.0f} / {result.replayed.max:.0f}':>17}"
-                f"{_spread(result.next_turn):>24}"
+                f"{result.next_turn.render():>24}"
             )
         notes = []
         for result in phase.variants:
@@ -786,33 +472,15 @@ class Report:
         return lines
 
 
-def _spread(spread: Spread) -> str:
-    if not spread.samples:
-        return "-"
-    return f"{spread.p50:.1f} / {spread.p95:.1f} / {spread.max:.1f}"
-
-
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 
 
-def _tails(children: Sequence[Child]) -> None:
-    for child in children:
-        log(f"--- {child.name} log tail ---\n{child.log_tail()}")
-
-
 def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) -> Report:
     """The three phases against one runtime and one redis-server, fresh gateways per phase."""
-    digest = gateway_sources_digest()
-    environment: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "loadavg_start": loadavg(),
-        "gateway_sources_sha256": digest,
-        "seed": seed,
-    }
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    environment = {"started": started_at, **run_environment(seed=seed)}
     key = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="resume-bench-") as tmp:
         workdir = Path(tmp) if keep is None else keep
@@ -833,12 +501,7 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
             environment["phase_seconds"] = phase_seconds
             started = time.perf_counter()
             with spawned("gateway-memory", ["serve"], child_env(key, **base), workdir) as gw:
-                try:
-                    single = trio.run(resume_phase, "single", [gw], runtime, cfg, seed)
-                except BaseException as error:
-                    if not interrupted(error):
-                        _tails([runtime, gw])
-                    raise
+                single = run_trio([runtime, gw], resume_phase, "single", [gw], runtime, cfg, seed)
             phase_seconds["single"] = time.perf_counter() - started
             started = time.perf_counter()
             replica_env = child_env(key, **shared)
@@ -846,12 +509,9 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
                 spawned("replica-a", ["serve"], replica_env, workdir) as a,
                 spawned("replica-b", ["serve"], replica_env, workdir) as b,
             ):
-                try:
-                    replicas = trio.run(resume_phase, "replicas", [a, b], runtime, cfg, seed)
-                except BaseException as error:
-                    if not interrupted(error):
-                        _tails([runtime, a, b])
-                    raise
+                replicas = run_trio(
+                    [runtime, a, b], resume_phase, "replicas", [a, b], runtime, cfg, seed
+                )
             phase_seconds["replicas"] = time.perf_counter() - started
             started = time.perf_counter()
             quick_grace = {"session_grace_seconds": str(THROUGHPUT_GRACE_SECONDS)}
@@ -868,17 +528,18 @@ def run(cfg: ResumeBenchConfig, mode: str, seed: int, keep: Path | None = None) 
                     "gateway-redis-tp", ["serve"], child_env(key, **shared, **quick_grace), workdir
                 ) as redis_gw,
             ):
-                try:
-                    throughput = trio.run(
-                        throughput_phase, runtime, memory_gw, redis_gw, redis, tp, key
-                    )
-                except BaseException as error:
-                    if not interrupted(error):
-                        _tails([runtime, memory_gw, redis_gw])
-                    raise
+                throughput = run_trio(
+                    [runtime, memory_gw, redis_gw],
+                    throughput_phase,
+                    runtime,
+                    memory_gw,
+                    redis_gw,
+                    redis,
+                    tp,
+                    key,
+                )
             phase_seconds["throughput"] = time.perf_counter() - started
-    environment["loadavg_end"] = loadavg()
-    environment["sources_unchanged"] = gateway_sources_digest() == digest
+    finish_environment(environment)
     return Report(mode, environment, cfg, single, replicas, throughput)
 
 
@@ -936,24 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         throughput=throughput,
     )
 
-    # SIGTERM unwinds exactly like Ctrl-C, so the children are stopped by the same finally blocks.
-    # A background job of a non-interactive shell starts with SIGINT ignored, which would make
-    # both signals no-ops (and trio installs its handler only over the default one): restore it.
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: signal.raise_signal(signal.SIGINT))
+    sigterm_as_interrupt()
     raise_fd_limit()
     try:
         report = run(cfg, "quick" if args.quick else "full", args.seed, args.workdir)
     except BaseException as error:
-        if interrupted(error):
-            print("resume_bench: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(error, SystemExit):
-            raise
-        failures = "\n".join(f"  {describe(leaf)}" for leaf in leaves(error))
-        print(f"resume_bench: FAILED\n{failures}", file=sys.stderr)
-        return 1
+        return failure_status("resume_bench", error)
     data = orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2)
     if args.json == "-":
         print(report.render(), file=sys.stderr, flush=True)

@@ -44,10 +44,12 @@ import trio_websocket
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import TurnResult, expected_text, gateway_turn
 from bench.harness import (
     BenchError,
     Sampler,
     Services,
+    add_json_option,
     gateway_metrics,
     open_fds,
     raise_fd_limit,
@@ -57,7 +59,6 @@ from bench.harness import (
     table,
     write_json,
 )
-from bench.relay_bench import TurnResult, expected_text, gateway_turn
 from tests.support.rawws import RawWebSocket
 
 FD_SLACK = 2
@@ -349,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=SoakConfig.duration)
     parser.add_argument("--workers", type=int, default=SoakConfig.workers)
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds (0: automatic)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     cfg = SoakConfig(args.duration, args.workers, args.warmup)
     raise_fd_limit()

@@ -63,20 +63,19 @@ import trio
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import TurnResult, expected_text
 from bench.frame_cost import RestConnection, cpu_ns
 from bench.harness import (
     UNLIMITED_USER,
     BenchError,
     Child,
+    add_json_option,
     child_env,
+    loadavg,
     raise_fd_limit,
     spawned,
 )
-from bench.latency import LiveClient, live_clients, loadavg
-from bench.relay_bench import (
-    TurnResult,
-    expected_text,
-)
+from bench.latency import LiveClient, live_clients
 from tests.support.redis_server import REDIS_SERVER, RedisServer
 
 REST_PATH = "/api/v1/agents"
@@ -429,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "of two workers carries), to tell a cost of several workers from a cost of less load "
         "per process",
     )
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_json_option(parser)
     args = parser.parse_args(argv)
     if REDIS_SERVER is None:
         print("workers bench: redis-server is not installed", file=sys.stderr)
