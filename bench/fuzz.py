@@ -80,6 +80,18 @@ def hypothesis_settings(examples: int) -> settings:
     )
 
 
+def _outcome(gateway: FuzzGateway, **figures: Any) -> dict[str, Any]:
+    """What every phase reports of its gateway: alive, its ERROR records and what its control
+    client saw (exact turns, problems), then the phase's own ``figures``."""
+    return {
+        "alive": gateway.alive,
+        "error_logs": list(gateway.errors.records),
+        "control_turns": gateway.control.turns,
+        "control_problems": list(gateway.control.problems),
+        **figures,
+    }
+
+
 def fuzz_frames_and_handshakes(examples: int, handshakes: int, stats: FuzzStats) -> dict[str, Any]:
     """Frames and handshakes against one JWT-off gateway; returns what the gateway reported."""
     ids = itertools.count()
@@ -98,13 +110,7 @@ def fuzz_frames_and_handshakes(examples: int, handshakes: int, stats: FuzzStats)
 
         frames()
         requests()
-        return {
-            "alive": gateway.alive,
-            "error_logs": list(gateway.errors.records),
-            "contained": len(gateway.errors.contained),
-            "control_turns": gateway.control.turns,
-            "control_problems": list(gateway.control.problems),
-        }
+        return _outcome(gateway, contained=len(gateway.errors.contained))
 
 
 def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
@@ -124,13 +130,7 @@ def fuzz_tokens(examples: int, stats: FuzzStats) -> dict[str, Any]:
                 failures.append(str(error)[:200])
 
         tokens()
-        return {
-            "alive": gateway.alive,
-            "error_logs": list(gateway.errors.records),
-            "control_turns": gateway.control.turns,
-            "control_problems": list(gateway.control.problems),
-            "failures": failures,
-        }
+        return _outcome(gateway, failures=failures)
 
 
 def fuzz_compressed_frames(examples: int, stats: FuzzStats) -> dict[str, Any]:
@@ -157,14 +157,9 @@ def fuzz_compressed_frames(examples: int, stats: FuzzStats) -> dict[str, Any]:
             failures.extend(check_compressed(case, seen)[:3])
 
         cases()
-        return {
-            "alive": gateway.alive,
-            "error_logs": list(gateway.errors.records),
-            "control_turns": gateway.control.turns,
-            "control_problems": list(gateway.control.problems),
-            "failures": failures,
-            "rss_growth_mib": (peak_rss_bytes() - before) / (1 << 20),
-        }
+        return _outcome(
+            gateway, failures=failures, rss_growth_mib=(peak_rss_bytes() - before) / (1 << 20)
+        )
 
 
 def fuzz_header_smuggling(examples: int, stats: FuzzStats) -> dict[str, Any]:
@@ -181,12 +176,7 @@ def fuzz_header_smuggling(examples: int, stats: FuzzStats) -> dict[str, Any]:
             stats.problems += check_smuggling(gateway, request, answer)
 
         smuggle()
-        return {
-            "alive": gateway.alive,
-            "error_logs": list(gateway.errors.records),
-            "control_turns": gateway.control.turns,
-            "control_problems": list(gateway.control.problems),
-        }
+        return _outcome(gateway)
 
 
 def fuzz_lockouts(examples: int) -> dict[str, Any]:
@@ -258,12 +248,7 @@ def fuzz_http_edge(examples: int, stats: EdgeStats) -> dict[str, Any]:
         smuggling()
         pipelined()
         trio.run(slow_heads, max(2, examples // 100))
-        return {
-            "alive": gateway.alive,
-            "error_logs": list(gateway.errors.records),
-            "control_turns": gateway.control.turns,
-            "control_problems": list(gateway.control.problems),
-        }
+        return _outcome(gateway)
 
 
 def main() -> int:
