@@ -2,23 +2,31 @@
 runtime's SSE stream (httpx, the way a careful plain client would) or through the gateway
 (trio-websocket), both accounted chunk by chunk in a :class:`TurnResult` and checked exact; the
 httpx client for the runtime and its warm-up; a group of gateway WebSockets opened and closed
-together (:class:`SocketGroup`).
+together (:class:`SocketGroup`); a gateway WebSocket read all the time by a task of its own, on
+the tests' raw client (:class:`LiveClient`); a keep-alive REST connection (:class:`RestConnection`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import httpx
 import orjson
 import trio
 import trio_websocket
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
-from bench.harness import BenchError, Services
+from bench.harness import HOST, BenchError, Services
+from tests.support.frames import ide_frame
+from tests.support.rawws import RawWebSocket
 
 STREAM_PATH = "/agent/message/stream"
 
@@ -262,3 +270,128 @@ class SocketGroup:
             raise BenchError(f"WebSocket handshake took over {CONNECT_TIMEOUT:g} s") from None
         except (trio_websocket.HandshakeError, OSError) as error:
             raise BenchError(f"WebSocket connect failed: {error!r}") from None
+
+
+class RestConnection:
+    """One keep-alive HTTP/1.1 connection to a gateway (h11 on a trio socket)."""
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self.stream = stream
+        self.host = host
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, port: int) -> RestConnection:
+        """A fresh connection to ``127.0.0.1:port``."""
+        return cls(await trio.open_tcp_stream(HOST, port), f"{HOST}:{port}")
+
+    @property
+    def local_port(self) -> int:
+        """This end's port (to find the server-side socket)."""
+        return int(self.stream.socket.getsockname()[1])
+
+    async def get(self, path: str) -> int:
+        """One GET, read to its end; the status code."""
+        request = h11.Request(method="GET", target=path, headers=[("Host", self.host)])
+        await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
+        status = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                self.conn.start_next_cycle()
+                return status
+            elif isinstance(event, h11.ConnectionClosed):
+                raise BenchError("the gateway closed a keep-alive connection")
+
+
+class LiveClient:
+    """A :class:`~tests.support.rawws.RawWebSocket` (offering permessage-deflate) whose socket a
+    background task reads all the time.
+
+    The reader answers the gateway's pings (a client that stops reading while another path has
+    its round would, rightly, be dropped by the gateway's heartbeat) and hands each complete
+    frame on with the time the network read that carried it returned, taken before parsing.
+    Run :meth:`read_forever` in a nursery; cancel it before :meth:`aclose`."""
+
+    def __init__(self, client: RawWebSocket) -> None:
+        """Wrap a connected client."""
+        self.client = client
+        self._send_lock = trio.Lock()  # the reader's pongs and the turns' messages share a socket
+        self._frames_in, self._frames = trio.open_memory_channel[tuple[int, Any]](math.inf)
+
+    @property
+    def local_port(self) -> int:
+        """This end's port (to find the server-side socket)."""
+        return int(self.client.stream.socket.getsockname()[1])
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.client.stream.send_all(data)
+
+    async def read_forever(self) -> None:
+        """Read, answer pings, queue frames; ends at EOF or a close frame."""
+        ws, pieces = self.client.ws, []
+        async with self._frames_in:
+            while True:
+                data = await self.client.stream.receive_some(65536)
+                received_ns = time.time_ns()
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Ping):
+                        await self._send(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        return
+                    elif isinstance(event, Message):
+                        pieces.append(str(event.data))
+                        if event.message_finished:
+                            self._frames_in.send_nowait(
+                                (received_ns, orjson.loads("".join(pieces)))
+                            )
+                            pieces = []
+
+    async def turn(self, content: str, result: TurnResult) -> None:
+        """Send ``content`` as an IDE frame and account frames into ``result`` until
+        ``is_final``; ``seq`` must grow by one per frame."""
+        await self._send(
+            self.client.ws.send(Message(data=orjson.dumps(ide_frame(content)).decode()))
+        )
+        last_seq: int | None = None
+        while True:
+            try:
+                received_ns, frame = await self._frames.receive()
+            except trio.EndOfChannel:
+                raise BenchError("the gateway closed the socket mid-turn") from None
+            last_seq = next_seq(frame, last_seq)
+            if result.absorb(frame, received_ns):
+                return
+
+    async def aclose(self) -> None:
+        """Close frame (best effort), then the socket."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.client.close()
+
+
+@contextlib.asynccontextmanager
+async def live_clients(port: int, paths: Sequence[str]) -> AsyncIterator[list[LiveClient]]:
+    """One :class:`LiveClient` per path on ``127.0.0.1:port``, read until the block ends."""
+    clients: list[LiveClient] = []
+    async with trio.open_nursery() as nursery:
+        try:
+            for path in paths:
+                client = LiveClient(
+                    await RawWebSocket.connect(port, path, extensions=[PerMessageDeflate()])
+                )
+                clients.append(client)
+                nursery.start_soon(client.read_forever)
+            yield clients
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):  # the close frames go out even when cancelled
+                for client in clients:
+                    await client.aclose()

@@ -51,21 +51,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import h11
 import trio
 from wsproto.extensions import PerMessageDeflate
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.clients import RestConnection
 from bench.harness import (
-    HOST,
     UNLIMITED_USER,
     BenchError,
     Child,
     add_json_option,
     baseline_tree,
     child_env,
+    cpu_ns,
     run_and_write_json,
     spawned,
 )
@@ -75,17 +75,6 @@ from tests.support.rawws import RawWebSocket
 ROOT = Path(__file__).resolve().parent.parent
 TURN_TIMEOUT = 120.0
 REST_PATH = "/api/v1/agents"
-
-
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds every thread of ``pid`` has spent on a CPU (``schedstat`` field 1)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, IndexError, ValueError):
-            continue  # a thread that just ended
-    return total
 
 
 async def read_turn(client: RawWebSocket) -> int:
@@ -102,42 +91,6 @@ async def read_turn(client: RawWebSocket) -> int:
                     return frames
     except ConnectionError as error:
         raise BenchError(f"gateway closed the socket mid-turn: {error}") from None
-
-
-class RestConnection:
-    """One keep-alive HTTP/1.1 connection to a gateway (h11 on a trio socket)."""
-
-    def __init__(self, stream: trio.SocketStream, host: str) -> None:
-        self.stream = stream
-        self.host = host
-        self.conn = h11.Connection(h11.CLIENT)
-
-    @classmethod
-    async def open(cls, port: int) -> RestConnection:
-        """A fresh connection to ``127.0.0.1:port``."""
-        return cls(await trio.open_tcp_stream(HOST, port), f"{HOST}:{port}")
-
-    @property
-    def local_port(self) -> int:
-        """This end's port (to find the server-side socket)."""
-        return int(self.stream.socket.getsockname()[1])
-
-    async def get(self, path: str) -> int:
-        """One GET, read to its end; the status code."""
-        request = h11.Request(method="GET", target=path, headers=[("Host", self.host)])
-        await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
-        status = 0
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.EndOfMessage):
-                self.conn.start_next_cycle()
-                return status
-            elif isinstance(event, h11.ConnectionClosed):
-                raise BenchError("the gateway closed a keep-alive connection")
 
 
 async def rest_window(gateways: dict[str, Child], args: argparse.Namespace) -> dict[str, float]:

@@ -69,6 +69,7 @@ __all__ = [
     "add_json_option",
     "baseline_tree",
     "child_env",
+    "cpu_ns",
     "cpu_seconds",
     "describe",
     "environment_lines",
@@ -98,6 +99,7 @@ __all__ = [
     "running_fleet",
     "runqueue_wait_seconds",
     "runtime_streams",
+    "sched_ns",
     "self_cpu_seconds",
     "sigterm_as_interrupt",
     "spawned",
@@ -161,6 +163,24 @@ def runqueue_wait_seconds(pid: int) -> float:
         return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def sched_ns(pid: int) -> tuple[int, int]:
+    """Nanoseconds every thread of ``pid`` has spent on a CPU and runnable but waiting for one
+    (``/proc/<pid>/task/*/schedstat`` fields 1 and 2)."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that just ended
+    return run, wait
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds every thread of ``pid`` has spent on a CPU (``schedstat`` field 1)."""
+    return sched_ns(pid)[0]
 
 
 def open_fds(pid: int) -> int:

@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import secrets
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,18 +53,17 @@ from typing import Any
 import httpx
 import orjson
 import trio
-from wsproto.events import CloseConnection, Message, Ping
-from wsproto.extensions import PerMessageDeflate
 
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.clients import (
+    LiveClient,
     TurnResult,
     direct_client,
     direct_turn,
     expected_text,
-    next_seq,
+    live_clients,
     warm_direct_pool,
 )
 from bench.harness import (
@@ -79,12 +77,11 @@ from bench.harness import (
     loadavg,
     profiled,
     raise_fd_limit,
+    sched_ns,
     spawned,
 )
-from bench.relay_bench import TARGET_ADDED_P99_MS
+from bench.relay_rounds import TARGET_ADDED_P99_MS
 from bench.stats import sorted_percentile
-from tests.support.frames import ide_frame
-from tests.support.rawws import RawWebSocket
 
 TURN_TIMEOUT_MARGIN = 120.0  # seconds a paced round may take beyond its nominal length
 
@@ -133,108 +130,6 @@ class PathFigures:
             },
             "deflate_negotiated": self.deflate,
         }
-
-
-class LiveClient:
-    """A :class:`~tests.support.rawws.RawWebSocket` (offering permessage-deflate) whose socket a
-    background task reads all the time.
-
-    The reader answers the gateway's pings (a client that stops reading while another path has
-    its round would, rightly, be dropped by the gateway's heartbeat) and hands each complete
-    frame on with the time the network read that carried it returned, taken before parsing.
-    Run :meth:`read_forever` in a nursery; cancel it before :meth:`aclose`."""
-
-    def __init__(self, client: RawWebSocket) -> None:
-        """Wrap a connected client."""
-        self.client = client
-        self._send_lock = trio.Lock()  # the reader's pongs and the turns' messages share a socket
-        self._frames_in, self._frames = trio.open_memory_channel[tuple[int, Any]](math.inf)
-
-    @property
-    def local_port(self) -> int:
-        """This end's port (to find the server-side socket)."""
-        return int(self.client.stream.socket.getsockname()[1])
-
-    async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
-            await self.client.stream.send_all(data)
-
-    async def read_forever(self) -> None:
-        """Read, answer pings, queue frames; ends at EOF or a close frame."""
-        ws, pieces = self.client.ws, []
-        async with self._frames_in:
-            while True:
-                data = await self.client.stream.receive_some(65536)
-                received_ns = time.time_ns()
-                if not data:
-                    return
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, Ping):
-                        await self._send(ws.send(event.response()))
-                    elif isinstance(event, CloseConnection):
-                        return
-                    elif isinstance(event, Message):
-                        pieces.append(str(event.data))
-                        if event.message_finished:
-                            self._frames_in.send_nowait(
-                                (received_ns, orjson.loads("".join(pieces)))
-                            )
-                            pieces = []
-
-    async def turn(self, content: str, result: TurnResult) -> None:
-        """Send ``content`` as an IDE frame and account frames into ``result`` until
-        ``is_final``; ``seq`` must grow by one per frame."""
-        await self._send(
-            self.client.ws.send(Message(data=orjson.dumps(ide_frame(content)).decode()))
-        )
-        last_seq: int | None = None
-        while True:
-            try:
-                received_ns, frame = await self._frames.receive()
-            except trio.EndOfChannel:
-                raise BenchError("the gateway closed the socket mid-turn") from None
-            last_seq = next_seq(frame, last_seq)
-            if result.absorb(frame, received_ns):
-                return
-
-    async def aclose(self) -> None:
-        """Close frame (best effort), then the socket."""
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.client.close()
-
-
-@contextlib.asynccontextmanager
-async def live_clients(port: int, paths: Sequence[str]) -> AsyncIterator[list[LiveClient]]:
-    """One :class:`LiveClient` per path on ``127.0.0.1:port``, read until the block ends."""
-    clients: list[LiveClient] = []
-    async with trio.open_nursery() as nursery:
-        try:
-            for path in paths:
-                client = LiveClient(
-                    await RawWebSocket.connect(port, path, extensions=[PerMessageDeflate()])
-                )
-                clients.append(client)
-                nursery.start_soon(client.read_forever)
-            yield clients
-        finally:
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):  # the close frames go out even when cancelled
-                for client in clients:
-                    await client.aclose()
-
-
-def sched_ns(pid: int) -> tuple[int, int]:
-    """Nanoseconds every thread of ``pid`` has spent on a CPU and runnable but waiting for one
-    (``/proc/<pid>/task/*/schedstat`` fields 1 and 2)."""
-    run = wait = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "schedstat").read_text().split()
-            run, wait = run + int(fields[0]), wait + int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue  # a thread that just ended
-    return run, wait
 
 
 @contextlib.contextmanager

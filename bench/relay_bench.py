@@ -103,6 +103,7 @@ from bench.harness import (
     spawned,
 )
 from bench.relay_rounds import (
+    TARGET_ADDED_P99_MS,
     BenchConfig,
     LatencyStats,
     RoundResult,
@@ -114,7 +115,6 @@ from bench.relay_rounds import (
 )
 
 TARGET_THROUGHPUT_RATIO = 0.9  # gateway tokens/s >= 0.9 x direct
-TARGET_ADDED_P99_MS = 5.0  # gateway p99 latency - direct p99 latency
 TARGET_IDLE_SESSION_KIB = 40.0  # RSS per idle WebSocket session
 
 MEMORY_PHASE_TIMEOUT = 300.0

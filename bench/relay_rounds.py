@@ -27,6 +27,8 @@ from bench.clients import (
 from bench.harness import BenchError, CpuMeter, CpuUse, Services
 from bench.stats import sorted_percentile
 
+TARGET_ADDED_P99_MS = 5.0  # gateway p99 latency - direct p99 latency (relay_bench, latency.py)
+
 ROUND_TIMEOUT = 300.0  # seconds for one throughput round (connect, stream, close)
 PACED_TIMEOUT_MARGIN = 120.0  # seconds a paced phase may take beyond its nominal duration
 

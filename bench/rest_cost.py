@@ -51,7 +51,6 @@ import trio
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.frame_cost import cpu_ns
 from bench.harness import (
     HOST,
     BenchError,
@@ -59,6 +58,7 @@ from bench.harness import (
     add_json_option,
     baseline_tree,
     child_env,
+    cpu_ns,
     free_port,
     run_and_write_json,
     spawned,

@@ -63,19 +63,18 @@ import trio
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.clients import TurnResult, expected_text
-from bench.frame_cost import RestConnection, cpu_ns
+from bench.clients import LiveClient, RestConnection, TurnResult, expected_text, live_clients
 from bench.harness import (
     UNLIMITED_USER,
     BenchError,
     Child,
     add_json_option,
     child_env,
+    cpu_ns,
     loadavg,
     raise_fd_limit,
     spawned,
 )
-from bench.latency import LiveClient, live_clients
 from tests.support.redis_server import REDIS_SERVER, RedisServer
 
 REST_PATH = "/api/v1/agents"
