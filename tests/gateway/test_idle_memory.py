@@ -59,12 +59,15 @@ async def test_an_idle_session_allocates_no_queue_or_replay_storage(
     async with gateway.connect("bare"):
         await wait_for(lambda: "bare" in manager.sessions)
         session = manager.sessions["bare"]
-        assert session.connection is not None
+        assert isinstance(session.connection, Connection)
         # Empty deques cost ~600 bytes each: none until something is queued.
         assert session.queue._items is None
         assert session.outbound._entries == ()
         assert session.replay._entries == ()
-        assert session.connection.backlog == []
+        assert session.connection.viewer is None  # no viewer backlog
+        # Wake-ups nobody waits on yet are not made: turn runner, blocked producers, resume.
+        assert session._messages_ready is None and session._space_ready is None
+        assert session.connection.resume_waiter is None
         # Without a cluster the lease and cluster events are one shared pre-set Event.
         assert session.lease.lease_ready is manager.already_set is session.lease.cluster_ready
 

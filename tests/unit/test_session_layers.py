@@ -16,11 +16,13 @@ LAYERS: dict[str, int] = {
     "connection": 3,
     "session": 2,
     "replicas": 1,
+    "interfaces": 1,
     "transport": 0,
     "outbound": 0,
     "replay": 0,
     "turn_queue": 0,
     "detached": 0,
+    "approvals": 0,
 }
 
 

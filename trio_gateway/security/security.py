@@ -28,6 +28,7 @@ import trio
 from ..client_address import client_address
 from ..limits import OriginPolicy, parse_origin_list
 from ..observability import Metrics
+from ..protocol import CloseCode
 from ..settings import Settings
 from ..state.ownership import OwnershipRefused, OwnershipStore
 from ..state.sqlite_store import SqliteOwnershipStore, ownership_store_for
@@ -85,6 +86,17 @@ class Refusal(Exception):
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, int(self.retry_after + 0.999)))
         return headers
+
+
+class RefreshRefused(Exception):
+    """An in-band token refresh the gateway refuses: ``description`` for the client's error
+    frame, and the close code and reason when the socket must close (None: the socket stays,
+    on its current token)."""
+
+    def __init__(self, description: str, close: tuple[int, str] | None = None) -> None:
+        super().__init__(description)
+        self.description = description
+        self.close = close
 
 
 class Security:
@@ -303,6 +315,23 @@ class Security:
         if not self.settings.allow_internal_auth or not supplied:
             return False
         return hmac.compare_digest(supplied.encode(), self._internal_key)
+
+    async def refreshed_identity(self, current: Identity, token: str) -> Identity:
+        """The identity of ``token`` sent in band on a socket of ``current``: valid, holding
+        the write scope and of the same user, or :class:`RefreshRefused`."""
+        try:
+            identity = await self.identify_token(token)
+        except Refusal as refused:
+            raise RefreshRefused(refused.description) from None
+        try:
+            self.require_scope(identity, self.settings.write_scope)
+        except Refusal as refused:
+            close = (CloseCode.FORBIDDEN, "token lacks the write scope")
+            raise RefreshRefused(refused.description, close) from None
+        if identity.sub != current.sub:
+            close = (CloseCode.UNAUTHORIZED, "token of another user")
+            raise RefreshRefused("The new token belongs to another user", close)
+        return identity
 
     def require_scope(self, identity: Identity, scope: str) -> None:
         """Raise 403 ``insufficient_scope`` unless ``identity`` holds ``scope``."""

@@ -18,12 +18,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import orjson
 import trio
 
-from ..observability import Metrics
 from ..protocol import (
     ANSWER_TYPES,
     CONNECTION_FRAME_TYPES,
@@ -36,9 +34,9 @@ from ..protocol import (
     parse_client_frame,
 )
 from ..security.auth import Identity
-from ..security.security import Refusal, Security, user_headers
-from ..settings import Settings
-from .outbound import Frame, NumberedFrame, Outgoing
+from ..security.security import RefreshRefused, user_headers
+from .interfaces import ConnectionHost
+from .outbound import Frame, NumberedFrame, Outgoing, ViewerBacklog
 from .replay import ReplayGap
 from .session import Session
 from .transport import ConnectionClosed, WebSocketConnection
@@ -52,20 +50,6 @@ def _no_writer_yet() -> None:
     than a lambda per socket)."""
 
 
-class ConnectionHost(Protocol):
-    """What a connection needs of the app (the session manager is one)."""
-
-    @property
-    def settings(self) -> Settings: ...
-    @property
-    def metrics(self) -> Metrics: ...
-    @property
-    def security(self) -> Security: ...
-
-    def count_frame_out(self, frame_type: object) -> None: ...
-    def count_frame_in(self, frame_type: object) -> None: ...
-
-
 class Connection:
     """One attached WebSocket and its tasks (reader, writer, heartbeat + close guard).
 
@@ -74,8 +58,6 @@ class Connection:
 
     # Slots: thousands of these live at once (docs/performance.md, "Idle memory").
     __slots__ = (
-        "backlog",
-        "backlog_bytes",
         "caught_up",
         "close_code",
         "close_reason",
@@ -149,13 +131,9 @@ class Connection:
         # Cross-replica resume on a follower: frames up to this seq reach the client through
         # the shared stream but were already delivered by the other replica.
         self.skip_through = 0
-        # A v1 viewer (another window on the session): the frames the session's live socket
-        # numbered, encoded, waiting for this socket's writer. Bounded in bytes.
-        self.viewer = False  # attached as a viewer (see become_viewer)
-        # A list, not a deque: it is only appended to and emptied whole, and an empty list
-        # costs 56 bytes where an empty deque costs ~600 (every idle socket has one).
-        self.backlog: list[str] = []
-        self.backlog_bytes = 0
+        # A v1 viewer (another window on the session, see become_viewer): the frames the
+        # session's live socket numbered, waiting for this socket's writer. None otherwise.
+        self.viewer: ViewerBacklog | None = None
 
     def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the connection to close with ``code``; the connection task does the closing.
@@ -214,7 +192,8 @@ class Connection:
         """Attached as a viewer beside the live socket (another IDE window)."""
         self.wake_writer = wake
         self.caught_up = True  # a viewer sees the session from now on
-        self.viewer = True  # decided here: it may be promoted before its writer runs
+        # Decided here: it may be promoted before its writer runs.
+        self.viewer = ViewerBacklog()
 
     def promote(self, previous_writer_done: trio.Event) -> None:
         """A viewer takes over from the live socket, which left. Its writer sends its
@@ -226,26 +205,21 @@ class Connection:
     def add_to_backlog(self, text: str, limit: int) -> bool:
         """As a viewer, keep a frame the live socket numbered for this socket's writer;
         False when the backlog went over ``limit`` bytes (the caller closes the viewer)."""
-        self.backlog.append(text)
-        # Bytes, as documented: a frame of non-ASCII text is up to 4x its length.
-        self.backlog_bytes += len(text) if text.isascii() else len(text.encode())
-        return self.backlog_bytes <= limit
+        assert self.viewer is not None, "only viewers get frames numbered elsewhere"
+        return self.viewer.add(text, limit)
 
-    async def _wait_backlog(self, session: Session) -> list[str] | None:
+    async def _wait_backlog(self, session: Session, backlog: ViewerBacklog) -> list[str] | None:
         # A viewer's next frames (everything in its backlog), or None once it is no longer a
         # viewer (promoted: it then numbers frames itself) and its backlog is empty, or when
         # it should close after a flush.
-        while not self.backlog:
+        while backlog.empty:
             if self.flush_then_close or self is session.connection:
                 return None
             if self.ping_due:
                 await self._send_ping()
                 continue
             await session.frames_ready.park()
-        texts = list(self.backlog)
-        self.backlog.clear()
-        self.backlog_bytes = 0
-        return texts
+        return backlog.take_all()
 
     # --- the connection's tasks ----------------------------------------------------------------
 
@@ -444,29 +418,13 @@ class Connection:
     async def _refresh_identity(self, session: Session, token: str) -> None:
         # In-band token refresh: a fresh token of the same user extends the socket's life.
         try:
-            identity = await self.host.security.identify_token(token)
-        except Refusal as refused:
+            identity = await self.host.security.refreshed_identity(self.identity, token)
+        except RefreshRefused as refused:
             session.send_control(
                 error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
             )
-            return
-        try:
-            self.host.security.require_scope(identity, self.host.settings.write_scope)
-        except Refusal as refused:
-            session.send_control(
-                error_frame(ErrorCode.INVALID_TOKEN, refused.description, is_final=False)
-            )
-            self.shut(CloseCode.FORBIDDEN, "token lacks the write scope", flush=True)
-            return
-        if identity.sub != self.identity.sub:
-            session.send_control(
-                error_frame(
-                    ErrorCode.INVALID_TOKEN,
-                    "The new token belongs to another user",
-                    is_final=False,
-                )
-            )
-            self.shut(CloseCode.UNAUTHORIZED, "token of another user", flush=True)
+            if refused.close is not None:
+                self.shut(*refused.close, flush=True)
             return
         self.identity = identity
         self.sender_headers = user_headers(identity)
@@ -527,7 +485,7 @@ class Connection:
             return  # closing (e.g. token expired): nothing new starts on this socket
         if kind in RUNTIME_BOUND_TYPES:
             call_id = message.get("call_id") if kind in ANSWER_TYPES else None
-            if call_id is not None and session.already_answered(kind, call_id):
+            if call_id is not None and session.approvals.already_answered(kind, call_id):
                 session.send_control(
                     error_frame(
                         ErrorCode.ALREADY_ANSWERED,
@@ -540,7 +498,7 @@ class Connection:
                 return
             if session.submit(message, self.sender_headers):
                 if call_id is not None:
-                    session.record_answer(kind, call_id)
+                    session.approvals.record_answer(kind, call_id)
             else:
                 if session.close_after_turn is not None:
                     text = "The gateway is restarting; reconnect and send the message again"
@@ -567,10 +525,10 @@ class Connection:
             session.send_control(pong)
 
     async def _writer(self, session: Session) -> None:
-        was_viewer = self.viewer
-        if was_viewer:
+        viewed = self.viewer
+        if viewed is not None:
             # A viewer: send what the live socket numbers until this one takes over.
-            while (texts := await self._wait_backlog(session)) is not None:
+            while (texts := await self._wait_backlog(session, viewed)) is not None:
                 await self.ws.send_texts(texts, self._count_viewed)
             if self is not session.connection:  # closing as a viewer
                 self.shut(self.close_code)
@@ -579,13 +537,11 @@ class Connection:
             # Bounded: the replaced connection's guard aborts a stuck send within
             # ws_close_timeout, after which its writer ends.
             await self.previous_writer_done.wait()
-        if was_viewer:
+        if viewed is not None:
             # Promoted: the old live socket's last batch is in the backlog too (frames reach
             # viewers as they are numbered), so nothing numbered is missing or sent twice.
-            if self.backlog:
-                texts = list(self.backlog)
-                self.backlog.clear()
-                await self.ws.send_texts(texts, self._count_viewed)
+            if not viewed.empty:
+                await self.ws.send_texts(viewed.take_all(), self._count_viewed)
             session.replay.delivered(session.seq)
         else:
             await self._catch_up(session)

@@ -208,3 +208,35 @@ class OutboundQueue:
         count = len(self._entries)
         self.take_all()
         return count
+
+
+class ViewerBacklog:
+    """What a viewer socket (another IDE window on the session) has yet to send: the frames
+    the live socket numbered and encoded, in order, bounded in bytes. Made only when a socket
+    becomes a viewer: most sockets never are."""
+
+    __slots__ = ("_bytes", "_texts")
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._bytes = 0
+
+    @property
+    def empty(self) -> bool:
+        """Nothing waits."""
+        return not self._texts
+
+    def add(self, text: str, limit: int) -> bool:
+        """Keep ``text``; False when the backlog went over ``limit`` bytes (the caller closes
+        the viewer rather than let it grow)."""
+        self._texts.append(text)
+        # Bytes, as documented: a frame of non-ASCII text is up to 4x its length.
+        self._bytes += len(text) if text.isascii() else len(text.encode())
+        return self._bytes <= limit
+
+    def take_all(self) -> list[str]:
+        """Remove and return everything waiting, oldest first."""
+        texts = self._texts
+        self._texts = []
+        self._bytes = 0
+        return texts

@@ -17,13 +17,13 @@ The turn runner relays runtime chunks into the session's bounded
 :class:`~trio_gateway.session.outbound.OutboundQueue`; only a connection's writer touches the
 socket. With several replicas the session's lease (replicas.py) follows, takes over and hands
 off; with one, the lease is a shared one that does nothing. A session works against
-:class:`Socket` and :class:`SessionHost`, so it imports neither connection.py nor manager.py.
+:class:`~.interfaces.Socket` and :class:`SessionHost`, so it imports neither connection.py nor
+manager.py.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -31,10 +31,11 @@ import trio
 
 from ..observability import Metrics
 from ..protocol import CloseCode, ErrorCode, TurnStatus, error_frame
-from ..security.auth import Identity
 from ..settings import Settings
 from ..upstream.runtime_client import RuntimeClient, RuntimeFailure
+from .approvals import ApprovalBook
 from .detached import DetachedBudget
+from .interfaces import Socket
 from .outbound import Frame, NumberedFrame, OutboundQueue, Outgoing
 from .replay import ReplayBuffer
 from .replicas import Lease
@@ -42,44 +43,9 @@ from .turn_queue import TurnQueue
 
 logger = logging.getLogger("trio_gateway.session")
 
-# Per session: unanswered approval requests kept for a client that resyncs, and answered
-# call ids remembered to refuse a second answer. Old entries go first.
-MAX_PENDING_APPROVALS = 64
-MAX_REMEMBERED_ANSWERS = 1024
 # v1 sockets of one user on one session (the IDE's windows): the live one plus viewers. A
 # socket beyond this closes the oldest viewer (4409), as a second socket did before viewers.
 MAX_SOCKETS_PER_SESSION = 8
-
-
-class Socket(Protocol):
-    """What a session needs of an attached socket (``connection.Connection`` is one)."""
-
-    @property
-    def v2(self) -> bool: ...
-    @property
-    def identity(self) -> Identity: ...
-    @property
-    def closing(self) -> bool: ...
-    @property
-    def flush_then_close(self) -> bool: ...
-    @property
-    def ping_due(self) -> bool: ...
-    @property
-    def writer_done(self) -> trio.Event: ...
-    @property
-    def backlog(self) -> list[str]: ...
-
-    def shut(self, code: int, reason: str = "", *, flush: bool = False) -> None: ...
-    def replace(self, reason: str) -> None: ...
-    def become_live(
-        self,
-        wake: Callable[[], object],
-        greeting: Frame | None,
-        previous_writer_done: trio.Event | None,
-    ) -> None: ...
-    def become_viewer(self, wake: Callable[[], object]) -> None: ...
-    def promote(self, previous_writer_done: trio.Event) -> None: ...
-    def add_to_backlog(self, text: str, limit: int) -> bool: ...
 
 
 class SessionHost(Protocol):
@@ -110,7 +76,7 @@ class Session:
         "_nursery",
         "_space_ready",
         "_turn_started_at",
-        "answered",
+        "approvals",
         "close_after_turn",
         "connection",
         "detached_charge",
@@ -123,7 +89,6 @@ class Session:
         "limit_key",
         "lost_frames",
         "outbound",
-        "pending_approvals",
         "pending_attach",
         "queue",
         "replay",
@@ -160,9 +125,7 @@ class Session:
             settings.replay_max_bytes,
             max(settings.session_grace_seconds, settings.resume_wait_seconds),
         )
-        # call_id -> the tool_call frame, while an approval request waits for its answer
-        self.pending_approvals: dict[str, Frame] = {}
-        self.answered: dict[tuple[str, str], None] = {}  # (frame type, call_id), oldest first
+        self.approvals = ApprovalBook()  # pending requests, forwarded answers
         self.turn_count = 0
         # Where the session runs when replicas share state (replicas.py); with one replica
         # the manager's one do-nothing lease, shared by every session.
@@ -521,29 +484,11 @@ class Session:
         self._messages_ready = trio.lowlevel.ParkingLot()
         self._nursery.start_soon(self._turn_runner, self._messages_ready)
 
-    def already_answered(self, kind: str, call_id: str) -> bool:
-        """Whether a ``kind`` answer for ``call_id`` already went to the runtime."""
-        return (kind, call_id) in self.answered
-
-    def record_answer(self, kind: str, call_id: str) -> None:
-        """Remember that a ``kind`` answer for ``call_id`` was forwarded (bounded memory)."""
-        self.answered[(kind, call_id)] = None
-        if len(self.answered) > MAX_REMEMBERED_ANSWERS:
-            del self.answered[next(iter(self.answered))]
-        self.pending_approvals.pop(call_id, None)
-
     def requeue_pending_approvals(self) -> None:
         """Queue the unanswered approval requests again, ahead of everything else (oldest
         first): a client reloading history after a resync may still have to answer them."""
-        for request in reversed(self.pending_approvals.values()):
-            self.outbound.put_control_front(dict(request))
-
-    def _note_approval_request(self, chunk: Frame) -> None:
-        call_id = chunk.get("call_id")
-        if isinstance(call_id, str) and call_id:
-            self.pending_approvals[call_id] = dict(chunk)  # a copy: the writer adds seq
-            if len(self.pending_approvals) > MAX_PENDING_APPROVALS:
-                del self.pending_approvals[next(iter(self.pending_approvals))]
+        for request in reversed(self.approvals.pending()):
+            self.outbound.put_control_front(request)
 
     def cancel_turn(self) -> tuple[bool, int]:
         """Cancel the running turn (closing the runtime stream) and drop queued messages."""
@@ -659,7 +604,7 @@ class Session:
                 continue
             outbound.put_chunk(chunk, size)
             if chunk.get("requires_approval") is True and chunk.get("type") == "tool_call":
-                self._note_approval_request(chunk)
+                self.approvals.note_request(chunk)
         metrics = self.host.metrics
         metrics.chunks_relayed.inc(len(chunks))
         if outbound.merged_chunks != merged_before:
