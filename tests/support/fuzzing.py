@@ -39,13 +39,10 @@ import trio
 import trio_websocket
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from wsproto import ConnectionType, WSConnection
+from wsproto import WSConnection
 from wsproto.events import (
-    AcceptConnection,
     CloseConnection,
     Ping,
-    RejectConnection,
-    Request,
     TextMessage,
 )
 
@@ -69,6 +66,7 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from .jwks_server import JWKSServer
 from .rawhttp import receive_until
+from .rawws import RawWebSocket, Rejected
 from .task_tree import format_task_tree, task_names
 
 T = TypeVar("T")
@@ -637,13 +635,51 @@ class Exchange:
     close_code: int | None = None
     eof: bool = False
     rejected_status: int | None = None
+    extensions: list[str] = field(default_factory=list)  # negotiated in the handshake
+
+
+async def _open_session_socket(
+    port: int, session_id: str, into: Exchange, **options: Any
+) -> RawWebSocket | None:
+    """The session socket, opened with ``options`` (see :meth:`RawWebSocket.connect`); None
+    when the gateway refused the handshake (its status is then in ``into``)."""
+    try:
+        client = await RawWebSocket.connect(port, f"/api/v1/ws/{session_id}", **options)
+    except Rejected as refusal:
+        into.rejected_status = refusal.status
+        return None
+    into.extensions = [extension.name for extension in client.extensions]
+    return client
 
 
 async def _read_events(
-    stream: trio.SocketStream, ws: WSConnection, into: Exchange, until: Callable[[], bool]
+    stream: trio.SocketStream,
+    ws: WSConnection,
+    into: Exchange,
+    until: Callable[[], bool],
+    *,
+    answer_close: bool = False,
 ) -> None:
-    """Read server frames into ``into`` until ``until()`` holds, a close frame, or EOF."""
-    while not until():
+    """Read server frames into ``into`` until ``until()`` holds or EOF; a close frame ends the
+    read too, unless ``answer_close``: then it is answered (so the gateway need not wait for
+    our close) and the read goes on. Events already parsed (bytes that came with the 101
+    answer) are taken first."""
+    while True:
+        for event in ws.events():
+            if isinstance(event, TextMessage):
+                value = orjson.loads(event.data)
+                assert isinstance(value, dict), f"server sent a non-object frame: {event.data!r}"
+                into.frames.append(value)
+            elif isinstance(event, CloseConnection):
+                into.close_code = event.code
+                if not answer_close:
+                    return
+                with contextlib.suppress(Exception):
+                    await stream.send_all(ws.send(event.response()))
+            elif isinstance(event, Ping):
+                pass  # server pings need no answer here (the exchange is short)
+        if until():
+            return
         try:
             data = await stream.receive_some(65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -652,45 +688,18 @@ async def _read_events(
             into.eof = True
             return
         ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, TextMessage):
-                value = orjson.loads(event.data)
-                assert isinstance(value, dict), f"server sent a non-object frame: {event.data!r}"
-                into.frames.append(value)
-            elif isinstance(event, CloseConnection):
-                into.close_code = event.code
-                return
-            elif isinstance(event, Ping):
-                pass  # server pings need no answer here (the exchange is short)
 
 
 async def exchange_frames(port: int, session_id: str, batch: FrameBatch) -> Exchange:
     """Open a session socket, send ``batch``, then a sentinel (unless terminal), close."""
     result = Exchange()
     with trio.fail_after(20):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        subprotocols = [SUBPROTOCOL_V2] if batch.v2 else []
+        client = await _open_session_socket(port, session_id, result, subprotocols=subprotocols)
+        if client is None:
+            return result
+        stream, ws = client.stream, client.ws
         try:
-            ws = WSConnection(ConnectionType.CLIENT)
-            request = Request(
-                host=f"127.0.0.1:{port}",
-                target=f"/api/v1/ws/{session_id}",
-                subprotocols=[SUBPROTOCOL_V2] if batch.v2 else [],
-            )
-            await stream.send_all(ws.send(request))
-            accepted = False
-            while not accepted:
-                data = await stream.receive_some(65536)
-                if not data:
-                    raise ConnectionError("closed during the handshake")
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, AcceptConnection):
-                        accepted = True
-                    elif isinstance(event, RejectConnection):
-                        result.rejected_status = event.status_code
-                        return result
-                    elif isinstance(event, TextMessage):  # same read as the 101 answer
-                        result.frames.append(orjson.loads(event.data))
             expected = [f.expected_error for f in batch.frames]
             wanted = sum(code is not None for code in expected)
 
@@ -1237,53 +1246,31 @@ def compressed_cases(draw: st.DrawFn) -> CompressedCase:
     return CompressedCase(kind, label, data, authed=authed)
 
 
-@dataclass
-class CompressedExchange:
-    """What one compressed-frame connection saw."""
-
-    extensions: list[str] = field(default_factory=list)
-    frames: list[dict[str, Any]] = field(default_factory=list)
-    close_code: int | None = None
-    eof: bool = False
-    rejected_status: int | None = None
-
-
 async def exchange_compressed(
     port: int, session_id: str, case: CompressedCase, token: str
-) -> CompressedExchange:
+) -> Exchange:
     """Open a v2 session socket offering permessage-deflate, send ``case``, read the answer.
 
     Honest cases end with a polite close once every pong arrived; the others read until the
     gateway ends the connection (its close frame is answered, so the gateway need not wait)."""
     from wsproto.extensions import PerMessageDeflate
 
-    result = CompressedExchange()
+    result = Exchange()
     with trio.fail_after(30):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        client = await _open_session_socket(
+            port,
+            session_id,
+            result,
+            subprotocols=[SUBPROTOCOL_V2],
+            extensions=[PerMessageDeflate()],
+            extra_headers=[(b"authorization", f"Bearer {token}".encode())]
+            if case.authenticated
+            else [],
+        )
+        if client is None:
+            return result
+        stream, ws = client.stream, client.ws
         try:
-            ws = WSConnection(ConnectionType.CLIENT)
-            headers = [(b"authorization", f"Bearer {token}".encode())] if case.authenticated else []
-            request = Request(
-                host=f"127.0.0.1:{port}",
-                target=f"/api/v1/ws/{session_id}",
-                subprotocols=[SUBPROTOCOL_V2],
-                extensions=[PerMessageDeflate()],
-                extra_headers=headers,
-            )
-            await stream.send_all(ws.send(request))
-            accepted = False
-            while not accepted:
-                data = await stream.receive_some(65536)
-                if not data:
-                    raise ConnectionError("closed during the handshake")
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, AcceptConnection):
-                        accepted = True
-                        result.extensions = [e.name for e in event.extensions]
-                    elif isinstance(event, RejectConnection):
-                        result.rejected_status = event.status_code
-                        return result
             first = b""
             if case.kind == "honest" and not case.authenticated:
                 first = compressed_frame(
@@ -1293,27 +1280,13 @@ async def exchange_compressed(
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(first + case.data)
 
-            def pongs() -> int:
-                return sum(frame.get("type") == "pong" for frame in result.frames)
+            def done() -> bool:
+                # Only an honest case stops early: all its pongs, or a close (a failure).
+                pongs = sum(frame.get("type") == "pong" for frame in result.frames)
+                honest = case.kind == "honest"
+                return honest and (pongs >= case.pings or result.close_code is not None)
 
-            while case.kind != "honest" or pongs() < case.pings:
-                try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if not data:
-                    result.eof = True
-                    break
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, TextMessage):
-                        result.frames.append(orjson.loads(event.data))
-                    elif isinstance(event, CloseConnection):
-                        result.close_code = event.code
-                        with contextlib.suppress(Exception):
-                            await stream.send_all(ws.send(event.response()))
-                if result.close_code is not None and case.kind == "honest":
-                    break
+            await _read_events(stream, ws, result, done, answer_close=True)
             if case.kind == "honest" and result.close_code is None:
                 with contextlib.suppress(Exception):
                     await stream.send_all(ws.send(CloseConnection(code=1000)))
@@ -1322,7 +1295,7 @@ async def exchange_compressed(
     return result
 
 
-def check_compressed(case: CompressedCase, seen: CompressedExchange) -> list[str]:
+def check_compressed(case: CompressedCase, seen: Exchange) -> list[str]:
     """What is wrong with the gateway's answer to ``case`` (empty: nothing)."""
     problems: list[str] = []
     if seen.rejected_status is not None:

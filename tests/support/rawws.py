@@ -77,19 +77,24 @@ class RawWebSocket:
             extensions=list(extensions or []),
             extra_headers=extra_headers or [],
         )
-        await stream.send_all(ws.send(request))
         client = cls(stream, ws)
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                raise ConnectionError("closed during handshake")
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, AcceptConnection):
-                    client.extensions = list(event.extensions)
-                    return client
-                if isinstance(event, RejectConnection):
-                    raise Rejected(event.status_code, event.headers)
+        try:
+            await stream.send_all(ws.send(request))
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise ConnectionError("closed during handshake")
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, AcceptConnection):
+                        client.extensions = list(event.extensions)
+                        return client
+                    if isinstance(event, RejectConnection):
+                        raise Rejected(event.status_code, event.headers)
+        except BaseException:
+            # No client for the caller to close: the socket must not outlive the refusal.
+            await trio.aclose_forcefully(stream)
+            raise
 
     async def send_raw(self, data: bytes) -> None:
         """Bytes on the wire as they are (hand-made frames)."""
