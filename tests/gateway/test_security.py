@@ -152,6 +152,16 @@ async def chat(client: WsClient) -> list[dict[str, object]]:
     return await client.turn()
 
 
+async def refusal(
+    opening: AbstractAsyncContextManager[object],
+) -> trio_websocket.ConnectionRejected:
+    """How the gateway refuses the handshake of ``opening`` (the test fails if it accepts)."""
+    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+        async with opening:
+            pass
+    return rejected.value
+
+
 # --- the WebSocket door -------------------------------------------------------------------
 
 
@@ -225,45 +235,33 @@ async def test_bad_tokens_are_refused_at_the_handshake_with_401(secure: Secure, 
         "alg_none": "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSJ9.",
         "huge": "a" * 10_000,  # over our 8 KiB cap, under hypercorn's header limit
     }
-    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with secure.ws("s-bad", tokens[case]):
-            pass
-    assert rejected.value.status_code == 401
-    headers = dict(rejected.value.headers or [])
+    refused = await refusal(secure.ws("s-bad", tokens[case]))
+    assert refused.status_code == 401
+    headers = dict(refused.headers or [])
     assert headers[b"www-authenticate"].startswith(b"Bearer")
 
 
 async def test_a_100_kb_token_is_refused_before_it_costs_anything(secure: Secure) -> None:
-    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with secure.ws("s-huge", "a" * 100_000):
-            pass
-    assert rejected.value.status_code == 431  # hypercorn: request header fields too large
+    refused = await refusal(secure.ws("s-huge", "a" * 100_000))
+    assert refused.status_code == 431  # hypercorn: request header fields too large
 
 
 async def test_a_query_string_token_is_refused_unless_opted_in(secure: Secure) -> None:
     token = secure.token()
-    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with trio_websocket.open_websocket_url(
-            secure.gateway.ws_url("s-query") + f"?access_token={token}"
-        ):
-            pass
-    assert rejected.value.status_code == 401
+    url = secure.gateway.ws_url("s-query") + f"?access_token={token}"
+    assert (await refusal(trio_websocket.open_websocket_url(url))).status_code == 401
 
 
 async def test_a_token_without_the_write_scope_gets_403(secure: Secure) -> None:
-    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with secure.ws("s-scope", secure.token(scopes=["api:read"])):
-            pass
-    assert rejected.value.status_code == 403
+    refused = await refusal(secure.ws("s-scope", secure.token(scopes=["api:read"])))
+    assert refused.status_code == 403
 
 
 async def test_another_users_session_is_refused_on_the_socket(secure: Secure) -> None:
     async with secure.ws("alices-session", secure.token("alice")) as ws:
         await chat(WsClient(ws))
-    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with secure.ws("alices-session", secure.token("mallory")):
-            pass
-    assert rejected.value.status_code == 403
+    refused = await refusal(secure.ws("alices-session", secure.token("mallory")))
+    assert refused.status_code == 403
 
 
 async def test_only_the_owner_can_resume_a_session(secure: Secure) -> None:
@@ -273,13 +271,12 @@ async def test_only_the_owner_can_resume_a_session(secure: Secure) -> None:
         await alice.send({"type": "user_message", "content": "bench 3"})
         await alice.recv_until(lambda f: f["type"] == "turn_finished")
     # Mallory, knowing the id and a seq, tries both doors: the header and the auth frame.
-    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with secure.ws("alices-resume", secure.token("mallory"), subprotocols=["codelab.v2"]):
-            pass
-    assert rejected.value.status_code == 403
+    mallory_token = secure.token("mallory")
+    refused = await refusal(secure.ws("alices-resume", mallory_token, subprotocols=["codelab.v2"]))
+    assert refused.status_code == 403
     async with secure.ws("alices-resume", subprotocols=["codelab.v2"]) as ws:
         mallory = WsClient(ws)
-        await mallory.send({"type": "auth", "token": secure.token("mallory")})
+        await mallory.send({"type": "auth", "token": mallory_token})
         await mallory.send({"type": "resume", "last_seq": 0})
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await mallory.recv()
@@ -290,12 +287,7 @@ async def test_a_token_expiring_on_a_live_socket_closes_it_4401(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(jwt_leeway=0) as running:
-        gw, issuer = running.gateway, running.issuer
-        token = issuer.mint("alice", lifetime=2)
-        MINTED.add(token)
-        async with trio_websocket.open_websocket_url(
-            gw.ws_url("expiring"), extra_headers=bearer(token)
-        ) as ws:
+        async with running.ws("expiring", running.token("alice", lifetime=2)) as ws:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await WsClient(ws).recv(timeout=6)
         assert close_code(closed.value) == 4401
@@ -305,16 +297,10 @@ async def test_an_in_band_refresh_keeps_the_socket_and_another_users_token_close
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(jwt_leeway=0) as running:
-        gw, issuer = running.gateway, running.issuer
-        short = issuer.mint("alice", lifetime=2)
-        fresh = issuer.mint("alice", lifetime=600)
-        foreign = issuer.mint("mallory", lifetime=600)
-        MINTED.update({short, fresh, foreign})
-        async with trio_websocket.open_websocket_url(
-            gw.ws_url("refreshed"),
-            extra_headers=bearer(short),
-            subprotocols=["codelab.v2"],
-        ) as ws:
+        short = running.token("alice", lifetime=2)
+        fresh = running.token("alice", lifetime=600)
+        foreign = running.token("mallory", lifetime=600)
+        async with running.ws("refreshed", short, subprotocols=["codelab.v2"]) as ws:
             client = WsClient(ws)
             await client.recv()  # session_ready
             await client.send({"type": "auth", "token": fresh})
@@ -414,17 +400,11 @@ async def test_the_verified_identity_is_forwarded_to_the_runtime(
     assert "authorization" not in headers
 
 
-async def test_the_internal_key_works_only_when_allowed(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
-) -> None:
-    server, _ = jwks_server
+async def test_the_internal_key_works_only_when_allowed(secure_with: SecureFactory) -> None:
     key = {"X-Internal-Auth": INTERNAL_KEY}
     for allowed, expected in ((False, 401), (True, 200)):
-        settings = secure_settings(demo_runtime[1], server.url, allow_internal_auth=allowed)
-        async with run_gateway(nursery, settings) as gw:
-            async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        async with secure_with(allow_internal_auth=allowed) as running:
+            async with running.http() as http:
                 answer = await http.get("/api/v1/events/metrics/sessions", headers=key)
                 wrong = await http.get("/api/v1/agents", headers={"X-Internal-Auth": "guess"})
         assert answer.status_code == expected
@@ -435,10 +415,8 @@ async def test_a_verified_token_is_not_trusted_past_its_expiry(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(jwt_leeway=0) as running:
-        gw, issuer = running.gateway, running.issuer
-        token = issuer.mint("alice", lifetime=2)
-        MINTED.add(token)
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        token = running.token("alice", lifetime=2)
+        async with running.http() as http:
             assert (await http.get("/api/v1/agents", headers=auth(token))).status_code == 200
             assert (await http.get("/api/v1/agents", headers=auth(token))).status_code == 200
             await trio.sleep(2.2)
@@ -449,46 +427,31 @@ async def test_a_verified_token_is_not_trusted_past_its_expiry(
 
 
 async def test_cached_keys_survive_an_auth_service_outage_and_no_keys_means_503(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
-    server, issuer = jwks_server
-    token = issuer.mint("alice")
-    MINTED.add(token)
-    authed = auth(token)
-    async with run_gateway(nursery, secure_settings(demo_runtime[1], server.url)) as gw:
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+    async with secure_with() as running:
+        token = running.token("alice")
+        authed = auth(token)
+        async with running.http() as http:
             assert (await http.get("/api/v1/agents", headers=authed)).status_code == 200
-            server.go_down()
+            running.jwks.go_down()
             assert (await http.get("/api/v1/agents", headers=authed)).status_code == 200
     # a fresh gateway has no cache: the service is unavailable, the user is fine
-    async with run_gateway(nursery, secure_settings(demo_runtime[1], server.url)) as gw:
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+    async with secure_with() as running:
+        async with running.http() as http:
             answer = await http.get("/api/v1/agents", headers=authed)
             ready = await http.get("/api/v1/health")
         assert answer.status_code == 503 and "retry-after" in answer.headers
         assert ready.status_code == 503 and ready.json()["checks"]["jwks"] == "unavailable"
-        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-            async with trio_websocket.open_websocket_url(
-                gw.ws_url("down"), extra_headers=bearer(token)
-            ):
-                pass
-        assert rejected.value.status_code == 503
-    server.go_up()
+        assert (await refusal(running.ws("down", token))).status_code == 503
+    running.jwks.go_up()
 
 
-async def test_key_rotation_and_a_kid_flood(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
-) -> None:
-    server, old_issuer = jwks_server
-    settings = secure_settings(demo_runtime[1], server.url, jwks_refetch_cooldown=1.0)
-    async with run_gateway(nursery, settings) as gw:
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
-            old = old_issuer.mint("alice")
-            MINTED.add(old)
+async def test_key_rotation_and_a_kid_flood(secure_with: SecureFactory) -> None:
+    async with secure_with(jwks_refetch_cooldown=1.0) as running:
+        server, old_issuer = running.jwks, running.issuer
+        async with running.http() as http:
+            old = running.token("alice")
             assert (await http.get("/api/v1/agents", headers=auth(old))).status_code == 200
             # a flood of unknown kids costs the auth service at most one request per cooldown
             forger = DevIssuer()
@@ -518,10 +481,8 @@ async def test_rest_rate_limit_is_429_with_retry_after(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(rest_requests_per_second=1, rest_request_burst=3) as running:
-        gw, issuer = running.gateway, running.issuer
-        token = issuer.mint("alice")
-        MINTED.add(token)
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        token = running.token("alice")
+        async with running.http() as http:
             statuses = [(await http.get("/api/v1/agents", headers=auth(token))) for _ in range(5)]
     assert [a.status_code for a in statuses] == [200, 200, 200, 429, 429]
     assert statuses[-1].headers["retry-after"] == "1"
@@ -531,12 +492,7 @@ async def test_message_rate_limit_then_4429(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(ws_messages_per_second=0.1, ws_message_burst=2) as running:
-        gw, issuer = running.gateway, running.issuer
-        token = issuer.mint("alice")
-        MINTED.add(token)
-        async with trio_websocket.open_websocket_url(
-            gw.ws_url("chatty"), extra_headers=bearer(token)
-        ) as ws:
+        async with running.ws("chatty", running.token("alice")) as ws:
             client = WsClient(ws)
             for _ in range(6):
                 await client.send({"type": "cancel"})
@@ -552,50 +508,29 @@ async def test_per_user_connection_cap_is_429_at_the_handshake(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(max_connections_per_user=2) as running:
-        gw, issuer = running.gateway, running.issuer
-        token = issuer.mint("alice")
-        other = issuer.mint("bob")
-        MINTED.update({token, other})
-        mine = bearer(token)
-        async with trio_websocket.open_websocket_url(gw.ws_url("c1"), extra_headers=mine):
-            async with trio_websocket.open_websocket_url(gw.ws_url("c2"), extra_headers=mine):
-                with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                    async with trio_websocket.open_websocket_url(
-                        gw.ws_url("c3"), extra_headers=mine
-                    ):
-                        pass
-                assert rejected.value.status_code == 429
-                async with trio_websocket.open_websocket_url(
-                    gw.ws_url("c4"), extra_headers=bearer(other)
-                ):
-                    pass  # other users are unaffected
+        mine, other = running.token("alice"), running.token("bob")
+        async with running.ws("c1", mine), running.ws("c2", mine):
+            assert (await refusal(running.ws("c3", mine))).status_code == 429
+            async with running.ws("c4", other):
+                pass  # other users are unaffected
 
 
 async def test_the_global_connection_cap_is_503(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(max_connections=1) as running:
-        gw, issuer = running.gateway, running.issuer
-        alice, bob = issuer.mint("alice"), issuer.mint("bob")
-        MINTED.update({alice, bob})
-        async with trio_websocket.open_websocket_url(gw.ws_url("g1"), extra_headers=bearer(alice)):
-            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with trio_websocket.open_websocket_url(
-                    gw.ws_url("g2"), extra_headers=bearer(bob)
-                ):
-                    pass
-            assert rejected.value.status_code == 503
+        alice, bob = running.token("alice"), running.token("bob")
+        async with running.ws("g1", alice):
+            assert (await refusal(running.ws("g2", bob))).status_code == 503
 
 
 async def test_a_query_string_token_works_when_an_operator_opts_in(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(allow_query_token=True) as running:
-        gw, issuer = running.gateway, running.issuer
-        token = issuer.mint("alice")
-        MINTED.add(token)
+        token = running.token("alice")
         async with trio_websocket.open_websocket_url(
-            gw.ws_url("q") + f"?access_token={token}"
+            running.gateway.ws_url("q") + f"?access_token={token}"
         ) as ws:
             assert len(await chat(WsClient(ws))) == 3
 
@@ -613,32 +548,21 @@ async def test_a_query_string_token_works_when_an_operator_opts_in(
     ],
 )
 async def test_origin_allow_list(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
-    origin: str | None,
-    allowed: bool,
+    secure_with: SecureFactory, origin: str | None, allowed: bool
 ) -> None:
-    server, issuer = jwks_server
-    settings = secure_settings(
-        demo_runtime[1],
-        server.url,
-        allowed_origins="https://ide.example.com,https://*.apps.example.com",
-    )
-    async with run_gateway(nursery, settings) as gw:
-        token = issuer.mint("alice")
-        MINTED.add(token)
-        headers = bearer(token)
+    allowed_origins = "https://ide.example.com,https://*.apps.example.com"
+    async with secure_with(allowed_origins=allowed_origins) as running:
+        headers = bearer(running.token("alice"))
         if origin is not None:
             headers.append((b"Origin", origin.encode()))
+        opening = trio_websocket.open_websocket_url(
+            running.gateway.ws_url("o"), extra_headers=headers
+        )
         if allowed:
-            async with trio_websocket.open_websocket_url(gw.ws_url("o"), extra_headers=headers):
+            async with opening:
                 pass
         else:
-            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with trio_websocket.open_websocket_url(gw.ws_url("o"), extra_headers=headers):
-                    pass
-            assert rejected.value.status_code == 403
+            assert (await refusal(opening)).status_code == 403
 
 
 # --- review findings: each of these once opened a hole --------------------------------------
@@ -682,21 +606,10 @@ async def test_a_refused_handshake_does_not_claim_the_session(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(max_connections_per_user=1) as running:
-        gw, issuer = running.gateway, running.issuer
-        mallory, alice = issuer.mint("mallory"), issuer.mint("alice")
-        MINTED.update({mallory, alice})
-        async with trio_websocket.open_websocket_url(
-            gw.ws_url("m1"), extra_headers=bearer(mallory)
-        ):
-            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with trio_websocket.open_websocket_url(
-                    gw.ws_url("wanted"), extra_headers=bearer(mallory)
-                ):
-                    pass
-            assert rejected.value.status_code == 429
-        async with trio_websocket.open_websocket_url(
-            gw.ws_url("wanted"), extra_headers=bearer(alice)
-        ) as ws:
+        mallory, alice = running.token("mallory"), running.token("alice")
+        async with running.ws("m1", mallory):
+            assert (await refusal(running.ws("wanted", mallory))).status_code == 429
+        async with running.ws("wanted", alice) as ws:
             assert len(await chat(WsClient(ws))) == 3
 
 
@@ -704,34 +617,19 @@ async def test_a_user_owns_at_most_max_sessions_and_idle_ownership_is_forgotten(
     secure_with: SecureFactory,
 ) -> None:
     async with secure_with(max_sessions_per_user=2, session_ownership_ttl=1.0) as running:
-        gw, issuer = running.gateway, running.issuer
-        alice, bob = issuer.mint("alice"), issuer.mint("bob")
-        MINTED.update({alice, bob})
+        alice, bob = running.token("alice"), running.token("bob")
         for session in ("own1", "own2"):
-            async with trio_websocket.open_websocket_url(
-                gw.ws_url(session), extra_headers=bearer(alice)
-            ):
+            async with running.ws(session, alice):
                 pass
-        with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-            async with trio_websocket.open_websocket_url(
-                gw.ws_url("own3"), extra_headers=bearer(alice)
-            ):
-                pass
-        assert rejected.value.status_code == 429
-        assert b"too_many_sessions" in (rejected.value.body or b"")
-        with pytest.raises(trio_websocket.ConnectionRejected) as foreign:
-            async with trio_websocket.open_websocket_url(
-                gw.ws_url("own1"), extra_headers=bearer(bob)
-            ):
-                pass
-        assert foreign.value.status_code == 403
+        refused = await refusal(running.ws("own3", alice))
+        assert refused.status_code == 429
+        assert b"too_many_sessions" in (refused.body or b"")
+        assert (await refusal(running.ws("own1", bob))).status_code == 403
         await trio.sleep(1.2)  # both records are now idle for longer than the TTL
-        async with trio_websocket.open_websocket_url(
-            gw.ws_url("own3"), extra_headers=bearer(alice)
-        ) as ws:
+        async with running.ws("own3", alice) as ws:
             assert len(await chat(WsClient(ws))) == 3
         # An id unused for the TTL is unowned: the next user to touch it owns it (documented).
-        async with trio_websocket.open_websocket_url(gw.ws_url("own1"), extra_headers=bearer(bob)):
+        async with running.ws("own1", bob):
             pass
 
 
@@ -760,23 +658,15 @@ async def test_the_internal_key_never_goes_to_the_auth_service(secure: Secure) -
 
 
 async def test_sockets_waiting_for_their_auth_frame_have_their_own_global_cap(
-    nursery: trio.Nursery,
-    demo_runtime: tuple[DemoRuntime, str],
-    jwks_server: tuple[JWKSServer, DevIssuer],
+    secure_with: SecureFactory,
 ) -> None:
     """MAX_PENDING_AUTH, not MAX_CONNECTIONS (issue 11; more in test_ws_edge.py)."""
-    server, _ = jwks_server
-    settings = secure_settings(
-        demo_runtime[1], server.url, max_connections=1, max_pending_auth=1, ws_auth_timeout=5.0
-    )
-    async with run_gateway(nursery, settings) as gw:
-        async with trio_websocket.open_websocket_url(gw.ws_url("pending")):
-            await wait_for(lambda: gw.app.gateway.pending_auth.total == 1)
-            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with trio_websocket.open_websocket_url(gw.ws_url("second")):
-                    pass
-            assert rejected.value.status_code == 503
-            assert b"too_many_pending_auth" in (rejected.value.body or b"")
+    async with secure_with(max_connections=1, max_pending_auth=1, ws_auth_timeout=5.0) as running:
+        async with running.ws("pending"):
+            await wait_for(lambda: running.gateway.app.gateway.pending_auth.total == 1)
+            refused = await refusal(running.ws("second"))
+            assert refused.status_code == 503
+            assert b"too_many_pending_auth" in (refused.body or b"")
 
 
 async def test_a_refresh_to_a_read_only_token_closes_4403(secure: Secure) -> None:
