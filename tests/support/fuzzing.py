@@ -29,7 +29,8 @@ import json
 import logging
 import threading
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -638,18 +639,26 @@ class Exchange:
     extensions: list[str] = field(default_factory=list)  # negotiated in the handshake
 
 
-async def _open_session_socket(
+@asynccontextmanager
+async def _session_socket(
     port: int, session_id: str, into: Exchange, **options: Any
-) -> RawWebSocket | None:
-    """The session socket, opened with ``options`` (see :meth:`RawWebSocket.connect`); None
-    when the gateway refused the handshake (its status is then in ``into``)."""
+) -> AsyncIterator[RawWebSocket | None]:
+    """The session socket of one exchange, opened with ``options`` (see
+    :meth:`RawWebSocket.connect`) and closed when the block ends; None when the gateway
+    refused the handshake (its status is then in ``into``)."""
     try:
         client = await RawWebSocket.connect(port, f"/api/v1/ws/{session_id}", **options)
     except Rejected as refusal:
         into.rejected_status = refusal.status
-        return None
+        client = None
+    if client is None:
+        yield None
+        return
     into.extensions = [extension.name for extension in client.extensions]
-    return client
+    try:
+        yield client
+    finally:
+        await client.stream.aclose()
 
 
 async def _read_events(
@@ -695,11 +704,10 @@ async def exchange_frames(port: int, session_id: str, batch: FrameBatch) -> Exch
     result = Exchange()
     with trio.fail_after(20):
         subprotocols = [SUBPROTOCOL_V2] if batch.v2 else []
-        client = await _open_session_socket(port, session_id, result, subprotocols=subprotocols)
-        if client is None:
-            return result
-        stream, ws = client.stream, client.ws
-        try:
+        async with _session_socket(port, session_id, result, subprotocols=subprotocols) as client:
+            if client is None:
+                return result
+            stream, ws = client.stream, client.ws
             expected = [f.expected_error for f in batch.frames]
             wanted = sum(code is not None for code in expected)
 
@@ -731,8 +739,6 @@ async def exchange_frames(port: int, session_id: str, batch: FrameBatch) -> Exch
                         await sent_all.wait()
                         await stream.send_all(encode_frame(OP_CLOSE, (1000).to_bytes(2, "big")))
                         await _read_events(stream, ws, result, lambda: False)
-        finally:
-            await stream.aclose()
     return result
 
 
@@ -1257,7 +1263,7 @@ async def exchange_compressed(
 
     result = Exchange()
     with trio.fail_after(30):
-        client = await _open_session_socket(
+        async with _session_socket(
             port,
             session_id,
             result,
@@ -1266,11 +1272,10 @@ async def exchange_compressed(
             extra_headers=[(b"authorization", f"Bearer {token}".encode())]
             if case.authenticated
             else [],
-        )
-        if client is None:
-            return result
-        stream, ws = client.stream, client.ws
-        try:
+        ) as client:
+            if client is None:
+                return result
+            stream, ws = client.stream, client.ws
             first = b""
             if case.kind == "honest" and not case.authenticated:
                 first = compressed_frame(
@@ -1290,8 +1295,6 @@ async def exchange_compressed(
             if case.kind == "honest" and result.close_code is None:
                 with contextlib.suppress(Exception):
                     await stream.send_all(ws.send(CloseConnection(code=1000)))
-        finally:
-            await stream.aclose()
     return result
 
 
