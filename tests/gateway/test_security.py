@@ -283,9 +283,7 @@ async def test_only_the_owner_can_resume_a_session(secure: Secure) -> None:
     assert close_code(closed.value) == 4403
 
 
-async def test_a_token_expiring_on_a_live_socket_closes_it_4401(
-    secure_with: SecureFactory,
-) -> None:
+async def test_a_token_expiring_on_a_live_socket_closes_it_4401(secure_with: SecureFactory) -> None:
     async with secure_with(jwt_leeway=0) as running:
         async with running.ws("expiring", running.token("alice", lifetime=2)) as ws:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -411,9 +409,7 @@ async def test_the_internal_key_works_only_when_allowed(secure_with: SecureFacto
         assert wrong.status_code == 401
 
 
-async def test_a_verified_token_is_not_trusted_past_its_expiry(
-    secure_with: SecureFactory,
-) -> None:
+async def test_a_verified_token_is_not_trusted_past_its_expiry(secure_with: SecureFactory) -> None:
     async with secure_with(jwt_leeway=0) as running:
         token = running.token("alice", lifetime=2)
         async with running.http() as http:
@@ -477,9 +473,7 @@ async def test_key_rotation_and_a_kid_flood(secure_with: SecureFactory) -> None:
 # --- limits ----------------------------------------------------------------------------------
 
 
-async def test_rest_rate_limit_is_429_with_retry_after(
-    secure_with: SecureFactory,
-) -> None:
+async def test_rest_rate_limit_is_429_with_retry_after(secure_with: SecureFactory) -> None:
     async with secure_with(rest_requests_per_second=1, rest_request_burst=3) as running:
         token = running.token("alice")
         async with running.http() as http:
@@ -488,9 +482,7 @@ async def test_rest_rate_limit_is_429_with_retry_after(
     assert statuses[-1].headers["retry-after"] == "1"
 
 
-async def test_message_rate_limit_then_4429(
-    secure_with: SecureFactory,
-) -> None:
+async def test_message_rate_limit_then_4429(secure_with: SecureFactory) -> None:
     async with secure_with(ws_messages_per_second=0.1, ws_message_burst=2) as running:
         async with running.ws("chatty", running.token("alice")) as ws:
             client = WsClient(ws)
@@ -504,9 +496,7 @@ async def test_message_rate_limit_then_4429(
     assert close_code(closed.value) == 4429
 
 
-async def test_per_user_connection_cap_is_429_at_the_handshake(
-    secure_with: SecureFactory,
-) -> None:
+async def test_per_user_connection_cap_is_429_at_the_handshake(secure_with: SecureFactory) -> None:
     async with secure_with(max_connections_per_user=2) as running:
         mine, other = running.token("alice"), running.token("bob")
         async with running.ws("c1", mine), running.ws("c2", mine):
@@ -515,9 +505,7 @@ async def test_per_user_connection_cap_is_429_at_the_handshake(
                 pass  # other users are unaffected
 
 
-async def test_the_global_connection_cap_is_503(
-    secure_with: SecureFactory,
-) -> None:
+async def test_the_global_connection_cap_is_503(secure_with: SecureFactory) -> None:
     async with secure_with(max_connections=1) as running:
         alice, bob = running.token("alice"), running.token("bob")
         async with running.ws("g1", alice):
@@ -602,9 +590,7 @@ async def test_touching_an_unknown_session_does_not_squat_its_id(secure: Secure)
     assert created.status_code == 201
 
 
-async def test_a_refused_handshake_does_not_claim_the_session(
-    secure_with: SecureFactory,
-) -> None:
+async def test_a_refused_handshake_does_not_claim_the_session(secure_with: SecureFactory) -> None:
     async with secure_with(max_connections_per_user=1) as running:
         mallory, alice = running.token("mallory"), running.token("alice")
         async with running.ws("m1", mallory):
