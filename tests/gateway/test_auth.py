@@ -13,7 +13,8 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -459,21 +460,25 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@dataclass
+class CacheRig:
+    """What a JWKS cache test drives: the Auth Service stand-in, the issuer whose keys it
+    serves, the cache's hand-moved clock, and caches wired to all three."""
+
+    service: JWKSServer
+    issuer: DevIssuer
+    clock: FakeClock
+    http: httpx.AsyncClient
+
+    def cache(self, url: str | None = None, timeout: float = 5.0, **options: Any) -> JWKSCache:
+        """A cold cache fetching from the stand-in (or ``url``) on the rig's clock."""
+        fetch = httpx_jwks_fetcher(self.http, url or self.service.url, timeout)
+        return JWKSCache(fetch, clock=self.clock, **options)
+
+
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-CacheFactory = Callable[..., JWKSCache]
-
-
-@pytest.fixture
-def make_cache(http: httpx.AsyncClient, auth_service: JWKSServer, clock: FakeClock) -> CacheFactory:
-    def make(url: str | None = None, timeout: float = 5.0, **options: Any) -> JWKSCache:
-        fetch = httpx_jwks_fetcher(http, url or auth_service.url, timeout)
-        return JWKSCache(fetch, clock=clock, **options)
-
-    return make
+def rig(http: httpx.AsyncClient, auth_service: JWKSServer, issuer: DevIssuer) -> CacheRig:
+    return CacheRig(auth_service, issuer, FakeClock(), http)
 
 
 async def accepts(cache: JWKSCache, token: str) -> bool:
@@ -485,55 +490,46 @@ async def accepts(cache: JWKSCache, token: str) -> bool:
     return True
 
 
+async def cache_refusal(cache: JWKSCache, token: str) -> str:
+    """The reason ``cache`` refuses ``token`` (fails the test when it is accepted)."""
+    with pytest.raises(AuthError) as caught:
+        await cache.verify(token, POLICY)
+    return caught.value.reason
+
+
 def random_kid_token(issuer: DevIssuer) -> str:
     """A token naming a kid nobody has published (the flood an attacker would send)."""
     return issuer.mint("u", extra_headers={"kid": secrets.token_hex(8)})
 
 
 class TestCacheBasics:
-    async def test_keys_are_fetched_once_and_reused_while_fresh(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
-    ) -> None:
-        cache = make_cache()
+    async def test_keys_are_fetched_once_and_reused_while_fresh(self, rig: CacheRig) -> None:
+        cache = rig.cache()
         assert not cache.loaded
         for _ in range(5):
-            assert (await cache.verify(issuer.mint("u"), POLICY)).sub == "u"
-            clock.advance(600)
-        assert auth_service.requests == 1
+            assert (await cache.verify(rig.issuer.mint("u"), POLICY)).sub == "u"
+            rig.clock.advance(600)
+        assert rig.service.requests == 1
         assert cache.loaded and cache.fetches == 1 and cache.fetch_failures == 0
 
-    async def test_verify_checks_claims_at_the_given_wall_time(
-        self, make_cache: CacheFactory, issuer: DevIssuer
-    ) -> None:
-        cache = make_cache()
-        token = issuer.mint("u", now=NOW)
+    async def test_verify_checks_claims_at_the_given_wall_time(self, rig: CacheRig) -> None:
+        cache = rig.cache()
+        token = rig.issuer.mint("u", now=NOW)
         assert (await cache.verify(token, POLICY, now=NOW)).sub == "u"
-        with pytest.raises(AuthError) as caught:
-            await cache.verify(token, POLICY)  # today, long after NOW + 900
-        assert caught.value.reason == "expired"
+        assert await cache_refusal(cache, token) == "expired"  # today, long after NOW + 900
 
-    async def test_refusals_unrelated_to_keys_cause_no_refetch(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
-    ) -> None:
-        cache = make_cache()
+    async def test_refusals_unrelated_to_keys_cause_no_refetch(self, rig: CacheRig) -> None:
+        cache = rig.cache()
         await cache.keys()
-        clock.advance(1000)
+        rig.clock.advance(1000)
         for token in (
-            issuer.mint("u", token_type="refresh"),
-            issuer.mint("u", audience="x"),
+            rig.issuer.mint("u", token_type="refresh"),
+            rig.issuer.mint("u", audience="x"),
             "garbage",
             forge({"alg": "none", "kid": "main"}, good_claims()),
         ):
             assert not await accepts(cache, token)
-        assert auth_service.requests == 1
+        assert rig.service.requests == 1
 
     @pytest.mark.parametrize(
         ("cache_control", "fresh_for"),
@@ -545,161 +541,132 @@ class TestCacheBasics:
         ],
     )
     async def test_cache_control_max_age_is_honoured_and_clamped(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        clock: FakeClock,
-        cache_control: str | None,
-        fresh_for: float,
+        self, rig: CacheRig, cache_control: str | None, fresh_for: float
     ) -> None:
-        auth_service.cache_control = cache_control
-        cache = make_cache()
+        rig.service.cache_control = cache_control
+        cache = rig.cache()
         await cache.keys()
         assert cache.expires_at == fresh_for
-        clock.advance(fresh_for - 1)
+        rig.clock.advance(fresh_for - 1)
         await cache.keys()
-        assert auth_service.requests == 1
-        clock.advance(1)
+        assert rig.service.requests == 1
+        rig.clock.advance(1)
         await cache.keys()
-        assert auth_service.requests == 2
+        assert rig.service.requests == 2
 
-    async def test_ttl_bounds_are_configurable(
-        self, make_cache: CacheFactory, auth_service: JWKSServer
-    ) -> None:
-        auth_service.cache_control = "max-age=5"
-        cache = make_cache(min_ttl=1, max_ttl=10)
+    async def test_ttl_bounds_are_configurable(self, rig: CacheRig) -> None:
+        rig.service.cache_control = "max-age=5"
+        cache = rig.cache(min_ttl=1, max_ttl=10)
         await cache.keys()
         assert cache.expires_at == 5
 
 
 class TestKeyRotation:
     async def test_a_new_kid_is_accepted_after_the_cooldown_and_old_tokens_keep_working(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
+        self, rig: CacheRig
     ) -> None:
-        cache = make_cache()
-        old_token = issuer.mint("u")
+        cache = rig.cache()
+        old_token = rig.issuer.mint("u")
         assert await accepts(cache, old_token)
 
         successor = DevIssuer(kid="next")
-        auth_service.jwks = {"keys": [issuer.jwk(), successor.jwk()]}
+        rig.service.jwks = {"keys": [rig.issuer.jwk(), successor.jwk()]}
         new_token = successor.mint("u")
 
-        clock.advance(10)  # within the cooldown of the first fetch: no refetch yet
+        rig.clock.advance(10)  # within the cooldown of the first fetch: no refetch yet
         assert not await accepts(cache, new_token)
-        assert auth_service.requests == 1
+        assert rig.service.requests == 1
 
-        clock.advance(20)  # 30 s after the last fetch: one refetch, then accepted
+        rig.clock.advance(20)  # 30 s after the last fetch: one refetch, then accepted
         assert await accepts(cache, new_token)
-        assert auth_service.requests == 2
+        assert rig.service.requests == 2
         assert cache.refetches == 1
         assert await accepts(cache, old_token)  # the old key is still published
-        assert auth_service.requests == 2
+        assert rig.service.requests == 2
 
         # The old key is retired; once the cache expires it is gone too.
-        auth_service.jwks = successor.jwks()
-        clock.advance(3600)
+        rig.service.jwks = successor.jwks()
+        rig.clock.advance(3600)
         assert await accepts(cache, new_token)
-        with pytest.raises(AuthError) as caught:
-            await cache.verify(old_token, POLICY)
-        assert caught.value.reason == "unknown_kid"
-        assert auth_service.requests == 3
+        assert await cache_refusal(cache, old_token) == "unknown_kid"
+        assert rig.service.requests == 3
 
     async def test_a_key_regenerated_under_the_same_kid_is_picked_up_by_one_refetch(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
+        self, rig: CacheRig
     ) -> None:
         # The Auth Service lost its key file and made a new key, keeping kid "main".
-        cache = make_cache()
+        cache = rig.cache()
         await cache.keys()
         regenerated = DevIssuer(kid="main")
-        auth_service.jwks = regenerated.jwks()
+        rig.service.jwks = regenerated.jwks()
         new_token = regenerated.mint("u")
 
-        clock.advance(5)
-        with pytest.raises(AuthError) as caught:
-            await cache.verify(new_token, POLICY)
-        assert caught.value.reason == "bad_signature"
-        assert auth_service.requests == 1  # still in the cooldown
+        rig.clock.advance(5)
+        assert await cache_refusal(cache, new_token) == "bad_signature"
+        assert rig.service.requests == 1  # still in the cooldown
 
-        clock.advance(25)
+        rig.clock.advance(25)
         assert (await cache.verify(new_token, POLICY)).sub == "u"
-        assert auth_service.requests == 2
+        assert rig.service.requests == 2
 
         # Tokens of the lost key are now the bad ones, and asking again is rate-limited.
-        with pytest.raises(AuthError) as caught:
-            await cache.verify(issuer.mint("u"), POLICY)
-        assert caught.value.reason == "bad_signature"
-        assert auth_service.requests == 2
+        assert await cache_refusal(cache, rig.issuer.mint("u")) == "bad_signature"
+        assert rig.service.requests == 2
 
 
 class TestAuthServiceDown:
     async def test_cached_keys_keep_working_then_stale_keys_for_stale_for(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
+        self, rig: CacheRig
     ) -> None:
-        cache = make_cache(stale_for=3600, retry_after_failure=5)
-        token = issuer.mint("u")
+        cache = rig.cache(stale_for=3600, retry_after_failure=5)
+        token = rig.issuer.mint("u")
         assert await accepts(cache, token)  # keys fresh until t=3600
-        auth_service.go_down()
+        rig.service.go_down()
 
-        clock.advance(3000)
+        rig.clock.advance(3000)
         assert await accepts(cache, token)
-        assert auth_service.requests == 1  # fresh keys: the outage goes unnoticed
+        assert rig.service.requests == 1  # fresh keys: the outage goes unnoticed
 
-        clock.advance(600)  # t=3600: expired, the refresh fails, the stale keys are served
+        rig.clock.advance(600)  # t=3600: expired, the refresh fails, the stale keys are served
         assert await accepts(cache, token)
-        assert (auth_service.requests, cache.fetch_failures) == (2, 1)
+        assert (rig.service.requests, cache.fetch_failures) == (2, 1)
         assert cache.loaded
         assert cache.last_error is not None and "503" in cache.last_error
 
-        clock.advance(4)  # failures are not retried on every request
+        rig.clock.advance(4)  # failures are not retried on every request
         assert await accepts(cache, token)
-        assert auth_service.requests == 2
-        clock.advance(1)
+        assert rig.service.requests == 2
+        rig.clock.advance(1)
         assert await accepts(cache, token)
-        assert auth_service.requests == 3
+        assert rig.service.requests == 3
 
-        clock.now = 7199  # last second of staleness
+        rig.clock.now = 7199  # last second of staleness
         assert await accepts(cache, token)
-        clock.now = 7200  # stale_for is over: no keys at all
+        rig.clock.now = 7200  # stale_for is over: no keys at all
         with pytest.raises(JWKSUnavailable):
             await cache.verify(token, POLICY)
         assert not cache.loaded
 
-        auth_service.go_up()
-        clock.advance(5)
+        rig.service.go_up()
+        rig.clock.advance(5)
         assert await accepts(cache, token)
         assert cache.loaded and cache.last_error is None
 
-    async def test_no_keys_ever_is_jwks_unavailable_not_an_auth_error(
-        self, make_cache: CacheFactory, auth_service: JWKSServer, issuer: DevIssuer
-    ) -> None:
-        auth_service.go_down(500)
-        cache = make_cache()
+    async def test_no_keys_ever_is_jwks_unavailable_not_an_auth_error(self, rig: CacheRig) -> None:
+        rig.service.go_down(500)
+        cache = rig.cache()
         with pytest.raises(JWKSUnavailable):
-            await cache.verify(issuer.mint("u"), POLICY)
+            await cache.verify(rig.issuer.mint("u"), POLICY)
         assert (cache.fetches, cache.fetch_failures, cache.loaded) == (1, 1, False)
 
-    async def test_connection_refused_is_jwks_unavailable(
-        self, make_cache: CacheFactory, issuer: DevIssuer
-    ) -> None:
+    async def test_connection_refused_is_jwks_unavailable(self, rig: CacheRig) -> None:
         with trio.socket.socket() as sock:
             await sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         # Nothing listens on that port any more.
-        cache = make_cache(url=f"http://127.0.0.1:{port}/.well-known/jwks.json")
+        cache = rig.cache(url=f"http://127.0.0.1:{port}/.well-known/jwks.json")
         with pytest.raises(JWKSUnavailable):
-            await cache.verify(issuer.mint("u"), POLICY)
+            await cache.verify(rig.issuer.mint("u"), POLICY)
 
     @pytest.mark.parametrize(
         "body",
@@ -707,104 +674,77 @@ class TestAuthServiceDown:
         ids=["html", "array", "keys-not-a-list", "no-keys", "deep-nesting"],
     )
     async def test_a_garbage_answer_is_a_failed_fetch_and_keeps_the_old_keys(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
-        body: bytes,
+        self, rig: CacheRig, body: bytes
     ) -> None:
-        cache = make_cache()
-        token = issuer.mint("u")
+        cache = rig.cache()
+        token = rig.issuer.mint("u")
         assert await accepts(cache, token)
-        auth_service.raw_body = body
-        clock.advance(3600)
+        rig.service.raw_body = body
+        rig.clock.advance(3600)
         assert await accepts(cache, token)
         assert cache.fetch_failures == 1
 
-    async def test_a_slow_auth_service_times_out(
-        self, make_cache: CacheFactory, auth_service: JWKSServer, issuer: DevIssuer
-    ) -> None:
-        auth_service.delay = 30
-        cache = make_cache(timeout=0.2)
+    async def test_a_slow_auth_service_times_out(self, rig: CacheRig) -> None:
+        rig.service.delay = 30
+        cache = rig.cache(timeout=0.2)
         with trio.fail_after(5):
             with pytest.raises(JWKSUnavailable):
-                await cache.verify(issuer.mint("u"), POLICY)
+                await cache.verify(rig.issuer.mint("u"), POLICY)
         assert cache.last_error is not None and "0.2" in cache.last_error
 
-    async def test_an_oversized_jwks_is_refused(
-        self, http: httpx.AsyncClient, auth_service: JWKSServer
-    ) -> None:
-        fetch = httpx_jwks_fetcher(http, auth_service.url, 5, max_bytes=100)
+    async def test_an_oversized_jwks_is_refused(self, rig: CacheRig) -> None:
+        fetch = httpx_jwks_fetcher(rig.http, rig.service.url, 5, max_bytes=100)
         with pytest.raises(JWKSUnavailable, match="more than 100 bytes"):
             await fetch()
 
-    async def test_the_fetcher_returns_the_document_and_cache_control(
-        self, http: httpx.AsyncClient, auth_service: JWKSServer, issuer: DevIssuer
-    ) -> None:
-        document, cache_control = await httpx_jwks_fetcher(http, auth_service.url, 5)()
-        assert document == issuer.jwks()
+    async def test_the_fetcher_returns_the_document_and_cache_control(self, rig: CacheRig) -> None:
+        document, cache_control = await httpx_jwks_fetcher(rig.http, rig.service.url, 5)()
+        assert document == rig.issuer.jwks()
         assert cache_control == "public, max-age=3600"
 
 
 class TestProtectingTheAuthService:
-    async def test_a_kid_flood_costs_one_fetch_per_cooldown(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
-    ) -> None:
-        cache = make_cache(refetch_cooldown=30)
+    async def test_a_kid_flood_costs_one_fetch_per_cooldown(self, rig: CacheRig) -> None:
+        cache = rig.cache(refetch_cooldown=30)
         await cache.keys()
-        clock.advance(30)
-        flood = [random_kid_token(issuer) for _ in range(100)]
+        rig.clock.advance(30)
+        flood = [random_kid_token(rig.issuer) for _ in range(100)]
         for token in flood:
-            with pytest.raises(AuthError) as caught:
-                await cache.verify(token, POLICY)
-            assert caught.value.reason == "unknown_kid"
-        assert auth_service.requests == 2  # the first fetch + one refetch
+            assert await cache_refusal(cache, token) == "unknown_kid"
+        assert rig.service.requests == 2  # the first fetch + one refetch
 
-        clock.advance(29)
+        rig.clock.advance(29)
         for token in flood:
             assert not await accepts(cache, token)
-        assert auth_service.requests == 2
-        clock.advance(1)
+        assert rig.service.requests == 2
+        rig.clock.advance(1)
         for token in flood:
             assert not await accepts(cache, token)
-        assert auth_service.requests == 3
+        assert rig.service.requests == 3
 
-    async def test_a_concurrent_kid_flood_costs_one_fetch(
-        self,
-        make_cache: CacheFactory,
-        auth_service: JWKSServer,
-        issuer: DevIssuer,
-        clock: FakeClock,
-    ) -> None:
-        cache = make_cache()
+    async def test_a_concurrent_kid_flood_costs_one_fetch(self, rig: CacheRig) -> None:
+        cache = rig.cache()
         await cache.keys()
-        clock.advance(60)
-        auth_service.delay = 0.05  # keep the refetch in flight while the flood piles up
-        flood = [random_kid_token(issuer) for _ in range(100)]
+        rig.clock.advance(60)
+        rig.service.delay = 0.05  # keep the refetch in flight while the flood piles up
+        flood = [random_kid_token(rig.issuer) for _ in range(100)]
         reasons: list[str] = []
 
         async def attempt(token: str) -> None:
-            with pytest.raises(AuthError) as caught:
-                await cache.verify(token, POLICY)
-            reasons.append(caught.value.reason)
+            reasons.append(await cache_refusal(cache, token))
 
         async with trio.open_nursery() as nursery:
             for token in flood:
                 nursery.start_soon(attempt, token)
         assert reasons == ["unknown_kid"] * 100
-        assert auth_service.requests == 2
+        assert rig.service.requests == 2
 
     async def test_concurrent_verifications_on_a_cold_cache_share_one_fetch(
-        self, make_cache: CacheFactory, auth_service: JWKSServer, issuer: DevIssuer
+        self, rig: CacheRig
     ) -> None:
-        cache = make_cache()
-        auth_service.delay = 0.05
-        token = issuer.mint("u")
+        cache = rig.cache()
+        rig.service.delay = 0.05
+        token = rig.issuer.mint("u")
         subjects: list[str] = []
 
         async def verify() -> None:
@@ -814,20 +754,18 @@ class TestProtectingTheAuthService:
             for _ in range(50):
                 nursery.start_soon(verify)
         assert subjects == ["u"] * 50
-        assert auth_service.requests == 1
+        assert rig.service.requests == 1
 
-    async def test_concurrent_callers_share_a_failed_fetch_too(
-        self, make_cache: CacheFactory, auth_service: JWKSServer, issuer: DevIssuer
-    ) -> None:
+    async def test_concurrent_callers_share_a_failed_fetch_too(self, rig: CacheRig) -> None:
         # No failure backoff: only single flight stands between the waiters and 50 requests.
-        cache = make_cache(retry_after_failure=0)
-        auth_service.go_down()
-        auth_service.delay = 0.05
+        cache = rig.cache(retry_after_failure=0)
+        rig.service.go_down()
+        rig.service.delay = 0.05
         failures: list[str] = []
 
         async def verify() -> None:
             try:
-                await cache.verify(issuer.mint("u"), POLICY)
+                await cache.verify(rig.issuer.mint("u"), POLICY)
             except JWKSUnavailable as exc:
                 failures.append(str(exc))
 
@@ -835,7 +773,7 @@ class TestProtectingTheAuthService:
             for _ in range(50):
                 nursery.start_soon(verify)
         assert len(failures) == 50
-        assert auth_service.requests == 1
+        assert rig.service.requests == 1
 
 
 # --------------------------------------------------------------------------------------------
