@@ -15,10 +15,21 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import gateway_settings, port_of, run_gateway, wait_for
+from ..conftest import RunningGateway, gateway_settings, port_of, run_gateway, wait_for
 from ..support.rawws import RawWebSocket
 from ..support.resume import ResumingClient
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+
+
+async def new_session(
+    gw: RunningGateway, session_id: str, first_message: str | None = None
+) -> ResumingClient:
+    """A resuming client on a fresh session of ``gw``, ``first_message`` sent if given."""
+    client = ResumingClient(port_of(gw.base_url), session_id)
+    await client.connect(resume=False)
+    if first_message is not None:
+        await client.send({"type": "user_message", "content": first_message})
+    return client
 
 
 # 18,000 tokens and hundreds of reconnects: about a minute alone, but more than the suite's
@@ -45,13 +56,9 @@ async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
     turns, tokens_per_turn = 3, 6000
     cuts = 0
     async with run_gateway(nursery, settings) as gw:
-        client = ResumingClient(port_of(gw.base_url), "resume-exact")
-        await client.connect(resume=False)
+        client = await new_session(gw, "resume-exact")
         for turn in range(turns):
-            assert client.ws is not None
-            await client.ws.send_json(
-                {"type": "user_message", "content": f"bench {tokens_per_turn}"}
-            )
+            await client.send({"type": "user_message", "content": f"bench {tokens_per_turn}"})
 
             # Counted over every frame processed: turn_finished may come among the frames
             # replayed before "resumed" as well as live.
@@ -64,8 +71,7 @@ async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
                         break
                 if client.turns_finished == turn + 1:
                     break
-                assert client.ws is not None
-                client.ws.reset()
+                await client.cut()
                 cuts += 1
                 await trio.sleep(rng.choice([0, 0, 0.001, 0.01]))
                 await client.connect(resume=True)
@@ -89,15 +95,12 @@ async def test_resume_replays_the_missed_frames_then_says_resumed(
 ) -> None:
     runtime, url = demo_runtime
     async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=10)) as gw:
-        client = ResumingClient(port_of(gw.base_url), "resume-replay")
-        await client.connect(resume=False)
-        assert client.ws is not None
-        await client.ws.send_json({"type": "user_message", "content": "bench 50"})
+        client = await new_session(gw, "resume-replay", "bench 50")
         await client.until("turn_started")
         seen = client.last_seq
         # Stop reading (frames are accepted by the socket, never processed), then vanish.
         await wait_for(lambda: runtime.completed_streams == 1)
-        client.ws.reset()
+        await client.cut()
         ready = await client.connect(resume=True)
         assert ready["last_seq"] > seen and ready["reattached"] is False
         resumed = await client.until("resumed")
@@ -117,10 +120,9 @@ async def test_a_client_ahead_of_the_session_is_told_to_resync_then_continues_li
         client = ResumingClient(port_of(gw.base_url), "resume-ahead")
         client.last_seq = 500  # e.g. a session of another gateway process that restarted
         await client.connect(resume=True)
-        assert client.ws is not None
-        resync = await client.ws.recv_json()
-        await client.ws.send_json({"type": "user_message", "content": "bench 2"})
-        live = await client.ws.recv_json()
+        resync = await client.recv()
+        await client.send({"type": "user_message", "content": "bench 2"})
+        live = await client.recv()
     assert resync == {"type": "resync_required", "reason": "unknown_seq"}
     assert live["type"] == "turn_started" and live["seq"] == 1
 
@@ -131,15 +133,12 @@ async def test_frames_evicted_from_the_replay_buffer_mean_resync_never_a_partial
     runtime, url = demo_runtime
     settings = gateway_settings(url, replay_max_frames=5, session_grace_seconds=10)
     async with run_gateway(nursery, settings) as gw:
-        client = ResumingClient(port_of(gw.base_url), "resume-evicted")
-        await client.connect(resume=False)
-        assert client.ws is not None
-        await client.ws.send_json({"type": "user_message", "content": "bench 200 2000"})
+        client = await new_session(gw, "resume-evicted", "bench 200 2000")
         await client.until("turn_started")
         await wait_for(lambda: runtime.completed_streams == 1)
-        client.ws.reset()
+        await client.cut()
         await client.connect(resume=True)
-        resync = await client.ws.recv_json()
+        resync = await client.recv()
     assert resync == {"type": "resync_required", "reason": "frames_expired"}
 
 
@@ -152,14 +151,12 @@ async def test_resume_is_refused_on_v1_and_after_the_first_frame(
         v1 = await RawWebSocket.connect(port, "/api/v1/ws/resume-v1")
         await v1.send_json({"type": "resume", "last_seq": 0})
         v1_error = await v1.recv_json()
-        client = ResumingClient(port, "resume-late")
-        await client.connect(resume=False)
-        assert client.ws is not None
-        await client.ws.send_json({"type": "ping"})
-        await client.ws.send_json({"type": "resume", "last_seq": 0})
-        pong, late_error = await client.ws.recv_json(), await client.ws.recv_json()
-        await client.ws.send_json({"type": "resume", "last_seq": -1})
-        invalid = await client.ws.recv_json()
+        client = await new_session(gw, "resume-late")
+        await client.send({"type": "ping"})
+        await client.send({"type": "resume", "last_seq": 0})
+        pong, late_error = await client.recv(), await client.recv()
+        await client.send({"type": "resume", "last_seq": -1})
+        invalid = await client.recv()
     assert v1_error["code"] == "invalid_message" and "v2" in v1_error["error"]
     assert pong["type"] == "pong"
     assert late_error["code"] == "invalid_message" and "first frame" in late_error["error"]
@@ -173,8 +170,7 @@ async def test_a_resume_on_a_fresh_session_is_answered_even_without_history(
     async with run_gateway(nursery, gateway_settings(url)) as gw:
         client = ResumingClient(port_of(gw.base_url), "resume-fresh")
         await client.connect(resume=True)
-        assert client.ws is not None
-        resumed = await client.ws.recv_json()
+        resumed = await client.recv()
     assert resumed == {"type": "resumed", "from_seq": 1, "replayed": 0}
 
 
@@ -196,21 +192,18 @@ async def test_an_approval_asked_while_detached_reaches_the_resumed_client_and_i
     scripted_runtime.scripts["write it"] = approval_script()
     settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
     async with run_gateway(nursery, settings) as gw:
-        client = ResumingClient(port_of(gw.base_url), "resume-approval")
-        await client.connect(resume=False)
-        assert client.ws is not None
-        await client.ws.send_json({"type": "user_message", "content": "write it"})
+        client = await new_session(gw, "resume-approval", "write it")
         await client.until("turn_started")
-        client.ws.reset()  # gone before the runtime asks for approval
+        await client.cut()  # gone before the runtime asks for approval
         await wait_for(lambda: scripted_runtime.open_streams == 0 and len(gw_turns(gw)) == 0)
         await client.connect(resume=True)
         await client.until("resumed")
         call = await client.until("tool_call")
         answer = {"type": "tool_result", "call_id": "call_1", "result": {"ok": True}}
-        await client.ws.send_json(answer)
+        await client.send(answer)
         await client.until("turn_finished")  # the tool_call's turn
         await client.until("turn_finished")  # the turn the answer started
-        await client.ws.send_json(answer)
+        await client.send(answer)
         duplicate = await client.until("error")
     assert call["requires_approval"] is True and call["call_id"] == "call_1"
     assert duplicate["code"] == "already_answered" and duplicate["call_id"] == "call_1"
@@ -229,17 +222,14 @@ async def test_a_client_that_must_resync_gets_the_unanswered_approval_again(
     scripted_runtime.scripts["write it"] = approval_script()
     settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
     async with run_gateway(nursery, settings) as gw:
-        client = ResumingClient(port_of(gw.base_url), "resync-approval")
-        await client.connect(resume=False)
-        assert client.ws is not None
-        await client.ws.send_json({"type": "user_message", "content": "write it"})
+        client = await new_session(gw, "resync-approval", "write it")
         first = await client.until("tool_call")
         await client.until("turn_finished")
-        client.ws.reset()
+        await client.cut()
         client.last_seq = 10_000  # cannot be replayed: resync
         await client.connect(resume=True)
-        resync = await client.ws.recv_json()
-        again = await client.ws.recv_json()
+        resync = await client.recv()
+        again = await client.recv()
     assert resync["type"] == "resync_required"
     assert again["type"] == "tool_call" and again["call_id"] == first["call_id"]
 

@@ -67,6 +67,12 @@ class ResumingClient:
         assert self.ws is not None
         await self.ws.send_json(frame)
 
+    async def recv(self) -> dict[str, Any]:
+        """The next frame as it comes, neither checked nor accounted (a ``resync_required``,
+        an error answer: what a test reads before the numbered frames go on)."""
+        assert self.ws is not None
+        return await self.ws.recv_json(self.frame_timeout)
+
     async def next(self) -> dict[str, Any]:
         """The next frame, accounted: seq continuity, tokens, turn ends, errors, resyncs."""
         assert self.ws is not None
