@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
 import trio
 
 from ..conftest import RunningGateway, WsClient, gateway_settings, run_gateway
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 GOOD = sse(chunk(type="assistant_message", token="fine", content="fine", is_final=True))
+
+
+@pytest.fixture
+async def scripted_gateway(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> AsyncIterator[RunningGateway]:
+    """A gateway in front of the scripted runtime, default test settings."""
+    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as running:
+        yield running
+
+
+async def ask(client: WsClient, content: str) -> dict[str, Any]:
+    """Send ``content`` as a user message; the first frame of the answer."""
+    await client.send({"type": "user_message", "content": content})
+    return await client.recv()
 
 
 async def assert_session_still_works(client: WsClient) -> None:
@@ -17,52 +36,46 @@ async def assert_session_still_works(client: WsClient) -> None:
 
 
 async def test_http_error_before_the_stream_carries_status_and_detail(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     scripted_runtime.scripts["bad"] = Script(
         status=400,
         content_type="application/json",
         body=[b'{"detail": "tool_result requires call_id"}'],
     )
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with gw.connect("s") as client:
-            await client.send({"type": "user_message", "content": "bad"})
-            error = await client.recv()
-            assert error["type"] == "error" and error["code"] == "runtime_error"
-            assert error["status"] == 400
-            assert error["detail"] == "tool_result requires call_id"
-            assert error["is_final"] is True
-            assert "tool_result requires call_id" in error["content"] == error["error"]
-            await assert_session_still_works(client)
+    async with scripted_gateway.connect("s") as client:
+        error = await ask(client, "bad")
+        assert error["type"] == "error" and error["code"] == "runtime_error"
+        assert error["status"] == 400
+        assert error["detail"] == "tool_result requires call_id"
+        assert error["is_final"] is True
+        assert "tool_result requires call_id" in error["content"] == error["error"]
+        await assert_session_still_works(client)
 
 
 async def test_a_500_with_a_non_json_body(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     scripted_runtime.scripts["boom"] = Script(
         status=500, content_type="text/plain", body=[b"Internal Server Error"]
     )
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with gw.connect("s") as client:
-            await client.send({"type": "user_message", "content": "boom"})
-            error = await client.recv()
-            assert (error["code"], error["status"]) == ("runtime_error", 500)
-            # a raw 500 body may expose runtime internals: it never reaches the client
-            assert "detail" not in error and "Internal Server Error" not in error["content"]
+    async with scripted_gateway.connect("s") as client:
+        error = await ask(client, "boom")
+        assert (error["code"], error["status"]) == ("runtime_error", 500)
+        # a raw 500 body may expose runtime internals: it never reaches the client
+        assert "detail" not in error and "Internal Server Error" not in error["content"]
 
 
 async def test_a_validation_dump_is_summarised_never_echoed(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     scripted_runtime.scripts["dump"] = Script(
         status=422,
         content_type="application/json",
         body=[b'{"detail": [{"loc": ["body"], "msg": "bad", "input": "PRIVATE-TEXT"}]}'],
     )
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with gw.connect("s") as client:
-            await client.send({"type": "user_message", "content": "dump"})
-            error = await client.recv()
+    async with scripted_gateway.connect("s") as client:
+        error = await ask(client, "dump")
     assert error["status"] == 422 and "PRIVATE-TEXT" not in str(error)
     assert error["detail"] == "request validation failed (1 error(s))"
 
@@ -74,28 +87,25 @@ async def test_unreachable_runtime(nursery: trio.Nursery) -> None:
     await listener.aclose()
     async with run_gateway(nursery, gateway_settings(f"http://127.0.0.1:{port}")) as gw:
         async with gw.connect("s") as client:
-            await client.send({"type": "user_message", "content": "hi"})
-            error = await client.recv()
+            error = await ask(client, "hi")
             assert error["code"] == "runtime_unavailable" and error["is_final"] is True
-            await client.send({"type": "user_message", "content": "again"})
-            assert (await client.recv())["code"] == "runtime_unavailable"
+            assert (await ask(client, "again"))["code"] == "runtime_unavailable"
 
 
 async def test_runtime_dying_mid_stream(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     scripted_runtime.scripts["die"] = Script(
         body=[sse(chunk(type="assistant_message", token="par", content="par")), 0.05],
         ending="die",
     )
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with gw.connect("s") as client:
-            await client.send({"type": "user_message", "content": "die"})
-            frames = await client.turn()
-            assert frames[0]["token"] == "par"
-            assert frames[-1]["code"] == "runtime_stream_broken"
-            assert frames[-1]["is_final"] is True
-            await assert_session_still_works(client)
+    async with scripted_gateway.connect("s") as client:
+        await client.send({"type": "user_message", "content": "die"})
+        frames = await client.turn()
+        assert frames[0]["token"] == "par"
+        assert frames[-1]["code"] == "runtime_stream_broken"
+        assert frames[-1]["is_final"] is True
+        await assert_session_still_works(client)
 
 
 async def test_a_silent_stream_times_out_but_comments_count_as_activity(
@@ -111,8 +121,7 @@ async def test_a_silent_stream_times_out_but_comments_count_as_activity(
             await client.send({"type": "user_message", "content": "chatty"})
             assert (await client.turn())[-1]["token"] == "fine"
 
-            await client.send({"type": "user_message", "content": "silent"})
-            error = await client.recv()
+            error = await ask(client, "silent")
             assert error["code"] == "runtime_timeout" and error["is_final"] is True
             await assert_session_still_works(client)
     # the timed-out request was closed, not left dangling at the runtime
@@ -120,13 +129,12 @@ async def test_a_silent_stream_times_out_but_comments_count_as_activity(
 
 
 async def test_an_sse_event_that_is_not_json_is_skipped(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     scripted_runtime.scripts["garbage"] = Script(body=[b"data: {not json\n\ndata: [1]\n\n", GOOD])
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with gw.connect("s") as client:
-            await client.send({"type": "user_message", "content": "garbage"})
-            assert [f["token"] for f in await client.turn()] == ["fine"]
+    async with scripted_gateway.connect("s") as client:
+        await client.send({"type": "user_message", "content": "garbage"})
+        assert [f["token"] for f in await client.turn()] == ["fine"]
 
 
 async def test_the_runtimes_own_error_chunk_is_relayed_as_is(gateway: RunningGateway) -> None:
