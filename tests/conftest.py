@@ -29,6 +29,7 @@ from .support.gateway import (
     wait_for,
 )
 from .support.jwks_server import JWKSServer
+from .support.keepalive_runtime import KeepAliveRuntime
 from .support.redis_server import RedisServer
 from .support.scripted_runtime import ScriptedRuntime
 from .support.task_tree import task_names
@@ -103,6 +104,15 @@ async def scripted_runtime(nursery: trio.Nursery) -> AsyncIterator[ScriptedRunti
     runtime.stop()
 
 
+@pytest.fixture
+async def keepalive(nursery: trio.Nursery) -> AsyncIterator[KeepAliveRuntime]:
+    """A keep-alive runtime stand-in that can close pooled connections behind our back."""
+    runtime = KeepAliveRuntime()
+    await nursery.start(runtime.serve)
+    yield runtime
+    runtime.stop()
+
+
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 
@@ -112,6 +122,15 @@ async def gateway(
 ) -> AsyncIterator[RunningGateway]:
     """A gateway in front of the demo runtime, default test settings."""
     async with run_gateway(nursery, gateway_settings(demo_runtime[1])) as running:
+        yield running
+
+
+@pytest.fixture
+async def scripted_gateway(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> AsyncIterator[RunningGateway]:
+    """A gateway in front of the scripted runtime, default test settings."""
+    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as running:
         yield running
 
 

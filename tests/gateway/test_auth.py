@@ -39,6 +39,7 @@ from trio_gateway.security.auth import (
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..support.jwks_server import JWKSServer
+from ..support.ports import free_port
 
 NOW = 1_750_000_000.0
 POLICY = TokenPolicy()
@@ -660,11 +661,8 @@ class TestAuthServiceDown:
         assert (cache.fetches, cache.fetch_failures, cache.loaded) == (1, 1, False)
 
     async def test_connection_refused_is_jwks_unavailable(self, rig: CacheRig) -> None:
-        with trio.socket.socket() as sock:
-            await sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         # Nothing listens on that port any more.
-        cache = rig.cache(url=f"http://127.0.0.1:{port}/.well-known/jwks.json")
+        cache = rig.cache(url=f"http://127.0.0.1:{free_port()}/.well-known/jwks.json")
         with pytest.raises(JWKSUnavailable):
             await cache.verify(rig.issuer.mint("u"), POLICY)
 

@@ -22,14 +22,6 @@ from ..support.scripted_runtime import Script, ScriptedRuntime
 
 
 @pytest.fixture
-async def keepalive(nursery: trio.Nursery) -> AsyncIterator[KeepAliveRuntime]:
-    runtime = KeepAliveRuntime()
-    await nursery.start(runtime.serve)
-    yield runtime
-    runtime.stop()
-
-
-@pytest.fixture
 async def pooled(
     nursery: trio.Nursery, keepalive: KeepAliveRuntime
 ) -> AsyncIterator[tuple[KeepAliveRuntime, RunningGateway]]:
@@ -219,18 +211,17 @@ async def test_a_runtime_answer_over_the_limit_is_502_and_one_at_it_passes(
 
 
 async def test_a_query_with_escaped_non_ascii_octets_is_proxied(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     """Found by schemathesis on the first version of the ASGI door: a 500."""
     scripted_runtime.rest_scripts["GET /events/audit-log"] = Script(
         content_type="application/json", body=[b'{"events": []}']
     )
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
-            answer = await http.get(
-                "/api/v1/events/audit-log?%C3%8A%F0%99%BB%A3=null&session_id=abc&x=%C2%87",
-                headers={"X-Internal-Auth": INTERNAL_KEY},
-            )
+    async with httpx.AsyncClient(base_url=scripted_gateway.base_url) as http:
+        answer = await http.get(
+            "/api/v1/events/audit-log?%C3%8A%F0%99%BB%A3=null&session_id=abc&x=%C2%87",
+            headers={"X-Internal-Auth": INTERNAL_KEY},
+        )
     assert answer.status_code == 200 and answer.json() == {"events": []}
 
 
@@ -265,16 +256,15 @@ def test_the_asgi_door_matches_exactly_what_quart_routes_to_the_proxy() -> None:
 
 
 async def test_head_on_a_proxied_get_route_is_served_by_quart_as_before(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    scripted_runtime: ScriptedRuntime, scripted_gateway: RunningGateway
 ) -> None:
     scripted_runtime.rest_scripts["GET /agents"] = Script(
         content_type="application/json", body=[b'{"agents": []}']
     )
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as gw:
-        async with httpx.AsyncClient(base_url=gw.base_url) as http:
-            answer = await http.head("/api/v1/agents", headers={"X-Request-ID": "h-1"})
-            options = await http.options("/api/v1/agents")
-            wrong = await http.put("/api/v1/agents")
+    async with httpx.AsyncClient(base_url=scripted_gateway.base_url) as http:
+        answer = await http.head("/api/v1/agents", headers={"X-Request-ID": "h-1"})
+        options = await http.options("/api/v1/agents")
+        wrong = await http.put("/api/v1/agents")
     assert answer.status_code == 200 and answer.content == b""
     assert answer.headers["x-request-id"] == "h-1"
     assert options.status_code == 200 and "GET" in options.headers["allow"]

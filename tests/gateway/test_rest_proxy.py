@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from ..support.ports import free_port
 from ..support.scripted_runtime import Script, ScriptedRuntime
 
 
@@ -18,10 +19,15 @@ async def http(gateway: RunningGateway) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+Scripted = tuple[ScriptedRuntime, httpx.AsyncClient]
+
+
 @pytest.fixture
 async def scripted(
     nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
-) -> AsyncIterator[tuple[ScriptedRuntime, httpx.AsyncClient]]:
+) -> AsyncIterator[Scripted]:
+    """The scripted runtime, and a client of a gateway in front of it (0.5 s request timeout,
+    4 KiB request bodies)."""
     settings = gateway_settings(
         scripted_runtime.url, request_timeout=0.5, max_request_body_bytes=4096
     )
@@ -105,7 +111,7 @@ async def test_events_routes(http: httpx.AsyncClient) -> None:
 
 
 async def test_method_path_query_body_and_content_type_reach_the_runtime(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
+    scripted: Scripted,
 ) -> None:
     runtime, http = scripted
     await http.patch(
@@ -127,9 +133,7 @@ async def test_method_path_query_body_and_content_type_reach_the_runtime(
     assert headers["x-internal-auth"] == INTERNAL_KEY
 
 
-async def test_credentials_and_hop_by_hop_headers_are_not_forwarded(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
-) -> None:
+async def test_credentials_and_hop_by_hop_headers_are_not_forwarded(scripted: Scripted) -> None:
     runtime, http = scripted
     await http.get(
         "/api/v1/agents",
@@ -169,18 +173,14 @@ async def test_status_and_body_come_back_unchanged(
     assert answer.headers["content-type"] == "application/json"
 
 
-async def test_204_passes_through_without_a_body(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
-) -> None:
+async def test_204_passes_through_without_a_body(scripted: Scripted) -> None:
     runtime, http = scripted
     runtime.rest_scripts["DELETE /sessions/x"] = Script(status=204)
     answer = await http.delete("/api/v1/sessions/x")
     assert answer.status_code == 204 and answer.content == b""
 
 
-async def test_a_runtime_429_is_passed_through_with_retry_after(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
-) -> None:
+async def test_a_runtime_429_is_passed_through_with_retry_after(scripted: Scripted) -> None:
     runtime, http = scripted
     runtime.rest_scripts["GET /agents"] = Script(
         status=429,
@@ -193,9 +193,7 @@ async def test_a_runtime_429_is_passed_through_with_retry_after(
     assert answer.json() == {"detail": "Rate limit exceeded"}
 
 
-async def test_a_runtime_that_does_not_answer_in_time_is_504(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
-) -> None:
+async def test_a_runtime_that_does_not_answer_in_time_is_504(scripted: Scripted) -> None:
     runtime, http = scripted
     runtime.rest_scripts["GET /agents"] = Script(body=[2.0, b"{}"])
     answer = await http.get("/api/v1/agents")
@@ -204,10 +202,8 @@ async def test_a_runtime_that_does_not_answer_in_time_is_504(
 
 
 async def test_an_unreachable_runtime_is_502(nursery: trio.Nursery) -> None:
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    await listener.aclose()
-    async with run_gateway(nursery, gateway_settings(f"http://127.0.0.1:{port}")) as gw:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # a port that was just free: nothing listens
+    async with run_gateway(nursery, gateway_settings(nowhere)) as gw:
         async with httpx.AsyncClient(base_url=gw.base_url) as http:
             answer = await http.get("/api/v1/agents")
     assert answer.status_code == 502
@@ -217,9 +213,7 @@ async def test_an_unreachable_runtime_is_502(nursery: trio.Nursery) -> None:
     }
 
 
-async def test_a_body_over_the_limit_is_413_and_never_sent_upstream(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
-) -> None:
+async def test_a_body_over_the_limit_is_413_and_never_sent_upstream(scripted: Scripted) -> None:
     runtime, http = scripted
     before = len(runtime.rest_requests)
     answer = await http.post("/api/v1/sessions", content=b"x" * 5000)
@@ -257,9 +251,7 @@ async def test_saturation_is_503_with_retry_after(
     assert refused.headers["retry-after"] == "1" and refused.json()["error"] == "saturated"
 
 
-async def test_request_ids_are_kept_when_sane_and_sent_both_ways(
-    scripted: tuple[ScriptedRuntime, httpx.AsyncClient],
-) -> None:
+async def test_request_ids_are_kept_when_sane_and_sent_both_ways(scripted: Scripted) -> None:
     runtime, http = scripted
     answer = await http.get("/api/v1/agents", headers={"X-Request-ID": "abc-123"})
     assert answer.headers["x-request-id"] == "abc-123"

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import trio
 
 from ..conftest import RunningGateway, WsClient, gateway_settings, run_gateway
+from ..support.ports import free_port
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 GOOD = sse(chunk(type="assistant_message", token="fine", content="fine", is_final=True))
-
-
-@pytest.fixture
-async def scripted_gateway(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
-) -> AsyncIterator[RunningGateway]:
-    """A gateway in front of the scripted runtime, default test settings."""
-    async with run_gateway(nursery, gateway_settings(scripted_runtime.url)) as running:
-        yield running
 
 
 async def ask(client: WsClient, content: str) -> dict[str, Any]:
@@ -81,11 +71,8 @@ async def test_a_validation_dump_is_summarised_never_echoed(
 
 
 async def test_unreachable_runtime(nursery: trio.Nursery) -> None:
-    # a port that was just free: nothing listens there
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    await listener.aclose()
-    async with run_gateway(nursery, gateway_settings(f"http://127.0.0.1:{port}")) as gw:
+    nowhere = f"http://127.0.0.1:{free_port()}"  # a port that was just free: nothing listens
+    async with run_gateway(nursery, gateway_settings(nowhere)) as gw:
         async with gw.connect("s") as client:
             error = await ask(client, "hi")
             assert error["code"] == "runtime_unavailable" and error["is_final"] is True

@@ -9,7 +9,6 @@ cancellation mid-stream, and HTTP/1.1 response parsing under fuzzing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import h11
@@ -34,14 +33,6 @@ from ..conftest import INTERNAL_KEY, gateway_settings, run_gateway, wait_for
 from ..support.keepalive_runtime import FINAL, KeepAliveRuntime
 
 PATH = "/agent/message/stream"
-
-
-@pytest.fixture
-async def keepalive(nursery: trio.Nursery) -> AsyncIterator[KeepAliveRuntime]:
-    runtime = KeepAliveRuntime()
-    await nursery.start(runtime.serve)
-    yield runtime
-    runtime.stop()
 
 
 def make_pool(url: str, **overrides: Any) -> ConnectionPool:
