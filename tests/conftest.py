@@ -97,20 +97,22 @@ async def demo_runtime(nursery: trio.Nursery) -> AsyncIterator[tuple[DemoRuntime
 
 
 @pytest.fixture
+def runtime(demo_runtime: tuple[DemoRuntime, str]) -> DemoRuntime:
+    """The demo runtime itself (what the ``gateway`` fixture stands in front of)."""
+    return demo_runtime[0]
+
+
+@pytest.fixture
 async def scripted_runtime(nursery: trio.Nursery) -> AsyncIterator[ScriptedRuntime]:
-    runtime = ScriptedRuntime()
-    await nursery.start(runtime.serve)
-    yield runtime
-    runtime.stop()
+    async with ScriptedRuntime().serving(nursery) as runtime:
+        yield runtime
 
 
 @pytest.fixture
 async def keepalive(nursery: trio.Nursery) -> AsyncIterator[KeepAliveRuntime]:
     """A keep-alive runtime stand-in that can close pooled connections behind our back."""
-    runtime = KeepAliveRuntime()
-    await nursery.start(runtime.serve)
-    yield runtime
-    runtime.stop()
+    async with KeepAliveRuntime().serving(nursery) as runtime:
+        yield runtime
 
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]

@@ -31,10 +31,7 @@ async def test_a_half_close_while_the_writer_is_blocked_frees_the_connection(
         session_grace_seconds=0.5,
     )
     async with run_gateway(nursery, settings) as gw:
-        raw = await RawWebSocket.connect(
-            port_of(gw.base_url), "/api/v1/ws/half", receive_buffer=4096
-        )
-        await raw.send_json({"type": "user_message", "content": "bench 1000000"})
+        raw = await gw.stalled_client("half", "bench 1000000")
         await trio.sleep(0.5)  # the writer is now stuck in a shielded send
         raw.stream.socket.shutdown(stdlib_socket.SHUT_WR)  # FIN: hypercorn reports disconnect
         sessions = gw.app.gateway.sessions
@@ -75,10 +72,7 @@ async def test_a_replacement_gets_contiguous_seq_and_ordered_tokens(
         ws_close_timeout=0.5,
     )
     async with run_gateway(nursery, settings) as gw:
-        stuck = await RawWebSocket.connect(
-            port_of(gw.base_url), "/api/v1/ws/replaced", receive_buffer=4096
-        )
-        await stuck.send_json({"type": "user_message", "content": "bench 8000"})
+        stuck = await gw.stalled_client("replaced", "bench 8000")
         await trio.sleep(0.5)
         async with gw.connect("replaced", v2=True) as client:  # v2 takes the session over
             frames = await client.turn(timeout=30)

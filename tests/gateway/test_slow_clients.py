@@ -10,7 +10,7 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import gateway_settings, port_of, run_gateway
+from ..conftest import gateway_settings, port_of, run_gateway, wait_for
 from ..support.rawws import RawWebSocket
 
 QUEUE_BYTES = 16 * 1024
@@ -27,10 +27,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_turn_cancelled(
         ws_heartbeat_interval=60.0,
     )
     async with run_gateway(nursery, settings) as gw:
-        raw = await RawWebSocket.connect(
-            port_of(gw.base_url), "/api/v1/ws/stalled", receive_buffer=4096
-        )
-        await raw.send_json({"type": "user_message", "content": "bench 1000000"})
+        raw = await gw.stalled_client("stalled", "bench 1000000")
         sessions = gw.app.gateway.sessions
         assert sessions is not None
         # while the socket is stuck, the relay stops at the queue bound (backpressure)
@@ -43,14 +40,10 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_turn_cancelled(
                 await trio.sleep(0.005)
         assert 0 < peak <= QUEUE_BYTES + 64 * 1024  # one network read may overshoot
         # after the slow-client timeout the turn is cancelled and the runtime stream closed
-        with trio.fail_after(5):
-            while runtime.cancelled_streams == 0:
-                await trio.sleep(0.01)
+        await wait_for(lambda: runtime.cancelled_streams > 0, timeout=5)
         assert runtime.active_streams == 0
         # the connection is gone (aborted: the client sees EOF or a reset)
-        with trio.fail_after(5):
-            while sessions.connection_count:
-                await trio.sleep(0.01)
+        await wait_for(lambda: not sessions.connection_count, timeout=5)
         await raw.aclose()
 
 
@@ -67,10 +60,7 @@ async def test_a_stuck_client_does_not_hold_up_shutdown(
         ws_heartbeat_interval=60.0,
     )
     async with run_gateway(nursery, settings) as gw:
-        raw = await RawWebSocket.connect(
-            port_of(gw.base_url), "/api/v1/ws/stuck", receive_buffer=4096
-        )
-        await raw.send_json({"type": "user_message", "content": "bench 1000000"})
+        raw = await gw.stalled_client("stuck", "bench 1000000")
         await trio.sleep(0.5)  # the writer is now blocked in hypercorn's shielded send
         started = trio.current_time()
         gw.stop.set()
@@ -103,9 +93,7 @@ async def test_a_flooding_client_is_read_at_the_gateways_pace_with_bounded_buffe
         assert sessions is not None
         # the client left too many refusals unread: closed with a policy violation, and
         # nothing grew without bound meanwhile
-        with trio.fail_after(5):
-            while sessions.connection_count:
-                await trio.sleep(0.01)
+        await wait_for(lambda: not sessions.connection_count, timeout=5)
         session = sessions.sessions.get("flood")
         assert session is None or len(session.queue) <= 4
         await raw.aclose()

@@ -16,28 +16,21 @@ import trio_websocket
 from trio_gateway.session.session import MAX_SOCKETS_PER_SESSION
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import (
-    RunningGateway,
-    WsClient,
-    close_code,
-    gateway_settings,
-    port_of,
-    run_gateway,
-)
-from ..support.rawws import RawWebSocket
+from ..conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway, wait_for
 
 HI = {"type": "user_message", "content": "hi", "role": "user"}
 
 
 async def viewers_attached(gateway: RunningGateway, session_id: str, count: int) -> None:
+    """Wait until ``count`` viewers share ``session_id`` with its live socket."""
     sessions = gateway.app.gateway.sessions
     assert sessions is not None
-    with trio.fail_after(10):
-        while True:
-            session = sessions.sessions.get(session_id)
-            if session is not None and len(session.viewers) == count:
-                return
-            await trio.sleep(0.01)
+
+    def attached() -> bool:
+        session = sessions.sessions.get(session_id)
+        return session is not None and len(session.viewers) == count
+
+    await wait_for(attached, timeout=10)
 
 
 def assistant(frames: list[dict[str, Any]]) -> list[tuple[int, str]]:
@@ -154,9 +147,7 @@ async def test_a_stalled_viewer_does_not_cancel_the_live_windows_turn(
     async with run_gateway(nursery, settings) as gw:
         async with gw.connect("stall") as live:
             # The second window: same (anonymous) user, v1, never reads.
-            viewer = await RawWebSocket.connect(
-                port_of(gw.base_url), "/api/v1/ws/stall", receive_buffer=4096
-            )
+            viewer = await gw.stalled_client("stall")
             await viewers_attached(gw, "stall", 1)
             await live.send({"type": "user_message", "content": "bench 20000 10000"})
             frames = await live.turn(timeout=60)

@@ -16,6 +16,8 @@ from trio_gateway.app import GatewayApp, create_app
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings
 
+from .rawws import RawWebSocket
+
 INTERNAL_KEY = "test-internal-key-0123456789"
 
 
@@ -45,6 +47,17 @@ class RunningGateway:
             self.ws_url(session_id), subprotocols=subprotocols, **kwargs
         ) as ws:
             yield WsClient(ws)
+
+    async def stalled_client(self, session_id: str, message: str | None = None) -> RawWebSocket:
+        """A v1 socket on ``session_id`` that sends ``message`` (if any) as a user message and
+        never reads: its receive window is 4 KiB, so once the kernel's buffers are full the
+        gateway's sends to it really block, as on a dead link or behind a frozen IDE."""
+        raw = await RawWebSocket.connect(
+            port_of(self.base_url), f"/api/v1/ws/{session_id}", receive_buffer=4096
+        )
+        if message is not None:
+            await raw.send_json({"type": "user_message", "content": message})
+        return raw
 
 
 @dataclass

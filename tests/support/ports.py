@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Self
 
 import trio
 
@@ -46,6 +49,15 @@ class LoopbackServer:
     def stop(self) -> None:
         """Stop listening and drop every connection."""
         self._scope.cancel()
+
+    @asynccontextmanager
+    async def serving(self, nursery: trio.Nursery) -> AsyncIterator[Self]:
+        """Serve in ``nursery`` until the block ends (what a fixture yields)."""
+        await nursery.start(self.serve)
+        try:
+            yield self
+        finally:
+            self.stop()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         raise NotImplementedError
