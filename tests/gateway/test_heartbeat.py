@@ -2,39 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import pytest
 import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import gateway_settings, run_gateway
+from ..conftest import RunningGateway, gateway_settings, port_of, run_gateway
 from ..support.rawws import RawWebSocket
 from ..support.task_tree import task_names
 
 
+@pytest.fixture
+async def gw(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> AsyncIterator[RunningGateway]:
+    """A gateway that pings every 0.3 s (its read timeout: 2 x 0.3 s + 1 s)."""
+    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3)
+    async with run_gateway(nursery, settings) as running:
+        yield running
+
+
 async def test_a_peer_that_never_answers_pings_is_dropped_after_about_two_intervals(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gw: RunningGateway,
 ) -> None:
-    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3)
-    async with run_gateway(nursery, settings) as gw:
-        port = int(gw.base_url.rsplit(":", 1)[1])
-        raw = await RawWebSocket.connect(port, "/api/v1/ws/dead-peer")
-        started = trio.current_time()
-        await raw.read_until_closed(timeout=10)  # reads pings, never answers them
-        elapsed = trio.current_time() - started
-        assert raw.eof
-        assert 0.5 <= elapsed <= 5, elapsed  # read timeout = 2 x 0.3 s + 1 s
-        await raw.aclose()
+    raw = await RawWebSocket.connect(port_of(gw.base_url), "/api/v1/ws/dead-peer")
+    started = trio.current_time()
+    await raw.read_until_closed(timeout=10)  # reads pings, never answers them
+    elapsed = trio.current_time() - started
+    assert raw.eof
+    assert 0.5 <= elapsed <= 5, elapsed  # read timeout = 2 x 0.3 s + 1 s
+    await raw.aclose()
 
 
-async def test_a_peer_that_answers_pings_stays_connected_while_idle(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
-) -> None:
-    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3)
-    async with run_gateway(nursery, settings) as gw:
-        async with gw.connect("alive") as client:
-            await trio.sleep(3)  # well past the read timeout; trio-websocket answers pings
-            await client.send({"type": "user_message", "content": "still here"})
-            assert (await client.turn())[-1]["is_final"] is True
+async def test_a_peer_that_answers_pings_stays_connected_while_idle(gw: RunningGateway) -> None:
+    async with gw.connect("alive") as client:
+        await trio.sleep(3)  # well past the read timeout; trio-websocket answers pings
+        await client.send({"type": "user_message", "content": "still here"})
+        assert (await client.turn())[-1]["is_final"] is True
 
 
 async def test_the_gateway_pings_every_interval_from_the_writer_not_a_hypercorn_task(
@@ -67,23 +73,17 @@ async def test_a_second_window_answering_pings_stays_connected_while_idle(
 
 
 async def test_v2_clients_get_a_heartbeat_frame_when_the_socket_is_quiet(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gw: RunningGateway,
 ) -> None:
-    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3)
-    async with run_gateway(nursery, settings) as gw:
-        async with gw.connect("hb-v2", v2=True) as client:
-            assert (await client.recv())["type"] == "session_ready"
-            frame = await client.recv(timeout=3)
-            assert frame["type"] == "heartbeat"
+    async with gw.connect("hb-v2", v2=True) as client:
+        assert (await client.recv())["type"] == "session_ready"
+        frame = await client.recv(timeout=3)
+        assert frame["type"] == "heartbeat"
 
 
-async def test_v1_clients_never_get_heartbeat_frames(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
-) -> None:
-    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.2)
-    async with run_gateway(nursery, settings) as gw:
-        async with gw.connect("hb-v1") as client:
-            with trio.move_on_after(1.5) as waited:
-                frame = await client.recv(timeout=5)
-                raise AssertionError(f"v1 client got an unsolicited frame: {frame}")
-            assert waited.cancelled_caught
+async def test_v1_clients_never_get_heartbeat_frames(gw: RunningGateway) -> None:
+    async with gw.connect("hb-v1") as client:
+        with trio.move_on_after(1.5) as waited:  # five intervals
+            frame = await client.recv(timeout=5)
+            raise AssertionError(f"v1 client got an unsolicited frame: {frame}")
+        assert waited.cancelled_caught

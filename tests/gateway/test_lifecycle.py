@@ -26,9 +26,8 @@ def gateway_tasks() -> list[str]:
 
 
 async def test_a_turn_continues_after_a_disconnect_and_finishes_at_the_runtime(
-    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+    gateway: RunningGateway, runtime: DemoRuntime
 ) -> None:
-    runtime, _ = demo_runtime
     async with gateway.connect("grace") as client:
         await client.send({"type": "user_message", "content": "bench 20 40"})
         await client.recv()
@@ -51,9 +50,8 @@ async def test_after_the_grace_period_the_detached_turn_is_cancelled(
 
 
 async def test_a_reconnect_within_the_grace_period_receives_the_rest_of_the_live_turn(
-    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+    gateway: RunningGateway, runtime: DemoRuntime
 ) -> None:
-    runtime, _ = demo_runtime
     received: list[str] = []
     async with gateway.connect("reattach") as client:
         await client.send({"type": "user_message", "content": "bench 40 40"})
@@ -103,9 +101,8 @@ async def test_no_task_outlives_its_session(
 
 
 async def test_cancelling_a_session_tears_down_its_turn_and_connection(
-    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+    gateway: RunningGateway, runtime: DemoRuntime
 ) -> None:
-    runtime, _ = demo_runtime
     async with gateway.connect("teardown") as client:
         await client.send({"type": "user_message", "content": "bench 100000 500"})
         await client.recv()

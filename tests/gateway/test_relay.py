@@ -48,9 +48,8 @@ async def test_null_keys_are_dropped_from_relayed_chunks(gateway: RunningGateway
 
 
 async def test_the_ides_frame_is_forwarded_unchanged_with_every_null_key(
-    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+    gateway: RunningGateway, runtime: DemoRuntime
 ) -> None:
-    runtime, _ = demo_runtime
     async with gateway.connect("ide-session") as client:
         await client.send(IDE_FRAME)
         await client.turn()

@@ -39,6 +39,7 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
 from ..support.jwks_server import JWKSServer
+from ..support.processes import clean_env, cli_command
 
 
 class FakeClock:
@@ -349,29 +350,20 @@ def test_sqlite_is_the_default_backend_and_memory_is_refused_as_a_path(
             load_settings(internal_api_key="a-real-key-0123456789")
 
 
-def cli_env(**variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
-    return {**env, "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY, **variables}
+async def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """``trio-gateway ARGS`` run to its end, its output captured, whatever its exit status."""
+    return await trio.run_process(
+        cli_command(*args), env=env, capture_stdout=True, capture_stderr=True, check=False
+    )
 
 
 async def test_serve_refuses_to_start_on_an_unusable_file_in_one_line(tmp_path: Path) -> None:
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"this is not a database" * 100)
+    env = clean_env(internal_api_key=INTERNAL_KEY, sqlite_path=str(junk))
     with trio.fail_after(60):
-        served = await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", "serve", "--port", "0"],
-            env=cli_env(GATEWAY__SQLITE_PATH=str(junk)),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-        checked = await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", "check", "--timeout", "2"],
-            env=cli_env(GATEWAY__SQLITE_PATH=str(junk)),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+        served = await cli("serve", "--port", "0", env=env)
+        checked = await cli("check", "--timeout", "2", env=env)
     assert served.returncode == 1
     assert served.stderr.decode().splitlines() == [
         f"trio-gateway: cannot use the SQLite state file {junk}: file is not a database "

@@ -11,9 +11,8 @@ from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 
 async def test_messages_sent_during_a_turn_wait_and_run_in_order(
-    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+    gateway: RunningGateway, runtime: DemoRuntime
 ) -> None:
-    runtime, _ = demo_runtime
     async with gateway.connect("fifo") as client:
         await client.send({"type": "user_message", "content": "bench 200 2000"})
         await client.send({"type": "user_message", "content": "bench 3"})
@@ -71,9 +70,8 @@ async def test_beyond_the_queue_limit_the_client_gets_busy(
 
 
 async def test_cancel_stops_the_running_turn_closes_the_runtime_stream_and_drops_the_queue(
-    gateway: RunningGateway, demo_runtime: tuple[DemoRuntime, str]
+    gateway: RunningGateway, runtime: DemoRuntime
 ) -> None:
-    runtime, _ = demo_runtime
     async with gateway.connect("cancel") as client:
         await client.send({"type": "user_message", "content": "bench 100000 200"})
         await client.send({"type": "user_message", "content": "bench 5"})
