@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,18 @@ async def keepalive(nursery: trio.Nursery) -> AsyncIterator[KeepAliveRuntime]:
 
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+GatewayWith = Callable[..., AbstractAsyncContextManager[RunningGateway]]
+
+
+@pytest.fixture
+def gateway_with(nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]) -> GatewayWith:
+    """Start a gateway in front of the demo runtime with the test settings and ``overrides``,
+    for one ``async with`` (drained when the block ends)."""
+
+    def start(**overrides: Any) -> AbstractAsyncContextManager[RunningGateway]:
+        return run_gateway(nursery, gateway_settings(demo_runtime[1], **overrides))
+
+    return start
 
 
 @pytest.fixture

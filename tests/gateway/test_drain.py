@@ -11,7 +11,7 @@ import trio_websocket
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings, run_gateway
+from ..conftest import INTERNAL_KEY, GatewayWith, WsClient, close_code
 from ..support.processes import child_env, spawned
 
 
@@ -24,10 +24,9 @@ async def read_until_close(client: WsClient) -> tuple[list[dict[str, object]], i
 
 
 async def test_a_running_turn_finishes_then_the_session_closes_with_1012(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url, drain_timeout=10)) as gw:
+    async with gateway_with(drain_timeout=10) as gw:
         async with gw.connect("busy") as busy, gw.connect("idle") as idle:
             await busy.send({"type": "user_message", "content": "bench 40 40"})
             await busy.recv()
@@ -48,10 +47,9 @@ async def test_a_running_turn_finishes_then_the_session_closes_with_1012(
 
 
 async def test_turns_still_running_at_the_drain_timeout_are_cancelled(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url, drain_timeout=0.5)) as gw:
+    async with gateway_with(drain_timeout=0.5) as gw:
         async with gw.connect("long") as client:
             await client.send({"type": "user_message", "content": "bench 100000 100"})
             await client.recv()

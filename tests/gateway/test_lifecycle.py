@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import trio
 import trio_websocket
 
 from trio_gateway.protocol import parse_client_frame
@@ -11,10 +10,9 @@ from trio_gateway.session import connection as session_module
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from ..conftest import (
+    GatewayWith,
     RunningGateway,
     close_code,
-    gateway_settings,
-    run_gateway,
     task_names,
     wait_for,
 )
@@ -37,10 +35,9 @@ async def test_a_turn_continues_after_a_disconnect_and_finishes_at_the_runtime(
 
 
 async def test_after_the_grace_period_the_detached_turn_is_cancelled(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=0.3)) as gw:
+    async with gateway_with(session_grace_seconds=0.3) as gw:
         async with gw.connect("expire") as client:
             await client.send({"type": "user_message", "content": "bench 100000 100"})
             await client.recv()
@@ -83,11 +80,9 @@ async def test_a_v2_connection_replaces_the_first_which_gets_4409(
 
 
 async def test_no_task_outlives_its_session(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(url, session_grace_seconds=0.2)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(session_grace_seconds=0.2) as gw:
         baseline = sorted(gateway_tasks())
         async with gw.connect("leak-1") as a, gw.connect("leak-2") as b:
             await a.send({"type": "user_message", "content": "bench 100000 500"})
@@ -139,11 +134,9 @@ async def test_an_exception_in_a_session_closes_it_with_1011_and_spares_the_othe
 
 
 async def test_a_v2_client_is_told_to_resync_when_a_detached_turn_overflowed_the_buffer(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(url, outbound_queue_max_bytes=4096, session_grace_seconds=10)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(outbound_queue_max_bytes=4096, session_grace_seconds=10) as gw:
         async with gw.connect("overflow", v2=True) as client:
             await client.recv()  # session_ready
             await client.send({"type": "user_message", "content": "bench 3000"})

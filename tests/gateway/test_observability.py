@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_gateway.observability import HEALTHCHECK_USER_AGENT, TextFormatter, configure_logging
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, run_gateway
+from ..conftest import INTERNAL_KEY, GatewayWith, RunningGateway, gateway_settings, run_gateway
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -78,10 +78,9 @@ async def test_metrics_move_after_a_scripted_session(gateway: RunningGateway) ->
 
 
 async def test_metrics_are_restricted_to_allowed_networks_or_the_internal_key(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    settings = gateway_settings(demo_runtime[1], metrics_allow="10.0.0.0/8")
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(metrics_allow="10.0.0.0/8") as gw:
         async with httpx.AsyncClient(base_url=gw.base_url) as http:
             refused = await http.get("/metrics")
             granted = await http.get("/metrics", headers={"X-Internal-Auth": INTERNAL_KEY})

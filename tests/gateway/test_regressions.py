@@ -10,7 +10,15 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import close_code, gateway_settings, port_of, run_gateway, task_names, wait_for
+from ..conftest import (
+    GatewayWith,
+    close_code,
+    gateway_settings,
+    port_of,
+    run_gateway,
+    task_names,
+    wait_for,
+)
 from ..support.rawws import RawWebSocket
 from ..support.scripted_runtime import ScriptedRuntime
 
@@ -21,16 +29,14 @@ def handler_tasks() -> int:
 
 
 async def test_a_half_close_while_the_writer_is_blocked_frees_the_connection(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    settings = gateway_settings(
-        demo_runtime[1],
+    async with gateway_with(
         outbound_queue_max_bytes=16 * 1024,
         ws_slow_client_timeout=600.0,
         ws_heartbeat_interval=60.0,
         session_grace_seconds=0.5,
-    )
-    async with run_gateway(nursery, settings) as gw:
+    ) as gw:
         raw = await gw.stalled_client("half", "bench 1000000")
         await trio.sleep(0.5)  # the writer is now stuck in a shielded send
         raw.stream.socket.shutdown(stdlib_socket.SHUT_WR)  # FIN: hypercorn reports disconnect
@@ -42,9 +48,9 @@ async def test_a_half_close_while_the_writer_is_blocked_frees_the_connection(
 
 
 async def test_closing_a_connection_that_floods_frames_leaks_no_server_task(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    async with run_gateway(nursery, gateway_settings(demo_runtime[1])) as gw:
+    async with gateway_with() as gw:
         port = port_of(gw.base_url)
         baseline = handler_tasks()
         for n in range(4):
@@ -63,15 +69,13 @@ async def test_closing_a_connection_that_floods_frames_leaks_no_server_task(
 
 
 async def test_a_replacement_gets_contiguous_seq_and_ordered_tokens(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    settings = gateway_settings(
-        demo_runtime[1],
+    async with gateway_with(
         outbound_queue_max_bytes=16 * 1024,
         ws_heartbeat_interval=60.0,
         ws_close_timeout=0.5,
-    )
-    async with run_gateway(nursery, settings) as gw:
+    ) as gw:
         stuck = await gw.stalled_client("replaced", "bench 8000")
         await trio.sleep(0.5)
         async with gw.connect("replaced", v2=True) as client:  # v2 takes the session over
@@ -86,10 +90,9 @@ async def test_a_replacement_gets_contiguous_seq_and_ordered_tokens(
 
 
 async def test_with_no_grace_period_every_new_connection_gets_a_live_session(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    settings = gateway_settings(demo_runtime[1], session_grace_seconds=0)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(session_grace_seconds=0) as gw:
         for n in range(15):
             async with gw.connect(f"nograce-{n}") as client:
                 await client.send({"type": "user_message", "content": "bench 1"})
@@ -106,11 +109,9 @@ async def test_zero_saturation_wait_still_serves_when_slots_are_free(
 
 
 async def test_a_v1_client_reattaching_after_a_detached_overflow_still_gets_the_final_chunk(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(url, outbound_queue_max_bytes=4096, session_grace_seconds=10)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(outbound_queue_max_bytes=4096, session_grace_seconds=10) as gw:
         async with gw.connect("overflow-v1") as client:
             await client.send({"type": "user_message", "content": "bench 3000"})
             await client.recv()
@@ -121,10 +122,9 @@ async def test_a_v1_client_reattaching_after_a_detached_overflow_still_gets_the_
 
 
 async def test_messages_sent_during_a_drain_start_no_new_turn(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url, drain_timeout=10)) as gw:
+    async with gateway_with(drain_timeout=10) as gw:
         async with gw.connect("late-msg") as client:
             await client.send({"type": "user_message", "content": "bench 30 60"})
             await client.recv()

@@ -24,6 +24,7 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import (
     INTERNAL_KEY,
+    GatewayWith,
     RunningGateway,
     WsClient,
     close_code,
@@ -620,13 +621,12 @@ async def test_a_user_owns_at_most_max_sessions_and_idle_ownership_is_forgotten(
 
 
 async def test_without_jwt_auth_sessions_are_not_recorded_or_capped(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
     # Every caller is the same anonymous principal: owner records would protect nothing and
     # a long-lived gateway would refuse every session after MAX_SESSIONS_PER_USER (the soak
     # found this at 10,000).
-    settings = gateway_settings(demo_runtime[1], max_sessions_per_user=1)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(max_sessions_per_user=1) as gw:
         for session in ("anon1", "anon2", "anon3"):
             async with trio_websocket.open_websocket_url(gw.ws_url(session)) as ws:
                 assert len(await chat(WsClient(ws))) == 3

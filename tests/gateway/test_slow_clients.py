@@ -10,23 +10,20 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import gateway_settings, port_of, run_gateway, wait_for
+from ..conftest import GatewayWith, port_of, wait_for
 from ..support.rawws import RawWebSocket
 
 QUEUE_BYTES = 16 * 1024
 
 
 async def test_a_client_that_stops_reading_is_cut_off_and_its_turn_cancelled(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(
-        url,
+    async with gateway_with(
         outbound_queue_max_bytes=QUEUE_BYTES,
         ws_slow_client_timeout=1.0,
         ws_heartbeat_interval=60.0,
-    )
-    async with run_gateway(nursery, settings) as gw:
+    ) as gw:
         raw = await gw.stalled_client("stalled", "bench 1000000")
         sessions = gw.app.gateway.sessions
         assert sessions is not None
@@ -48,18 +45,15 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_turn_cancelled(
 
 
 async def test_a_stuck_client_does_not_hold_up_shutdown(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(
-        url,
+    async with gateway_with(
         outbound_queue_max_bytes=QUEUE_BYTES,
         ws_slow_client_timeout=600.0,
         drain_timeout=1.0,
         ws_close_timeout=0.5,
         ws_heartbeat_interval=60.0,
-    )
-    async with run_gateway(nursery, settings) as gw:
+    ) as gw:
         raw = await gw.stalled_client("stuck", "bench 1000000")
         await trio.sleep(0.5)  # the writer is now blocked in hypercorn's shielded send
         started = trio.current_time()
@@ -74,11 +68,9 @@ async def test_a_stuck_client_does_not_hold_up_shutdown(
 
 
 async def test_a_flooding_client_is_read_at_the_gateways_pace_with_bounded_buffers(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    _, url = demo_runtime
-    settings = gateway_settings(url, max_queued_messages=4, max_pending_control_frames=64)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(max_queued_messages=4, max_pending_control_frames=64) as gw:
         raw = await RawWebSocket.connect(port_of(gw.base_url), "/api/v1/ws/flood")
         # thousands of frames the session must refuse (busy) while never reading the replies
         sent = 0

@@ -6,7 +6,7 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import RunningGateway, gateway_settings, run_gateway
+from ..conftest import GatewayWith, RunningGateway, gateway_settings, run_gateway
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 
@@ -50,11 +50,8 @@ async def test_the_runtime_never_sees_two_streams_of_one_session_at_once(
     assert peak == 1
 
 
-async def test_beyond_the_queue_limit_the_client_gets_busy(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
-) -> None:
-    settings = gateway_settings(demo_runtime[1], max_queued_messages=2)
-    async with run_gateway(nursery, settings) as gw:
+async def test_beyond_the_queue_limit_the_client_gets_busy(gateway_with: GatewayWith) -> None:
+    async with gateway_with(max_queued_messages=2) as gw:
         async with gw.connect("busy") as client:
             await client.send({"type": "user_message", "content": "bench 50 100"})
             await client.recv()  # its first token: the first message is now the running turn

@@ -16,7 +16,7 @@ import trio_websocket
 from trio_gateway.session.session import MAX_SOCKETS_PER_SESSION
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway, wait_for
+from ..conftest import GatewayWith, RunningGateway, WsClient, close_code, wait_for
 
 HI = {"type": "user_message", "content": "hi", "role": "user"}
 
@@ -115,10 +115,9 @@ async def test_too_many_windows_close_the_oldest_viewer(gateway: RunningGateway)
 
 
 async def test_a_drain_closes_every_window_with_1012_after_the_turn(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    settings = gateway_settings(demo_runtime[1], drain_timeout=10.0)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(drain_timeout=10.0) as gw:
         async with gw.connect("drained") as first, gw.connect("drained") as second:
             await viewers_attached(gw, "drained", 1)
             await first.send({"type": "user_message", "content": "bench 200 100"})
@@ -135,16 +134,13 @@ async def test_a_drain_closes_every_window_with_1012_after_the_turn(
 
 
 async def test_a_stalled_viewer_does_not_cancel_the_live_windows_turn(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(
-        url,
+    async with gateway_with(
         outbound_queue_max_bytes=64 * 1024 * 1024,  # the viewer's byte bound never trips
         ws_slow_client_timeout=1.0,
         ws_heartbeat_interval=60.0,
-    )
-    async with run_gateway(nursery, settings) as gw:
+    ) as gw:
         async with gw.connect("stall") as live:
             # The second window: same (anonymous) user, v1, never reads.
             viewer = await gw.stalled_client("stall")
@@ -157,12 +153,11 @@ async def test_a_stalled_viewer_does_not_cancel_the_live_windows_turn(
 
 
 async def test_a_window_promoted_during_a_drain_is_closed_promptly(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
     from trio_gateway.protocol import CloseCode
 
-    settings = gateway_settings(demo_runtime[1], drain_timeout=10.0)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(drain_timeout=10.0) as gw:
         async with gw.connect("promo"), gw.connect("promo") as second:
             await viewers_attached(gw, "promo", 1)
             sessions = gw.app.gateway.sessions
