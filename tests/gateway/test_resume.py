@@ -8,6 +8,7 @@ the tokens it assembles across all its connections are exactly what the runtime 
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ import trio
 
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
-from ..conftest import RunningGateway, gateway_settings, port_of, run_gateway, wait_for
+from ..conftest import GatewayWith, RunningGateway, gateway_settings, port_of, run_gateway, wait_for
 from ..support.rawws import RawWebSocket
 from ..support.resume import ResumingClient
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
@@ -38,24 +39,21 @@ async def new_session(
 # that failure prints the gateway's task tree), so a wedge still fails fast.
 @pytest.mark.timeout(300)
 async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
+    rng = random.Random(20261127)
+    turns, tokens_per_turn = 3, 6000
+    cuts = 0
     # Room for a whole turn while detached: this test is about replay, not about overflow
     # (test_lifecycle covers a detached turn that overflows: resync_required).
-    settings = gateway_settings(
-        url,
+    async with gateway_with(
         session_grace_seconds=10,
         resume_wait_seconds=5,
         outbound_queue_max_bytes=8 * 1024 * 1024,
         ws_heartbeat_interval=30,  # a loaded machine must not turn a slow read into a timeout
         # Hundreds of cuts, each reconnecting at once: far beyond any real client's reconnects.
         ws_handshakes_per_second=10_000,
-    )
-    rng = random.Random(20261127)
-    turns, tokens_per_turn = 3, 6000
-    cuts = 0
-    async with run_gateway(nursery, settings) as gw:
+    ) as gw:
         client = await new_session(gw, "resume-exact")
         for turn in range(turns):
             await client.send({"type": "user_message", "content": f"bench {tokens_per_turn}"})
@@ -91,10 +89,9 @@ async def test_tokens_are_exact_across_many_random_cuts_in_long_turns(
 
 
 async def test_resume_replays_the_missed_frames_then_says_resumed(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=10)) as gw:
+    async with gateway_with(session_grace_seconds=10) as gw:
         client = await new_session(gw, "resume-replay", "bench 50")
         await client.until("turn_started")
         seen = client.last_seq
@@ -113,10 +110,9 @@ async def test_resume_replays_the_missed_frames_then_says_resumed(
 
 
 async def test_a_client_ahead_of_the_session_is_told_to_resync_then_continues_live(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    _, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url)) as gw:
+    async with gateway_with() as gw:
         client = ResumingClient(port_of(gw.base_url), "resume-ahead")
         client.last_seq = 500  # e.g. a session of another gateway process that restarted
         await client.connect(resume=True)
@@ -128,11 +124,9 @@ async def test_a_client_ahead_of_the_session_is_told_to_resync_then_continues_li
 
 
 async def test_frames_evicted_from_the_replay_buffer_mean_resync_never_a_partial_replay(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith, runtime: DemoRuntime
 ) -> None:
-    runtime, url = demo_runtime
-    settings = gateway_settings(url, replay_max_frames=5, session_grace_seconds=10)
-    async with run_gateway(nursery, settings) as gw:
+    async with gateway_with(replay_max_frames=5, session_grace_seconds=10) as gw:
         client = await new_session(gw, "resume-evicted", "bench 200 2000")
         await client.until("turn_started")
         await wait_for(lambda: runtime.completed_streams == 1)
@@ -142,11 +136,8 @@ async def test_frames_evicted_from_the_replay_buffer_mean_resync_never_a_partial
     assert resync == {"type": "resync_required", "reason": "frames_expired"}
 
 
-async def test_resume_is_refused_on_v1_and_after_the_first_frame(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
-) -> None:
-    _, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url)) as gw:
+async def test_resume_is_refused_on_v1_and_after_the_first_frame(gateway_with: GatewayWith) -> None:
+    async with gateway_with() as gw:
         port = port_of(gw.base_url)
         v1 = await RawWebSocket.connect(port, "/api/v1/ws/resume-v1")
         await v1.send_json({"type": "resume", "last_seq": 0})
@@ -164,17 +155,21 @@ async def test_resume_is_refused_on_v1_and_after_the_first_frame(
 
 
 async def test_a_resume_on_a_fresh_session_is_answered_even_without_history(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    _, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url)) as gw:
+    async with gateway_with() as gw:
         client = ResumingClient(port_of(gw.base_url), "resume-fresh")
         await client.connect(resume=True)
         resumed = await client.recv()
     assert resumed == {"type": "resumed", "from_seq": 1, "replayed": 0}
 
 
-def approval_script() -> Script:
+@pytest.fixture
+async def approval_gw(
+    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+) -> AsyncIterator[RunningGateway]:
+    """A gateway (10 s of grace) in front of a runtime that, told "write it", asks after 0.3 s
+    for approval of a tool call (``call_1``)."""
     call = chunk(
         type="tool_call",
         call_id="call_1",
@@ -183,28 +178,28 @@ def approval_script() -> Script:
         requires_approval=True,
         is_final=True,
     )
-    return Script(body=[0.3, sse(call)])
+    scripted_runtime.scripts["write it"] = Script(body=[0.3, sse(call)])
+    settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
+    async with run_gateway(nursery, settings) as gw:
+        yield gw
 
 
 async def test_an_approval_asked_while_detached_reaches_the_resumed_client_and_is_answered_once(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    approval_gw: RunningGateway, scripted_runtime: ScriptedRuntime
 ) -> None:
-    scripted_runtime.scripts["write it"] = approval_script()
-    settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
-    async with run_gateway(nursery, settings) as gw:
-        client = await new_session(gw, "resume-approval", "write it")
-        await client.until("turn_started")
-        await client.cut()  # gone before the runtime asks for approval
-        await wait_for(lambda: scripted_runtime.open_streams == 0 and len(gw_turns(gw)) == 0)
-        await client.connect(resume=True)
-        await client.until("resumed")
-        call = await client.until("tool_call")
-        answer = {"type": "tool_result", "call_id": "call_1", "result": {"ok": True}}
-        await client.send(answer)
-        await client.until("turn_finished")  # the tool_call's turn
-        await client.until("turn_finished")  # the turn the answer started
-        await client.send(answer)
-        duplicate = await client.until("error")
+    client = await new_session(approval_gw, "resume-approval", "write it")
+    await client.until("turn_started")
+    await client.cut()  # gone before the runtime asks for approval
+    await wait_for(lambda: scripted_runtime.open_streams == 0 and not gw_turns(approval_gw))
+    await client.connect(resume=True)
+    await client.until("resumed")
+    call = await client.until("tool_call")
+    answer = {"type": "tool_result", "call_id": "call_1", "result": {"ok": True}}
+    await client.send(answer)
+    await client.until("turn_finished")  # the tool_call's turn
+    await client.until("turn_finished")  # the turn the answer started
+    await client.send(answer)
+    duplicate = await client.until("error")
     assert call["requires_approval"] is True and call["call_id"] == "call_1"
     assert duplicate["code"] == "already_answered" and duplicate["call_id"] == "call_1"
     forwarded = [r for r in scripted_runtime.requests if r["message"]["type"] == "tool_result"]
@@ -217,28 +212,24 @@ def gw_turns(gw: Any) -> list[object]:
 
 
 async def test_a_client_that_must_resync_gets_the_unanswered_approval_again(
-    nursery: trio.Nursery, scripted_runtime: ScriptedRuntime
+    approval_gw: RunningGateway,
 ) -> None:
-    scripted_runtime.scripts["write it"] = approval_script()
-    settings = gateway_settings(scripted_runtime.url, session_grace_seconds=10)
-    async with run_gateway(nursery, settings) as gw:
-        client = await new_session(gw, "resync-approval", "write it")
-        first = await client.until("tool_call")
-        await client.until("turn_finished")
-        await client.cut()
-        client.last_seq = 10_000  # cannot be replayed: resync
-        await client.connect(resume=True)
-        resync = await client.recv()
-        again = await client.recv()
+    client = await new_session(approval_gw, "resync-approval", "write it")
+    first = await client.until("tool_call")
+    await client.until("turn_finished")
+    await client.cut()
+    client.last_seq = 10_000  # cannot be replayed: resync
+    await client.connect(resume=True)
+    resync = await client.recv()
+    again = await client.recv()
     assert resync["type"] == "resync_required"
     assert again["type"] == "tool_call" and again["call_id"] == first["call_id"]
 
 
 async def test_an_idle_sessions_replay_buffer_empties_after_the_grace_period(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gateway_with: GatewayWith,
 ) -> None:
-    _, url = demo_runtime
-    async with run_gateway(nursery, gateway_settings(url, session_grace_seconds=1)) as gw:
+    async with gateway_with(session_grace_seconds=1) as gw:
         async with gw.connect("quiet-after-burst") as client:
             await client.send({"type": "user_message", "content": "bench 50"})
             await client.turn()
