@@ -54,16 +54,9 @@ def test_decoded_events_equal_constructed_ones_and_stay_frozen() -> None:
 # --- line endings -------------------------------------------------------------------------------
 
 
-def test_lf_terminated_lines_form_an_event() -> None:
-    assert decode_all(b"data: hello\n\n") == [ServerSentEvent("hello")]
-
-
-def test_crlf_terminated_lines_form_an_event() -> None:
-    assert decode_all(b"data: hello\r\n\r\n") == [ServerSentEvent("hello")]
-
-
-def test_cr_only_terminated_lines_form_an_event() -> None:
-    assert decode_all(b"data: hello\r\r") == [ServerSentEvent("hello")]
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr-only"])
+def test_lf_crlf_and_cr_terminated_lines_form_an_event(newline: bytes) -> None:
+    assert decode_all(b"data: hello" + newline + newline) == [ServerSentEvent("hello")]
 
 
 def test_line_endings_may_be_mixed_within_a_stream() -> None:
