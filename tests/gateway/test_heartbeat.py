@@ -44,32 +44,27 @@ async def test_a_peer_that_answers_pings_stays_connected_while_idle(gw: RunningG
 
 
 async def test_the_gateway_pings_every_interval_from_the_writer_not_a_hypercorn_task(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gw: RunningGateway,
 ) -> None:
     """Pings come from the connection's writer (watched like any send) rather than from a
     hypercorn ping task per socket (~3.5 KiB of every idle session)."""
-    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3)
-    async with run_gateway(nursery, settings) as gw:
-        port = int(gw.base_url.rsplit(":", 1)[1])
-        raw = await RawWebSocket.connect(port, "/api/v1/ws/pinged")
-        pings = await raw.count_pings(2.0)
-        assert not raw.eof
-        assert 4 <= pings <= 12, pings  # every 0.3 s, give or take a heartbeat tick
-        assert task_names(lambda name: name.endswith("_send_pings")) == []
-        await raw.aclose()
+    raw = await RawWebSocket.connect(port_of(gw.base_url), "/api/v1/ws/pinged")
+    pings = await raw.count_pings(2.0)
+    assert not raw.eof
+    assert 4 <= pings <= 12, pings  # every 0.3 s, give or take a heartbeat tick
+    assert task_names(lambda name: name.endswith("_send_pings")) == []
+    await raw.aclose()
 
 
 async def test_a_second_window_answering_pings_stays_connected_while_idle(
-    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+    gw: RunningGateway,
 ) -> None:
     """A viewer (the IDE's second window on a session) is pinged by its own writer too."""
-    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3)
-    async with run_gateway(nursery, settings) as gw:
-        async with gw.connect("two-windows") as live, gw.connect("two-windows") as viewer:
-            await trio.sleep(3)  # well past the read timeout
-            await live.send({"type": "user_message", "content": "still here"})
-            assert (await live.turn())[-1]["is_final"] is True
-            assert (await viewer.turn())[-1]["is_final"] is True
+    async with gw.connect("two-windows") as live, gw.connect("two-windows") as viewer:
+        await trio.sleep(3)  # well past the read timeout
+        await live.send({"type": "user_message", "content": "still here"})
+        assert (await live.turn())[-1]["is_final"] is True
+        assert (await viewer.turn())[-1]["is_final"] is True
 
 
 async def test_v2_clients_get_a_heartbeat_frame_when_the_socket_is_quiet(
