@@ -8,7 +8,6 @@ as a ``trio-gateway serve`` child process.
 from __future__ import annotations
 
 import signal
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from trio_gateway.state.cluster import Cluster
 from trio_gateway.tools.demo_runtime import DemoRuntime
 
 from ..conftest import INTERNAL_KEY, close_code, gateway_settings, port_of, run_gateway, wait_for
-from ..support.processes import child_env, spawned
+from ..support.processes import Child, child_env, spawned
 from ..support.redis_server import RedisServer
 from ..support.resume import ResumingClient
 
@@ -279,7 +278,7 @@ async def test_redis_down_refuses_new_sessions_lets_running_turns_finish_and_rec
 @pytest.fixture
 async def gateway_process(
     demo_runtime: tuple[DemoRuntime, str], redis_server: RedisServer, tmp_path: Path
-) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+) -> AsyncIterator[Child]:
     """Replica A as a real process (so it can be SIGKILLed), on a free port."""
     env = child_env(
         INTERNAL_KEY,
@@ -291,21 +290,18 @@ async def gateway_process(
         session_grace_seconds="10",
     )
     with spawned("replica-a", ["serve"], env, tmp_path) as child:
-        try:
-            await child.wait_healthy(20)
-            yield child.process, child.url
-        finally:
-            child.stop(signal.SIGKILL)
+        await child.wait_healthy(20)
+        yield child
 
 
 async def test_the_replica_running_the_turn_is_killed_and_the_client_is_told_never_left_hanging(
     nursery: trio.Nursery,
     demo_runtime: tuple[DemoRuntime, str],
     redis_server: RedisServer,
-    gateway_process: tuple[subprocess.Popen[bytes], str],
+    gateway_process: Child,
 ) -> None:
     _, url = demo_runtime
-    process, a_url = gateway_process
+    a_url = gateway_process.url
     async with run_gateway(nursery, replica_settings(url, redis_server)) as b:
         client = ResumingClient(port_of(a_url), "killed-replica")
         await client.connect(resume=False)
@@ -313,7 +309,7 @@ async def test_the_replica_running_the_turn_is_killed_and_the_client_is_told_nev
         await client.ws.send_json({"type": "user_message", "content": "bench 2000 200"})
         for _ in range(20):
             await client.next()
-        process.send_signal(signal.SIGKILL)  # mid-turn, no cleanup of any kind
+        gateway_process.stop(signal.SIGKILL)  # mid-turn, no cleanup of any kind
         client.ws.reset()
         client.port = port_of(b.base_url)
         await client.connect(resume=True)

@@ -30,6 +30,7 @@ from trio_gateway.workers import check_worker_settings, parse_worker_count
 
 from ..conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings
 from ..support.ports import free_port
+from ..support.processes import TrioChild, child_env, clean_env, run_cli, run_command, started_cli
 from ..support.redis_server import REDIS_SERVER, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -53,17 +54,8 @@ def test_several_workers_need_shared_state() -> None:
 
 
 async def test_serve_refuses_several_workers_without_redis() -> None:
-    result = await trio.run_process(
-        [sys.executable, "-m", "trio_gateway.cli", "serve", "--workers", "2", "--port", "0"],
-        env={
-            **os.environ,
-            "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
-            "GATEWAY__STATE_BACKEND": "memory",
-        },
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    env = clean_env(internal_api_key=INTERNAL_KEY, state_backend="memory")
+    result = await run_cli("serve", "--workers", "2", "--port", "0", env=env)
     assert result.returncode == 2
     assert b"needs GATEWAY__STATE_BACKEND=redis" in result.stderr
 
@@ -72,7 +64,7 @@ async def test_serve_refuses_several_workers_without_redis() -> None:
 class Fleet:
     """A ``serve --workers N`` process and what its JSON log lines said so far."""
 
-    process: trio.Process
+    child: TrioChild
     port: int
     lines: list[dict[str, Any]] = field(default_factory=list)
     changed: trio.Event = field(default_factory=trio.Event)
@@ -82,16 +74,12 @@ class Fleet:
         return f"http://127.0.0.1:{self.port}"
 
     async def read_logs(self) -> None:
-        assert self.process.stderr is not None
-        buffer = b""
-        async for piece in self.process.stderr:
-            buffer += piece
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                try:
-                    self.lines.append(json.loads(line))
-                except ValueError:
-                    self.lines.append({"message": line.decode(errors="replace")})
+        assert self.child.stderr is not None
+        async for line in self.child.stderr:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"message": line})
             self.changed.set()
             self.changed = trio.Event()
 
@@ -119,42 +107,35 @@ async def fleet(
     nursery: trio.Nursery, runtime_url: str, redis_url: str, workers: int = 2
 ) -> AsyncIterator[Fleet]:
     port = free_port()
-    env = {
-        **os.environ,
-        "GATEWAY__AGENT_URL": runtime_url,
-        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
-        "GATEWAY__USE_JWT_AUTH": "false",
-        "GATEWAY__STATE_BACKEND": "redis",
-        "GATEWAY__REDIS_URL": redis_url,
-        "GATEWAY__LOG_FORMAT": "json",
-        "GATEWAY__DRAIN_TIMEOUT": "2",
-        "GATEWAY__WS_CLOSE_TIMEOUT": "1",
-    }
-    process = await trio.lowlevel.open_process(
-        [
-            *(sys.executable, "-m", "trio_gateway.cli", "serve", "--workers", str(workers)),
-            *("--host", "127.0.0.1", "--port", str(port)),
-        ],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    env = child_env(
+        INTERNAL_KEY,
+        log_level="INFO",
+        agent_url=runtime_url,
+        state_backend="redis",
+        redis_url=redis_url,
+        log_format="json",
+        drain_timeout="2",
+        ws_close_timeout="1",
     )
-    running = Fleet(process, port)
-    nursery.start_soon(running.read_logs)
-    try:
-        await running.wait_log(lambda line: line.get("event") == "worker_started", workers)
-        # Every worker listening: each says so once hypercorn has bound.
-        await running.wait_log(lambda line: "serving on" in line.get("message", ""), workers + 1)
-        yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.move_on_after(10):
-                await process.wait()
-        for pid in running.worker_pids().values():  # never leave an orphan behind
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    command = ("serve", "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port))
+    async with started_cli(
+        *command, env=env, stderr=subprocess.PIPE, stop_signal=signal.SIGKILL
+    ) as child:
+        running = Fleet(child, port)
+        nursery.start_soon(running.read_logs)
+        try:
+            await running.wait_log(lambda line: line.get("event") == "worker_started", workers)
+            # Every worker listening: each says so once hypercorn has bound.
+            await running.wait_log(
+                lambda line: "serving on" in line.get("message", ""), workers + 1
+            )
+            yield running
+        finally:
+            with trio.CancelScope(shield=True):  # first: a living supervisor restarts workers
+                await child.stop(signal.SIGKILL)
+            for pid in running.worker_pids().values():  # never leave an orphan behind
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -214,7 +195,7 @@ async def test_a_worker_that_dies_is_started_again(
         assert running.worker_pids()[0] != victim
         await running.wait_log(lambda line: "serving on" in line.get("message", ""), 4)
         await fresh_connection_requests(running.base_url, 20)
-        assert running.process.returncode is None
+        assert running.child.returncode is None
 
 
 @needs_redis
@@ -248,9 +229,7 @@ async def test_sigterm_drains_every_worker_and_clients_get_1012(
             with trio.fail_after(30):
                 await all_mid_turn.wait()
             assert set(running.served_by("ws_connected")) == {0, 1}
-            running.process.send_signal(signal.SIGTERM)
-            with trio.fail_after(30):
-                assert await running.process.wait() == 0
+            assert await running.child.stop(signal.SIGTERM, grace=30) == 0
     assert codes == [1012] * 16
 
 
@@ -265,20 +244,15 @@ def process_alive(pid: int) -> bool:
 
 async def test_a_worker_whose_supervisor_died_during_its_startup_still_drains() -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "GATEWAY__INTERNAL_API_KEY": INTERNAL_KEY,
-        "GATEWAY__AGENT_URL": "http://127.0.0.1:9",
-        "GATEWAY__USE_JWT_AUTH": "false",
-        "GATEWAY__DRAIN_TIMEOUT": "1",
-    }
+    env = child_env(INTERNAL_KEY, agent_url="http://127.0.0.1:9", drain_timeout="1")
     # The "supervisor" (a shell) starts the worker as the real one does (its pid in the
     # environment) and is gone before the worker has even imported the gateway.
     script = (
         f"TRIO_GATEWAY_SUPERVISOR_PID=$$ {sys.executable} -m trio_gateway.cli serve "
         f"--reuse-port --host 127.0.0.1 --port {port} >/dev/null 2>&1 & echo $!"
     )
-    result = await trio.run_process(["sh", "-c", script], env=env, capture_stdout=True)
+    result = await run_command(["sh", "-c", script], env=env)
+    assert result.returncode == 0, result.stderr
     pid = int(result.stdout.strip())
     try:
         with trio.fail_after(30):  # start-up, one poll, the drain

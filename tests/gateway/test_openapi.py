@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from trio_gateway.edge.rest_routes import ROUTES
 from trio_gateway.openapi import PROTOCOL_PATH, build_openapi
 
 from ..conftest import RunningGateway
+from ..support.processes import run_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,11 +100,8 @@ def test_the_packaged_protocol_is_docs_protocol_md() -> None:
 # pip builds a wheel in an isolated environment: it needs setuptools from an index.
 @pytest.mark.timeout(300)
 def test_a_wheel_serves_the_protocol_without_the_source_tree(tmp_path: Path) -> None:
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=280,
+    build = run_python(
+        *("-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)), timeout=280
     )
     if build.returncode != 0 and "setuptools" in build.stderr and "find" in build.stderr:
         pytest.skip(f"no build backend available: {build.stderr[-300:]}")
@@ -120,13 +116,8 @@ def test_a_wheel_serves_the_protocol_without_the_source_tree(tmp_path: Path) -> 
         "assert '.whl' in o.__file__, o.__file__; "
         "sys.stdout.write(o.load_protocol_document() or '')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"},
+    result = run_python(
+        "-c", probe, cwd=tmp_path, env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"}
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
 import sys
 import textwrap
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, WsClient, gateway_settings, run_gateway
 from ..support.jwks_server import JWKSServer
-from ..support.processes import clean_env, cli_command
+from ..support.processes import clean_env, run_cli, started
 
 
 class FakeClock:
@@ -218,30 +220,30 @@ CLAIMER = textwrap.dedent(
 
 async def test_processes_racing_on_one_file_agree_on_every_owner(db_path: str) -> None:
     users = ("p1", "p2", "p3")
-    processes = [
-        await trio.lowlevel.open_process(
-            [sys.executable, "-c", CLAIMER, db_path, user],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        for user in users
-    ]
     outputs: dict[str, dict[str, str]] = {}
-    try:
+    async with AsyncExitStack() as stack:
+        claimers = [
+            await stack.enter_async_context(
+                started(
+                    [sys.executable, "-c", CLAIMER, db_path, user],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stop_signal=signal.SIGKILL,
+                )
+            )
+            for user in users
+        ]
         with trio.fail_after(60):
-            streams = [TextReceiveStream(p.stdout) for p in processes]  # type: ignore[arg-type]
-            for stream in streams:
-                assert (await stream.receive_line()) == "ready"
-            for process in processes:
-                assert process.stdin is not None
-                await process.stdin.send_all(b"go\n")
-            for user, stream, process in zip(users, streams, processes, strict=True):
-                outputs[user] = json.loads(await stream.receive_line())
-                assert await process.wait() == 0
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.kill()
+            for claimer in claimers:
+                assert claimer.stdout is not None
+                assert (await claimer.stdout.read_line()) == "ready"
+            for claimer in claimers:
+                assert claimer.process.stdin is not None
+                await claimer.process.stdin.send_all(b"go\n")
+            for user, claimer in zip(users, claimers, strict=True):
+                assert claimer.stdout is not None
+                outputs[user] = json.loads(await claimer.stdout.read_line())
+                assert await claimer.process.wait() == 0
     db = OwnershipDB.open(db_path)
     try:
         for n in range(150):
@@ -252,23 +254,6 @@ async def test_processes_racing_on_one_file_agree_on_every_owner(db_path: str) -
         assert sum(len(db.sessions_of(user, now=1.0)) for user in users) == 150
     finally:
         db.close()
-
-
-class TextReceiveStream:
-    """Lines from a process' stdout."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def receive_line(self) -> str:
-        while b"\n" not in self.buffer:
-            chunk = await self.stream.receive_some()
-            if not chunk:
-                raise EOFError("the process ended without a line")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
 
 
 # --- the event loop and failures ---------------------------------------------------------------
@@ -350,20 +335,12 @@ def test_sqlite_is_the_default_backend_and_memory_is_refused_as_a_path(
             load_settings(internal_api_key="a-real-key-0123456789")
 
 
-async def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
-    """``trio-gateway ARGS`` run to its end, its output captured, whatever its exit status."""
-    return await trio.run_process(
-        cli_command(*args), env=env, capture_stdout=True, capture_stderr=True, check=False
-    )
-
-
 async def test_serve_refuses_to_start_on_an_unusable_file_in_one_line(tmp_path: Path) -> None:
     junk = tmp_path / "junk.sqlite3"
     junk.write_bytes(b"this is not a database" * 100)
     env = clean_env(internal_api_key=INTERNAL_KEY, sqlite_path=str(junk))
-    with trio.fail_after(60):
-        served = await cli("serve", "--port", "0", env=env)
-        checked = await cli("check", "--timeout", "2", env=env)
+    served = await run_cli("serve", "--port", "0", env=env)
+    checked = await run_cli("check", "--timeout", "2", env=env)
     assert served.returncode == 1
     assert served.stderr.decode().splitlines() == [
         f"trio-gateway: cannot use the SQLite state file {junk}: file is not a database "

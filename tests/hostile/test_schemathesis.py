@@ -14,7 +14,6 @@ with ``FUZZ_EXAMPLES`` (default 100) examples per operation.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from ..support.processes import child_env, spawned, wait_until_serving_sync
 
 ST = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
 pytestmark = pytest.mark.skipif(ST is None, reason="schemathesis (st) is not installed")
@@ -32,66 +33,23 @@ CHECKS = (
 )
 
 
-def _start(args: list[str], env: dict[str, str], pattern: str) -> tuple[subprocess.Popen[str], str]:
-    """Start ``trio-gateway ARGS``; wait (bounded) for a line matching ``pattern``."""
-    command = [sys.executable, "-c", "import sys; from trio_gateway.cli import main; main()", *args]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    for line in process.stdout:  # ends at EOF if the process dies
-        lines.append(line)
-        found = re.search(pattern, line)
-        if found:
-            return process, found.group(1)
-        if len(lines) > 200:
-            break
-    process.kill()
-    raise AssertionError(f"{args[0]} did not start: {''.join(lines)[-2000:]}")
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
-def gateway_url() -> Iterator[str]:
-    env = {
-        **os.environ,
-        "GATEWAY__INTERNAL_API_KEY": KEY,
-        "GATEWAY__LOG_FORMAT": "json",
-        "GATEWAY__ACCESS_LOG": "false",
-    }
-    runtime, runtime_url = _start(
-        ["demo-runtime", "--host", "127.0.0.1", "--port", "0", "--instant"],
-        env,
-        r"demo runtime serving on (http://127\.0\.0\.1:\d+)",
-    )
-    try:
-        gateway_env = {
-            **env,
-            "GATEWAY__AGENT_URL": runtime_url,
-            "GATEWAY__USE_JWT_AUTH": "false",
-            "GATEWAY__REST_REQUESTS_PER_SECOND": "100000",
-            "GATEWAY__REST_REQUEST_BURST": "1000000",
-        }
-        gateway, url = _start(
-            ["serve", "--host", "127.0.0.1", "--port", "0"],
-            gateway_env,
-            r"serving on (http://127\.0\.0\.1:\d+)",
+def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    workdir = tmp_path_factory.mktemp("schemathesis")
+    env = child_env(KEY, log_format="json", access_log="false")
+    with spawned("runtime", ["demo-runtime", "--instant"], env, workdir) as runtime:
+        wait_until_serving_sync(runtime.url)
+        gateway_env = child_env(
+            KEY,
+            log_format="json",
+            access_log="false",
+            agent_url=runtime.url,
+            rest_requests_per_second="100000",
+            rest_request_burst="1000000",
         )
-        try:
-            yield url
-        finally:
-            _stop(gateway)
-    finally:
-        _stop(runtime)
+        with spawned("gateway", ["serve"], gateway_env, workdir) as gateway:
+            wait_until_serving_sync(gateway.url)
+            yield gateway.url
 
 
 def run_schemathesis(url: str, examples: int, phases: str, timeout: float = 850) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tracemalloc
@@ -38,6 +37,7 @@ from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, 
 from ..support.fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
 from ..support.gateway_process import resident_bytes
 from ..support.jwks_server import JWKSServer
+from ..support.processes import started
 from ..support.rawws import RawWebSocket, Rejected
 from ..support.scripted_runtime import ScriptedRuntime
 
@@ -247,29 +247,16 @@ async def gateway_process(**values: Any) -> AsyncIterator[tuple[int, int]]:
         "ws_close_timeout": 1.0,
     }
     settings.update(values)
-    process = await trio.lowlevel.open_process(
+    async with started(
         [sys.executable, "-m", "tests.support.gateway_process", json.dumps(settings)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert process.stdout is not None
-        line = b""
+    ) as gateway:
+        assert gateway.stdout is not None
         with trio.fail_after(30):
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some(1)
-                assert chunk, "the gateway process exited before listening"
-                line += chunk
-        yield process.pid, int(line.split()[1])
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+            line = await gateway.stdout.read_line()  # "PORT <n>" once it listens
+        yield gateway.pid, int(line.split()[1])
 
 
 async def send_bomb(port: int, session_id: str, attack: str) -> None:

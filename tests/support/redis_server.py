@@ -26,11 +26,12 @@ START_TIMEOUT = 10.0
 
 
 def answers_ping(port: int) -> bool:
-    """Whether a Redis on 127.0.0.1:``port`` answers PING right now."""
+    """Whether a Redis on 127.0.0.1:``port`` answers PING right now (one started with
+    ``--requirepass`` answers ``-NOAUTH``: it is up too)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
             conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
+            return conn.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 

@@ -10,9 +10,8 @@ import os
 import pty
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,7 +41,8 @@ from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV, DevIssuer
 
 from ..conftest import RunningGateway, gateway_settings, run_gateway, wait_for
 from ..support.jwks_server import JWKSServer
-from .test_cli import banner_token, cli_env, running_demo
+from ..support.processes import started_cli
+from .test_cli import banner_token, cli_env, ctrl_c, running_demo
 
 
 @pytest.fixture(autouse=True)
@@ -491,30 +491,29 @@ class Terminal:
 async def chat(*args: str, cwd: Path, env: dict[str, str] | None = None) -> AsyncIterator[Terminal]:
     """``trio-gateway chat ARGS --plain`` on a fresh pty, killed at the end if still running."""
     master, slave = pty.openpty()
-    try:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_gateway.cli", "chat", *args, "--plain"],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            cwd=cwd,
-            env=cli_env(env),
-        )
-    finally:
-        os.close(slave)
-    terminal = Terminal(process, trio.lowlevel.FdStream(master))
-    try:
+    async with trio.lowlevel.FdStream(master) as stream, AsyncExitStack() as stack:
+        try:
+            child = await stack.enter_async_context(
+                started_cli(
+                    *("chat", *args, "--plain"),
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=cli_env(env),
+                    stop_signal=signal.SIGKILL,
+                )
+            )
+        finally:
+            os.close(slave)  # the child has its own copy: EOF on the master when it exits
+        terminal = Terminal(child.process, stream)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(terminal.pump)
             try:
                 yield terminal
             finally:
-                if process.returncode is None:
-                    process.kill()
-                await process.wait()
+                await child.stop(signal.SIGKILL)  # a chat still running; then the pump
                 nursery.cancel_scope.cancel()
-    finally:
-        await terminal.stream.aclose()
 
 
 def runtime_messages(runtime: DemoRuntime, session_id: str) -> list[dict[str, Any]]:
@@ -682,9 +681,7 @@ async def test_the_real_demo_with_a_token_from_the_demo_issuer(tmp_path: Path) -
             await terminal.expect("you> ")
             await terminal.type("/quit\n")
             assert await terminal.exit_code() == 0
-        demo.send_signal(signal.SIGINT)
-        with trio.fail_after(DEADLINE):
-            assert await demo.wait() == 0
+        assert await ctrl_c(demo) == 0
 
 
 async def test_token_from_demo_without_a_demo_is_a_usage_error(tmp_path: Path) -> None:

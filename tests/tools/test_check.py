@@ -7,12 +7,7 @@ Redis a small RESP server on a loopback socket (plus the real ``redis-server`` w
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,15 +34,11 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, gateway_settings
 from ..support.jwks_server import JWKSServer
+from ..support.ports import free_port as closed_port  # bound, then released: nobody listens
+from ..support.processes import clean_env, run_cli
+from ..support.redis_server import REDIS_SERVER, running_redis
 
 REDIS_PASSWORD = "s3cret-redis-password"
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FakeRedis:
@@ -327,39 +318,18 @@ async def test_a_redis_that_never_answers_fails_at_the_timeout(nursery: trio.Nur
     assert mute.commands == [["PING"]]
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 async def test_a_real_redis_server_answers_the_check(tmp_path: Path) -> None:
-    port = closed_port()
-    process = await trio.lowlevel.open_process(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            REDIS_PASSWORD,
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with running_redis(tmp_path, ["--requirepass", REDIS_PASSWORD]) as server:
+        port = server.port
         good = gateway_settings(
             "http://127.0.0.1:1",
             state_backend="redis",
             redis_url=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/1",
         )
-        with trio.fail_after(20):
-            while (result := await check_redis(good, timeout=5)).status != "ok":
-                assert process.returncode is None, "redis-server exited"
-                await trio.sleep(0.1)
-        assert result.detail == "PONG"
+        # Started: it answers (NOAUTH) already.
+        result = await check_redis(good, timeout=5)
+        assert (result.status, result.detail) == ("ok", "PONG")
         bad = gateway_settings(
             "http://127.0.0.1:1",
             state_backend="redis",
@@ -367,30 +337,18 @@ async def test_a_real_redis_server_answers_the_check(tmp_path: Path) -> None:
         )
         refused = await check_redis(bad, timeout=5)
         assert refused.status == "FAIL" and "NOAUTH" in refused.detail
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            await process.wait()
 
 
 # --- the command -----------------------------------------------------------------------------
 
 
 def check_env(**variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
-    return {**env, **variables}
+    """No operator ``GATEWAY__*`` but ``variables`` (full names)."""
+    return {**clean_env(), **variables}
 
 
 async def run_check_command(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", "check", "--timeout", "10"],
-            env=env,
-            cwd=cwd,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    return await run_cli("check", "--timeout", "10", env=env, cwd=cwd)
 
 
 async def test_the_command_reports_and_exits_0_when_all_is_well(
@@ -456,15 +414,10 @@ async def test_the_command_exits_2_on_a_bad_configuration(
     assert "GATEWAY__" in message and "Traceback" not in message
 
 
-def test_check_is_a_listed_command() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "trio_gateway.cli", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=check_env(),
-    )
-    assert result.returncode == 0 and "check" in result.stdout and "dev-issuer" in result.stdout
+async def test_check_is_a_listed_command() -> None:
+    result = await run_cli("--help", env=check_env())
+    listed = result.stdout.decode()
+    assert result.returncode == 0 and "check" in listed and "dev-issuer" in listed
 
 
 async def test_checks_run_concurrently_so_one_slow_dependency_does_not_hide_others(

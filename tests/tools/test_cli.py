@@ -36,7 +36,15 @@ from trio_gateway.tools.dev_auth import (
 
 from ..conftest import WsClient, close_code
 from ..support.ports import free_port
-from ..support.processes import wait_until_serving
+from ..support.processes import (
+    TrioChild,
+    clean_env,
+    run_cli,
+    run_command,
+    run_python,
+    started,
+    started_cli,
+)
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
 KEY_ENV = {"GATEWAY__INTERNAL_API_KEY": "cli-test-key-0123456789"}
@@ -54,63 +62,33 @@ def private_issuer_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **(env or {})}
+    """This process's environment without the operator's ``GATEWAY__*``, plus ``env``."""
+    return {**clean_env(), **(env or {})}
 
 
-async def start(*args: str, env: dict[str, str] | None = None) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_gateway.cli", *args],
-        env=cli_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-async def run_cli(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", *args],
-            env=cli_env(env),
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
-async def stop(process: trio.Process, sig: int = signal.SIGINT) -> int:
-    if process.returncode is None:
-        process.send_signal(sig)
-    with trio.fail_after(20):
-        return await process.wait()
+async def ctrl_c(child: TrioChild) -> int:
+    """SIGINT, as a terminal's Ctrl-C; the exit status (SIGKILL after 20 s: then -9)."""
+    return await child.stop(signal.SIGINT, grace=20)
 
 
 @asynccontextmanager
-async def running_demo(issuer_file: Path) -> AsyncIterator[tuple[trio.Process, int, str]]:
+async def running_demo(issuer_file: Path) -> AsyncIterator[tuple[TrioChild, int, str]]:
     """A ``trio-gateway demo`` child, its port and its complete ready banner."""
     port = free_port()
-    process = await start("demo", "--port", str(port), env={DEV_ISSUER_FILE_ENV: str(issuer_file)})
-    try:
-        banner = await read_banner(process)
-        await wait_until_serving(f"http://127.0.0.1:{port}")
-        yield process, port, banner
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    env = cli_env({DEV_ISSUER_FILE_ENV: str(issuer_file)})
+    async with started_cli(
+        "demo", "--port", str(port), env=env, stdout=subprocess.PIPE, stop_signal=signal.SIGKILL
+    ) as demo:
+        banner = await read_banner(demo)
+        await demo.wait_serving(f"http://127.0.0.1:{port}")
+        yield demo, port, banner
 
 
-async def read_banner(process: trio.Process, timeout: float = 30) -> str:
+async def read_banner(demo: TrioChild, timeout: float = 30) -> str:
     """Stdout up to the end of the ready banner (printed once, flushed)."""
-    assert process.stdout is not None
-    printed = b""
+    assert demo.stdout is not None
     with trio.fail_after(timeout):
-        while b"Ctrl-C to stop." not in printed:
-            chunk = await process.stdout.receive_some(65536)
-            assert chunk, f"the demo ended before its banner: {printed!r}"
-            printed += chunk
-    return printed.decode()
+        return await demo.stdout.read_until("Ctrl-C to stop.")
 
 
 def banner_token(banner: str) -> str:
@@ -128,7 +106,7 @@ async def coding_turn(client: WsClient) -> None:
 
 async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     issuer_file = tmp_path / "state" / "demo-issuer.json"
-    async with running_demo(issuer_file) as (process, port, banner):
+    async with running_demo(issuer_file) as (demo, port, banner):
         assert f"ws://127.0.0.1:{port}/api/v1/ws/" in banner
         token = banner_token(banner)
         assert f'{{"type":"auth","token":"{token}"}}' in banner
@@ -141,7 +119,7 @@ async def test_demo_serves_a_chat_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         # The issuer the demo saved is private to the user.
         assert stat.S_IMODE(issuer_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(issuer_file.parent.stat().st_mode) & 0o077 == 0
-        assert await stop(process) == 0
+        assert await ctrl_c(demo) == 0
 
 
 def test_self_command_names_the_running_executable_quoted(tmp_path: Path) -> None:
@@ -176,16 +154,15 @@ async def test_the_demo_banner_prints_commands_that_run_without_an_activated_ven
     port = free_port()
     # The issuer file is the autouse fixture's, in this test's environment: the printed
     # `token` command inherits it like a user's shell would.
-    process = await trio.lowlevel.open_process(
+    async with started(
         [*launcher, "demo", "--port", str(port)],
         cwd=ROOT,
         env=cli_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        banner = await read_banner(process)
-        await wait_until_serving(f"http://127.0.0.1:{port}")
+        stop_signal=signal.SIGKILL,
+    ) as demo:
+        banner = await read_banner(demo)
+        await demo.wait_serving(f"http://127.0.0.1:{port}")
         match = re.search(r"\$\((.+) token\)", banner)
         assert match, banner
         command = match.group(1)
@@ -197,25 +174,13 @@ async def test_the_demo_banner_prints_commands_that_run_without_an_activated_ven
             if name not in {"VIRTUAL_ENV", "PYTHONPATH"}
         }
         bare["PATH"] = "/usr/bin:/bin"
-        with trio.fail_after(60):
-            result = await trio.run_process(
-                ["sh", "-c", f"{command} token"],
-                cwd=tmp_path,
-                env=bare,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
+        result = await run_command(["sh", "-c", f"{command} token"], cwd=tmp_path, env=bare)
         assert result.returncode == 0, result.stderr
         token = result.stdout.decode().strip()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             agents = await http.get("/api/v1/agents", headers={"Authorization": f"Bearer {token}"})
         assert agents.status_code == 200
-        assert await stop(process) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        assert await ctrl_c(demo) == 0
 
 
 async def test_the_readme_client_example_runs_as_printed(tmp_path: Path) -> None:
@@ -226,49 +191,40 @@ async def test_the_readme_client_example_runs_as_printed(tmp_path: Path) -> None
         flags=re.DOTALL,
     )
     assert match, "the quick start shows a client example run with the virtualenv's python"
-    async with running_demo(tmp_path / "issuer.json") as (process, port, banner):
+    async with running_demo(tmp_path / "issuer.json") as (demo, port, banner):
         script = match.group(1).replace("ws://127.0.0.1:8000/", f"ws://127.0.0.1:{port}/")
-        with trio.fail_after(60):
-            result = await trio.run_process(
-                [sys.executable, "-c", script],
-                env=cli_env({"TOKEN": banner_token(banner)}),
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
+        result = await run_command(
+            [sys.executable, "-c", script], env=cli_env({"TOKEN": banner_token(banner)})
+        )
         assert result.returncode == 0, result.stderr
         printed = result.stdout.decode()
         assert "'agent_switched'" in printed and "'read_file'" in printed
-        assert await stop(process) == 0
+        assert await ctrl_c(demo) == 0
 
 
 async def test_the_demo_log_shows_the_gateways_lines_as_the_gateways(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "demo.log"
+    env = cli_env({"GATEWAY__LOG_FORMAT": "json"})
     with log.open("wb") as log_file:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trio_gateway.cli", "demo", "--port", str(port)],
-            env=cli_env({"GATEWAY__LOG_FORMAT": "json"}),
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-        )
-    try:
-        banner = await read_banner(process)
-        await wait_until_serving(f"http://127.0.0.1:{port}")
-        token = banner_token(banner)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            agents = await http.get("/api/v1/agents", headers={"Authorization": f"Bearer {token}"})
-        assert agents.status_code == 200
-        async with trio_websocket.open_websocket_url(
-            f"ws://127.0.0.1:{port}/api/v1/ws/logged",
-            extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
-        ) as ws:
-            await coding_turn(WsClient(ws))
-        assert await stop(process) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        demo_args = ("demo", "--port", str(port))
+        stderr = log_file.fileno()
+        async with started_cli(
+            *demo_args, env=env, stdout=subprocess.PIPE, stderr=stderr, stop_signal=signal.SIGKILL
+        ) as demo:
+            banner = await read_banner(demo)
+            await demo.wait_serving(f"http://127.0.0.1:{port}")
+            token = banner_token(banner)
+            headers = {"Authorization": f"Bearer {token}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                agents = await http.get("/api/v1/agents", headers=headers)
+            assert agents.status_code == 200
+            async with trio_websocket.open_websocket_url(
+                f"ws://127.0.0.1:{port}/api/v1/ws/logged",
+                extra_headers=[(b"Authorization", f"Bearer {token}".encode())],
+            ) as ws:
+                await coding_turn(WsClient(ws))
+            assert await ctrl_c(demo) == 0
     entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     # hypercorn's lines under its own names are the gateway's: one "Running on", the gateway's.
     running = [e["message"] for e in entries if e["message"].startswith("Running on")]
@@ -290,22 +246,21 @@ async def test_the_demo_log_shows_the_gateways_lines_as_the_gateways(tmp_path: P
 async def test_check_next_to_a_running_demo_checks_the_demo_or_says_how(tmp_path: Path) -> None:
     issuer_file = tmp_path / "issuer.json"
     # This shell's settings are not the demo's: no GATEWAY__* at all (no internal key).
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
-    env[DEV_ISSUER_FILE_ENV] = str(issuer_file)
-    async with running_demo(issuer_file) as (process, port, banner):
+    env = cli_env({DEV_ISSUER_FILE_ENV: str(issuer_file)})
+    async with running_demo(issuer_file) as (child, port, banner):
         gateway = f"http://127.0.0.1:{port}"
         assert "check --demo" in banner
         plain = await run_check_in(tmp_path, env)
         assert plain.returncode == 2
         assert "BAD CONFIGURATION" in plain.stdout.decode()
         hint = " ".join(plain.stderr.decode().split())
-        assert f"`trio-gateway demo` running at {gateway} (pid {process.pid})" in hint
+        assert f"`trio-gateway demo` running at {gateway} (pid {child.pid})" in hint
         assert "check --demo` checks that one" in hint
 
         demo = await run_check_in(tmp_path, env, "--demo")
         report = demo.stdout.decode()
         assert demo.returncode == 0, report + demo.stderr.decode()
-        assert f"checking the `trio-gateway demo` at {gateway} (pid {process.pid}, running)" in (
+        assert f"checking the `trio-gateway demo` at {gateway} (pid {child.pid}, running)" in (
             report
         )
         assert re.search(rf"\[  ok   \] demo gateway +{gateway}/health: HTTP 200", report)
@@ -313,7 +268,7 @@ async def test_check_next_to_a_running_demo_checks_the_demo_or_says_how(tmp_path
         assert re.search(r"\[  ok   \] JWKS +http://127\.0\.0\.1:\d+/\.well-known/jwks", report)
         assert "verdict: OK" in report
         assert "GATEWAY__USE_JWT_AUTH" in report and "*** (set, 32 characters)" in report
-        assert await stop(process) == 0
+        assert await ctrl_c(child) == 0
     gone = await run_check_in(tmp_path, env, "--demo")
     assert gone.returncode == 1
     assert "NOT running" in gone.stdout.decode()
@@ -328,19 +283,11 @@ async def test_check_demo_without_a_demo_says_what_to_do(tmp_path: Path) -> None
 async def run_check_in(
     cwd: Path, env: dict[str, str], *args: str
 ) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process(
-            [sys.executable, "-m", "trio_gateway.cli", "check", "--timeout", "5", *args],
-            cwd=cwd,  # no .env here
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    return await run_cli("check", "--timeout", "5", *args, cwd=cwd, env=env)  # no .env in cwd
 
 
 async def test_the_demo_refuses_a_websocket_without_a_token(tmp_path: Path) -> None:
-    async with running_demo(tmp_path / "issuer.json") as (process, port, _):
+    async with running_demo(tmp_path / "issuer.json") as (demo, port, _):
         url = f"ws://127.0.0.1:{port}/api/v1/ws/no-token"
         async with trio_websocket.open_websocket_url(url) as ws:
             client = WsClient(ws)
@@ -352,24 +299,24 @@ async def test_the_demo_refuses_a_websocket_without_a_token(tmp_path: Path) -> N
         assert close_code(closed.value) == 4401
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/api/v1/agents")).status_code == 401
-        assert await stop(process) == 0
+        assert await ctrl_c(demo) == 0
 
 
 async def test_the_demo_accepts_the_token_as_the_first_frame(tmp_path: Path) -> None:
     # What `python -m websockets` users do (it cannot set headers): the banner's first frame.
-    async with running_demo(tmp_path / "issuer.json") as (process, port, banner):
+    async with running_demo(tmp_path / "issuer.json") as (demo, port, banner):
         token = banner_token(banner)
         url = f"ws://127.0.0.1:{port}/api/v1/ws/first-frame"
         async with trio_websocket.open_websocket_url(url) as ws:
             client = WsClient(ws)
             await client.send({"type": "auth", "token": token})
             await coding_turn(client)
-        assert await stop(process) == 0
+        assert await ctrl_c(demo) == 0
 
 
 async def test_token_prints_a_token_the_running_demo_accepts(tmp_path: Path) -> None:
     issuer_file = tmp_path / "issuer.json"
-    async with running_demo(issuer_file) as (process, port, _):
+    async with running_demo(issuer_file) as (demo, port, _):
         result = await run_cli(
             "token",
             "--sub",
@@ -378,7 +325,7 @@ async def test_token_prints_a_token_the_running_demo_accepts(tmp_path: Path) -> 
             "api:read api:write",
             "--lifetime",
             "600",
-            env={DEV_ISSUER_FILE_ENV: str(issuer_file)},
+            env=cli_env({DEV_ISSUER_FILE_ENV: str(issuer_file)}),
         )
         assert result.returncode == 0, result.stderr
         assert result.stderr == b""
@@ -398,12 +345,12 @@ async def test_token_prints_a_token_the_running_demo_accepts(tmp_path: Path) -> 
             url, extra_headers=[(b"Authorization", f"Bearer {token}".encode())]
         ) as ws:
             await coding_turn(WsClient(ws))
-        assert await stop(process) == 0
+        assert await ctrl_c(demo) == 0
 
 
 async def test_token_without_a_demo_issuer_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "never-written" / "issuer.json"
-    result = await run_cli("token", env={DEV_ISSUER_FILE_ENV: str(missing)})
+    result = await run_cli("token", env=cli_env({DEV_ISSUER_FILE_ENV: str(missing)}))
     assert result.returncode == 2
     assert result.stdout == b""
     message = result.stderr.decode()
@@ -417,23 +364,18 @@ async def test_token_refuses_a_lifetime_that_is_not_positive(tmp_path: Path, lif
     issuer_file = tmp_path / "issuer.json"
     save_dev_issuer(DevIssuer(), issuer_file)
     result = await run_cli(
-        "token", "--lifetime", lifetime, env={DEV_ISSUER_FILE_ENV: str(issuer_file)}
+        "token", "--lifetime", lifetime, env=cli_env({DEV_ISSUER_FILE_ENV: str(issuer_file)})
     )
     assert result.returncode == 2 and result.stdout == b""
     message = result.stderr.decode()
     assert message.count("\n") == 1 and "--lifetime" in message and "Traceback" not in message
 
 
-def test_token_help_says_it_is_for_the_demo_only() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "trio_gateway.cli", "token", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(),
-    )
+async def test_token_help_says_it_is_for_the_demo_only() -> None:
+    result = await run_cli("token", "--help", env=cli_env())
     assert result.returncode == 0
-    assert "Only a gateway started by `trio-gateway demo`" in " ".join(result.stdout.split())
+    help_text = " ".join(result.stdout.decode().split())
+    assert "Only a gateway started by `trio-gateway demo`" in help_text
 
 
 def test_a_saved_issuer_loads_with_its_key(tmp_path: Path) -> None:
@@ -511,26 +453,16 @@ async def test_the_dev_jwks_is_served_with_a_cache_lifetime() -> None:
 
 async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
     port = free_port()
-    process = await start(
-        "demo-runtime",
-        "--port",
-        str(port),
-        "--instant",
-        env=KEY_ENV,
-    )
-    try:
-        await wait_until_serving(f"http://127.0.0.1:{port}")
+    args = ("demo-runtime", "--port", str(port), "--instant")
+    async with started_cli(*args, env=cli_env(KEY_ENV), stop_signal=signal.SIGKILL) as runtime:
+        await runtime.wait_serving(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/agents")).status_code == 401
             answer = await http.get(
                 "/agents", headers={"X-Internal-Auth": "cli-test-key-0123456789"}
             )
             assert answer.status_code == 200 and answer.json()["total"] >= 5
-        assert await stop(process, signal.SIGTERM) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        assert await runtime.stop(signal.SIGTERM, grace=20) == 0
 
 
 @pytest.mark.parametrize(
@@ -555,7 +487,7 @@ async def test_a_port_in_use_is_a_clear_error_naming_the_address(
     else:
         args += ["--port", str(port)]
     try:
-        result = await run_cli(*args, env=env)
+        result = await run_cli(*args, env=cli_env(env))
     finally:
         await listener.aclose()
     assert result.returncode == 1
@@ -579,12 +511,8 @@ def test_a_bind_error_of_another_kind_names_the_address_too() -> None:
 
 
 def test_hypercorn_can_import_the_asgi_app() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", "from trio_gateway.main import app; print(type(app).__name__)"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(KEY_ENV),
+    result = run_python(
+        "-c", "from trio_gateway.main import app; print(type(app).__name__)", env=cli_env(KEY_ENV)
     )
     assert result.returncode == 0 and result.stdout.strip() == "GatewayApp"
 
@@ -595,25 +523,14 @@ def test_the_hypercorn_entry_point_tunes_the_garbage_collector_too() -> None:
         "from trio_gateway.server import GC_THRESHOLDS; "
         "assert gc.get_threshold() == GC_THRESHOLDS, gc.get_threshold(); print('tuned')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env(KEY_ENV),
-    )
+    result = run_python("-c", code, env=cli_env(KEY_ENV))
     assert result.returncode == 0 and result.stdout.strip() == "tuned", result.stderr
 
 
 def test_an_unknown_gateway_variable_is_reported_at_startup() -> None:
     # The hypercorn entry point logs at import, as `serve` does when it starts.
-    result = subprocess.run(
-        [sys.executable, "-c", "import trio_gateway.main"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=cli_env({**KEY_ENV, "GATEWAY__USE_JWT_AUTHH": "false", "GATEWAY__LOG_FORMAT": "text"}),
-    )
+    env = cli_env({**KEY_ENV, "GATEWAY__USE_JWT_AUTHH": "false", "GATEWAY__LOG_FORMAT": "text"})
+    result = run_python("-c", "import trio_gateway.main", env=env)
     assert result.returncode == 0, result.stderr
     log = result.stdout + result.stderr
     assert "unknown setting GATEWAY__USE_JWT_AUTHH" in log
@@ -635,16 +552,11 @@ async def test_plain_hypercorn_with_a_bad_configuration_exits_non_zero(
 ) -> None:
     # hypercorn's supervisor loses a worker's exit status: without trio_gateway.main's help
     # this ends in status 0 after printing the error.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [*launcher, "-k", "trio", "-w", workers, "-b", "127.0.0.1:0", "trio_gateway.main:app"],
-            cwd=tmp_path,  # no .env here
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    result = await run_command(
+        [*launcher, "-k", "trio", "-w", workers, "-b", "127.0.0.1:0", "trio_gateway.main:app"],
+        cwd=tmp_path,  # no .env here
+        env=clean_env(),
+    )
     assert result.returncode != 0
     assert result.returncode == -signal.SIGUSR1  # the documented status: 128 + 10 in a shell
     stderr = result.stderr.decode()
@@ -656,37 +568,23 @@ async def test_plain_hypercorn_with_a_bad_configuration_exits_non_zero(
 def test_importing_the_asgi_app_with_a_bad_configuration_exits_2_and_signals_nobody(
     tmp_path: Path,
 ) -> None:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
-    result = subprocess.run(
-        [sys.executable, "-c", "import trio_gateway.main"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=env,
-    )
+    result = run_python("-c", "import trio_gateway.main", cwd=tmp_path, env=clean_env())
     assert result.returncode == 2  # and this test process, its parent, is still here
     assert "GATEWAY__INTERNAL_API_KEY" in result.stderr
 
 
 async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) -> None:
     issuer_file = tmp_path / "state" / "dev-issuer.json"
-    env = {DEV_ISSUER_FILE_ENV: str(issuer_file)}
+    env = cli_env({DEV_ISSUER_FILE_ENV: str(issuer_file)})
     kids = []
     for _ in range(2):
         port = free_port()
-        process = await start("dev-issuer", "--port", str(port), env=env)
-        try:
-            url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+        args = ("dev-issuer", "--port", str(port))
+        async with started_cli(*args, env=env, stop_signal=signal.SIGKILL) as issuer:
+            jwks = "/.well-known/jwks.json"
+            await issuer.wait_serving(f"http://127.0.0.1:{port}", 30, path=jwks)
             async with httpx.AsyncClient() as http:
-                with trio.fail_after(30):
-                    while True:
-                        try:
-                            answer = await http.get(url)
-                            break
-                        except httpx.TransportError:
-                            assert process.returncode is None, "dev-issuer exited"
-                            await trio.sleep(0.1)
+                answer = await http.get(f"http://127.0.0.1:{port}{jwks}")
             assert answer.status_code == 200
             keys = KeySet.from_jwks(answer.json())
             kids.append(list(keys))
@@ -698,11 +596,7 @@ async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) ->
             )
             assert identity.sub == "carol"
             assert stat.S_IMODE(issuer_file.stat().st_mode) == 0o600
-            assert await stop(process, signal.SIGTERM) == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            assert await issuer.stop(signal.SIGTERM, grace=20) == 0
     assert len(kids[0]) == 1 and kids[0] == kids[1], "the restarted issuer kept its key"
 
 

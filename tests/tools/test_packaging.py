@@ -17,8 +17,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from trio_gateway.cli import _parser
 from trio_gateway.settings import ENV_PREFIX, Settings, load_settings
 
 from ..support.ports import free_port
+from ..support.processes import TrioChild, clean_env, run_command, started
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SERVICES = {"issuer", "runtime", "gateway"}
@@ -485,7 +486,7 @@ def build_like_docker(tmp_path: Path) -> Installed:
                 shutil.copy2(origin, target)
     image_venv = build.env()["VIRTUAL_ENV"]
     venv = tmp_path / "venv"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env = clean_env()
     env.update(build.env())
     env["VIRTUAL_ENV"] = str(venv)
     # `python` is this test's interpreter (3.11 or 3.13: either side of the lock), as the base
@@ -501,7 +502,7 @@ def build_like_docker(tmp_path: Path) -> Installed:
         assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
     final_env = {k: v.replace(image_venv, str(venv)) for k, v in final.env().items()}
     final_env["PATH"] = final_env["PATH"].replace("$PATH", os.environ["PATH"])
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    run_env = clean_env()
     run_env.pop("VIRTUAL_ENV", None)
     run_env.update(final_env)
     # Loopback only in tests; the image's 0.0.0.0 is checked statically above.
@@ -513,51 +514,16 @@ def build_like_docker(tmp_path: Path) -> Installed:
     return Installed(venv, run_env)
 
 
-@asynccontextmanager
-async def started(
+def started_installed(
     installed: Installed, command: list[str], env: dict[str, str], cwd: Path
-) -> AsyncIterator[trio.Process]:
-    process = await trio.lowlevel.open_process(
-        installed.argv(command),
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+) -> AbstractAsyncContextManager[TrioChild]:
+    """``command`` run from the image's virtualenv (killed at the end if still running)."""
+    return started(installed.argv(command), env=env, cwd=cwd, stop_signal=signal.SIGKILL)
 
 
-async def wait_until_answers(url: str, process: trio.Process) -> None:
-    async with httpx.AsyncClient(trust_env=False) as http:
-        with trio.fail_after(60):
-            while True:
-                assert process.returncode is None, f"exited with {process.returncode}"
-                try:
-                    if (await http.get(url)).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await trio.sleep(0.1)
-
-
-async def sigterm(process: trio.Process) -> int:
-    process.send_signal(signal.SIGTERM)
-    with trio.fail_after(60):
-        return await process.wait()
-
-
-async def run(
-    argv: list[str], env: dict[str, str], cwd: Path
-) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        return await trio.run_process(
-            argv, env=env, cwd=cwd, capture_stdout=True, capture_stderr=True, check=False
-        )
+async def sigterm(child: TrioChild) -> int:
+    """What ``docker stop`` sends; the exit status (SIGKILL after 60 s: then -9)."""
+    return await child.stop(signal.SIGTERM, grace=60)
 
 
 def with_service_urls(env: dict[str, str], ports: dict[str, int]) -> dict[str, str]:
@@ -594,42 +560,47 @@ async def test_the_image_commands_install_and_run_from_a_fresh_virtualenv(tmp_pa
     assert specs["gateway"]["command"] == image_command
 
     async with (
-        started(
+        started_installed(
             installed, localize(specs["issuer"]["command"], ports["issuer"]), issuer_env, cwd
         ) as issuer,
-        started(
+        started_installed(
             installed, localize(specs["runtime"]["command"], ports["runtime"]), runtime_env, cwd
         ) as runtime,
     ):
-        await wait_until_answers(
-            f"http://127.0.0.1:{ports['issuer']}/.well-known/jwks.json", issuer
-        )
-        await wait_until_answers(f"http://127.0.0.1:{ports['runtime']}/health", runtime)
+        issuer_base = f"http://127.0.0.1:{ports['issuer']}"
+        await issuer.wait_serving(issuer_base, 60, path="/.well-known/jwks.json")
+        await runtime.wait_serving(f"http://127.0.0.1:{ports['runtime']}", 60)
         # The compose healthchecks, with this test's ports, pass.
         for name, process_env in (("issuer", issuer_env), ("runtime", runtime_env)):
             test = specs[name]["healthcheck"]["test"]
             assert test[0] == "CMD"
             compose_port = option(specs[name]["command"], "--port")
             argv = [arg.replace(f":{compose_port}/", f":{ports[name]}/") for arg in test[1:]]
-            result = await run(installed.argv(argv), process_env, cwd)
+            result = await run_command(installed.argv(argv), env=process_env, cwd=cwd)
             assert result.returncode == 0, result.stderr
 
-        async with started(installed, image_command, gateway_env, cwd) as gateway:
+        async with started_installed(installed, image_command, gateway_env, cwd) as gateway:
             base = f"http://127.0.0.1:{ports['gateway']}"
-            await wait_until_answers(f"{base}/health", gateway)
+            await gateway.wait_serving(base, 60)
             # The image's HEALTHCHECK command, as Docker would run it inside the container.
             healthcheck = final.all("HEALTHCHECK")[-1].split(" CMD ", 1)[1]
-            result = await run(installed.argv(exec_form(healthcheck)), gateway_env, cwd)
+            result = await run_command(
+                installed.argv(exec_form(healthcheck)), env=gateway_env, cwd=cwd
+            )
             assert result.returncode == 0, result.stderr
             # `docker compose exec issuer trio-gateway token`: the gateway accepts the token.
-            token = await run(installed.argv(["trio-gateway", "token"]), issuer_env, cwd)
+            token = await run_command(
+                installed.argv(["trio-gateway", "token"]), env=issuer_env, cwd=cwd
+            )
             assert token.returncode == 0, token.stderr
             headers = {"Authorization": f"Bearer {token.stdout.decode().strip()}"}
             async with httpx.AsyncClient(base_url=base, trust_env=False) as http:
                 assert (await http.get("/api/v1/agents")).status_code == 401
                 assert (await http.get("/api/v1/agents", headers=headers)).status_code == 200
             # `docker compose exec gateway trio-gateway check`: everything reachable.
-            check = await run(installed.argv(["trio-gateway", "check"]), gateway_env, cwd)
+            check = await run_command(
+                installed.argv(["trio-gateway", "check"]), env=gateway_env, cwd=cwd
+            )
             assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
             # runtime, JWKS and the SQLite state file (Redis is skipped)
             assert check.stdout.decode().splitlines()[-1] == "verdict: OK (3 checks passed)"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import trio_gateway
 from trio_gateway.app import GatewayApp, create_app
 from trio_gateway.server import serve
 from trio_gateway.settings import Settings, SettingsError, load_settings
+
+from ..support.processes import run_python
 
 
 def test_the_public_names() -> None:
@@ -45,7 +44,6 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
 def test_importing_the_package_does_not_load_the_web_stack() -> None:
     code = "import sys, trio_gateway; print('quart' in sys.modules, 'hypercorn' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
+    result = run_python("-c", code)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ from trio_gateway.settings import (
     render_env_example,
     unknown_variables,
 )
+
+from ..support.processes import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,18 +107,13 @@ def test_env_example_lists_every_setting_with_its_default_and_an_explanation() -
         assert f"\nGATEWAY__{name.upper()}=" in text
 
 
-def test_the_cli_reports_a_bad_setting_and_exits_2(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "trio_gateway.cli", "serve"],
-        env={"GATEWAY__REQUEST_TIMEOUT": "soon", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+async def test_the_cli_reports_a_bad_setting_and_exits_2(tmp_path: Path) -> None:
+    env = {"GATEWAY__REQUEST_TIMEOUT": "soon", "PATH": "/usr/bin:/bin"}
+    result = await run_cli("serve", env=env, cwd=tmp_path)
     assert result.returncode == 2
-    assert "GATEWAY__REQUEST_TIMEOUT" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = result.stderr.decode()
+    assert "GATEWAY__REQUEST_TIMEOUT" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_unknown_gateway_variables_are_named_with_a_hint(tmp_path: Path) -> None:
