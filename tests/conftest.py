@@ -160,6 +160,13 @@ async def jwks_server(nursery: trio.Nursery) -> AsyncIterator[tuple[JWKSServer, 
 
 
 @pytest.fixture
+def issuer(jwks_server: tuple[JWKSServer, DevIssuer]) -> tuple[DevIssuer, str]:
+    """``jwks_server`` as the JWT tests use it: the token issuer and its JWKS URL."""
+    server, dev = jwks_server
+    return dev, server.url
+
+
+@pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A private redis-server on loopback for one test (killed, whatever happens)."""
     server = RedisServer(tmp_path / "redis")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -48,8 +46,8 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway
-from ..support.jwks_server import JWKSServer
 from ..support.ports import free_port
+from ..support.processes import clean_env, run_python
 from ..support.redis_server import REDIS_SERVER, RedisServer
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -148,8 +146,8 @@ def test_the_memory_backend_never_loads_the_redis_client() -> None:
         "create_app(Settings(_env_file=None, insecure_dev=True)); "
         "assert 'coredis' not in sys.modules"
     )
-    env = {name: value for name, value in os.environ.items() if not name.startswith("GATEWAY__")}
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=env)
+    result = run_python("-c", code, env=clean_env())
+    assert result.returncode == 0, result.stderr
 
 
 async def test_claims_racing_on_two_replicas_have_exactly_one_winner(
@@ -426,16 +424,6 @@ async def test_a_blackholed_redis_times_out_and_recovery_is_automatic(
 
 
 # --- two gateways on one Redis ---------------------------------------------------------------
-
-
-@pytest.fixture
-async def issuer(nursery: trio.Nursery) -> AsyncIterator[tuple[DevIssuer, str]]:
-    """An Auth Service stand-in: the token issuer and its JWKS URL."""
-    dev = DevIssuer()
-    server = JWKSServer(dev.jwks())
-    await nursery.start(server.serve)
-    yield dev, server.url
-    server.stop()
 
 
 Replicas = Callable[..., Any]

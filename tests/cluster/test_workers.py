@@ -30,7 +30,15 @@ from trio_gateway.workers import check_worker_settings, parse_worker_count
 
 from ..conftest import INTERNAL_KEY, WsClient, close_code, gateway_settings
 from ..support.ports import free_port
-from ..support.processes import TrioChild, child_env, clean_env, run_cli, run_command, started_cli
+from ..support.processes import (
+    TrioChild,
+    child_env,
+    clean_env,
+    cli_command,
+    run_cli,
+    run_command,
+    started,
+)
 from ..support.redis_server import REDIS_SERVER, RedisServer
 
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -117,9 +125,11 @@ async def fleet(
         drain_timeout="2",
         ws_close_timeout="1",
     )
-    command = ("serve", "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port))
-    async with started_cli(
-        *command, env=env, stderr=subprocess.PIPE, stop_signal=signal.SIGKILL
+    command = cli_command(
+        *("serve", "--workers", str(workers), "--host", "127.0.0.1", "--port", str(port))
+    )
+    async with started(
+        command, env=env, stderr=subprocess.PIPE, stop_signal=signal.SIGKILL
     ) as child:
         running = Fleet(child, port)
         nursery.start_soon(running.read_logs)

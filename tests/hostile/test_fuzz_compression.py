@@ -14,13 +14,13 @@ gateway runs in a thread here) has not grown by even one inflated bomb.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
 
 import pytest
 import trio
 from hypothesis import given
 
+from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
 from ..support.fuzzing import (
     BOMB_SIZES,
     CompressedCase,
@@ -37,14 +37,7 @@ from ..support.fuzzing import (
     wait_quiet,
 )
 
-# Dozens of hypothesis examples over real sockets: about a minute, but more than the suite's
-# 120 s on a loaded machine (seen once on 3.13 in CI), where pytest-timeout's signal lands
-# inside trio.run and leaves this thread unable to start another run, so every later test
-# fails too. Each exchange is bounded on its own (trio.fail_after in tests/support/fuzzing.py),
-# so a wedge still fails fast; this bounds only the sum.
-pytestmark = pytest.mark.timeout(300)
-
-SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
+pytestmark = FUZZ_MODULE_TIMEOUT
 MiB = 1 << 20
 _ids = itertools.count()
 PEAK = {"before": 0}

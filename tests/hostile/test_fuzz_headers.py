@@ -11,13 +11,13 @@ slow`` runs the long version (``FUZZ_EXAMPLES`` examples).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 import trio
 from hypothesis import given
 
+from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
 from ..support.fuzzing import (
     FuzzGateway,
     FuzzStats,
@@ -30,14 +30,7 @@ from ..support.smuggling import (
     smuggling_requests,
 )
 
-# Dozens of hypothesis examples over real sockets: about a minute, but more than the suite's
-# 120 s on a loaded machine (seen once on 3.13 in CI), where pytest-timeout's signal lands
-# inside trio.run and leaves this thread unable to start another run, so every later test
-# fails too. Each exchange is bounded on its own (trio.fail_after in tests/support/fuzzing.py),
-# so a wedge still fails fast; this bounds only the sum.
-pytestmark = pytest.mark.timeout(300)
-
-SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
+pytestmark = FUZZ_MODULE_TIMEOUT
 STATS = FuzzStats()
 
 

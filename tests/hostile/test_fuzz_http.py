@@ -5,7 +5,6 @@ exact turns the whole time. See ``tests/support/fuzzing_http.py`` for the classe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +12,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
 from ..support.fuzzing import (
     FuzzGateway,
     fuzz_settings,
@@ -31,14 +31,7 @@ from ..support.fuzzing_http import (
     smuggling_requests,
 )
 
-# Dozens of hypothesis examples over real sockets: about a minute, but more than the suite's
-# 120 s on a loaded machine (seen once on 3.13 in CI), where pytest-timeout's signal lands
-# inside trio.run and leaves this thread unable to start another run, so every later test
-# fails too. Each exchange is bounded on its own (trio.fail_after in tests/support/fuzzing.py),
-# so a wedge still fails fast; this bounds only the sum.
-pytestmark = pytest.mark.timeout(300)
-
-SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
+pytestmark = FUZZ_MODULE_TIMEOUT
 HEAD_TIMEOUT = 1.0
 STATS = EdgeStats()
 

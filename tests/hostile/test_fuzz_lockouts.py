@@ -17,14 +17,14 @@ client are told apart by ``X-Forwarded-For`` from the trusted loopback proxy.
 
 from __future__ import annotations
 
-import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trio_gateway.session.manager import SessionManager
 
-from ..conftest import gateway_settings, run_gateway, wait_for
+from ..conftest import run_gateway, wait_for
+from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT
 from ..support.fuzzing_lockouts import (
     ATTACKER,
     ATTACKER_KEY,
@@ -35,13 +35,9 @@ from ..support.fuzzing_lockouts import (
     from_address,
 )
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
+from .test_lockouts import lockout_settings
 
-# Dozens of hypothesis examples over real sockets: about a minute, but more than the suite's
-# 120 s on a loaded machine (seen once on 3.13 in CI), where pytest-timeout's signal lands
-# inside trio.run and leaves this thread unable to start another run, so every later test
-# fails too. Each exchange is bounded on its own (trio.fail_after in tests/support/fuzzing.py),
-# so a wedge still fails fast; this bounds only the sum.
-pytestmark = pytest.mark.timeout(300)
+pytestmark = FUZZ_MODULE_TIMEOUT
 
 
 @settings(
@@ -82,14 +78,11 @@ async def test_many_detached_sessions_pin_at_most_the_per_user_budget(
             sse(chunk(type="assistant_message", token="b ", content="a b", is_final=True)),
         ]
     )
-    settings_ = gateway_settings(
+    settings_ = lockout_settings(
         scripted_runtime.url,
-        trusted_proxies="127.0.0.1/32",
-        session_grace_seconds=30.0,
         outbound_queue_max_bytes=per_session,
         detached_bytes_per_user=budget,
         ws_handshake_burst=1_000,
-        max_connections_per_user=1_000,
     )
     async with run_gateway(nursery, settings_) as gw:
         manager = gw.app.gateway.sessions

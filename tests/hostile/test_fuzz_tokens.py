@@ -7,7 +7,6 @@ session with a valid token streaming the whole time).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
 from ..support.fuzzing import (
     FuzzGateway,
     FuzzStats,
@@ -23,14 +23,7 @@ from ..support.fuzzing import (
 )
 from ..support.fuzzing_tokens import DOORS, bad_tokens, check_token, upgrade
 
-# Dozens of hypothesis examples over real sockets: about a minute, but more than the suite's
-# 120 s on a loaded machine (seen once on 3.13 in CI), where pytest-timeout's signal lands
-# inside trio.run and leaves this thread unable to start another run, so every later test
-# fails too. Each exchange is bounded on its own (trio.fail_after in tests/support/fuzzing.py),
-# so a wedge still fails fast; this bounds only the sum.
-pytestmark = pytest.mark.timeout(300)
-
-SLOW_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "400"))
+pytestmark = FUZZ_MODULE_TIMEOUT
 STATS = FuzzStats()
 
 
@@ -40,14 +33,19 @@ def jwt_gateway() -> Iterator[FuzzGateway]:
         yield gateway
 
 
+def run_token(gateway: FuzzGateway, data: st.DataObject, door: str) -> None:
+    """One bad token drawn for this gateway's issuer, presented at ``door``."""
+    assert gateway.issuer is not None
+    token, unscoped = data.draw(bad_tokens(gateway.issuer))
+    check_token(gateway, token, unscoped, door, STATS)
+
+
 @fuzz_settings(60)
 @given(data=st.data(), door=DOORS)
 def test_random_tokens_are_refused(
     jwt_gateway: FuzzGateway, data: st.DataObject, door: str
 ) -> None:
-    assert jwt_gateway.issuer is not None
-    token, unscoped = data.draw(bad_tokens(jwt_gateway.issuer))
-    check_token(jwt_gateway, token, unscoped, door, STATS)
+    run_token(jwt_gateway, data, door)
 
 
 @pytest.mark.slow
@@ -56,9 +54,7 @@ def test_random_tokens_are_refused(
 def test_random_tokens_are_refused_long(
     jwt_gateway: FuzzGateway, data: st.DataObject, door: str
 ) -> None:
-    assert jwt_gateway.issuer is not None
-    token, unscoped = data.draw(bad_tokens(jwt_gateway.issuer))
-    check_token(jwt_gateway, token, unscoped, door, STATS)
+    run_token(jwt_gateway, data, door)
 
 
 def test_jwt_gateway_is_whole_after_the_fuzz(jwt_gateway: FuzzGateway) -> None:

@@ -8,7 +8,6 @@ address, which the tests set with ``X-Forwarded-For`` from a trusted proxy (the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -23,16 +22,12 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import RunningGateway, WsClient, close_code, gateway_settings, run_gateway, wait_for
-from ..support.jwks_server import JWKSServer
+from ..support.fuzzing_lockouts import from_address
+from ..support.gateway import jwt_settings
 from ..support.scripted_runtime import Script, ScriptedRuntime, chunk, sse
 
 ALICE, BOB = "10.0.0.1", "10.0.0.2"
 ALICE_KEY, BOB_KEY = f"anonymous@{ALICE}", f"anonymous@{BOB}"
-
-
-def from_address(address: str) -> list[tuple[bytes, bytes]]:
-    """Headers of a client at ``address`` behind the (trusted) loopback proxy."""
-    return [(b"X-Forwarded-For", address.encode())]
 
 
 def lockout_settings(agent_url: str, **overrides: Any) -> Any:
@@ -140,69 +135,64 @@ async def test_sessions_in_their_grace_period_count_as_live(
             assert len(await chat(client)) == 3
 
 
-@pytest.fixture
-async def issuer(nursery: trio.Nursery) -> AsyncIterator[tuple[DevIssuer, str]]:
-    dev = DevIssuer()
-    server = JWKSServer(dev.jwks())
-    await nursery.start(server.serve)
-    yield dev, server.url
-    server.stop()
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    """The ``Authorization`` header of a handshake carrying ``token``."""
+    return [(b"Authorization", f"Bearer {token}".encode())]
+
+
+async def first_frame_auth_closed(
+    gw: RunningGateway, session_id: str, token: str
+) -> trio_websocket.ConnectionClosed:
+    """A socket opened without a token sends ``token`` as its first frame and is closed: how."""
+    async with gw.connect(session_id) as client:
+        await client.send({"type": "auth", "token": token})
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            await client.recv()
+    return closed.value
+
+
+async def first_frame_auth_chats(gw: RunningGateway, session_id: str, token: str) -> None:
+    """A socket authenticated by its first frame runs a whole turn."""
+    async with gw.connect(session_id) as client:
+        await client.send({"type": "auth", "token": token})
+        assert len(await chat(client)) == 3
 
 
 async def test_first_frame_auth_over_the_live_session_cap_closes_4429(
     nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], issuer: tuple[DevIssuer, str]
 ) -> None:
-    settings = gateway_settings(
-        demo_runtime[1],
-        use_jwt_auth=True,
-        jwks_url=issuer[1],
-        session_grace_seconds=30.0,
-        max_live_sessions_per_user=2,
+    settings = jwt_settings(
+        demo_runtime[1], issuer[1], session_grace_seconds=30.0, max_live_sessions_per_user=2
     )
     alice, bob = issuer[0].mint("alice"), issuer[0].mint("bob")
-    bearer = [(b"Authorization", f"Bearer {alice}".encode())]
     async with run_gateway(nursery, settings) as gw:
-        async with gw.connect("a-1", extra_headers=bearer), gw.connect("a-2", extra_headers=bearer):
+        async with (
+            gw.connect("a-1", extra_headers=bearer(alice)),
+            gw.connect("a-2", extra_headers=bearer(alice)),
+        ):
             with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with gw.connect("a-3", extra_headers=bearer):
+                async with gw.connect("a-3", extra_headers=bearer(alice)):
                     pass
             assert rejected.value.status_code == 429
-            async with gw.connect("a-3") as client:  # no token: the first frame authenticates
-                await client.send({"type": "auth", "token": alice})
-                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                    await client.recv()
-            assert close_code(closed.value) == 4429
-            assert closed.value.reason is not None
-            assert "live sessions" in (closed.value.reason.reason or "")
-            async with gw.connect("b-1") as client:
-                await client.send({"type": "auth", "token": bob})
-                assert len(await chat(client)) == 3
+            closed = await first_frame_auth_closed(gw, "a-3", alice)  # no token in the header
+            assert close_code(closed) == 4429
+            assert closed.reason is not None
+            assert "live sessions" in (closed.reason.reason or "")
+            await first_frame_auth_chats(gw, "b-1", bob)
 
 
 async def test_first_frame_auth_over_the_handshake_rate_closes_4429(
     nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str], issuer: tuple[DevIssuer, str]
 ) -> None:
-    settings = gateway_settings(
-        demo_runtime[1],
-        use_jwt_auth=True,
-        jwks_url=issuer[1],
-        ws_handshakes_per_second=0.01,
-        ws_handshake_burst=1,
+    settings = jwt_settings(
+        demo_runtime[1], issuer[1], ws_handshakes_per_second=0.01, ws_handshake_burst=1
     )
     alice, bob = issuer[0].mint("alice"), issuer[0].mint("bob")
     async with run_gateway(nursery, settings) as gw:
-        async with gw.connect(
-            "r-1", extra_headers=[(b"Authorization", f"Bearer {alice}".encode())]
-        ):
+        async with gw.connect("r-1", extra_headers=bearer(alice)):
             pass
-        async with gw.connect("r-2") as client:
-            await client.send({"type": "auth", "token": alice})
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                await client.recv()
-        assert close_code(closed.value) == 4429
-        async with gw.connect("r-bob") as client:
-            await client.send({"type": "auth", "token": bob})
-            assert len(await chat(client)) == 3
+        assert close_code(await first_frame_auth_closed(gw, "r-2", alice)) == 4429
+        await first_frame_auth_chats(gw, "r-bob", bob)
 
 
 # --- turnless sessions ------------------------------------------------------------------------

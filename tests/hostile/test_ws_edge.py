@@ -35,30 +35,14 @@ from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
 from ..support.fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
+from ..support.gateway import jwt_settings
 from ..support.gateway_process import resident_bytes
-from ..support.jwks_server import JWKSServer
 from ..support.processes import started
 from ..support.rawws import RawWebSocket, Rejected
 from ..support.scripted_runtime import ScriptedRuntime
 
 MiB = 1024 * 1024
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def issuer(nursery: trio.Nursery) -> AsyncIterator[tuple[DevIssuer, str]]:
-    """A signing key and a JWKS server that publishes it: (issuer, jwks url)."""
-    issuer = DevIssuer()
-    server = JWKSServer(issuer.jwks())
-    url = await nursery.start(server.serve)
-    yield issuer, url
-    server.stop()
-
-
-def jwt_settings(runtime_url: str, jwks_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"use_jwt_auth": True, "jwks_url": jwks_url}
-    values.update(overrides)
-    return gateway_settings(runtime_url, **values)
 
 
 async def connect(gw: RunningGateway, session_id: str, **kwargs: Any) -> RawWebSocket:
@@ -376,6 +360,24 @@ async def header_token_chat(gw: RunningGateway, session_id: str, token: str) -> 
         await client.aclose()
 
 
+async def first_frame_auth_chat(client: RawWebSocket, token: str) -> None:
+    """An open socket authenticates with its first frame, then runs a whole turn."""
+    await client.send_json({"type": "auth", "token": token})
+    await client.send_json({"type": "user_message", "content": "bench 2"})
+    assert (await turn(client))[-1]["is_final"] is True
+
+
+async def assert_refused(
+    gw: RunningGateway, session_id: str, status: int, limit: str, **connect_options: Any
+) -> None:
+    """One socket too many: refused with ``status`` and a retry hint, counted once as ``limit``."""
+    with pytest.raises(Rejected) as rejected:
+        await connect(gw, session_id, **connect_options)
+    assert rejected.value.status == status
+    assert rejected.value.headers[b"retry-after"] == b"10"
+    assert limit_hits(gw, limit) == 1
+
+
 async def test_pending_sockets_have_their_own_cap_and_users_still_get_in(
     nursery: trio.Nursery,
     demo_runtime: tuple[DemoRuntime, str],
@@ -387,20 +389,14 @@ async def test_pending_sockets_have_their_own_cap_and_users_still_get_in(
     async with run_gateway(nursery, settings) as gw:
         pending = [await connect(gw, f"pending-{i}") for i in range(3)]  # > MAX_CONNECTIONS
         try:
-            with pytest.raises(Rejected) as rejected:
-                await connect(gw, "one-too-many")
-            assert rejected.value.status == 503
-            assert rejected.value.headers[b"retry-after"] == b"10"
-            assert limit_hits(gw, "pending_auth") == 1
+            await assert_refused(gw, "one-too-many", 503, "pending_auth")
             registry = gw.app.gateway.metrics.registry
             assert registry.get_sample_value("gateway_pending_auth_websockets") == 3
             # The pending cap is full, MAX_CONNECTIONS is smaller than it: a user with a token
             # in the header still gets in and chats.
             await header_token_chat(gw, "with-token", issuer[0].mint("alice"))
             # A pending socket that authenticates leaves the pending count for a connection.
-            await pending[0].send_json({"type": "auth", "token": issuer[0].mint("bob")})
-            await pending[0].send_json({"type": "user_message", "content": "bench 2"})
-            assert (await turn(pending[0]))[-1]["is_final"] is True
+            await first_frame_auth_chat(pending[0], issuer[0].mint("bob"))
             assert registry.get_sample_value("gateway_pending_auth_websockets") == 2
             late = await connect(gw, "now-there-is-room")
             await late.aclose()
@@ -448,17 +444,13 @@ async def test_one_address_at_its_pending_cap_does_not_block_another(
     async with run_gateway(nursery, settings) as gw:
         crowd = [await connect(gw, f"crowd-{i}", source="127.0.0.2") for i in range(2)]
         try:
-            with pytest.raises(Rejected) as rejected:
-                await connect(gw, "crowd-more", source="127.0.0.2")
-            assert rejected.value.status == 429
-            assert rejected.value.headers[b"retry-after"] == b"10"
-            assert limit_hits(gw, "pending_auth_per_address") == 1
+            await assert_refused(
+                gw, "crowd-more", 429, "pending_auth_per_address", source="127.0.0.2"
+            )
             # Another address is not affected, and authenticates with its first frame.
             other = await connect(gw, "other-address", source="127.0.0.3")
             try:
-                await other.send_json({"type": "auth", "token": issuer[0].mint("carol")})
-                await other.send_json({"type": "user_message", "content": "bench 2"})
-                assert (await turn(other))[-1]["is_final"] is True
+                await first_frame_auth_chat(other, issuer[0].mint("carol"))
             finally:
                 await other.aclose()
             # When one of the crowd goes away its address has room again.

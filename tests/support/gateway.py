@@ -133,6 +133,11 @@ def gateway_settings(agent_url: str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
+def jwt_settings(agent_url: str, jwks_url: str, **overrides: Any) -> Settings:
+    """:func:`gateway_settings` with JWT auth on against the key set at ``jwks_url``."""
+    return gateway_settings(agent_url, **{"use_jwt_auth": True, "jwks_url": jwks_url, **overrides})
+
+
 @asynccontextmanager
 async def run_gateway(nursery: trio.Nursery, settings: Settings) -> AsyncIterator[RunningGateway]:
     """Serve a fresh gateway app until the block ends, then drain it like SIGTERM would."""

@@ -1,7 +1,7 @@
 """Child processes of the tests and the benchmarks: ``trio-gateway serve``, ``demo-runtime``,
 ``demo``... started on a loopback port, waited for (bounded) until they answer ``/health``, and
-stopped (SIGTERM, then SIGKILL) whatever happens. Every test and benchmark starts its children
-through this module; nothing else writes a launcher.
+stopped (SIGTERM, then SIGKILL) whatever happens. The tests start their children through this
+module (redis_server.py and nginx_server.py wrap one program each); none writes its own launcher.
 
 Three kinds, by what the caller does with the child:
 
@@ -9,9 +9,10 @@ Three kinds, by what the caller does with the child:
   :class:`subprocess.Popen` objects, so that synchronous code (a benchmark's setup, a context
   manager that must stop its child even when trio is gone) and trio code can share them; the
   waits that happen under trio poll, so they stay cancellable.
-- :func:`started` / :class:`TrioChild`: any command under trio whose output the test reads line
-  by line (a banner, a ``PORT n`` line, JSON log lines) or whose stdin it writes, or that runs in a
-  pseudo-terminal; stopped with a signal, then SIGKILL, and its exit status read.
+- :func:`started` / :class:`TrioChild`: any command under trio (``trio-gateway ...``:
+  :func:`cli_command`) whose output the test reads line by line (a banner, a ``PORT n`` line,
+  JSON log lines) or whose stdin it writes, or that runs in a pseudo-terminal; stopped with a
+  signal, then SIGKILL, and its exit status read.
 - :func:`run_command` / :func:`run_cli` (trio) and :func:`run_python` (synchronous): a one-shot
   command run to completion with its output captured, bounded by a timeout.
 """
@@ -350,13 +351,6 @@ async def started(
             for stream in (process.stdin, process.stdout, process.stderr):
                 if stream is not None:
                     await stream.aclose()
-
-
-@asynccontextmanager
-async def started_cli(*args: str, **options: Any) -> AsyncIterator[TrioChild]:
-    """:func:`started` for ``trio-gateway ARGS`` (this interpreter); ``options`` as there."""
-    async with started(cli_command(*args), **options) as child:
-        yield child
 
 
 # --- one-shot commands -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from trio_gateway.tools.dev_auth import DEV_ISSUER_FILE_ENV, DevIssuer
 
 from ..conftest import RunningGateway, gateway_settings, run_gateway, wait_for
 from ..support.jwks_server import JWKSServer
-from ..support.processes import started_cli
+from ..support.processes import cli_command, started
 from .test_cli import banner_token, cli_env, ctrl_c, running_demo
 
 
@@ -482,6 +482,11 @@ class Terminal:
     async def type(self, text: str) -> None:
         await self.stream.send_all(text.encode())
 
+    async def ask(self, line: str) -> None:
+        """At the next prompt, type ``line`` and Enter."""
+        await self.expect("you> ")
+        await self.type(line + "\n")
+
     async def exit_code(self) -> int:
         with trio.fail_after(DEADLINE):
             return await self.process.wait()
@@ -494,8 +499,8 @@ async def chat(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Asyn
     async with trio.lowlevel.FdStream(master) as stream, AsyncExitStack() as stack:
         try:
             child = await stack.enter_async_context(
-                started_cli(
-                    *("chat", *args, "--plain"),
+                started(
+                    cli_command("chat", *args, "--plain"),
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,
@@ -527,8 +532,7 @@ APPROVAL = r"\[approve\] run tool write_file with args \{\"path\": \"hello\.py\"
 
 async def coding_turn_until_approval(terminal: Terminal) -> None:
     await terminal.expect(r"connected, protocol codelab\.v2")
-    await terminal.expect("you> ")
-    await terminal.type(CODING + "\n")
+    await terminal.ask(CODING)
     await terminal.expect(r"\[agent\] orchestrator → coder \(The request asks for code\)")
     await terminal.expect(r"assistant> I will read README\.md first to see how the project")
     await terminal.expect(r'\[tool\] read_file \{"path": "README\.md"\} → simulated result sent')
@@ -546,8 +550,7 @@ async def test_a_chat_streams_switches_agent_and_approves_without_touching_files
         await terminal.type("y\n")
         await terminal.expect(r"approved write_file: simulated result sent")
         await terminal.expect(r"assistant> Done: wrote hello\.py with a hello-world program\.")
-        await terminal.expect("you> ")
-        await terminal.type("/quit\n")
+        await terminal.ask("/quit")
         assert await terminal.exit_code() == 0
     messages = runtime_messages(runtime, "pty-yes")
     assert [m["type"] for m in messages] == ["user_message", "tool_result", "tool_result"]
@@ -588,8 +591,7 @@ async def test_ctrl_c_at_the_approval_question_rejects_the_call_and_keeps_the_se
         assert terminal.process.returncode is None  # still chatting
         await terminal.type("what next?\n")
         await terminal.expect(r'assistant> You asked: "what next\?"')
-        await terminal.expect("you> ")
-        await terminal.type("/quit\n")
+        await terminal.ask("/quit")
         assert await terminal.exit_code() == 0
     messages = runtime_messages(runtime, "pty-ctrl-c")
     assert messages[2] == {
@@ -629,8 +631,7 @@ async def test_ctrl_c_cancels_a_running_turn_and_ctrl_c_when_idle_quits(
 ) -> None:
     runtime = demo_runtime[0]
     async with chat(gateway.ws_base, "--session", "pty-cancel", cwd=tmp_path) as terminal:
-        await terminal.expect("you> ")
-        await terminal.type("bench 100000 50\n")  # a long, paced turn
+        await terminal.ask("bench 100000 50")  # a long, paced turn
         await terminal.expect(r"assistant> t0 t1 t2 ")
         terminal.process.send_signal(signal.SIGINT)  # what the terminal does on Ctrl-C
         await terminal.expect(r"\[cancel\] cancelling the turn \(Ctrl-C again to quit\)")
@@ -664,8 +665,7 @@ async def test_the_real_demo_with_a_token_from_the_demo_issuer(tmp_path: Path) -
             await coding_turn_until_approval(terminal)
             await terminal.type("y\n")
             await terminal.expect(r"assistant> Done: wrote hello\.py")
-            await terminal.expect("you> ")
-            await terminal.type("/quit\n")
+            await terminal.ask("/quit")
             assert await terminal.exit_code() == 0
         assert os.listdir(work) == []
         # A bad token is refused by the REST create, with the gateway's own words...
@@ -678,8 +678,7 @@ async def test_the_real_demo_with_a_token_from_the_demo_issuer(tmp_path: Path) -
             assert await terminal.exit_code() == 1
         # The banner's own token works as --token.
         async with chat(base, "--token", banner_token(banner), cwd=work) as terminal:
-            await terminal.expect("you> ")
-            await terminal.type("/quit\n")
+            await terminal.ask("/quit")
             assert await terminal.exit_code() == 0
         assert await ctrl_c(demo) == 0
 
@@ -777,8 +776,7 @@ async def test_a_jwt_gateway_without_a_token_is_told_before_any_socket_opens(
     token = jwt_gateway.issuer.mint("alice")
     async with chat(base, "--token", token, cwd=tmp_path) as terminal:
         created = (await terminal.expect(r"\[session\] created (\S+) ")).group(1)
-        await terminal.expect("you> ")
-        await terminal.type("/quit\n")
+        await terminal.ask("/quit")
         assert await terminal.exit_code() == 0
     owner = await jwt_gateway.gateway.app.gateway.security.ownership.owner(created)
     assert owner == "alice"
@@ -826,6 +824,11 @@ class FakeGateway:
     scripts: list[Script]
     connections: list[FakeConnection] = field(default_factory=list)
     port: int = 0
+
+    @property
+    def ws_url(self) -> str:
+        """The URL a chat is given: session ``fake`` on this server."""
+        return f"ws://127.0.0.1:{self.port}/api/v1/ws/fake"
 
     async def handle(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept(subprotocol="codelab.v2")
@@ -892,18 +895,18 @@ async def test_a_dropped_connection_is_resumed_without_repeating_output(tmp_path
         await connection.send("turn_finished", 7, turn_id=1, status="completed")
         await connection.until_closed()
 
-    async with fake_gateway(dropped_mid_turn, resumed) as fake:
-        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
-        async with chat(url, cwd=tmp_path) as terminal:
-            await terminal.expect("you> ")
-            await terminal.type("tell me\n")
-            await terminal.expect(r"assistant> alpha bravo \n")
-            await terminal.expect(r"connection lost \(close 1006\); reconnecting in 0\.2 s")
-            await terminal.expect(r"\[session\] reconnected; resuming after seq 3\n")
-            await terminal.expect(r"assistant> charlie delta echo\nyou> ")
-            await terminal.type("/quit\n")
-            assert await terminal.exit_code() == 0
-        assert terminal.output.count("alpha") == 1 and terminal.output.count("bravo") == 1
+    async with (
+        fake_gateway(dropped_mid_turn, resumed) as fake,
+        chat(fake.ws_url, cwd=tmp_path) as terminal,
+    ):
+        await terminal.ask("tell me")
+        await terminal.expect(r"assistant> alpha bravo \n")
+        await terminal.expect(r"connection lost \(close 1006\); reconnecting in 0\.2 s")
+        await terminal.expect(r"\[session\] reconnected; resuming after seq 3\n")
+        await terminal.expect(r"assistant> charlie delta echo\nyou> ")
+        await terminal.type("/quit\n")
+        assert await terminal.exit_code() == 0
+    assert terminal.output.count("alpha") == 1 and terminal.output.count("bravo") == 1
     first, second = fake.connections
     assert first.received == [{"type": "user_message", "content": "tell me", "role": "user"}]
     assert second.received[0] == {"type": "resume", "last_seq": 3}
@@ -923,16 +926,16 @@ async def test_a_restarting_gateway_is_rejoined_and_lost_output_is_announced(
         await connection.send("turn_finished", 11, turn_id=1, status="completed")
         await connection.until_closed()
 
-    async with fake_gateway(restarting, resync) as fake:
-        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
-        async with chat(url, cwd=tmp_path) as terminal:
-            await terminal.expect("you> ")
-            await terminal.type("tell me\n")
-            await terminal.expect(r"the gateway is restarting \[close 1012\]\); reconnecting")
-            await terminal.expect(r"some output may be missing \(frames_dropped_while_detached\)")
-            await terminal.expect(r"assistant> omega\nyou> ")
-            terminal.process.send_signal(signal.SIGINT)
-            assert await terminal.exit_code() == 0
+    async with (
+        fake_gateway(restarting, resync) as fake,
+        chat(fake.ws_url, cwd=tmp_path) as terminal,
+    ):
+        await terminal.ask("tell me")
+        await terminal.expect(r"the gateway is restarting \[close 1012\]\); reconnecting")
+        await terminal.expect(r"some output may be missing \(frames_dropped_while_detached\)")
+        await terminal.expect(r"assistant> omega\nyou> ")
+        terminal.process.send_signal(signal.SIGINT)
+        assert await terminal.exit_code() == 0
     assert fake.connections[1].received[0] == {"type": "resume", "last_seq": 3}
 
 
@@ -969,22 +972,19 @@ async def test_each_loss_is_announced_once_and_the_prompt_comes_back(tmp_path: P
         await connection.until_closed()
 
     scripts = (idle_then_dropped, restarted, frames_dropped, resumes_exactly_from_seven)
-    async with fake_gateway(*scripts) as fake:
-        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
-        async with chat(url, cwd=tmp_path) as terminal:
-            await terminal.expect("you> ")
-            await terminal.type("tell me\n")
-            await terminal.expect(r"charlie\n(?:.*\n)?you> ")  # (maybe: no pending approvals)
-            await terminal.expect(r"reconnecting in 0\.2 s \(attempt 1/10\)\n")
-            await terminal.expect(r"resuming after seq 5\n")
-            await terminal.expect(r"some output may be missing \(the gateway lost the session's")
-            await terminal.expect(r"/history\nyou> ")  # the prompt again, after the notice
-            await terminal.expect(r"resuming after seq 0\n")
-            await terminal.expect(r"some output may be missing \(frames_dropped_while_detached")
-            await terminal.expect(r"/history\nyou> ")
-            await terminal.expect(r"resuming after seq 7\nyou> ")
-            await terminal.type("/quit\n")
-            assert await terminal.exit_code() == 0
+    async with fake_gateway(*scripts) as fake, chat(fake.ws_url, cwd=tmp_path) as terminal:
+        await terminal.ask("tell me")
+        await terminal.expect(r"charlie\n(?:.*\n)?you> ")  # (maybe: no pending approvals)
+        await terminal.expect(r"reconnecting in 0\.2 s \(attempt 1/10\)\n")
+        await terminal.expect(r"resuming after seq 5\n")
+        await terminal.expect(r"some output may be missing \(the gateway lost the session's")
+        await terminal.expect(r"/history\nyou> ")  # the prompt again, after the notice
+        await terminal.expect(r"resuming after seq 0\n")
+        await terminal.expect(r"some output may be missing \(frames_dropped_while_detached")
+        await terminal.expect(r"/history\nyou> ")
+        await terminal.expect(r"resuming after seq 7\nyou> ")
+        await terminal.type("/quit\n")
+        assert await terminal.exit_code() == 0
     assert terminal.output.count("some output may be missing") == 2, terminal.output
     assert fake.connections[3].received[0] == {"type": "resume", "last_seq": 7}
 
@@ -994,12 +994,10 @@ async def test_a_final_close_code_ends_the_chat_without_reconnecting(tmp_path: P
         await connection.send("session_ready", **ready(0))
         await connection.ws.aclose(4409, "replaced by a newer connection")
 
-    async with fake_gateway(replaced) as fake:
-        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
-        async with chat(url, cwd=tmp_path) as terminal:
-            await terminal.expect(r"another connection to this session replaced this one")
-            await terminal.expect(r"\[close 4409\]")
-            assert await terminal.exit_code() == 1
+    async with fake_gateway(replaced) as fake, chat(fake.ws_url, cwd=tmp_path) as terminal:
+        await terminal.expect(r"another connection to this session replaced this one")
+        await terminal.expect(r"\[close 4409\]")
+        assert await terminal.exit_code() == 1
     assert len(fake.connections) == 1
 
 
@@ -1011,13 +1009,14 @@ async def test_reconnecting_gives_up_after_the_allowed_attempts(tmp_path: Path) 
     async def dies_at_once(connection: FakeConnection) -> None:
         await connection.drop()  # opens, says nothing: a failed attempt
 
-    async with fake_gateway(then_dropped, dies_at_once, dies_at_once) as fake:
-        url = f"ws://127.0.0.1:{fake.port}/api/v1/ws/fake"
-        async with chat(url, "--reconnect-attempts", "2", cwd=tmp_path) as terminal:
-            await terminal.expect(r"reconnecting in 0\.2 s \(attempt 1/2\)")
-            await terminal.expect(r"reconnecting in 0\.4 s \(attempt 2/2\)")
-            await terminal.expect(r"close 1006; giving up after 2 attempts")
-            assert await terminal.exit_code() == 1
+    async with (
+        fake_gateway(then_dropped, dies_at_once, dies_at_once) as fake,
+        chat(fake.ws_url, "--reconnect-attempts", "2", cwd=tmp_path) as terminal,
+    ):
+        await terminal.expect(r"reconnecting in 0\.2 s \(attempt 1/2\)")
+        await terminal.expect(r"reconnecting in 0\.4 s \(attempt 2/2\)")
+        await terminal.expect(r"close 1006; giving up after 2 attempts")
+        assert await terminal.exit_code() == 1
     assert len(fake.connections) == 3
 
 
@@ -1069,8 +1068,7 @@ async def test_the_chat_resumes_a_dropped_connection_against_the_real_gateway_ex
     proxy = CuttableProxy(int(gateway.base_url.rsplit(":", 1)[1]))
     await nursery.start(proxy.serve)
     async with chat(f"ws://127.0.0.1:{proxy.port}", "--session", "chat-resume", cwd=tmp_path) as t:
-        await t.expect("you> ")
-        await t.type("bench 400 200\n")  # paced: two seconds of streaming
+        await t.ask("bench 400 200")  # paced: two seconds of streaming
         for cut in range(3):
             await t.expect(rf"t{100 * (cut + 1)} ")
             proxy.cut()

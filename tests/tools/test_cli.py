@@ -39,11 +39,11 @@ from ..support.ports import free_port
 from ..support.processes import (
     TrioChild,
     clean_env,
+    cli_command,
     run_cli,
     run_command,
     run_python,
     started,
-    started_cli,
 )
 
 # Commands whose settings are loaded need a real runtime key (the placeholder is refused).
@@ -76,8 +76,9 @@ async def running_demo(issuer_file: Path) -> AsyncIterator[tuple[TrioChild, int,
     """A ``trio-gateway demo`` child, its port and its complete ready banner."""
     port = free_port()
     env = cli_env({DEV_ISSUER_FILE_ENV: str(issuer_file)})
-    async with started_cli(
-        "demo", "--port", str(port), env=env, stdout=subprocess.PIPE, stop_signal=signal.SIGKILL
+    command = cli_command("demo", "--port", str(port))
+    async with started(
+        command, env=env, stdout=subprocess.PIPE, stop_signal=signal.SIGKILL
     ) as demo:
         banner = await read_banner(demo)
         await demo.wait_serving(f"http://127.0.0.1:{port}")
@@ -207,10 +208,12 @@ async def test_the_demo_log_shows_the_gateways_lines_as_the_gateways(tmp_path: P
     log = tmp_path / "demo.log"
     env = cli_env({"GATEWAY__LOG_FORMAT": "json"})
     with log.open("wb") as log_file:
-        demo_args = ("demo", "--port", str(port))
-        stderr = log_file.fileno()
-        async with started_cli(
-            *demo_args, env=env, stdout=subprocess.PIPE, stderr=stderr, stop_signal=signal.SIGKILL
+        async with started(
+            cli_command("demo", "--port", str(port)),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log_file.fileno(),
+            stop_signal=signal.SIGKILL,
         ) as demo:
             banner = await read_banner(demo)
             await demo.wait_serving(f"http://127.0.0.1:{port}")
@@ -454,7 +457,8 @@ async def test_the_dev_jwks_is_served_with_a_cache_lifetime() -> None:
 async def test_demo_runtime_alone_serves_the_runtime_contract() -> None:
     port = free_port()
     args = ("demo-runtime", "--port", str(port), "--instant")
-    async with started_cli(*args, env=cli_env(KEY_ENV), stop_signal=signal.SIGKILL) as runtime:
+    command = cli_command(*args)
+    async with started(command, env=cli_env(KEY_ENV), stop_signal=signal.SIGKILL) as runtime:
         await runtime.wait_serving(f"http://127.0.0.1:{port}")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/agents")).status_code == 401
@@ -580,7 +584,7 @@ async def test_dev_issuer_serves_a_key_that_survives_restarts(tmp_path: Path) ->
     for _ in range(2):
         port = free_port()
         args = ("dev-issuer", "--port", str(port))
-        async with started_cli(*args, env=env, stop_signal=signal.SIGKILL) as issuer:
+        async with started(cli_command(*args), env=env, stop_signal=signal.SIGKILL) as issuer:
             jwks = "/.well-known/jwks.json"
             await issuer.wait_serving(f"http://127.0.0.1:{port}", 30, path=jwks)
             async with httpx.AsyncClient() as http:

@@ -532,22 +532,26 @@ async def emitted_times(
     into.append([c["metadata"]["emitted_ns"] for c in tokens])
 
 
-async def test_turns_of_one_session_run_one_at_a_time(client: httpx.AsyncClient) -> None:
+async def two_turns_at_once(
+    client: httpx.AsyncClient, sessions: tuple[str, str], content: str
+) -> list[list[int]]:
+    """Two turns started together (one per entry of ``sessions``): their token times, the
+    turn whose first token came first, first."""
     runs: list[list[int]] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(emitted_times, client, "s1", "bench 20 200", runs)
-        nursery.start_soon(emitted_times, client, "s1", "bench 20 200", runs)
-    first, second = sorted(runs)
+        for session_id in sessions:
+            nursery.start_soon(emitted_times, client, session_id, content, runs)
+    return sorted(runs)
+
+
+async def test_turns_of_one_session_run_one_at_a_time(client: httpx.AsyncClient) -> None:
+    first, second = await two_turns_at_once(client, ("s1", "s1"), "bench 20 200")
     assert len(first) == len(second) == 20
     assert first[-1] < second[0]  # no interleaving
 
 
 async def test_turns_of_different_sessions_run_concurrently(client: httpx.AsyncClient) -> None:
-    runs: list[list[int]] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(emitted_times, client, "s1", "bench 20 100", runs)
-        nursery.start_soon(emitted_times, client, "s2", "bench 20 100", runs)
-    first, second = sorted(runs)
+    first, second = await two_turns_at_once(client, ("s1", "s2"), "bench 20 100")
     assert second[0] < first[-1]  # overlapping
 
 
