@@ -7,23 +7,19 @@ Figures are printed, never asserted: on shared machines they say nothing in a fe
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
-from ..support.processes import BENCH_DIR
+from ..support.processes import BENCH_DIR, run_python
 
 TINY = ["--sessions", "4", "--rate", "10", "--seconds", "1", "--rounds", "1"]
 
 
 def test_latency_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
     figures = tmp_path / "figures.json"
-    command = [sys.executable, str(BENCH_DIR / "latency.py"), *TINY, "--json", str(figures)]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=100, cwd=tmp_path, check=False
-    )
+    script = str(BENCH_DIR / "latency.py")
+    done = run_python(script, *TINY, "--json", str(figures), cwd=tmp_path, timeout=100)
     print(done.stdout)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "added by gateway-off: p50" in done.stdout

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from ..support.processes import BENCH_DIR
+from ..support.processes import BENCH_DIR, run_python
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"
@@ -49,10 +48,8 @@ def run_bench(tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict[st
     """One run of the bench with tiny sizes: its output and its figures."""
     figures = tmp_path / "figures.json"
     figures.unlink(missing_ok=True)
-    command = [sys.executable, str(BENCH_DIR / "resume_bench.py"), *TINY, "--json", str(figures)]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=100, cwd=tmp_path, check=False
-    )
+    script = str(BENCH_DIR / "resume_bench.py")
+    done = run_python(script, *TINY, "--json", str(figures), cwd=tmp_path, timeout=100)
     print(done.stdout)
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: an exactness failure, below
     assert figures.exists(), done.stderr[-3000:]
