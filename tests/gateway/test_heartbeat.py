@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 import trio
+import trio_websocket
 
+from trio_gateway.session.transport import WebSocketConnection
 from trio_gateway.tools.demo_runtime import DemoRuntime
+from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import RunningGateway, gateway_settings, port_of, run_gateway
+from ..support.gateway import WsClient, close_code, jwt_settings
 from ..support.rawws import RawWebSocket
 from ..support.task_tree import task_names
 
@@ -82,3 +86,96 @@ async def test_v1_clients_never_get_heartbeat_frames(gw: RunningGateway) -> None
             frame = await client.recv(timeout=5)
             raise AssertionError(f"v1 client got an unsolicited frame: {frame}")
         assert waited.cancelled_caught
+
+
+# --- every phase of a socket is pinged (a quiet client there must not meet the read timeout) ---
+
+
+async def test_a_socket_waiting_for_its_auth_frame_is_pinged(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    issuer: tuple[DevIssuer, str],
+) -> None:
+    """First-frame auth: no writer serves the socket yet, the handshake pings it."""
+    settings = jwt_settings(
+        demo_runtime[1], issuer[1], ws_heartbeat_interval=0.3, ws_auth_timeout=5.0
+    )
+    async with run_gateway(nursery, settings) as running, running.connect("slow-auth") as client:
+        await trio.sleep(2.5)  # within the auth timeout, past the read timeout (1.6 s)
+        await client.send({"type": "auth", "token": issuer[0].mint("alice")})
+        await client.send({"type": "user_message", "content": "bench 2"})
+        assert (await client.turn())[-1]["is_final"] is True
+
+
+async def test_a_v2_client_silent_through_the_resume_wait_is_pinged(
+    nursery: trio.Nursery, demo_runtime: tuple[DemoRuntime, str]
+) -> None:
+    settings = gateway_settings(demo_runtime[1], ws_heartbeat_interval=0.3, resume_wait_seconds=3)
+    async with run_gateway(nursery, settings) as running:
+        async with running.connect("resumable", v2=True) as first:
+            assert (await first.recv())["type"] == "session_ready"
+            await first.send({"type": "user_message", "content": "hello"})
+            await first.turn()
+        async with running.connect("resumable", v2=True) as second:
+            assert (await second.recv())["type"] == "session_ready"
+            await trio.sleep(3.5)  # says nothing: the writer waits resume_wait_seconds
+            await second.send({"type": "user_message", "content": "again"})
+            assert (await second.turn())[-1]["is_final"] is True
+
+
+async def test_a_viewer_busy_with_frames_is_still_pinged(
+    gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A viewer on a link slower than the token rate always finds frames waiting; a v1
+    viewer sends nothing of its own, so only pings between its batches keep it."""
+    send_texts = WebSocketConnection.send_texts
+
+    async def slow_viewer_batches(
+        self: WebSocketConnection, texts: Sequence[str], sent: Callable[[int], object]
+    ) -> None:
+        if getattr(sent, "__name__", "") == "_count_viewed":
+            await trio.sleep(0.04)
+        await send_texts(self, texts, sent)
+
+    monkeypatch.setattr(WebSocketConnection, "send_texts", slow_viewer_batches)
+    async with gw.connect("busy") as live, gw.connect("busy") as viewer:
+        await live.send({"type": "user_message", "content": "bench 200 50"})  # 4 s of tokens
+        finals: dict[str, object] = {}
+
+        async def read(name: str, client: WsClient) -> None:
+            finals[name] = (await client.turn(timeout=20))[-1]["is_final"]
+
+        async with trio.open_nursery() as readers:
+            readers.start_soon(read, "live", live)
+            readers.start_soon(read, "viewer", viewer)
+        assert finals == {"live": True, "viewer": True}
+
+
+async def test_frames_queued_while_a_ping_is_sent_still_go_out_before_a_flushing_close(
+    nursery: trio.Nursery,
+    demo_runtime: tuple[DemoRuntime, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ping in flight (TCP backpressure) while refusals are queued and the rate-limit close
+    (4429, after a flush) is decided: the refusals still reach the client first."""
+    send_ping_if_due = WebSocketConnection.send_ping_if_due
+
+    async def slow_ping(self: WebSocketConnection) -> None:
+        if self.ping_due:
+            await trio.sleep(1.0)
+        await send_ping_if_due(self)
+
+    monkeypatch.setattr(WebSocketConnection, "send_ping_if_due", slow_ping)
+    settings = gateway_settings(
+        demo_runtime[1], ws_messages_per_second=0.1, ws_message_burst=2, ws_heartbeat_interval=0.4
+    )
+    async with run_gateway(nursery, settings) as running, running.connect("chatty") as client:
+        await trio.sleep(0.6)  # the first ping is in flight now
+        for _ in range(6):
+            await client.send({"type": "cancel"})
+        codes = []
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                codes.append((await client.recv())["code"])
+    assert close_code(closed.value) == 4429
+    assert codes == ["rate_limited", "rate_limited"], codes

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import orjson
-import trio
 
 from ..client_address import client_address
 from ..protocol import (
@@ -248,18 +247,20 @@ def _admit_pending(gateway: Gateway, address: str) -> None:
 
 
 async def _first_frame_identity(gateway: Gateway, ws: WebSocketConnection) -> Identity:
-    timeout = gateway.settings.ws_auth_timeout
-    with trio.move_on_after(timeout):
-        data = await ws.receive()
-        if isinstance(data, str):
-            try:
-                frame = parse_client_frame(data)
-            except FrameError:
-                frame = {}
-            if frame.get("type") == "auth":
-                return await gateway.security.identify_token(frame["token"])
-        raise Refusal(401, "unauthorized", "The first frame must be an auth frame")
-    raise Refusal(401, "unauthorized", f"No auth frame within {timeout:g} s")
+    settings = gateway.settings
+    timeout = settings.ws_auth_timeout
+    # Pinged while it waits, as every accepted socket is: no writer serves it yet.
+    data = await ws.receive_pinging(timeout, settings.ws_heartbeat_interval)
+    if data is None:
+        raise Refusal(401, "unauthorized", f"No auth frame within {timeout:g} s")
+    if isinstance(data, str):
+        try:
+            frame = parse_client_frame(data)
+        except FrameError:
+            frame = {}
+        if frame.get("type") == "auth":
+            return await gateway.security.identify_token(frame["token"])
+    raise Refusal(401, "unauthorized", "The first frame must be an auth frame")
 
 
 async def _authorize(gateway: Gateway, identity: Identity, session_id: str) -> None:

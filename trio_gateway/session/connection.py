@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import orjson
 import trio
@@ -44,6 +45,8 @@ from .transport import ConnectionClosed, WebSocketConnection
 # Same logger as the rest of the session engine: log records do not depend on the module split.
 logger = logging.getLogger("trio_gateway.session")
 
+T = TypeVar("T")
+
 
 def _no_writer_yet() -> None:
     """``wake_writer`` until the session attaches the connection (one shared function rather
@@ -68,7 +71,6 @@ class Connection:
         "host",
         "identity",
         "limit_key",
-        "ping_due",
         "previous_writer_done",
         "rate_refusals",
         "replaced",
@@ -112,9 +114,6 @@ class Connection:
         self.flush_then_close = False
         self.replaced = False
         self.shut_requested = trio.Event()
-        # Set by the heartbeat every WS_HEARTBEAT_INTERVAL; the writer sends the protocol ping
-        # (see WebSocketConnection.send_ping for why the writer and not hypercorn).
-        self.ping_due = False
         self.wake_writer: Callable[[], object] = _no_writer_yet
         # Writers take turns: a replacement's writer starts only once the previous writer of
         # the session has stopped, so frames and seq numbers never interleave between them.
@@ -162,6 +161,11 @@ class Connection:
         self.resume_decided = True
         if self.resume_waiter is not None:
             self.resume_waiter.set()
+
+    @property
+    def ping_due(self) -> bool:
+        """The guard asked for a protocol ping that the writer has not sent yet."""
+        return self.ws.ping_due
 
     def set_close(self, code: int, reason: str) -> None:
         """Decide the close code of a connection that never ran (refused after the accept)."""
@@ -212,14 +216,14 @@ class Connection:
         # A viewer's next frames (everything in its backlog), or None once it is no longer a
         # viewer (promoted: it then numbers frames itself) and its backlog is empty, or when
         # it should close after a flush.
-        while backlog.empty:
+        while True:
+            await self.ws.send_ping_if_due()  # also between batches: a busy viewer is pinged
+            if not backlog.empty:
+                return backlog.take_all()
             if self.flush_then_close or self is session.connection:
                 return None
-            if self.ping_due:
-                await self._send_ping()
-                continue
-            await session.frames_ready.park()
-        return backlog.take_all()
+            if not self.ping_due:
+                await session.frames_ready.park()
 
     # --- the connection's tasks ----------------------------------------------------------------
 
@@ -292,7 +296,7 @@ class Connection:
                     break
                 if now - pinged_at >= settings.ws_heartbeat_interval:
                     pinged_at = now
-                    self.ping_due = True
+                    self.ws.ask_ping()
                     self.wake_writer()
                 quiet = now - ws.last_send_at >= settings.ws_heartbeat_interval
                 if self.v2 and quiet and ws.send_started_at is None and not len(session.outbound):
@@ -536,7 +540,7 @@ class Connection:
         if self.previous_writer_done is not None:
             # Bounded: the replaced connection's guard aborts a stuck send within
             # ws_close_timeout, after which its writer ends.
-            await self.previous_writer_done.wait()
+            await self._pinging(self.previous_writer_done.wait)
         if viewed is not None:
             # Promoted: the old live socket's last batch is in the backlog too (frames reach
             # viewers as they are numbered), so nothing numbered is missing or sent twice.
@@ -547,11 +551,10 @@ class Connection:
             await self._catch_up(session)
         while True:
             frames = await session.wait_frames(self)
-            if self.ping_due:
-                await self._send_ping()
-                if not frames and not self.flush_then_close:
-                    continue
+            await self.ws.send_ping_if_due()
             if not frames:
+                if not self.flush_then_close or len(session.outbound):
+                    continue  # a ping only, or frames queued while it was sent
                 if session.close_after_turn is not None:
                     # A drain: the viewers close once they have what this socket had.
                     for viewer in session.viewers:
@@ -561,9 +564,23 @@ class Connection:
                 return
             await self._send_frames(session, frames)
 
-    async def _send_ping(self) -> None:
-        self.ping_due = False
-        await self.ws.send_ping()
+    async def _pinging(self, wait: Callable[[], Awaitable[T]]) -> T:
+        # A wait of the writer (for the client's resume, the previous writer, the shared
+        # stream) with a sibling that sends the pings the guard asks for meanwhile: a quiet
+        # client must not meet the read timeout. The writer sends nothing during ``wait``, so
+        # the two never send at once; the pings are watched by the guard like any send.
+        async def ping_meanwhile() -> None:
+            tick = self.host.settings.ws_heartbeat_interval / 4
+            while True:
+                await self.ws.send_ping_if_due()
+                await trio.sleep(tick)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping_meanwhile)
+            try:
+                return await wait()
+            finally:
+                nursery.cancel_scope.cancel()
 
     def _count_viewed(self, _index: int) -> None:
         self.host.count_frame_out("viewed")
@@ -638,9 +655,13 @@ class Connection:
             # the shared stream yet.
             history = session.seq or len(session.outbound) or session.busy
             if (history or session.lease.following) and not self.resume_decided:
-                self.resume_waiter = trio.Event()
-                with trio.move_on_after(self.host.settings.resume_wait_seconds):
-                    await self.resume_waiter.wait()
+                self.resume_waiter = waiter = trio.Event()
+
+                async def wait_for_first_frame() -> None:
+                    with trio.move_on_after(self.host.settings.resume_wait_seconds):
+                        await waiter.wait()
+
+                await self._pinging(wait_for_first_frame)
         now = trio.current_time()
         resume_from = self.resume_from
         replay = (
@@ -651,7 +672,9 @@ class Connection:
         if isinstance(replay, ReplayGap) and resume_from is not None:
             # Frames this replica does not hold may be in the shared stream (replicas.py).
             wait = self.host.settings.resume_wait_seconds
-            replay, self.skip_through = await session.lease.replay_after(resume_from, replay, wait)
+            replay, self.skip_through = await self._pinging(
+                lambda: session.lease.replay_after(resume_from, replay, wait)
+            )
         gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
         frames = [] if isinstance(replay, ReplayGap) else replay
         lost = session.take_lost_frames()

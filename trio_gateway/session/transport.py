@@ -144,6 +144,7 @@ class WebSocketConnection:
         "disconnected",
         "last_send_at",
         "peer_closed_code",
+        "ping_due",
         "scope",
         "send_started_at",
     )
@@ -160,6 +161,7 @@ class WebSocketConnection:
         self.aborted = False
         self.send_started_at: float | None = None
         self.last_send_at = trio.current_time()
+        self.ping_due = False  # see ask_ping
         # Created by the first wait_send_finished (a close guard); most sockets never need it.
         self._send_finished: trio.lowlevel.ParkingLot | None = None
         self._first_message_limit: FirstMessageLimit | None = None
@@ -237,26 +239,67 @@ class WebSocketConnection:
         returns without ever yielding, so a send loop would spin and freeze the worker. It is
         also where cancellation reaches the writer *before* anything is written.
         """
+        if self.ping_due:
+            await self.send_ping_if_due()
         try:
             await self._send_watched(self._send, {"type": "websocket.send", "text": text})
         finally:
             self.last_send_at = trio.current_time()
 
-    async def send_ping(self) -> None:
-        """Send a WebSocket protocol ping; the peer's pong is inbound traffic, so hypercorn's
-        read timeout keeps a quiet live peer and drops a dead one.
+    def ask_ping(self) -> None:
+        """A protocol ping is owed: the next send on this socket (a frame, a batch between
+        two frames, or :meth:`send_ping_if_due` of an idle or waiting writer) sends it first.
 
-        The connection's writer sends it, like every frame, instead of hypercorn's own ping
-        task: that task costs every idle socket ~3.5 KiB, and a ping from the writer is
-        watched by the slow-client guard like any other send (a ping to a client that stopped
-        reading blocks in hypercorn's shielded send too). ASGI has no ping event, so this
-        takes the same hypercorn path as :func:`find_transport_aborter`
-        (``WSStream._send_wsproto_event``); on another server it sends nothing.
+        The peer's pong is inbound traffic, so hypercorn's read timeout keeps a quiet live
+        peer and drops a dead one. The sending task sends the ping, like every frame, instead
+        of hypercorn's own ping task: that task costs every idle socket ~3.5 KiB, and a ping
+        sent here is watched by the slow-client guard like any other send (a ping to a client
+        that stopped reading blocks in hypercorn's shielded send too). Owed rather than sent at
+        once, it also goes out between two frames of a long batch to a slow reader.
         """
+        self.ping_due = True
+
+    async def send_ping_if_due(self) -> None:
+        """Send the ping :meth:`ask_ping` asked for, if any.
+
+        ASGI has no ping event, so this takes the same hypercorn path as
+        :func:`find_transport_aborter` (``WSStream._send_wsproto_event``); on another server it
+        sends nothing.
+        """
+        if not self.ping_due:
+            return
+        self.ping_due = False
         ws_stream = getattr(self._send, "__self__", None)
         send_event = getattr(ws_stream, "_send_wsproto_event", None)
         if send_event is not None:
             await self._send_watched(send_event, Ping())
+
+    async def receive_pinging(self, timeout: float, interval: float) -> str | bytes | None:
+        """:meth:`receive` within ``timeout`` (None after it), pinging every ``interval``
+        meanwhile: for a socket no writer serves yet (first-frame auth), which hypercorn's read
+        timeout would otherwise drop while it is quiet.
+
+        A ping still blocked at the deadline (a peer that stopped reading: hypercorn's send is
+        shielded) aborts the transport, so the wait never outlasts ``timeout``.
+        """
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.move_on_at(min(deadline, trio.current_time() + interval)):
+                return await self.receive()  # a memory-channel receive: cancel-safe
+            if trio.current_time() >= deadline:
+                return None
+            self.ping_due = True
+            async with trio.open_nursery() as nursery:
+
+                async def abort_at_deadline() -> None:
+                    await trio.sleep_until(deadline)
+                    self.abort()
+
+                nursery.start_soon(abort_at_deadline)
+                try:
+                    await self.send_ping_if_due()
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def _send_watched(self, send: Callable[[Any], Awaitable[None]], message: Any) -> None:
         # One send the slow-client watchdog can see (send_started_at), after a checkpoint.
@@ -282,6 +325,8 @@ class WebSocketConnection:
         await trio.lowlevel.checkpoint()
         send = self._send
         for index, text in enumerate(texts):
+            if self.ping_due:  # a long batch to a slow reader still pings on time
+                await self.send_ping_if_due()
             if self.closed:
                 raise ConnectionClosed(self.peer_closed_code)
             self.send_started_at = trio.current_time()
