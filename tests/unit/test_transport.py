@@ -136,3 +136,14 @@ async def test_the_first_message_ends_the_pinged_wait(autojump_clock: trio.abc.C
     ws = WebSocketConnection({"type": "websocket"}, receive_later, stream.app_send)
     assert await ws.receive_pinging(timeout=10, interval=0.3) == "hello"
     assert stream.wire == ["Ping"]
+
+
+async def test_a_pinged_wait_on_a_closed_socket_raises_connection_closed_itself(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Not inside an exception group: the handshake catches a plain ConnectionClosed."""
+    stream = ScriptedStream()
+    ws = WebSocketConnection({"type": "websocket"}, never_receive, stream.app_send)
+    ws.closed = True  # the peer is gone by the first ping
+    with pytest.raises(ConnectionClosed):
+        await ws.receive_pinging(timeout=1.0, interval=0.3)

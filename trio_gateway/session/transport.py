@@ -289,6 +289,7 @@ class WebSocketConnection:
             if trio.current_time() >= deadline:
                 return None
             self.ping_due = True
+            closed = False
             async with trio.open_nursery() as nursery:
 
                 async def abort_at_deadline() -> None:
@@ -298,8 +299,12 @@ class WebSocketConnection:
                 nursery.start_soon(abort_at_deadline)
                 try:
                     await self.send_ping_if_due()
+                except ConnectionClosed:
+                    closed = True  # raised below, outside the nursery: not in a group
                 finally:
                     nursery.cancel_scope.cancel()
+            if closed:
+                raise ConnectionClosed(self.peer_closed_code)
 
     async def _send_watched(self, send: Callable[[Any], Awaitable[None]], message: Any) -> None:
         # One send the slow-client watchdog can see (send_started_at), after a checkpoint.
