@@ -176,7 +176,7 @@ def build_hypercorn_config(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.access_log_format = ACCESS_LOG_FORMAT
     config.logger_class = AccessLogger
-    # Protocol pings every interval come from each connection's writer (transport.send_ping),
+    # Protocol pings every interval are sent by whoever sends on the socket (transport.ask_ping),
     # not from a hypercorn task per socket; a peer that sends nothing (pongs count) for about
     # two intervals trips the read timeout and is dropped (hypercorn has no pong timeout).
     config.websocket_ping_interval = None

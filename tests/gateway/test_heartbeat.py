@@ -8,13 +8,18 @@ import pytest
 import trio
 import trio_websocket
 
+from trio_gateway.protocol import CloseCode
+from trio_gateway.session.interfaces import Socket
+from trio_gateway.session.outbound import Outgoing
+from trio_gateway.session.session import Session
 from trio_gateway.session.transport import WebSocketConnection
 from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from ..conftest import RunningGateway, gateway_settings, port_of, run_gateway
+from ..conftest import GatewayWith, RunningGateway, gateway_settings, port_of, run_gateway
 from ..support.gateway import WsClient, close_code, jwt_settings
 from ..support.rawws import RawWebSocket
+from ..support.resume import ResumingClient
 from ..support.task_tree import task_names
 
 
@@ -179,3 +184,68 @@ async def test_frames_queued_while_a_ping_is_sent_still_go_out_before_a_flushing
                 codes.append((await client.recv())["code"])
     assert close_code(closed.value) == 4429
     assert codes == ["rate_limited", "rate_limited"], codes
+
+
+async def test_a_ping_cut_short_by_a_disconnect_loses_no_frame(
+    gateway_with: GatewayWith, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ping is only sent where the frames around it are already numbered and recorded: a
+    client cut while a ping is in flight (its checkpoint widened here) and resuming gets every
+    token exactly once."""
+    send_ping_if_due = WebSocketConnection.send_ping_if_due
+    wait_frames = Session.wait_frames
+    in_flight = trio.Event()
+
+    armed = False
+    tokens_flowing = False
+
+    async def widened(self: WebSocketConnection) -> None:
+        if armed and self.ping_due and not in_flight.is_set():
+            in_flight.set()
+            await trio.sleep(0.3)
+        await send_ping_if_due(self)
+
+    async def frames_with_a_ping_due(self: Session, connection: Socket) -> list[Outgoing]:
+        # The writer wakes with frames in hand just as a ping is due (rare, made certain);
+        # the next ping, wherever the writer sends it, is the one cut short.
+        nonlocal armed
+        frames = await wait_frames(self, connection)
+        if frames and tokens_flowing and not armed:
+            while not connection.ping_due:
+                await trio.sleep(0.01)
+            armed = True
+        return frames
+
+    monkeypatch.setattr(WebSocketConnection, "send_ping_if_due", widened)
+    monkeypatch.setattr(Session, "wait_frames", frames_with_a_ping_due)
+    async with gateway_with(
+        session_grace_seconds=10, resume_wait_seconds=5, ws_heartbeat_interval=0.3
+    ) as running:
+        client = ResumingClient(port_of(running.base_url), "ping-cut")
+        await client.connect(resume=False)
+        await client.send({"type": "user_message", "content": "bench 300 100"})  # 3 s of tokens
+        await client.until("turn_started")
+        tokens_flowing = True
+        async with trio.open_nursery() as reading:
+
+            async def read_on() -> None:
+                while True:
+                    await client.next()
+
+            reading.start_soon(read_on)
+            await in_flight.wait()
+            reading.cancel_scope.cancel()
+        # The connection ends while the ping is in flight (as a disconnect or a replacing
+        # socket ends it): the writer is cancelled there.
+        sessions = running.app.gateway.sessions
+        assert sessions is not None
+        live = sessions.sessions["ping-cut"].connection
+        assert live is not None
+        live.shut(CloseCode.GOING_AWAY)
+        await client.cut()
+        await client.connect(resume=True)
+        await client.until("resumed")
+        if client.turns_finished == 0:
+            await client.until("turn_finished")
+    assert client.tokens() == "".join(f"t{i} " for i in range(300))
+    assert client.resyncs == []

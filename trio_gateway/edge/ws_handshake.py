@@ -11,7 +11,8 @@ off). Refusals before the accept are real HTTP answers (401 with
 A socket opened without a token is anonymous until its ``auth`` frame, so what it may cost is
 bounded separately: it takes a slot of ``MAX_PENDING_AUTH`` (process) and of
 ``MAX_PENDING_AUTH_PER_ADDRESS`` (its client address), not of ``MAX_CONNECTIONS``, for at most
-``WS_AUTH_TIMEOUT``; and only one message of at most :data:`AUTH_FRAME_MAX_BYTES` is read from
+``WS_AUTH_TIMEOUT`` plus the verification of the token it sent (one JWKS fetch at worst, bounded
+by its own timeout); and only one message of at most :data:`AUTH_FRAME_MAX_BYTES` is read from
 it before it has authenticated (``transport.FirstMessageLimit``).
 """
 

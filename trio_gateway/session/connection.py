@@ -551,18 +551,22 @@ class Connection:
             await self._catch_up(session)
         while True:
             frames = await session.wait_frames(self)
+            if frames:
+                # No ping here: frames taken but not yet numbered would be lost if the ping's
+                # checkpoint were cancelled. send_texts pings before their first write, when
+                # they are already in the replay buffer.
+                await self._send_frames(session, frames)
+                continue
             await self.ws.send_ping_if_due()
-            if not frames:
-                if not self.flush_then_close or len(session.outbound):
-                    continue  # a ping only, or frames queued while it was sent
-                if session.close_after_turn is not None:
-                    # A drain: the viewers close once they have what this socket had.
-                    for viewer in session.viewers:
-                        viewer.shut(self.close_code, self.close_reason, flush=True)
-                    session.frames_ready.unpark_all()
-                self.shut(self.close_code)  # flushed: close now
-                return
-            await self._send_frames(session, frames)
+            if not self.flush_then_close or len(session.outbound):
+                continue  # a ping only, or frames queued while it was sent
+            if session.close_after_turn is not None:
+                # A drain: the viewers close once they have what this socket had.
+                for viewer in session.viewers:
+                    viewer.shut(self.close_code, self.close_reason, flush=True)
+                session.frames_ready.unpark_all()
+            self.shut(self.close_code)  # flushed: close now
+            return
 
     async def _pinging(self, wait: Callable[[], Awaitable[T]]) -> T:
         # A wait of the writer (for the client's resume, the previous writer, the shared

@@ -127,8 +127,9 @@ class FirstMessageLimit:
 class WebSocketConnection:
     """One ASGI WebSocket: handshake, receive, send, close, and abort.
 
-    Only the session's single writer task calls :meth:`send_text`; ``send_started_at`` lets a
-    watchdog outside that task see a send that has been blocked for too long.
+    One task at a time sends: the connection's writer (or, while the writer waits, its sibling
+    that only pings; before the writer exists, the handshake's :meth:`receive_pinging`).
+    ``send_started_at`` lets a watchdog outside that task see a send blocked for too long.
     """
 
     # Slots: one per open socket (docs/performance.md, "Idle memory").
