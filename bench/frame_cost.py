@@ -35,6 +35,13 @@ within a pair is the steadier figure. The baseline gateway runs the baseline com
 ``trio_gateway`` package (``git archive`` into a temporary directory, first on ``PYTHONPATH``)
 with the same settings.
 
+The floor: unless ``--no-floor``, each pair also runs ``bench/floor_relay.py`` in the same
+window with its own ``S`` sessions: the leanest relay this stack allows (raw ASGI on hypercorn's
+trio worker, the gateway's h11 pool to the runtime, SSE cut on blank lines, orjson, a ``seq``
+per frame, a bounded replay deque, one text frame per event; nothing else), with the same
+compression setting as this tree's gateway. The report adds its CPU per frame and the ratio
+tree / floor per pair.
+
 Exit status: 0 when the measurement completed, 1 when the benchmark itself failed.
 """
 
@@ -58,6 +65,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.clients import RestConnection
+from bench.floor_relay import spawned_floor_relay
 from bench.harness import (
     UNLIMITED_USER,
     BenchError,
@@ -100,6 +108,8 @@ async def rest_window(gateways: dict[str, Child], args: argparse.Namespace) -> d
     connections: dict[str, list[RestConnection]] = {}
     try:
         for variant, gateway in gateways.items():
+            if variant == "floor":
+                continue  # a relay only: no REST
             port = int(gateway.url.rsplit(":", 1)[1])
             connections[variant] = [
                 await RestConnection.open(port) for _ in range(args.connections)
@@ -118,9 +128,9 @@ async def rest_window(gateways: dict[str, Child], args: argparse.Namespace) -> d
 
         with trio.fail_after(TURN_TIMEOUT):
             await everywhere(1)
-            start = {variant: cpu_ns(gateway.pid) for variant, gateway in gateways.items()}
+            start = {variant: cpu_ns(gateways[variant].pid) for variant in connections}
             await everywhere(per_connection)
-        return {v: (cpu_ns(g.pid) - start[v]) / 1e9 for v, g in gateways.items()}
+        return {v: (cpu_ns(g.pid) - start[v]) / 1e9 for v, g in gateways.items() if v in start}
     finally:
         for group in connections.values():
             for connection in group:
@@ -153,9 +163,10 @@ async def open_clients(gateway: Child, count: int) -> list[RawWebSocket]:
     """``count`` sessions on ``gateway`` (distinct ids)."""
     port = int(gateway.url.rsplit(":", 1)[1])
     tag = secrets.token_hex(4)
-    deflate = [PerMessageDeflate()]
+    # One PerMessageDeflate per socket: the object holds that connection's compressor state
+    # (a shared one corrupts every stream once the gateway negotiates compression).
     return [
-        await RawWebSocket.connect(port, f"/api/v1/ws/{tag}-{i}", extensions=deflate)
+        await RawWebSocket.connect(port, f"/api/v1/ws/{tag}-{i}", extensions=[PerMessageDeflate()])
         for i in range(count)
     ]
 
@@ -223,7 +234,8 @@ async def measure(
             rest_cpu = await rest_window(gateways, args)
             requests = args.connections * max(1, args.requests // args.connections)
             for result in runs:
-                result.requests, result.rest_cpu_s = requests, rest_cpu[result.variant]
+                if result.variant in rest_cpu:
+                    result.requests, result.rest_cpu_s = requests, rest_cpu[result.variant]
         return runs
     finally:
         for group in clients.values():
@@ -253,6 +265,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     gateways[variant] = stack.enter_context(
                         spawned(f"gateway-{variant}", ["serve"], env, Path(tmp))
                     )
+                if args.floor:
+                    compression = args.compression == "on"
+                    gateways["floor"] = stack.enter_context(
+                        spawned_floor_relay(runtime.url, key, compression, Path(tmp))
+                    )
                 results = trio.run(measure, gateways, runtime, args)
             runs += results
             line = ", ".join(
@@ -260,13 +277,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for r in results
             )
             ratio = results[1].us_per_frame / results[0].us_per_frame
+            to_floor = (
+                f", tree/floor {results[1].us_per_frame / results[2].us_per_frame:.3f}"
+                if args.floor
+                else ""
+            )
             print(
-                f"pair {pair + 1}: {line}; ratio {ratio:.3f} ({results[0].frames} frames each, "
-                f"runtime {1e6 * results[0].runtime_cpu_s / results[0].frames:.0f} us/frame)",
+                f"pair {pair + 1}: {line}; ratio {ratio:.3f}{to_floor} ({results[0].frames} "
+                f"frames each, runtime {1e6 * results[0].runtime_cpu_s / results[0].frames:.0f} "
+                "us/frame)",
                 flush=True,
             )
             if args.requests:
-                line = ", ".join(f"{r.variant} {r.us_per_request:6.1f} us/request" for r in results)
+                line = ", ".join(
+                    f"{r.variant} {r.us_per_request:6.1f} us/request"
+                    for r in results
+                    if r.variant != "floor"
+                )
                 ratio = results[1].us_per_request / results[0].us_per_request
                 print(f"        REST: {line}; ratio {ratio:.3f}", flush=True)
     return report(runs, args)
@@ -298,6 +325,17 @@ def report(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
     print(f"  this tree:        {summary['tree_us_per_frame_median']:.1f} us")
     spread = f"{min(ratios):.3f}..{max(ratios):.3f}"
     print(f"  tree / baseline:  {summary['ratio_median']:.3f} (pairs {spread})")
+    if args.floor:
+        floor = [r.us_per_frame for r in runs if r.variant == "floor"]
+        to_floor = [t / f for t, f in zip(tree, floor, strict=True)]
+        summary |= {
+            "floor_us_per_frame_median": statistics.median(floor),
+            "tree_over_floor_median": statistics.median(to_floor),
+            "tree_over_floor": to_floor,
+        }
+        print(f"  floor relay:      {summary['floor_us_per_frame_median']:.1f} us")
+        spread = f"{min(to_floor):.3f}..{max(to_floor):.3f}"
+        print(f"  tree / floor:     {summary['tree_over_floor_median']:.3f} (pairs {spread})")
     if args.requests:
         tree_rest = [r.us_per_request for r in runs if r.variant == "tree"]
         base_rest = [r.us_per_request for r in runs if r.variant == "baseline"]
@@ -337,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--connections", type=int, default=20, help="keep-alive REST connections per gateway"
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="leave out the floor relay (bench/floor_relay.py)",
     )
     add_json_option(parser)
     args = parser.parse_args(argv)
