@@ -35,7 +35,7 @@ within a pair is the steadier figure. The baseline gateway runs the baseline com
 ``trio_gateway`` package (``git archive`` into a temporary directory, first on ``PYTHONPATH``)
 with the same settings.
 
-The floor: unless ``--no-floor``, each pair also runs ``bench/floor_relay.py`` in the same
+The floor: unless ``--no-floor``, each pair also runs ``bench/floors.py`` in the same
 window with its own ``S`` sessions: the leanest relay this stack allows (raw ASGI on hypercorn's
 trio worker, the gateway's h11 pool to the runtime, SSE cut on blank lines, orjson, a ``seq``
 per frame, a bounded replay deque, one text frame per event; nothing else), with the same
@@ -65,7 +65,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.clients import RestConnection
-from bench.floor_relay import spawned_floor_relay
+from bench.floors import spawned_floor
 from bench.harness import (
     UNLIMITED_USER,
     BenchError,
@@ -266,9 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         spawned(f"gateway-{variant}", ["serve"], env, Path(tmp))
                     )
                 if args.floor:
-                    compression = args.compression == "on"
+                    compression = "on" if args.compression == "on" else "off"
                     gateways["floor"] = stack.enter_context(
-                        spawned_floor_relay(runtime.url, key, compression, Path(tmp))
+                        spawned_floor("relay", [runtime.url, key, compression], Path(tmp))
                     )
                 results = trio.run(measure, gateways, runtime, args)
             runs += results
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-floor",
         dest="floor",
         action="store_false",
-        help="leave out the floor relay (bench/floor_relay.py)",
+        help="leave out the floor relay (bench/floors.py)",
     )
     add_json_option(parser)
     args = parser.parse_args(argv)

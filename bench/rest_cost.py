@@ -13,7 +13,7 @@ One demo runtime (``trio-gateway demo-runtime --instant``, this tree) serves thr
   process that serves, one worker);
 - ``baseline``: the same command on the ``trio_gateway`` package of ``--baseline`` (``git
   archive``, first on ``PYTHONPATH``, as ``frame_cost.py`` does);
-- ``floor``: this file run with ``--serve-floor``: a plain ASGI app on hypercorn's trio worker
+- ``floor``: ``bench/floors.py``'s REST floor: a plain ASGI app on hypercorn's trio worker
   that checks the bearer token with PyJWT (RS256, ``aud``, ``iss``, ``exp``; verified tokens
   cached by their text, as the gateway does), sends ``GET /agents`` over this tree's
   ``ConnectionPool`` (h11, keep-alive) and relays status, content type and body. What any
@@ -51,6 +51,7 @@ import trio
 if __package__ in (None, ""):  # run as a script: make ``bench.*`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.floors import spawned_floor
 from bench.harness import (
     HOST,
     BenchError,
@@ -66,96 +67,6 @@ from bench.harness import (
 
 PATH = "/api/v1/agents"
 VARIANTS = ("baseline", "tree", "floor")
-
-
-# --- the floor: a minimal raw-ASGI + h11-pool proxy -----------------------------------------
-
-
-def serve_floor(port: int, agent_url: str, jwks_file: Path, key: str) -> None:
-    """Serve the floor proxy on ``port`` until SIGTERM (see the module docstring)."""
-    import signal
-
-    import jwt
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
-    from trio_gateway.upstream.http_stream import ConnectionPool
-
-    jwk = jwt.PyJWK(json.loads(jwks_file.read_text())["keys"][0])
-    verified: dict[str, str] = {}
-    pool = ConnectionPool(
-        agent_url,
-        default_headers={"X-Internal-Auth": key},
-        connect_timeout=30,
-        write_timeout=30,
-        idle_timeout=30,
-        max_connections=1000,
-        max_idle=100,
-        idle_expiry=4,
-        slot_wait=30,
-    )
-
-    async def respond(send: Any, status: int, content_type: bytes, body: bytes) -> None:
-        headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        if scope["type"] != "http":
-            return
-        if scope["path"] == "/health":  # for Child.wait_healthy
-            await respond(send, 200, b"application/json", b'{"status":"ok"}')
-            return
-        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        token = authorization.decode("latin-1").removeprefix("Bearer ")
-        sub = verified.get(token)
-        if sub is None:
-            try:
-                claims = jwt.decode(
-                    token,
-                    jwk,
-                    algorithms=[jwk.algorithm_name],
-                    audience="codelab-api",
-                    issuer="https://auth.codelab.local",
-                    options={"require": ["exp", "sub"]},
-                )
-            except jwt.PyJWTError:
-                await respond(send, 401, b"application/json", b'{"error":"unauthorized"}')
-                return
-            sub = verified[token] = str(claims["sub"])
-        headers = [(b"x-user-id", sub.encode())]
-        async with pool.stream("GET", "/agents", b"", headers) as response:
-            body = await response.read_limited(16 * 1024 * 1024)
-            status = response.status_code
-            content_type = response.headers.get("content-type", "application/json")
-        await respond(send, status, content_type.encode("latin-1"), body)
-
-    config = Config()
-    config.bind = [f"{HOST}:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    stop = trio.Event()
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run)
-
-            async def on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        stop.set()
-                        return
-
-            nursery.start_soon(on_signal)
-            await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
 
 
 # --- the load -------------------------------------------------------------------------------
@@ -277,7 +188,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             proxies[variant] = stack.enter_context(
                 spawned(f"gateway-{variant}", ["serve"], env, Path(tmp))
             )
-        proxies["floor"] = stack.enter_context(_spawn_floor(runtime.url, jwks_file, key, tmp))
+        proxies["floor"] = stack.enter_context(
+            spawned_floor("rest", [runtime.url, str(jwks_file), key], Path(tmp))
+        )
         trio.run(_wait_runtime, runtime)
         for index in range(args.rounds):
             results = trio.run(measure, proxies, token, args)
@@ -296,31 +209,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _wait_runtime(runtime: Child) -> None:
     await runtime.wait_healthy()
-
-
-def _spawn_floor(agent_url: str, jwks_file: Path, key: str, tmp: str) -> Any:
-    """The floor proxy as a child process (stopped on exit)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def floor() -> Any:
-        port = free_port()
-        log_path = Path(tmp) / "floor.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, __file__, "--serve-floor", str(port), agent_url,
-                 str(jwks_file), key],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        child = Child("floor", process, log_path, f"http://{HOST}:{port}")
-        try:
-            yield child
-        finally:
-            child.stop()
-
-    return floor()
 
 
 def report(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
@@ -353,10 +241,6 @@ def report(runs: list[Run], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--serve-floor"]:
-        serve_floor(int(argv[1]), argv[2], Path(argv[3]), argv[4])
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="main", help="git ref of the baseline gateway")
     parser.add_argument("--rounds", type=int, default=5)
