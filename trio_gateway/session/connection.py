@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
 import orjson
 import trio
@@ -44,8 +43,6 @@ from .transport import ConnectionClosed, WebSocketConnection
 
 # Same logger as the rest of the session engine: log records do not depend on the module split.
 logger = logging.getLogger("trio_gateway.session")
-
-T = TypeVar("T")
 
 
 def _no_writer_yet() -> None:
@@ -166,6 +163,11 @@ class Connection:
     def ping_due(self) -> bool:
         """The guard asked for a protocol ping that the writer has not sent yet."""
         return self.ws.ping_due
+
+    @property
+    def _ping_tick(self) -> float:
+        # How soon an owed ping goes out while the writer waits (the guard's own tick).
+        return self.host.settings.ws_heartbeat_interval / 4
 
     def set_close(self, code: int, reason: str) -> None:
         """Decide the close code of a connection that never ran (refused after the accept)."""
@@ -540,7 +542,7 @@ class Connection:
         if self.previous_writer_done is not None:
             # Bounded: the replaced connection's guard aborts a stuck send within
             # ws_close_timeout, after which its writer ends.
-            await self._pinging(self.previous_writer_done.wait)
+            await self.ws.pinging_while(self.previous_writer_done.wait, self._ping_tick)
         if viewed is not None:
             # Promoted: the old live socket's last batch is in the backlog too (frames reach
             # viewers as they are numbered), so nothing numbered is missing or sent twice.
@@ -567,24 +569,6 @@ class Connection:
                 session.frames_ready.unpark_all()
             self.shut(self.close_code)  # flushed: close now
             return
-
-    async def _pinging(self, wait: Callable[[], Awaitable[T]]) -> T:
-        # A wait of the writer (for the client's resume, the previous writer, the shared
-        # stream) with a sibling that sends the pings the guard asks for meanwhile: a quiet
-        # client must not meet the read timeout. The writer sends nothing during ``wait``, so
-        # the two never send at once; the pings are watched by the guard like any send.
-        async def ping_meanwhile() -> None:
-            tick = self.host.settings.ws_heartbeat_interval / 4
-            while True:
-                await self.ws.send_ping_if_due()
-                await trio.sleep(tick)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ping_meanwhile)
-            try:
-                return await wait()
-            finally:
-                nursery.cancel_scope.cancel()
 
     def _count_viewed(self, _index: int) -> None:
         self.host.count_frame_out("viewed")
@@ -659,13 +643,9 @@ class Connection:
             # the shared stream yet.
             history = session.seq or len(session.outbound) or session.busy
             if (history or session.lease.following) and not self.resume_decided:
-                self.resume_waiter = waiter = trio.Event()
-
-                async def wait_for_first_frame() -> None:
-                    with trio.move_on_after(self.host.settings.resume_wait_seconds):
-                        await waiter.wait()
-
-                await self._pinging(wait_for_first_frame)
+                self.resume_waiter = trio.Event()
+                with trio.move_on_after(self.host.settings.resume_wait_seconds):
+                    await self.ws.pinging_while(self.resume_waiter.wait, self._ping_tick)
         now = trio.current_time()
         resume_from = self.resume_from
         replay = (
@@ -676,8 +656,8 @@ class Connection:
         if isinstance(replay, ReplayGap) and resume_from is not None:
             # Frames this replica does not hold may be in the shared stream (replicas.py).
             wait = self.host.settings.resume_wait_seconds
-            replay, self.skip_through = await self._pinging(
-                lambda: session.lease.replay_after(resume_from, replay, wait)
+            replay, self.skip_through = await self.ws.pinging_while(
+                lambda: session.lease.replay_after(resume_from, replay, wait), self._ping_tick
             )
         gap: str | None = replay.value if isinstance(replay, ReplayGap) else None
         frames = [] if isinstance(replay, ReplayGap) else replay

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from wsproto.events import Ping  # hypercorn's WebSocket engine
 
 logger = logging.getLogger("trio_gateway.transport")
+
+T = TypeVar("T")
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -274,6 +276,25 @@ class WebSocketConnection:
         send_event = getattr(ws_stream, "_send_wsproto_event", None)
         if send_event is not None:
             await self._send_watched(send_event, Ping())
+
+    async def pinging_while(self, wait: Callable[[], Awaitable[T]], tick: float) -> T:
+        """Run ``wait()`` (a wait of the task that sends on this socket: for the client's
+        resume, the previous writer, the shared stream) with a sibling that sends the pings
+        :meth:`ask_ping` asks for meanwhile, looking every ``tick`` seconds: a quiet client must
+        not meet the read timeout. The sending task sends nothing during ``wait``, so the two
+        never send at once; the pings are watched by the guard like any send."""
+
+        async def ping_meanwhile() -> None:
+            while True:
+                await self.send_ping_if_due()
+                await trio.sleep(tick)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping_meanwhile)
+            try:
+                return await wait()
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def receive_pinging(self, timeout: float, interval: float) -> str | bytes | None:
         """:meth:`receive` within ``timeout`` (None after it), pinging every ``interval``
