@@ -4,7 +4,7 @@ Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes, 5
 attempts, 500 compressed-frame connections, 2,000 header-smuggling requests, session floods,
 and 500 each of h2c upgrades, CL+TE smuggling attempts and pipelines plus rounds of 30 slow
 heads at once; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick``
-for a smoke run. The same harness as the tests (``tests/support/fuzzing.py``,
+for a smoke run. The same harness as the tests (``tests/support/fuzzing_gateway.py``,
 ``tests/support/fuzzing_http.py``, ``tests/support/smuggling.py``): gateways in front of the
 demo runtime (JWT
 on with a real JWKS server for tokens and compressed frames; a 1 s head timeout for the HTTP
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.fuzzing import (
+from tests.support.fuzzing_gateway import (
     BOMB_SIZES,
     CompressedCase,
     FrameBatch,

@@ -20,7 +20,7 @@ from trio_gateway import hypercorn_patches
 from trio_gateway.hypercorn_patches import BoundedPerMessageDeflate
 
 from ..conftest import RunningGateway, port_of
-from ..support.fuzzing import (
+from ..support.fuzzing_gateway import (
     OP_TEXT,
     FrameBatch,
     WireFrame,

@@ -1,6 +1,6 @@
 """Hostile input: thousands of random and mutated frames and handshakes against one gateway.
 
-See ``tests/support/fuzzing.py`` for the harness and why hypothesis drives sync tests here.
+See ``tests/support/fuzzing_gateway.py`` for the harness and why hypothesis drives sync tests here.
 One gateway
 (with a control session streaming exact ``bench`` turns the whole time) serves every example of
 this module; the last test checks that it is still whole: no crash, no ERROR log, the control
@@ -24,7 +24,7 @@ from hypothesis import given
 from trio_gateway.protocol import SUPPORTED_TYPES, ErrorCode, FrameError, parse_client_frame
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing import (
+from ..support.fuzzing_gateway import (
     FrameBatch,
     FuzzGateway,
     FuzzStats,

@@ -21,7 +21,7 @@ import trio
 from hypothesis import given
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing import (
+from ..support.fuzzing_gateway import (
     BOMB_SIZES,
     CompressedCase,
     FuzzGateway,

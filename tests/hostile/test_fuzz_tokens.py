@@ -1,8 +1,8 @@
 """Token fuzzing with JWT on and a real JWKS server: never a 5xx, always 401/403 (or 431 for a
 header hypercorn finds too big), on every door: the ``Authorization`` header of a handshake,
 a ``bearer.<token>`` subprotocol entry, the first-frame ``auth`` message (close 4401/4403) and
-a REST route. See tests/support/fuzzing.py for the harness (one gateway for the module, a control
-session with a valid token streaming the whole time).
+a REST route. See tests/support/fuzzing_gateway.py for the harness (one gateway for the module,
+a control session with a valid token streaming the whole time).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing import (
+from ..support.fuzzing_gateway import (
     FuzzGateway,
     FuzzStats,
     fuzz_settings,

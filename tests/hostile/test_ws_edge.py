@@ -34,7 +34,13 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
-from ..support.fuzzing import OP_TEXT, compressed_frame, deflate_bomb, deflate_payload, encode_frame
+from ..support.fuzzing_gateway import (
+    OP_TEXT,
+    compressed_frame,
+    deflate_bomb,
+    deflate_payload,
+    encode_frame,
+)
 from ..support.gateway import jwt_settings
 from ..support.gateway_process import resident_bytes
 from ..support.processes import started

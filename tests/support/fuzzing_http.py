@@ -5,8 +5,8 @@ never HTTP/2), ``Content-Length`` + ``Transfer-Encoding`` smuggling (400, connec
 the smuggled request never answered), pipelined requests (each answered, or the connection
 closed: never an open connection that answers nothing), and slow request heads (closed at
 ``HTTP_HEAD_TIMEOUT``). hypothesis draws the requests; each example is a short ``trio.run``
-over a real socket against a :class:`~tests.support.fuzzing.FuzzGateway`
-(see ``tests/support/fuzzing.py``).
+over a real socket against a :class:`~tests.support.fuzzing_gateway.FuzzGateway`
+(see ``tests/support/fuzzing_gateway.py``).
 Waits are bounded only so that a hang fails instead of hanging.
 """
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .fuzzing import OP_CLOSE, OP_TEXT, FuzzGateway, FuzzStats, encode_frame, raw_request
+from .fuzzing_gateway import OP_CLOSE, OP_TEXT, FuzzGateway, FuzzStats, encode_frame, raw_request
 
 ROGUE = DevIssuer(kid="fuzz-main")  # same kid as the real issuer, another key
 OTHER = DevIssuer(kid="unknown-kid")

@@ -4,8 +4,8 @@ Random REST requests whose headers come from the families a proxy must never pas
 (forwarding and address headers, method overrides, path rewrites, identity claims, the gateway's
 own ``X-User-ID``/``X-Internal-Auth`` in any case and with underscores, hop-by-hop headers and
 names listed in ``Connection``), mixed with allow-listed and random headers, sent over raw TCP
-to a :class:`~tests.support.fuzzing.FuzzGateway`. :func:`check_smuggling` then reads what the demo
-runtime received and says what, if anything, leaked.
+to a :class:`~tests.support.fuzzing_gateway.FuzzGateway`. :func:`check_smuggling` then reads
+what the demo runtime received and says what, if anything, leaked.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from .fuzzing import _TCHAR, INTERNAL_KEY, FuzzGateway, HttpAnswer, header_values, raw_request
+from .fuzzing_gateway import (
+    _TCHAR,
+    INTERNAL_KEY,
+    FuzzGateway,
+    HttpAnswer,
+    header_values,
+    raw_request,
+)
 
 # The documented allow-list of client headers (docs/security.md) and what the gateway sets.
 ALLOWED = frozenset(
