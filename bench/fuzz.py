@@ -4,8 +4,8 @@ Run ``python bench/fuzz.py`` (about 2,000 frame connections, 2,000 handshakes, 5
 attempts, 500 compressed-frame connections, 2,000 header-smuggling requests, session floods,
 and 500 each of h2c upgrades, CL+TE smuggling attempts and pipelines plus rounds of 30 slow
 heads at once; several minutes on two shared cores) or ``--examples N`` to scale, ``--quick``
-for a smoke run. The same harness as the tests (``tests/support/fuzzing_gateway.py``,
-``tests/support/fuzzing_http.py``, ``tests/support/smuggling.py``): gateways in front of the
+for a smoke run. The same harness as the tests (``tests/support/fuzzing_*.py``,
+``tests/support/smuggling.py``): gateways in front of the
 demo runtime (JWT
 on with a real JWKS server for tokens and compressed frames; a 1 s head timeout for the HTTP
 edge) on ``127.0.0.1`` with OS-chosen ports, a control session streaming exact ``bench`` turns
@@ -31,22 +31,16 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.fuzzing_gateway import (
+from tests.support.fuzzing_exchange import (
     BOMB_SIZES,
     CompressedCase,
-    FrameBatch,
-    FuzzGateway,
-    FuzzStats,
     check_compressed,
     compressed_cases,
-    deflate_bomb,
     exchange_compressed,
     exchange_frames,
-    frame_batches,
-    handshake_requests,
-    peak_rss_bytes,
     raw_request,
 )
+from tests.support.fuzzing_gateway import FuzzGateway, FuzzStats, peak_rss_bytes
 from tests.support.fuzzing_http import (
     SLOW_HEADS,
     EdgeStats,
@@ -61,7 +55,9 @@ from tests.support.fuzzing_http import (
 from tests.support.fuzzing_http import check_smuggling as check_cl_te
 from tests.support.fuzzing_http import smuggling_requests as cl_te_requests
 from tests.support.fuzzing_lockouts import LIVE_CAP, flood
+from tests.support.fuzzing_strategies import FrameBatch, frame_batches, handshake_requests
 from tests.support.fuzzing_tokens import DOORS, bad_tokens, check_token
+from tests.support.fuzzing_wire import deflate_bomb
 from tests.support.smuggling import (
     SmugglingRequest,
     check_smuggling,

@@ -20,15 +20,9 @@ from trio_gateway import hypercorn_patches
 from trio_gateway.hypercorn_patches import BoundedPerMessageDeflate
 
 from ..conftest import RunningGateway, port_of
-from ..support.fuzzing_gateway import (
-    OP_TEXT,
-    FrameBatch,
-    WireFrame,
-    deflate_bomb,
-    deflate_payload,
-    encode_frame,
-    exchange_frames,
-)
+from ..support.fuzzing_exchange import exchange_frames
+from ..support.fuzzing_strategies import FrameBatch
+from ..support.fuzzing_wire import OP_TEXT, WireFrame, deflate_bomb, deflate_payload, encode_frame
 
 
 class BusyStream:

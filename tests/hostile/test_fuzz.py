@@ -24,22 +24,17 @@ from hypothesis import given
 from trio_gateway.protocol import SUPPORTED_TYPES, ErrorCode, FrameError, parse_client_frame
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing_gateway import (
+from ..support.fuzzing_exchange import exchange_frames, raw_request
+from ..support.fuzzing_gateway import FuzzGateway, FuzzStats, fuzz_settings, settle, wait_quiet
+from ..support.fuzzing_strategies import (
     FrameBatch,
-    FuzzGateway,
-    FuzzStats,
     dumps,
     edge_text,
-    exchange_frames,
     frame_batches,
-    fuzz_settings,
     handshake_requests,
     json_values,
     message_texts,
-    raw_request,
-    settle,
     valid_frames,
-    wait_quiet,
 )
 
 pytestmark = FUZZ_MODULE_TIMEOUT

@@ -21,21 +21,15 @@ import trio
 from hypothesis import given
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing_gateway import (
+from ..support.fuzzing_exchange import (
     BOMB_SIZES,
     CompressedCase,
-    FuzzGateway,
     check_compressed,
     compressed_cases,
-    compressed_frame,
-    deflate_bomb,
-    deflate_payload,
     exchange_compressed,
-    fuzz_settings,
-    peak_rss_bytes,
-    settle,
-    wait_quiet,
 )
+from ..support.fuzzing_gateway import FuzzGateway, fuzz_settings, peak_rss_bytes, settle, wait_quiet
+from ..support.fuzzing_wire import compressed_frame, deflate_bomb, deflate_payload
 
 pytestmark = FUZZ_MODULE_TIMEOUT
 MiB = 1 << 20

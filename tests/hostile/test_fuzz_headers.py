@@ -18,11 +18,7 @@ import trio
 from hypothesis import given
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing_gateway import (
-    FuzzGateway,
-    FuzzStats,
-    fuzz_settings,
-)
+from ..support.fuzzing_gateway import FuzzGateway, FuzzStats, fuzz_settings
 from ..support.smuggling import (
     SmugglingRequest,
     check_smuggling,

@@ -13,10 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing_gateway import (
-    FuzzGateway,
-    fuzz_settings,
-)
+from ..support.fuzzing_gateway import FuzzGateway, fuzz_settings
 from ..support.fuzzing_http import (
     SLOW_HEADS,
     EdgeStats,

@@ -15,12 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ..support.fuzz_budget import FUZZ_MODULE_TIMEOUT, SLOW_EXAMPLES
-from ..support.fuzzing_gateway import (
-    FuzzGateway,
-    FuzzStats,
-    fuzz_settings,
-    raw_request,
-)
+from ..support.fuzzing_exchange import raw_request
+from ..support.fuzzing_gateway import FuzzGateway, FuzzStats, fuzz_settings
 from ..support.fuzzing_tokens import DOORS, bad_tokens, check_token, upgrade
 
 pytestmark = FUZZ_MODULE_TIMEOUT

@@ -10,7 +10,7 @@ import trio
 from trio_gateway.protocol import MAX_FRAME_DEPTH, ErrorCode, FrameError, parse_client_frame
 
 from ..conftest import RunningGateway, port_of
-from ..support.fuzzing_gateway import raw_request
+from ..support.fuzzing_exchange import raw_request
 from ..support.rawhttp import receive_until
 
 

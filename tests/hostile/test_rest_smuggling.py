@@ -18,7 +18,7 @@ import trio
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
-from ..support.fuzzing_gateway import raw_request
+from ..support.fuzzing_exchange import raw_request
 from ..support.jwks_server import JWKSServer
 from ..support.scripted_runtime import Script, ScriptedRuntime
 

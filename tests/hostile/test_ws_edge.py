@@ -34,7 +34,7 @@ from trio_gateway.tools.demo_runtime import DemoRuntime
 from trio_gateway.tools.dev_auth import DevIssuer
 
 from ..conftest import INTERNAL_KEY, RunningGateway, gateway_settings, port_of, run_gateway
-from ..support.fuzzing_gateway import (
+from ..support.fuzzing_wire import (
     OP_TEXT,
     compressed_frame,
     deflate_bomb,

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 
 from trio_gateway.tools.dev_auth import DevIssuer
 
-from .fuzzing_gateway import OP_CLOSE, OP_TEXT, FuzzGateway, FuzzStats, encode_frame, raw_request
+from .fuzzing_exchange import raw_request
+from .fuzzing_gateway import FuzzGateway, FuzzStats
+from .fuzzing_wire import OP_CLOSE, OP_TEXT, encode_frame
 
 ROGUE = DevIssuer(kid="fuzz-main")  # same kid as the real issuer, another key
 OTHER = DevIssuer(kid="unknown-kid")

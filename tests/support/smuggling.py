@@ -15,14 +15,9 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from .fuzzing_gateway import (
-    _TCHAR,
-    INTERNAL_KEY,
-    FuzzGateway,
-    HttpAnswer,
-    header_values,
-    raw_request,
-)
+from .fuzzing_exchange import HttpAnswer, raw_request
+from .fuzzing_gateway import INTERNAL_KEY, FuzzGateway
+from .fuzzing_strategies import _TCHAR, header_values
 
 # The documented allow-list of client headers (docs/security.md) and what the gateway sets.
 ALLOWED = frozenset(
