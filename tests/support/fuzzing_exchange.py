@@ -1,8 +1,9 @@
 """The client side of one fuzz example: open a session socket (raw WebSocket client), send a
 drawn :class:`FrameBatch` or compressed case, read everything the gateway answers into an
 :class:`Exchange`, and check it against the documented rules; plus :func:`raw_request` for
-one raw HTTP request. Every exchange is bounded by ``trio.fail_after`` so that a wedged
-gateway fails the example instead of hanging it."""
+one raw HTTP request. The compressed cases (permessage-deflate on) are drawn here too, beside
+their exchange and check: one section for one concern. Every exchange is bounded by
+``trio.fail_after`` so that a wedged gateway fails the example instead of hanging it."""
 
 from __future__ import annotations
 
