@@ -1,114 +1,46 @@
-"""The demo Agent Runtime, specified by talking to it over real HTTP (docs/compatibility.md §1).
-
-Every test starts the real server (hypercorn on 127.0.0.1:0) and speaks to it with httpx, the
-same way the gateway does. Pacing is switched off so the whole file runs in seconds.
+"""The demo Agent Runtime's turns over real HTTP (docs/compatibility.md §1): what a turn streams
+(plain questions, the coding flow with tool calls and approvals, agent switches, bench mode), the
+plain-HTTP errors before a stream starts, and cancellation with one turn at a time per session.
 """
+
+# The runtime fixtures are demo_runtime_harness's, imported by name (pytest finds fixtures in a
+# module's namespace); parameters of the same names are what ruff's F811 sees.
+# ruff: noqa: F811
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
-from functools import partial
+from contextlib import aclosing
 from typing import Any
 
-import h11
 import httpx
-import orjson
 import pytest
 import trio
 
 from trio_gateway.tools.demo_runtime import (
     DemoRuntime,
     DemoRuntimeConfig,
-    create_demo_runtime,
-    serve_demo_runtime,
 )
-from trio_gateway.tools.demo_runtime import state as demo_runtime_module
 
-from ..support.frames import CHUNK_FIELDS, ide_frame
-
-KEY = "test-internal-key"
-AUTH = "X-Internal-Auth"
-STREAM = "/agent/message/stream"
-FAST = DemoRuntimeConfig(internal_api_key=KEY, token_delay=0, think_delay=0)
-AGENT_TYPES = ["orchestrator", "coder", "architect", "debug", "ask", "universal"]
-
+from ..support.frames import ide_frame
+from .demo_runtime_harness import (  # noqa: F401 - fixtures
+    AUTH,
+    KEY,
+    STREAM,
+    client,
+    get_json,
+    runtime,
+    served,
+    serving,
+    start_coding,
+    tool_result,
+    turn,
+    user,
+    wait_until,
+)
 
 # --------------------------------------------------------------------------------------------
 # Harness
 # --------------------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def serving(
-    config: DemoRuntimeConfig,
-) -> AsyncIterator[tuple[DemoRuntime, httpx.AsyncClient]]:
-    """Serve a fresh runtime on an OS-chosen port; yield it with a client that holds the key."""
-    runtime = create_demo_runtime(config)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(serve_demo_runtime, runtime, "127.0.0.1", 0, shutdown_trigger=stop.wait)
-        )
-        try:
-            # Plain HTTP on loopback: verify=False only skips loading the CA bundle, which
-            # costs about 0.25 s per client.
-            async with httpx.AsyncClient(
-                base_url=binds[0], headers={AUTH: KEY}, timeout=10, verify=False
-            ) as client:
-                yield runtime, client
-        finally:
-            stop.set()
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[DemoRuntime, httpx.AsyncClient]]:
-    async with serving(FAST) as pair:
-        yield pair
-
-
-@pytest.fixture
-def runtime(served: tuple[DemoRuntime, httpx.AsyncClient]) -> DemoRuntime:
-    return served[0]
-
-
-@pytest.fixture
-def client(served: tuple[DemoRuntime, httpx.AsyncClient]) -> httpx.AsyncClient:
-    return served[1]
-
-
-def parse_sse(body: bytes) -> list[dict[str, Any]]:
-    """Parse the runtime's SSE body strictly: every event is exactly ``data: <json>\\n\\n``."""
-    assert body.endswith(b"\n\n")
-    chunks = []
-    for event in body.split(b"\n\n")[:-1]:
-        assert event.startswith(b"data: ")
-        assert b"\n" not in event
-        chunk = orjson.loads(event[len(b"data: ") :])
-        assert set(chunk) == set(CHUNK_FIELDS)  # every field, nulls included
-        chunks.append(chunk)
-    return chunks
-
-
-async def turn(client: httpx.AsyncClient, session_id: str, message: dict[str, Any]) -> list[Any]:
-    """Stream one turn to the end and return its chunks."""
-    body = {"session_id": session_id, "message": message}
-    async with client.stream("POST", STREAM, json=body) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        raw = await response.aread()
-    chunks = parse_sse(raw)
-    assert chunks[-1]["is_final"] is True
-    assert all(chunk["is_final"] is False for chunk in chunks[:-1])
-    return chunks
-
-
-def user(content: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "user_message", "content": content, "role": "user", **extra}
-
-
-def tool_result(call_id: str, **outcome: Any) -> dict[str, Any]:
-    return {"type": "tool_result", "call_id": call_id, **outcome}
 
 
 def text_of(chunks: list[dict[str, Any]]) -> str:
@@ -131,85 +63,11 @@ def assert_final_message(chunk: dict[str, Any]) -> None:
     assert chunk["token"] == "" and chunk["content"] == ""
 
 
-async def get_json(client: httpx.AsyncClient, path: str, status: int = 200, **params: Any) -> Any:
-    response = await client.get(path, params=params)
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    return response.json()
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a runtime counter (the runtime offers no event to wait on), for up to 5 s."""
-    for _ in range(1000):
-        if condition():
-            return
-        await trio.sleep(0.005)
-    raise AssertionError("condition not reached within 5 s")
-
-
-async def start_coding(client: httpx.AsyncClient, session_id: str) -> str:
-    """Run the first coding turn; return the read_file call id."""
-    chunks = await turn(client, session_id, user("Write a hello world script"))
-    return str(chunks[-1]["call_id"])
-
-
 async def reach_write_approval(client: httpx.AsyncClient, session_id: str) -> str:
     """Run the coding flow up to the write_file call that needs approval; return its id."""
     read_call = await start_coding(client, session_id)
     chunks = await turn(client, session_id, tool_result(read_call, result="# Demo"))
     return str(chunks[-1]["call_id"])
-
-
-# --------------------------------------------------------------------------------------------
-# Auth
-# --------------------------------------------------------------------------------------------
-
-
-async def test_health_is_public(client: httpx.AsyncClient) -> None:
-    response = await client.get("/health", headers={AUTH: ""})
-    assert response.status_code == 200
-    assert response.json() == {"status": "healthy", "service": "agent-runtime", "version": "demo"}
-
-
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("POST", STREAM),
-        ("GET", "/sessions"),
-        ("POST", "/sessions"),
-        ("GET", "/sessions/s1"),
-        ("PATCH", "/sessions/s1"),
-        ("DELETE", "/sessions/s1"),
-        ("GET", "/sessions/s1/history"),
-        ("GET", "/sessions/s1/pending-approvals"),
-        ("GET", "/agents"),
-        ("GET", "/agents/s1/current"),
-        ("POST", "/agents/s1/switch"),
-        ("GET", "/events/metrics"),
-        ("GET", "/events/metrics/sessions"),
-        ("GET", "/events/metrics/session/s1"),
-        ("GET", "/events/audit-log"),
-        ("GET", "/events/stats"),
-        ("GET", "/no/such/route"),
-    ],
-)
-async def test_every_other_route_needs_the_internal_key(
-    client: httpx.AsyncClient, runtime: DemoRuntime, method: str, path: str
-) -> None:
-    for key in [None, b"", b"wrong-key", KEY.encode() + b"x", "ключ".encode()]:
-        headers = None if key is None else {AUTH.encode(): key}
-        request = client.build_request(method, path, json={"session_id": "s1"}, headers=headers)
-        if key is None:
-            del request.headers[AUTH]
-        response = await client.send(request)
-        assert response.status_code == 401, key
-        assert response.json() == {"detail": "Invalid or missing internal auth"}
-    assert runtime.stream_requests == []  # nothing reached a handler
-
-
-async def test_unknown_route_is_a_json_404(client: httpx.AsyncClient) -> None:
-    body = await get_json(client, "/no/such/route", 404)
-    assert isinstance(body["detail"], str)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,355 +432,3 @@ async def test_a_call_consumed_while_queued_ends_with_an_error_chunk(
     assert kinds == ["error", "tool_call"]
     (error,) = [chunks for chunks in outcomes if chunks[-1]["type"] == "error"]
     assert error[-1]["error"] == "The tool call is no longer pending"
-
-
-# --------------------------------------------------------------------------------------------
-# REST: sessions
-# --------------------------------------------------------------------------------------------
-
-
-async def test_create_session(client: httpx.AsyncClient) -> None:
-    response = await client.post("/sessions")
-    assert response.status_code == 201
-    created = response.json()
-    assert set(created) == {"id", "message_count", "created_at", "is_active", "current_agent"}
-    assert created["message_count"] == 0
-    assert created["is_active"] is True
-    assert created["current_agent"] == "orchestrator"
-
-    named = await client.post("/sessions", json={"session_id": "mine"})
-    assert named.status_code == 201
-    assert named.json()["id"] == "mine"
-
-    duplicate = await client.post("/sessions", json={"session_id": "mine"})
-    assert duplicate.status_code == 409
-    assert "detail" in duplicate.json()
-
-    for bad in ([1], {"session_id": 5}, {"session_id": ""}):
-        assert (await client.post("/sessions", json=bad)).status_code == 422
-
-
-async def test_list_sessions_pages_most_recent_first(client: httpx.AsyncClient) -> None:
-    for name in ("a", "b", "c"):
-        await client.post("/sessions", json={"session_id": name})
-    await client.patch("/sessions/a", json={"is_active": False})  # also makes "a" most recent
-
-    listing = await get_json(client, "/sessions")
-    assert (listing["total"], listing["limit"], listing["offset"]) == (3, 50, 0)
-    assert [s["id"] for s in listing["sessions"]] == ["a", "c", "b"]
-    assert set(listing["sessions"][0]) == {
-        "id",
-        "title",
-        "message_count",
-        "last_activity",
-        "is_active",
-        "current_agent",
-    }
-
-    page = await get_json(client, "/sessions", limit=1, offset=1)
-    assert [s["id"] for s in page["sessions"]] == ["c"]
-    assert (page["total"], page["limit"], page["offset"]) == (3, 1, 1)
-
-    active = await get_json(client, "/sessions", active_only="true")
-    assert [s["id"] for s in active["sessions"]] == ["c", "b"]
-    assert active["total"] == 2
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"limit": 0},
-        {"limit": 1001},
-        {"limit": "ten"},
-        {"offset": -1},
-        {"offset": "1.5"},
-        {"active_only": "maybe"},
-    ],
-)
-async def test_list_sessions_rejects_bad_paging(
-    client: httpx.AsyncClient, params: dict[str, Any]
-) -> None:
-    body = await get_json(client, "/sessions", 400, **params)
-    assert isinstance(body["detail"], str)
-
-
-async def test_get_session(client: httpx.AsyncClient) -> None:
-    await turn(client, "s1", user("Hello there"))
-
-    session = (await get_json(client, "/sessions/s1"))["session"]
-    assert session["id"] == "s1"
-    assert session["title"] == "Hello there"
-    assert session["message_count"] == 2
-    assert "messages" not in session
-
-    with_messages = (await get_json(client, "/sessions/s1", include_messages="true"))["session"]
-    assert [m["role"] for m in with_messages["messages"]] == ["user", "assistant"]
-    assert set(with_messages["messages"][0]) == {"role", "content", "timestamp"}
-
-    assert await get_json(client, "/sessions/nope", 404) == {"detail": "Session not found"}
-
-
-async def test_patch_session(client: httpx.AsyncClient) -> None:
-    await client.post("/sessions", json={"session_id": "s1"})
-    response = await client.patch("/sessions/s1", json={"title": "Renamed", "is_active": False})
-    assert response.status_code == 200
-    session = response.json()["session"]
-    assert (session["title"], session["is_active"]) == ("Renamed", False)
-
-    assert (await client.patch("/sessions/nope", json={"title": "x"})).status_code == 404
-    for bad in ({"title": 3}, {"is_active": "yes"}, [1]):
-        assert (await client.patch("/sessions/s1", json=bad)).status_code == 422
-
-
-async def test_delete_session(client: httpx.AsyncClient) -> None:
-    await client.post("/sessions", json={"session_id": "s1"})
-    response = await client.delete("/sessions/s1")
-    assert response.status_code == 204
-    assert response.content == b""
-    assert (await client.get("/sessions/s1")).status_code == 404
-    assert (await client.delete("/sessions/s1")).status_code == 404
-
-
-async def test_history_shape_and_404(client: httpx.AsyncClient) -> None:
-    await turn(client, "s1", user("hi"))
-    history = await get_json(client, "/sessions/s1/history")
-    assert set(history) == {
-        "session_id",
-        "messages",
-        "message_count",
-        "last_activity",
-        "current_agent",
-        "agent_history",
-    }
-    assert history["session_id"] == "s1"
-    assert history["message_count"] == len(history["messages"]) == 2
-    assert history["agent_history"] == []
-    assert await get_json(client, "/sessions/nope/history", 404) == {"detail": "Session not found"}
-
-
-async def test_pending_approvals_of_an_unknown_session_are_empty(
-    client: httpx.AsyncClient,
-) -> None:
-    assert await get_json(client, "/sessions/nope/pending-approvals") == {
-        "session_id": "nope",
-        "pending_approvals": [],
-        "count": 0,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# REST: agents
-# --------------------------------------------------------------------------------------------
-
-
-async def test_list_agents(client: httpx.AsyncClient) -> None:
-    body = await get_json(client, "/agents")
-    assert body["total"] == len(AGENT_TYPES)
-    assert [a["type"] for a in body["agents"]] == AGENT_TYPES
-    for agent in body["agents"]:
-        assert set(agent) == {
-            "type",
-            "name",
-            "description",
-            "allowed_tools",
-            "has_file_restrictions",
-        }
-
-
-async def test_current_agent(client: httpx.AsyncClient) -> None:
-    await client.post("/sessions", json={"session_id": "s1"})
-    context = (await get_json(client, "/agents/s1/current"))["context"]
-    assert context == {"session_id": "s1", "current_agent": "orchestrator", "switch_count": 0}
-    with_history = await get_json(client, "/agents/s1/current", include_history="true")
-    assert with_history["context"]["agent_history"] == []
-    assert await get_json(client, "/agents/nope/current", 404) == {"detail": "Session not found"}
-
-
-async def test_switch_agent_over_rest(client: httpx.AsyncClient) -> None:
-    body = {"target_agent": "architect", "reason": "Needs a design", "confidence": 0.7}
-    response = await client.post("/agents/s1/switch", json=body)
-    assert response.status_code == 200
-    context = response.json()["context"]
-    assert context["current_agent"] == "architect"
-    assert context["switch_count"] == 1
-    (entry,) = context["agent_history"]
-    assert (entry["from_agent"], entry["to_agent"], entry["confidence"]) == (
-        "orchestrator",
-        "architect",
-        0.7,
-    )
-
-    unknown = await client.post("/agents/s1/switch", json={"target_agent": "x", "reason": "r"})
-    assert unknown.status_code == 400
-    for bad in (
-        {"reason": "r"},
-        {"target_agent": "coder"},
-        {"target_agent": "coder", "reason": "r", "confidence": "hi"},
-    ):
-        assert (await client.post("/agents/s1/switch", json=bad)).status_code == 422
-
-
-# --------------------------------------------------------------------------------------------
-# REST: events and metrics
-# --------------------------------------------------------------------------------------------
-
-
-async def test_metrics_count_what_happened(client: httpx.AsyncClient) -> None:
-    read_call = await start_coding(client, "s1")
-    await turn(client, "s1", tool_result(read_call, result="x"))
-
-    metrics = await get_json(client, "/events/metrics")
-    assert metrics["streams"] == {"started": 2, "completed": 2, "cancelled": 0, "active": 0}
-    assert metrics["messages"] == {"user": 1, "assistant": 2, "tool": 1}
-    assert metrics["tool_calls"]["requested"] == 2
-    assert metrics["tool_calls"]["approvals_requested"] == 1
-    assert metrics["agent_switches"] == 1
-    assert metrics["sessions"]["total"] == 1
-
-    sessions = await get_json(client, "/events/metrics/sessions")
-    assert sessions["total"] == 1
-    assert sessions["sessions"][0]["session_id"] == "s1"
-
-    one = await get_json(client, "/events/metrics/session/s1")
-    assert (one["session_id"], one["tool_calls"], one["pending_approvals"]) == ("s1", 2, 1)
-    assert await get_json(client, "/events/metrics/session/nope", 404) == {
-        "detail": "Session not found"
-    }
-
-    stats = await get_json(client, "/events/stats")
-    assert stats["events_by_type"]["tool_call_requested"] == 2
-    assert stats["total_events"] == sum(stats["events_by_type"].values())
-
-
-async def test_audit_log_filters_newest_first(client: httpx.AsyncClient) -> None:
-    await turn(client, "s1", user("hi"))
-    await turn(client, "s2", {"type": "switch_agent", "agent_type": "coder"})
-
-    log = await get_json(client, "/events/audit-log")
-    assert log["limit"] == 100
-    ids = [event["event_id"] for event in log["events"]]
-    assert ids == sorted(ids, reverse=True)
-    assert set(log["events"][0]) == {"event_id", "event_type", "session_id", "timestamp", "data"}
-
-    only_s1 = await get_json(client, "/events/audit-log", session_id="s1")
-    assert {event["session_id"] for event in only_s1["events"]} == {"s1"}
-
-    switches = await get_json(client, "/events/audit-log", event_type="agent_switched")
-    assert [event["session_id"] for event in switches["events"]] == ["s2"]
-
-    limited = await get_json(client, "/events/audit-log", limit=2)
-    assert len(limited["events"]) == 2
-    assert limited["total"] == log["total"]
-
-    await get_json(client, "/events/audit-log", 400, limit=0)
-
-
-# --------------------------------------------------------------------------------------------
-# Bounds
-# --------------------------------------------------------------------------------------------
-
-
-async def test_sessions_beyond_the_limit_evict_the_least_recently_active() -> None:
-    config = DemoRuntimeConfig(internal_api_key=KEY, token_delay=0, think_delay=0, max_sessions=2)
-    async with serving(config) as (_, client):
-        await client.post("/sessions", json={"session_id": "old"})
-        await client.post("/sessions", json={"session_id": "busy"})
-        await turn(client, "old", user("hi"))  # "old" is now the most recently active
-        await client.post("/sessions", json={"session_id": "new"})
-        listing = await get_json(client, "/sessions")
-        assert sorted(s["id"] for s in listing["sessions"]) == ["new", "old"]
-
-
-async def test_a_session_with_a_running_turn_is_not_evicted() -> None:
-    config = DemoRuntimeConfig(internal_api_key=KEY, token_delay=0, think_delay=0, max_sessions=2)
-    async with serving(config) as (runtime, client):
-        body = {"session_id": "busy", "message": user("bench 1000 100")}
-        async with client.stream("POST", STREAM, json=body):
-            await wait_until(lambda: runtime.active_streams == 1)
-            await client.post("/sessions", json={"session_id": "a"})
-            await client.post("/sessions", json={"session_id": "b"})  # "busy" is the oldest
-            listing = await get_json(client, "/sessions")
-            assert sorted(s["id"] for s in listing["sessions"]) == ["b", "busy"]
-
-
-async def test_recorded_requests_history_and_audit_log_are_bounded(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(demo_runtime_module, "MAX_RECORDED_REQUESTS", 3)
-    monkeypatch.setattr(demo_runtime_module, "MAX_HISTORY_MESSAGES", 4)
-    monkeypatch.setattr(demo_runtime_module, "MAX_AUDIT_EVENTS", 5)
-    async with serving(FAST) as (runtime, client):
-        for index in range(5):
-            await turn(client, "s1", user(f"question {index}"))
-        assert len(runtime.stream_requests) == len(runtime.stream_headers) == 3
-        assert runtime.stream_requests[-1]["message"]["content"] == "question 4"
-        history = await get_json(client, "/sessions/s1/history")
-        assert [m["content"] for m in history["messages"] if m["role"] == "user"] == [
-            "question 3",
-            "question 4",
-        ]
-        log = await get_json(client, "/events/audit-log")
-        assert log["total"] == 5
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"internal_api_key": ""},
-        {"token_delay": -1},
-        {"think_delay": float("nan")},
-        {"max_sessions": 0},
-        {"max_bench_tokens": 0},
-    ],
-)
-def test_config_is_validated_when_built(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        DemoRuntimeConfig(**bad)
-
-
-async def test_a_request_that_arrives_late_on_a_new_connection_is_still_served(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    # Regression (bench/load.py at 2000 sessions): hypercorn arms keep_alive_timeout (5 s by
-    # default) when it takes a connection off the accept queue and closes the connection if no
-    # request line has been parsed by then. A runtime that has fallen seconds behind a burst of
-    # turn starts closed connections whose request was already waiting in the socket, and the
-    # gateway could only report runtime_stream_broken. The virtual clock jumps past the old
-    # 5 s while the connection is idle; a real loopback connection then sends its request.
-    async with serving(FAST) as (_, client):
-        port = int(str(client.base_url).rstrip("/").rsplit(":", 1)[1])
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await trio.sleep(30)
-            connection = h11.Connection(h11.CLIENT)
-            body = orjson.dumps({"session_id": "late", "message": user("bench 3")})
-            headers = [
-                ("Host", f"127.0.0.1:{port}"),
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Connection", "close"),
-                (AUTH, KEY),
-            ]
-            await stream.send_all(
-                connection.send(h11.Request(method="POST", target=STREAM, headers=headers))
-                + connection.send(h11.Data(data=body))
-                + connection.send(h11.EndOfMessage())
-            )
-            status = 0
-            received = b""
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    received += bytes(event.data)
-                else:
-                    # EndOfMessage; ConnectionClosed here would mean the runtime hung up first
-                    assert isinstance(event, h11.EndOfMessage), event
-                    break
-    assert status == 200
-    chunks = parse_sse(received)
-    assert "".join(chunk["token"] for chunk in chunks) == "t0 t1 t2 "
-    assert chunks[-1]["is_final"] is True
