@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench.*`` and ``tests.*
 
 from bench.harness import UNLIMITED_USER
 from tests.support.gateway import gateway_settings, run_gateway
+from tests.support.task_tree import task_names
 
 WARM_UP_SESSIONS = 50
 SETTLE_SECONDS = 2.0
@@ -77,16 +78,7 @@ def short_path(filename: str) -> str:
 
 def live_tasks() -> Counter[str]:
     """Live trio tasks of this process by short name."""
-    names: Counter[str] = Counter()
-
-    def walk(task: trio.lowlevel.Task) -> None:
-        names[task.name.rsplit(".", 1)[-1]] += 1
-        for nursery in task.child_nurseries:
-            for child in nursery.child_tasks:
-                walk(child)
-
-    walk(trio.lowlevel.current_root_task())  # type: ignore[arg-type]
-    return names
+    return Counter(name.rsplit(".", 1)[-1] for name in task_names(lambda _: True))
 
 
 def live_objects() -> Counter[str]:
